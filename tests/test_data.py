@@ -1,0 +1,307 @@
+import io
+import json
+import tarfile
+
+import pytest
+
+from retrieval_lib import config, data
+from retrieval_lib.data import DataError, DataUnavailableError, LoadReport
+
+
+def _write(path, lines, mode="w"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "wb":
+        path.write_bytes(b"\n".join(lines) + b"\n")
+    else:
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _flag(query, pos, neg=()):
+    return json.dumps({"query": query, "pos": list(pos), "neg": list(neg)}, ensure_ascii=False)
+
+
+GOOD = {"query": "什么是检索", "positive_passages": [{"text": "检索是查找信息。"}],
+        "negative_passages": [{"text": "今天天气很好。"}]}
+
+# (description, JSON line or raw bytes, expected field in the error message)
+BAD_LINES = [
+    ("truncated JSON", b'{"query": "q", "positive_passages": [', "invalid JSON"),
+    ("not an object", b'["q", "p"]', "expected a JSON object"),
+    ("missing query", json.dumps({"positive_passages": [{"text": "p"}]}).encode(), "'query'"),
+    ("missing positives", json.dumps({"query": "q"}).encode(), "'positive_passages'"),
+    ("empty positives", json.dumps({"query": "q", "positive_passages": []}).encode(),
+     "'positive_passages': empty list"),
+    ("query not a string", json.dumps({"query": 3, "positive_passages": [{"text": "p"}]}).encode(),
+     "'query': expected a string, got int"),
+    ("empty query", json.dumps({"query": "", "positive_passages": [{"text": "p"}]}).encode(),
+     "'query': empty"),
+    ("whitespace query", json.dumps({"query": " \u3000\t", "positive_passages": [{"text": "p"}]}
+                                    ).encode(), "'query': empty"),
+    ("passage text null", json.dumps({"query": "q", "positive_passages": [{"text": None}]}
+                                     ).encode(), "'positive_passages[0].text': expected a string"),
+    ("passage without text", json.dumps({"query": "q", "positive_passages": [{"body": "p"}]}
+                                        ).encode(), "'positive_passages[0]'"),
+    ("passage is a bare string", json.dumps({"query": "q", "positive_passages": ["p"]}).encode(),
+     "'positive_passages[0]'"),
+    ("negatives not a list", json.dumps({"query": "q", "positive_passages": [{"text": "p"}],
+                                         "negative_passages": "n"}).encode(),
+     "'negative_passages': expected a list"),
+    ("negative empty text", json.dumps({"query": "q", "positive_passages": [{"text": "p"}],
+                                        "negative_passages": [{"text": "ok"}, {"text": " "}]}
+                                       ).encode(), "'negative_passages[1].text': empty"),
+    ("NUL byte", json.dumps({"query": "q\u0000", "positive_passages": [{"text": "p"}]}).encode(),
+     "'query': contains a NUL byte"),
+    ("invalid UTF-8", b'{"query": "\xff\xfe", "positive_passages": [{"text": "p"}]}',
+     "undecodable byte at column 12"),
+    ("source not a string", json.dumps({"query": "q", "positive_passages": [{"text": "p"}],
+                                        "source": 1}).encode(), "'source'"),
+]
+
+
+@pytest.mark.parametrize("desc,line,expected", BAD_LINES, ids=[b[0] for b in BAD_LINES])
+def test_bad_line_names_file_line_and_field(tmp_path, desc, line, expected):
+    path = _write(tmp_path / "bad.jsonl", [json.dumps(GOOD).encode(), line], mode="wb")
+    with pytest.raises(DataError) as err:
+        list(data.read_jsonl(path))
+    message = str(err.value)
+    assert f"{path}:2:" in message, message
+    assert expected in message, message
+
+
+def test_lenient_mode_counts_every_bad_line_and_adds_up(tmp_path):
+    lines = [json.dumps(GOOD).encode()] + [b[1] for b in BAD_LINES] + [b"", b"   "]
+    path = _write(tmp_path / "mixed.jsonl", lines, mode="wb")
+    report = LoadReport()
+    kept = list(data.read_jsonl(path, strict=False, report=report))
+    assert len(kept) == 1 and report.kept == 1
+    # 16 bad lines: 1 truncated JSON, 1 bad UTF-8, 14 schema errors; blank lines are not records
+    assert report.read == 17
+    assert dict(report.dropped) == {"invalid_json": 1, "invalid_utf8": 1, "invalid_record": 14}
+    report.check()
+    assert report.examples[0].startswith(f"{path}:2:")
+
+
+def test_bom_is_ignored_and_repairs_are_counted(tmp_path):
+    rec = {"query": "q", "positive_passages": [{"text": "p"}, {"text": "p"}],
+           "negative_passages": [{"text": "p"}, {"text": "n"}, {"text": "n"}]}
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rec).encode() + b"\n")
+    report = LoadReport()
+    (out,) = list(data.read_jsonl(path, source="s", report=report))
+    assert out == {"query": "q", "positive_passages": [{"text": "p"}],
+                   "negative_passages": [{"text": "n"}], "source": "s"}
+    assert dict(report.repaired) == {"duplicate_positive": 1, "negative_equal_to_positive": 1,
+                                     "duplicate_negative": 1}
+
+
+def test_flag_embedding_conversion_and_negative_limit(tmp_path):
+    line = json.dumps({"query": "法律问题", "pos": ["判决书正文"], "neg": ["n1", "n2", "n3"],
+                       "pos_scores": [1.0], "prompt": "Represent this: "}, ensure_ascii=False)
+    path = _write(tmp_path / "x.jsonl", [line])
+    report = LoadReport()
+    (rec,) = data.read_jsonl(path, source="lecardv2", converter=data.from_flag_embedding,
+                             max_negatives=2, report=report)
+    assert rec == {"query": "法律问题", "positive_passages": [{"text": "判决书正文"}],
+                   "negative_passages": [{"text": "n1"}, {"text": "n2"}], "source": "lecardv2"}
+    assert report.repaired["negatives_beyond_limit"] == 1
+    bad = _write(tmp_path / "y.jsonl", [json.dumps({"query": "q", "pos": "p"})])
+    with pytest.raises(DataError, match=r"y.jsonl:1: field 'pos': expected a list"):
+        list(data.read_jsonl(bad, converter=data.from_flag_embedding))
+    missing = _write(tmp_path / "z.jsonl", [json.dumps({"query": "q"})])
+    with pytest.raises(DataError, match=r"z.jsonl:1: field 'pos': missing"):
+        list(data.read_jsonl(missing, converter=data.from_flag_embedding))
+
+
+def test_empty_file_yields_nothing(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+    report = LoadReport()
+    assert list(data.read_jsonl(path, report=report)) == []
+    assert (report.read, report.kept) == (0, 0)
+
+
+def test_dedup_distinguishes_duplicate_records_from_conflicting_queries():
+    recs = [
+        {"query": "a  b", "positive_passages": [{"text": "p"}], "source": "s"},
+        {"query": "a b", "positive_passages": [{"text": "p"}], "source": "s"},  # same record
+        {"query": " a b", "positive_passages": [{"text": "other"}], "source": "t"},  # conflict
+        {"query": "c", "positive_passages": [{"text": "p"}], "source": "s"},
+    ]
+    report = LoadReport()
+    kept = data.dedup_records(recs, report)
+    assert [r["query"] for r in kept] == ["a  b", "c"]
+    assert dict(report.dropped) == {"duplicate_record": 1, "duplicate_query": 1}
+    report.check()
+
+
+def test_make_splits_hand_worked():
+    import numpy as np
+
+    s = data.make_splits(10, val_size=2, test_size=3, subset_sizes={"big": 4, "small": 2}, seed=7)
+    order = np.random.default_rng(7).permutation(10).tolist()
+    assert s["test"] == order[:3] and s["validation"] == order[3:5] and s["train"] == order[5:]
+    assert s["subset_sizes"] == {"small": 2, "big": 4} and s["capped_subsets"] == {}
+    capped = data.make_splits(10, 2, 3, {"huge": 9}, seed=7)
+    assert capped["subset_sizes"] == {"huge": 5}
+    assert capped["capped_subsets"] == {"huge": {"asked": 9, "available": 5}}
+    with pytest.raises(ValueError, match="cannot hold"):
+        data.make_splits(5, 2, 3, {})
+
+
+# --- the full path: a local directory laid out like the extracted bge-m3-data -----------------
+
+SOURCE_FILES = {
+    "mldr_zh": ["zh/MLDR/mldr-zh_len-0-500.jsonl", "zh/MLDR/mldr-zh_len-7000-inf.jsonl"],
+    "lecardv2": ["zh/LeCaRDv2/lecardv2_len-7000-inf.jsonl"],
+    "t2ranking": ["zh/T2Ranking/t2ranking_len-0-500.jsonl"],
+    "miracl_zh": ["multilingual/MIRACL/miracl-zh_len-0-500.jsonl"],
+    "dureader": ["zh/DuReader/dureader_len-500-1000.jsonl"],
+}
+DISTRACTORS = ["en/MSMARCO/msmarco_len-0-500.jsonl",  # English: must not be read
+               "zh/LeCaRDv2/lecardv2_len-0-500.jsonl",  # the report uses only len-7000-inf
+               "multilingual/MIRACL/miracl-ja_len-0-500.jsonl"]
+
+
+def _write_fake_bge_m3(root, per_file=12, duplicate_query=True):
+    """Each file: per_file good records with unique queries, one bad line, optional duplicate."""
+    expected = {}
+    for source, files in SOURCE_FILES.items():
+        expected[source] = 0
+        for f in files:
+            lines = [_flag(f"{source}-{f[-14:]}-查询{i}", [f"{source} 正例 {i}"],
+                           [f"负例 {j}" for j in range(10)]) for i in range(per_file)]
+            lines.append('{"query": "broken"')  # one truncated line per file
+            if duplicate_query:
+                lines.append(_flag(f"{source}-{f[-14:]}-查询0", [f"{source} 正例 0"]))
+            _write(root / f, lines)
+            expected[source] += per_file + 1
+    for f in DISTRACTORS:
+        _write(root / f, [_flag("english query", ["p"])])
+    return expected
+
+
+def _full_cfg(tmp_path, **kw):
+    base = dict(data_dir=str(tmp_path / "bge-m3-data"), cache_dir=str(tmp_path / "cache"),
+                val_size=6, test_size=8, subset_sizes={"10k": 10, "96k": 30, "288k": 1000},
+                strict=False, num_hard_negatives=7)
+    base.update(kw)
+    return config.get_data_config("full", **base)
+
+
+def test_find_source_files_matches_only_the_report_sources(tmp_path):
+    _write_fake_bge_m3(tmp_path / "bge-m3-data")
+    found = data.find_source_files(tmp_path / "bge-m3-data", config.BGE_M3_ZH_SOURCES)
+    names = {s: sorted(p.name for p in paths) for s, paths in found.items()}
+    assert names == {s: sorted(f.split("/")[-1] for f in fs) for s, fs in SOURCE_FILES.items()}
+
+
+def test_missing_folder_or_source_gives_instructions(tmp_path):
+    with pytest.raises(DataUnavailableError, match="does not exist") as err:
+        data.find_source_files(tmp_path / "nowhere", config.BGE_M3_ZH_SOURCES)
+    assert "HF_ENDPOINT" in str(err.value) and "data_dir" in str(err.value)
+    _write(tmp_path / "d" / "t2ranking_len-0-500.jsonl", [_flag("q", ["p"])])
+    with pytest.raises(DataUnavailableError, match=r"mldr_zh \(\*mldr\*zh\*_len-\*.jsonl\)"):
+        data.find_source_files(tmp_path / "d", config.BGE_M3_ZH_SOURCES)
+
+
+def test_prepare_full_preset_from_local_directory(tmp_path):
+    expected_read = _write_fake_bge_m3(tmp_path / "bge-m3-data")
+    cfg = _full_cfg(tmp_path)
+    splits = data.prepare_data(cfg)
+    m = splits.manifest
+    assert set(m["load"]) == set(SOURCE_FILES)
+    for source, rep in m["load"].items():
+        files = len(SOURCE_FILES[source])
+        assert rep["read"] == expected_read[source] + files  # + the truncated line per file
+        assert rep["dropped"] == {"invalid_json": files}
+        assert rep["kept"] == 13 * files
+        assert rep["repaired"] == {"negatives_beyond_limit": 3 * 12 * files}
+    n_files = sum(len(f) for f in SOURCE_FILES.values())
+    assert m["dedup"]["dropped"] == {"duplicate_record": n_files}
+    assert m["records_after_dedup"] == 12 * n_files == 72
+    assert m["splits"] == {"train": 58, "validation": 6, "test": 8}
+    assert m["subset_sizes"] == {"10k": 10, "96k": 30, "288k": 58}
+    assert m["capped_subsets"] == {"288k": {"asked": 1000, "available": 58}}
+    assert sum(m["by_source"]["test"].values()) == 8
+    assert data.check_splits(splits)["nested"]
+    assert all(len(r["negative_passages"]) == 7 for r in splits.train)
+    assert not any("english" in q for q in splits.train["query"])
+    # cached: a second call loads the same splits from disk
+    again = data.prepare_data(cfg)
+    assert again.test["query"] == splits.test["query"]
+    assert again.subset("10k")["query"] == splits.train["query"][:10]
+
+
+def test_splits_are_reproducible_and_depend_on_the_seed(tmp_path):
+    _write_fake_bge_m3(tmp_path / "bge-m3-data")
+    a = data.prepare_data(_full_cfg(tmp_path), out_dir=tmp_path / "a")
+    b = data.prepare_data(_full_cfg(tmp_path), out_dir=tmp_path / "b")
+    c = data.prepare_data(_full_cfg(tmp_path, seed=1), out_dir=tmp_path / "c")
+    assert a.test["query"] == b.test["query"] and a.train["query"] == b.train["query"]
+    assert a.test["query"] != c.test["query"]
+    assert a.manifest["fingerprint"] == c.manifest["fingerprint"]  # same records, other split
+
+
+def test_strict_full_load_stops_at_the_first_bad_line(tmp_path):
+    _write_fake_bge_m3(tmp_path / "bge-m3-data")
+    with pytest.raises(DataError, match=r"_len-[^:]*\.jsonl:13: invalid JSON"):
+        data.prepare_data(_full_cfg(tmp_path, strict=True))
+
+
+def _tar_of(root):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(root, arcname="bge-m3-data")
+    return buf.getvalue()
+
+
+def test_hub_download_extracts_only_the_chinese_sources(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    _write_fake_bge_m3(tmp_path / "src")
+    archive = tmp_path / "bge-m3-data.tar.gz"
+    archive.write_bytes(_tar_of(tmp_path / "src"))
+    calls = []
+
+    def fake_download(repo_id, filename, repo_type, cache_dir):
+        calls.append((repo_id, filename, repo_type))
+        return str(archive)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    cfg = _full_cfg(tmp_path, data_dir=None)
+    splits = data.prepare_data(cfg)
+    assert calls == [("Shitao/bge-m3-data", "bge-m3-data.tar.gz", "dataset")]
+    extracted = sorted(p.name for p in (tmp_path / "cache" / "extracted").glob("*.jsonl"))
+    assert extracted == sorted(f.split("/")[-1] for fs in SOURCE_FILES.values() for f in fs)
+    assert splits.manifest["records_after_dedup"] == 72
+
+
+def test_unreachable_hub_says_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataUnavailableError) as err:
+        data.prepare_data(_full_cfg(tmp_path, data_dir=None))
+    message = str(err.value)
+    assert "Shitao/bge-m3-data" in message and "HF_ENDPOINT" in message
+    assert "data_dir" in message and "*lecardv2*_len-7000-inf.jsonl" in message
+
+
+def test_corpus_of_deduplicates_passages_in_first_seen_order():
+    split = [
+        {"positive_passages": [{"text": "a"}], "negative_passages": [{"text": "b"}]},
+        {"positive_passages": [{"text": "b"}], "negative_passages": [{"text": "c"}, {"text": "a"}]},
+    ]
+    assert data.corpus_of(split) == ["a", "b", "c"]
+
+
+def test_collect_lengths_in_characters():
+    split = [{"source": "s", "query": "一二三", "positive_passages": [{"text": "四五"}]},
+             {"source": "t", "query": "六", "positive_passages": [{"text": "七八九十"},
+                                                               {"text": "x"}]}]
+    assert data.collect_lengths(split) == {"s": {"query": [3], "passage": [2]},
+                                           "t": {"query": [1], "passage": [4, 1]}}
+    table = data.summarize_lengths(data.collect_lengths(split))
+    assert table.loc[("t", "passage"), "mean"] == 2.5
