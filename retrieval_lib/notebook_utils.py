@@ -1,0 +1,65 @@
+"""Run the course notebooks headless with papermill, in their narrative order.
+
+``python -m retrieval_lib.notebook_utils --preset demo`` executes every notebook of
+``notebooks/`` into ``outputs/notebooks/<preset>/`` (executed copies never go back into
+``notebooks/``, which stays free of outputs). ``make demo`` and CI call it; the notebook tests
+call :func:`run_notebook` and then read the summary each notebook writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import project_root
+
+__all__ = ["notebook_paths", "run_notebook", "main"]
+
+
+def notebook_paths(folder: str | Path | None = None) -> list[Path]:
+    """The numbered notebooks in course order (file names sort in narrative order)."""
+    folder = Path(folder) if folder is not None else project_root() / "notebooks"
+    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def run_notebook(path: str | Path, out_dir: str | Path, parameters: dict | None = None,
+                 kernel_name: str | None = None) -> Path:
+    """Execute one notebook with papermill; returns the executed copy's path.
+
+    Runs with the notebook's folder as working directory, so it behaves as when opened in
+    Jupyter. Raises papermill's ``PapermillExecutionError`` naming the failing cell.
+    """
+    import papermill as pm
+
+    path = Path(path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / path.name
+    pm.execute_notebook(str(path), str(target), parameters=parameters or {},
+                        cwd=str(path.parent), kernel_name=kernel_name, progress_bar=False)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="demo", choices=["demo", "full", "auto"])
+    parser.add_argument("--out", default=None, help="folder for executed copies")
+    parser.add_argument("notebooks", nargs="*", help="notebook paths (default: all, in order)")
+    args = parser.parse_args(argv)
+    paths = [Path(p) for p in args.notebooks] or notebook_paths()
+    if not paths:
+        print("no notebooks found", file=sys.stderr)
+        return 1
+    out = Path(args.out) if args.out else project_root() / "outputs" / "notebooks" / args.preset
+    for path in paths:
+        start = time.perf_counter()
+        print(f"running {path.name} with preset={args.preset} ...", flush=True)
+        target = run_notebook(path, out, {"preset": args.preset})
+        print(f"  done in {time.perf_counter() - start:.1f} s -> {target}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Figures of the course. CJK fonts are resolved once, here; every figure is saved under
+``figures/<notebook>_<name>.png`` with a fixed name and returned so the notebook shows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .config import project_root
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CJK_FONTS", "setup_cjk_font", "figures_dir", "save_figure", "plot_length_distributions",
+           "plot_split_counts"]
+
+#: Fonts with Chinese glyphs, in order of preference (Linux, Colab, macOS, Windows).
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC",
+             "WenQuanYi Micro Hei", "WenQuanYi Zen Hei", "PingFang SC", "Heiti SC",
+             "Microsoft YaHei", "SimHei", "Arial Unicode MS")
+_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", str(Path.home() / ".fonts"))
+_INSTALL_HINT = ("no CJK font found, Chinese labels would render as boxes. Install one: "
+                 "Debian/Ubuntu/Colab `apt-get install -y fonts-noto-cjk` (or fonts-wqy-microhei), "
+                 "macOS and Windows ship one already; then restart the kernel.")
+
+_chosen_font: str | None = None
+
+
+def setup_cjk_font(strict: bool = False) -> str | None:
+    """Make matplotlib draw Chinese: pick the first installed font of :data:`CJK_FONTS`.
+
+    Fonts installed after matplotlib built its cache (e.g. ``apt-get`` in Colab) are found by
+    scanning the system font folders. Sets ``axes.unicode_minus=False`` so minus signs render.
+    Returns the font name, or ``None`` with a warning (an error when ``strict``) if none exists.
+    """
+    global _chosen_font
+    import matplotlib
+    from matplotlib import font_manager
+
+    if _chosen_font is not None:
+        return _chosen_font
+    available = {f.name for f in font_manager.fontManager.ttflist}
+    if not any(name in available for name in CJK_FONTS):
+        for folder in _FONT_DIRS:
+            for path in Path(folder).rglob("*") if Path(folder).is_dir() else []:
+                lower = path.name.lower()
+                if path.suffix.lower() in (".ttf", ".otf", ".ttc") and (
+                        "cjk" in lower or "wqy" in lower or "wenquanyi" in lower):
+                    try:
+                        font_manager.fontManager.addfont(str(path))
+                    except (OSError, RuntimeError):  # unreadable font file: skip it
+                        continue
+        available = {f.name for f in font_manager.fontManager.ttflist}
+    chosen = next((name for name in CJK_FONTS if name in available), None)
+    matplotlib.rcParams["axes.unicode_minus"] = False
+    if chosen is None:
+        if strict:
+            raise RuntimeError(_INSTALL_HINT)
+        warnings.warn(_INSTALL_HINT, stacklevel=2)
+        return None
+    matplotlib.rcParams["font.family"] = "sans-serif"
+    matplotlib.rcParams["font.sans-serif"] = [chosen] + [
+        f for f in matplotlib.rcParams["font.sans-serif"] if f != chosen]
+    _chosen_font = chosen
+    return chosen
+
+
+def figures_dir() -> Path:
+    path = project_root() / "figures"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_figure(fig, notebook: str, name: str, folder: str | Path | None = None) -> Path:
+    """Save ``fig`` as ``<folder>/<notebook>_<name>.png`` (folder defaults to ``figures/``)."""
+    out = Path(folder) if folder is not None else figures_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{notebook}_{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_length_distributions(lengths: Mapping[str, Mapping[str, Sequence[int]]], unit: str,
+                              title: str | None = None):
+    """Histograms of query and passage lengths, one curve per source.
+
+    ``lengths[source]["query"]`` and ``lengths[source]["passage"]`` hold lengths in ``unit``
+    (e.g. "字符" or "token"). Passage lengths use a logarithmic axis: long-text data spans
+    three orders of magnitude.
+    """
+    import matplotlib.pyplot as plt
+
+    setup_cjk_font()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, kind, label in ((axes[0], "query", "查询"), (axes[1], "passage", "段落（正例）")):
+        values_all = [np.asarray(v[kind]) for v in lengths.values() if len(v[kind])]
+        if not values_all:
+            continue
+        lo = max(1, min(int(v.min()) for v in values_all))
+        hi = max(int(v.max()) for v in values_all) + 1
+        bins = np.geomspace(lo, hi, 40) if kind == "passage" else np.linspace(0, hi, 40)
+        for source, v in lengths.items():
+            if len(v[kind]):
+                med = float(np.median(v[kind]))
+                ax.hist(v[kind], bins=bins, histtype="step", linewidth=1.5,
+                        label=f"{source}（中位数 {med:.0f}）")
+        if kind == "passage":
+            from matplotlib import ticker
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel(f"{label}长度（{unit}）")
+        ax.set_ylabel("样本数")
+        ax.set_title(f"{label}长度分布")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_split_counts(split_counts: Mapping[str, int], subset_sizes: Mapping[str, int],
+                      title: str | None = None):
+    """Bar charts: queries per split, and the nested training subsets."""
+    import matplotlib.pyplot as plt
+
+    setup_cjk_font()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = {"train": "训练池", "validation": "验证集", "test": "测试集"}
+    for ax, data, xlabel, ttl in (
+            (axes[0], {names.get(k, k): v for k, v in split_counts.items()}, "数据划分",
+             "各划分的查询数"),
+            (axes[1], {f"子集 {k}": v for k, v in subset_sizes.items()}, "嵌套训练子集",
+             "训练子集大小（前缀嵌套）")):
+        bars = ax.bar(list(data), list(data.values()), color="#4C72B0")
+        ax.bar_label(bars, labels=[f"{v:,}" for v in data.values()])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("查询数")
+        ax.set_title(ttl)
+        ax.margins(y=0.15)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
