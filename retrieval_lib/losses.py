@@ -1,0 +1,99 @@
+r"""InfoNCE over in-batch and hard negatives, and its analytic gradients.
+
+A batch holds N queries ``q`` (N, d) and N·(1+K) passages ``p`` laid out per query as
+``[positive_i, negative_i1, …, negative_iK]``. Every passage of the batch is a candidate for
+every query; the label of query i is its own positive, at column ``i·(1+K)``. With cosine
+similarities ``s_ij = q_i·p_j`` (unit vectors) and temperature τ:
+
+    L = -1/N Σ_i log( exp(s_i⁺/τ) / Σ_j exp(s_ij/τ) )
+
+and with ``P_ij = softmax_j(s_ij/τ)`` the gradients with respect to the similarities are
+
+    ∂L/∂s_i⁺ = (P_i⁺ − 1) / (N·τ)        ∂L/∂s_ij = P_ij / (N·τ)  for every other j.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["positive_columns", "similarity_matrix", "info_nce", "info_nce_score_gradients",
+           "optimise_embeddings"]
+
+
+def positive_columns(num_queries: int, num_passages: int) -> torch.Tensor:
+    """Column of each query's positive: ``i·(1+K)`` where ``num_passages = N·(1+K)``."""
+    if num_queries <= 0 or num_passages % num_queries:
+        raise ValueError(f"{num_passages} passages do not divide into {num_queries} groups of "
+                         f"[positive, negatives…]")
+    return torch.arange(num_queries) * (num_passages // num_queries)
+
+
+def similarity_matrix(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``s = q·pᵀ`` (N, N·(1+K)); the cosine similarity when both are L2-normalised."""
+    return q @ p.T
+
+
+def _scaled_scores(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``s/τ``, in at least float32 (half-precision logits would lose the softmax's tail)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    s = similarity_matrix(q, p)
+    if s.dtype in (torch.float16, torch.bfloat16):
+        s = s.float()
+    return s / temperature
+
+
+def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean InfoNCE loss over the queries of the batch (see the module docstring).
+
+    >>> q = torch.tensor([[1.0, 0.0]]); p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> round(info_nce(q, p, 1.0).item(), 6)  # log(1 + e^-1)
+    0.313262
+    """
+    scores = _scaled_scores(q, p, temperature)
+    labels = positive_columns(q.shape[0], p.shape[0]).to(scores.device)
+    return F.cross_entropy(scores, labels)
+
+
+def info_nce_score_gradients(q: torch.Tensor, p: torch.Tensor, temperature: float
+                             ) -> torch.Tensor:
+    """Analytic ``∂L/∂s`` (N, N·(1+K)): ``P/(N·τ)``, minus ``1/(N·τ)`` at each positive."""
+    n = q.shape[0]
+    probs = torch.softmax(_scaled_scores(q, p, temperature), dim=1)
+    grad = probs / (n * temperature)
+    cols = positive_columns(n, p.shape[0]).to(grad.device)
+    grad[torch.arange(n, device=grad.device), cols] -= 1.0 / (n * temperature)
+    return grad
+
+
+def optimise_embeddings(q: torch.Tensor, p: torch.Tensor, temperature: float, steps: int = 20,
+                        lr: float = 0.5) -> list[dict]:
+    """Gradient descent on the embeddings themselves (kept on the unit sphere).
+
+    A measured version of the seed report's "optimisation table": returns, per step, the loss,
+    the mean positive similarity and the mean negative similarity (in-batch and hard negatives).
+    """
+    q = q.detach().clone().requires_grad_(True)
+    p = p.detach().clone().requires_grad_(True)
+    cols = positive_columns(q.shape[0], p.shape[0])
+    history = []
+    for step in range(steps + 1):
+        qn, pn = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
+        loss = info_nce(qn, pn, temperature)
+        with torch.no_grad():
+            s = similarity_matrix(qn, pn)
+            pos_mask = torch.zeros_like(s, dtype=torch.bool)
+            pos_mask[torch.arange(s.shape[0]), cols] = True
+            history.append({"step": step, "loss": loss.item(),
+                            "mean_positive_similarity": s[pos_mask].mean().item(),
+                            "mean_negative_similarity": s[~pos_mask].mean().item()})
+        if step == steps:
+            break
+        loss.backward()
+        with torch.no_grad():
+            q -= lr * q.grad
+            p -= lr * p.grad
+            q.grad = None
+            p.grad = None
+    return history

@@ -1,0 +1,312 @@
+"""The dual-tower retriever: a shared pretrained encoder, pooling, projection, L2 normalisation.
+
+Both towers share every weight of the encoder (so the retriever has the parameters of one
+tower); the 128-d projection is shared too, or separate per tower (experiment 4.1.1 variant).
+
+Base models are ``transformers`` models: MiniMind (Llama-shaped decoder), Qwen2 and BERT/XLM-R
+style encoders, loaded with ``from_pretrained`` from a hub id or a local folder, or built from a
+config at any size (the tiny twins of the demo and the tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+__all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder",
+           "load_encoder", "count_parameters", "parameter_count_from_config", "pool",
+           "DualTowerRetriever"]
+
+POOLINGS = ("mean", "last_token", "cls")
+
+
+def hf_config_from_shape(cfg: ModelConfig, num_layers: int | None = None):
+    """A ``transformers`` config with the shape held in ``cfg`` (no download)."""
+    from transformers import BertConfig, LlamaConfig, Qwen2Config, XLMRobertaConfig
+
+    layers = cfg.num_hidden_layers if num_layers is None else num_layers
+    common = dict(hidden_size=cfg.hidden_size, num_hidden_layers=layers,
+                  num_attention_heads=cfg.num_attention_heads,
+                  intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size)
+    if cfg.architecture == "llama":
+        return LlamaConfig(num_key_value_heads=cfg.num_key_value_heads,
+                           tie_word_embeddings=cfg.tie_word_embeddings,
+                           max_position_embeddings=32768, rope_theta=1e6, **common)
+    if cfg.architecture == "qwen2":
+        return Qwen2Config(num_key_value_heads=cfg.num_key_value_heads,
+                           tie_word_embeddings=cfg.tie_word_embeddings,
+                           max_position_embeddings=32768, **common)
+    if cfg.architecture == "bert":
+        return BertConfig(max_position_embeddings=512, **common)
+    if cfg.architecture == "xlm-roberta":
+        return XLMRobertaConfig(max_position_embeddings=8194, pad_token_id=1, **common)
+    raise ValueError(f"unknown architecture {cfg.architecture!r}; expected llama, qwen2, bert "
+                     f"or xlm-roberta")
+
+
+def build_encoder(cfg: ModelConfig, seed: int | None = None) -> nn.Module:
+    """A randomly initialised base model (``AutoModel``, no LM head) with ``cfg``'s shape."""
+    from transformers import AutoModel
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoModel.from_config(hf_config_from_shape(cfg))
+
+
+def load_encoder(name_or_path: str, trust_remote_code: bool = False,
+                 dtype: torch.dtype | None = None) -> nn.Module:
+    """The pretrained base model (no LM head) from a hub id or a local folder.
+
+    MiniMind checkpoints in ``LlamaForCausalLM`` format load as ``LlamaModel``; checkpoints
+    that need their own code load only with ``trust_remote_code=True``, which the user must ask
+    for. A missing model stops with a message on how to supply it.
+    """
+    from transformers import AutoModel
+
+    try:
+        kwargs = {"trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        return AutoModel.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        hint = ("" if trust_remote_code or "trust_remote_code" not in str(exc) else
+                " This checkpoint ships its own model code: pass trust_remote_code=True if you "
+                "trust it.")
+        raise OSError(
+            f"cannot load the base model {name_or_path!r}: {first}.{hint}\n"
+            f"Download it (huggingface-cli download {name_or_path} --local-dir DIR) and pass DIR "
+            f"as the model path, or set HF_ENDPOINT to a reachable mirror."
+        ) from exc
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters, each shared tensor counted once."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def parameter_count_from_config(cfg: ModelConfig, include_new_layers: bool = True) -> int:
+    """Parameters of the retriever for ``cfg`` counted on the meta device (nothing downloaded).
+
+    Encoder (with ``cfg.num_new_layers`` appended when ``include_new_layers``) plus the
+    projection(s).
+    """
+    from transformers import AutoModel
+
+    layers = cfg.num_hidden_layers + (cfg.num_new_layers if include_new_layers else 0)
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(hf_config_from_shape(cfg, num_layers=layers))
+    projection = cfg.hidden_size * cfg.projection_dim + cfg.projection_dim
+    return count_parameters(encoder) + projection * (2 if cfg.separate_projections else 1)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
+    """Pool token states ``(B, L, H)`` into one vector per text ``(B, H)``.
+
+    ``mean`` averages the non-padding tokens; ``cls`` takes the first token (BERT-like encoders,
+    right padding); ``last_token`` takes the last non-padding token, wherever the padding is
+    (left or right), which for a causal decoder is the only state that has seen the whole text.
+
+    >>> h = torch.arange(12.).reshape(2, 3, 2); m = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    >>> pool(h, m, "mean").tolist(), pool(h, m, "last_token").tolist()
+    ([[1.0, 2.0], [9.0, 10.0]], [[2.0, 3.0], [10.0, 11.0]])
+    """
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    if method == "mean":
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    if method == "cls":
+        return hidden[:, 0]
+    if method == "last_token":
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.long() * positions).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {method!r}; expected one of {', '.join(POOLINGS)}")
+
+
+class DualTowerRetriever(nn.Module):
+    """Query tower == passage tower: one encoder, pooling, projection, L2 normalisation."""
+
+    def __init__(self, encoder: nn.Module, tokenizer, pooling: str = "mean",
+                 projection_dim: int = 128, separate_projections: bool = False,
+                 max_query_length: int = 64, max_passage_length: int = 512,
+                 architecture: str | None = None):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.projection_dim = projection_dim
+        self.separate_projections = separate_projections
+        self.max_query_length = max_query_length
+        self.max_passage_length = max_passage_length
+        self.architecture = architecture or getattr(encoder.config, "model_type", "unknown")
+        hidden = encoder.config.hidden_size
+        self.query_projection = nn.Linear(hidden, projection_dim)
+        self.passage_projection = (nn.Linear(hidden, projection_dim) if separate_projections
+                                   else self.query_projection)
+        if tokenizer.pad_token is None:  # decoder tokenizers often have none
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, tokenizer=None, pretrained: bool = True,
+                    dtype: torch.dtype | None = None) -> DualTowerRetriever:
+        """Build the retriever of ``cfg``: pretrained weights (``pretrained``) or a fresh model
+        of the configured shape (demo twins, tests); the tokenizer defaults to the model's own.
+        """
+        if pretrained:
+            encoder = load_encoder(cfg.base_model, cfg.trust_remote_code, dtype)
+            if tokenizer is None:
+                from .tokenizer import load_pretrained_tokenizer
+
+                tokenizer = load_pretrained_tokenizer(cfg.base_model, cfg.trust_remote_code)
+        else:
+            if tokenizer is None:
+                raise ValueError("a model built from a config needs a tokenizer")
+            encoder = build_encoder(cfg)
+        return cls(encoder, tokenizer, pooling=cfg.pooling, projection_dim=cfg.projection_dim,
+                   separate_projections=cfg.separate_projections,
+                   max_query_length=cfg.max_query_length,
+                   max_passage_length=cfg.max_passage_length, architecture=cfg.architecture)
+
+    # -- tokenisation ---------------------------------------------------------------------------
+
+    def tokenize(self, texts: Sequence[str], tower: str = "query") -> dict[str, torch.Tensor]:
+        """Tokenise with truncation; for ``last_token`` pooling every text ends with EOS."""
+        max_length = self.max_query_length if tower == "query" else self.max_passage_length
+        tok = self.tokenizer
+        if self.pooling != "last_token":
+            return tok(list(texts), padding=True, truncation=True, max_length=max_length,
+                       return_tensors="pt")
+        if tok.eos_token_id is None:
+            raise ValueError("last_token pooling needs a tokenizer with an EOS token")
+        enc = tok(list(texts), truncation=True, max_length=max_length - 1, padding=False)
+        ids = [x if x and x[-1] == tok.eos_token_id else x + [tok.eos_token_id]
+               for x in enc["input_ids"]]
+        return tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              tower: str = "query") -> torch.Tensor:
+        """L2-normalised embeddings ``(B, projection_dim)`` of one tower, with gradients."""
+        # Rotary position encodings (MiniMind, Qwen2) depend only on relative positions, so
+        # left padding needs no position-id shift; the padding test checks this.
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = pool(hidden, attention_mask, self.pooling)
+        projection = self.query_projection if tower == "query" else self.passage_projection
+        return nn.functional.normalize(projection(pooled).float(), dim=-1)
+
+    def forward(self, query_inputs: dict, passage_inputs: dict
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.embed(query_inputs["input_ids"], query_inputs["attention_mask"], "query")
+        p = self.embed(passage_inputs["input_ids"], passage_inputs["attention_mask"], "passage")
+        return q, p
+
+    # -- inference ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode(self, texts: Sequence[str], tower: str, batch_size: int,
+                show_progress: bool | None) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        if isinstance(texts, str):
+            raise TypeError("encode_* takes a list of texts, not one string")
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # long first: less padding
+        out = np.zeros((len(texts), self.projection_dim), dtype=np.float32)
+        starts = range(0, len(texts), batch_size)
+        if show_progress is None:
+            show_progress = len(texts) > 10 * batch_size
+        for start in tqdm(starts, disable=not show_progress, desc=f"encode {tower}"):
+            idx = order[start:start + batch_size]
+            enc = self.tokenize([texts[i] for i in idx], tower)
+            emb = self.embed(enc["input_ids"].to(device), enc["attention_mask"].to(device), tower)
+            out[idx] = emb.float().cpu().numpy()
+        self.train(was_training)
+        return out
+
+    def encode_queries(self, texts: Sequence[str], batch_size: int = 64,
+                       show_progress: bool | None = None) -> np.ndarray:
+        """Query embeddings ``(len(texts), projection_dim)``, float32, unit norm."""
+        return self._encode(texts, "query", batch_size, show_progress)
+
+    def encode_passages(self, texts: Sequence[str], batch_size: int = 32,
+                        show_progress: bool | None = None) -> np.ndarray:
+        """Passage embeddings ``(len(texts), projection_dim)``, float32, unit norm."""
+        return self._encode(texts, "passage", batch_size, show_progress)
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def retriever_config(self) -> dict:
+        return {"pooling": self.pooling, "projection_dim": self.projection_dim,
+                "separate_projections": self.separate_projections,
+                "max_query_length": self.max_query_length,
+                "max_passage_length": self.max_passage_length,
+                "architecture": self.architecture,
+                "hidden_size": self.encoder.config.hidden_size}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``encoder/`` (weights as safetensors, config, tokenizer), ``head.safetensors``
+        (the projection) and ``retriever_config.json``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(str(path / "encoder"), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(path / "encoder"))
+        head = {f"query_projection.{k}": v.detach().cpu().contiguous()
+                for k, v in self.query_projection.state_dict().items()}
+        if self.separate_projections:
+            head.update({f"passage_projection.{k}": v.detach().cpu().contiguous()
+                         for k, v in self.passage_projection.state_dict().items()})
+        save_file(head, str(path / "head.safetensors"))
+        (path / "retriever_config.json").write_text(
+            json.dumps(self.retriever_config(), indent=2), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+             trust_remote_code: bool = False) -> DualTowerRetriever:
+        """Load a retriever written by :meth:`save` (safetensors only, no pickle)."""
+        from safetensors.torch import load_file
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(path)
+        config_path = path / "retriever_config.json"
+        if not config_path.exists():
+            raise FileNotFoundError(f"{path} is not a saved retriever (no retriever_config.json)")
+        rc = json.loads(config_path.read_text(encoding="utf-8"))
+        encoder = AutoModel.from_pretrained(str(path / "encoder"),
+                                            trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(path / "encoder"),
+                                                  trust_remote_code=trust_remote_code)
+        model = cls(encoder, tokenizer, pooling=rc["pooling"], projection_dim=rc["projection_dim"],
+                    separate_projections=rc["separate_projections"],
+                    max_query_length=rc["max_query_length"],
+                    max_passage_length=rc["max_passage_length"],
+                    architecture=rc["architecture"])
+        head = load_file(str(path / "head.safetensors"))
+        model.query_projection.load_state_dict(
+            {k.split(".", 1)[1]: v for k, v in head.items() if k.startswith("query_projection.")})
+        if rc["separate_projections"]:
+            model.passage_projection.load_state_dict(
+                {k.split(".", 1)[1]: v for k, v in head.items()
+                 if k.startswith("passage_projection.")})
+        return model.to(device)

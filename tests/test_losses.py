@@ -1,0 +1,97 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retrieval_lib import losses
+
+
+def _loop_info_nce(q, p, tau):
+    """Independent reference: the seed's formula with explicit sums over Python floats."""
+    n, m = q.shape[0], p.shape[0]
+    k1 = m // n
+    total = 0.0
+    for i in range(n):
+        s = [float(q[i] @ p[j]) / tau for j in range(m)]
+        pos = s[i * k1]
+        total += -(pos - math.log(sum(math.exp(x) for x in s)))
+    return total / n
+
+
+def test_hand_worked_losses():
+    # N=1, K=1, tau=1: s = [1, 0] -> log(1 + e^-1)
+    q = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert losses.info_nce(q, p, 1.0).item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-7)
+    # N=2, K=0, tau=0.5: scores [[2,0],[0,2]] -> each log(1 + e^-2) = 0.126928
+    q2 = torch.eye(2)
+    assert losses.info_nce(q2, torch.eye(2), 0.5).item() == pytest.approx(0.126928, abs=1e-6)
+    # N=2, K=1, tau=1: query 0 scores [1, 0, 0, 0] -> log(1 + 3/e) = 0.741537;
+    # query 1 = (0,1) against p = [(1,0), (0,1), (0,-1)... ] worked below
+    p3 = torch.tensor([[1.0, 0.0], [0.0, -1.0], [0.0, 1.0], [1.0, 0.0]])
+    q3 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # query 0: s = [1, 0, 0, 1], positive col 0 -> log((2e + 2)/e) = log(2 + 2/e)
+    # query 1: s = [0, -1, 1, 0], positive col 2 -> log((1 + e^-1 + e + 1)/e)
+    expected = (math.log(2 + 2 / math.e) + math.log((2 + math.exp(-1) + math.e) / math.e)) / 2
+    assert losses.info_nce(q3, p3, 1.0).item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("n,k,tau", [(1, 0, 0.05), (3, 2, 0.05), (4, 3, 0.2), (5, 1, 1.0)])
+def test_matches_independent_implementations(n, k, tau):
+    g = torch.Generator().manual_seed(n * 10 + k)
+    q = F.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=-1)
+    p = F.normalize(torch.randn(n * (1 + k), 16, generator=g, dtype=torch.float64), dim=-1)
+    ours = losses.info_nce(q, p, tau).item()
+    assert ours == pytest.approx(_loop_info_nce(q, p, tau), abs=1e-6)
+    # cross-entropy written out with logsumexp on the full score matrix
+    s = q @ p.T / tau
+    cols = torch.arange(n) * (1 + k)
+    ce = (torch.logsumexp(s, 1) - s[torch.arange(n), cols]).mean().item()
+    assert ours == pytest.approx(ce, abs=1e-6)
+
+
+def test_analytic_gradients_equal_autograd():
+    g = torch.Generator().manual_seed(0)
+    for n, k, tau in [(2, 1, 0.05), (6, 3, 0.1), (3, 0, 1.0)]:
+        q = F.normalize(torch.randn(n, 8, generator=g, dtype=torch.float64), dim=-1)
+        p = F.normalize(torch.randn(n * (1 + k), 8, generator=g, dtype=torch.float64), dim=-1)
+        s = (q @ p.T).requires_grad_(True)
+        labels = torch.arange(n) * (1 + k)
+        F.cross_entropy(s / tau, labels).backward()
+        analytic = losses.info_nce_score_gradients(q, p, tau).double()
+        assert torch.allclose(analytic, s.grad, atol=1e-10)
+        # the rows sum to zero: the positive's pull equals the negatives' total push
+        assert torch.allclose(analytic.sum(1), torch.zeros(n, dtype=torch.float64), atol=1e-12)
+        assert (analytic[torch.arange(n), labels] < 0).all()
+
+
+def test_temperature_limits():
+    q = F.normalize(torch.tensor([[1.0, 0.2], [0.1, 1.0]]), dim=-1)
+    p = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]), dim=-1)
+    # tau -> infinity: every candidate equally likely, loss -> log(N(1+K))
+    assert losses.info_nce(q, p, 1e6).item() == pytest.approx(math.log(4), abs=1e-5)
+    # tau -> 0 with the positive strictly best (but tied with a duplicate): loss -> log 2
+    assert losses.info_nce(q, p, 1e-4).item() == pytest.approx(math.log(2), abs=1e-5)
+    # tau -> 0 with a unique best positive: loss -> 0
+    p_unique = F.normalize(torch.tensor([[1.0, 0.0], [0.3, -1.0], [0.0, 1.0], [1.0, -0.3]]),
+                           dim=-1)
+    assert losses.info_nce(q, p_unique, 1e-3).item() < 1e-6
+    with pytest.raises(ValueError, match="temperature"):
+        losses.info_nce(q, p, 0.0)
+
+
+def test_layout_errors():
+    with pytest.raises(ValueError, match="do not divide"):
+        losses.info_nce(torch.zeros(3, 2), torch.zeros(4, 2), 0.1)
+
+
+def test_gradient_descent_moves_positives_up_and_negatives_down():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(4, 8, generator=g)
+    p = torch.randn(4 * 3, 8, generator=g)
+    hist = losses.optimise_embeddings(q, p, temperature=0.1, steps=15, lr=0.05)
+    assert len(hist) == 16 and hist[0]["step"] == 0
+    assert hist[-1]["loss"] < hist[0]["loss"] / 2
+    assert hist[-1]["mean_positive_similarity"] > hist[0]["mean_positive_similarity"] + 0.2
+    assert hist[-1]["mean_negative_similarity"] < hist[0]["mean_negative_similarity"]

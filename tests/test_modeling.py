@@ -1,0 +1,141 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_lib import config, modeling, tokenizer
+from retrieval_lib.modeling import DualTowerRetriever
+
+TEXTS = ["北京举行新年音乐会", "李鹏在北京考察企业，向职工祝贺新年",
+         "淮河治污第一战役告捷，沿淮工业污染源实现达标排放", "新年", "联合国会费比例的能力支付原则"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer.train_bpe_tokenizer(TEXTS * 3, vocab_size=400)
+
+
+def _tiny(arch, **kw):
+    base = {"llama": config.MINIMIND_27M, "qwen2": config.QWEN2_05B}.get(arch)
+    if base is None:
+        base = replace(config.MINIMIND_27M, architecture=arch, pooling="cls")
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=64, vocab_size=400,
+                 max_query_length=16, max_passage_length=48)
+    shape.update(kw)
+    return replace(base, **shape)
+
+
+def _retriever(arch, tok, seed=0, **kw):
+    torch.manual_seed(seed)
+    return DualTowerRetriever.from_config(_tiny(arch, **kw), tokenizer=tok, pretrained=False)
+
+
+@pytest.mark.parametrize("arch,pooling", [("llama", "mean"), ("qwen2", "last_token"),
+                                          ("bert", "cls"), ("xlm-roberta", "cls")])
+def test_tiny_models_encode_chinese_end_to_end(tok, arch, pooling):
+    model = _retriever(arch, tok, pooling=pooling)
+    assert model.pooling == pooling
+    q = model.encode_queries(TEXTS)
+    p = model.encode_passages(TEXTS)
+    assert q.shape == p.shape == (5, 128) and q.dtype == np.float32
+    assert np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
+    # one shared tower: the same text within both length limits gets the same vector
+    assert np.allclose(q[[0, 3]], p[[0, 3]], atol=1e-6)
+
+
+def test_towers_share_every_weight_and_count_once(tok):
+    shared = _retriever("llama", tok)
+    separate = _retriever("llama", tok, separate_projections=True)
+    enc = modeling.count_parameters(shared.encoder)
+    proj = 32 * 128 + 128
+    assert modeling.count_parameters(shared) == enc + proj
+    assert modeling.count_parameters(separate) == enc + 2 * proj
+    assert shared.query_projection is shared.passage_projection
+    q, p = separate.encode_queries(TEXTS[:1]), separate.encode_passages(TEXTS[:1])
+    assert not np.allclose(q, p)
+
+
+def test_batching_and_length_sorting_do_not_change_vectors(tok):
+    model = _retriever("llama", tok)
+    together = model.encode_passages(TEXTS, batch_size=2)
+    alone = np.stack([model.encode_passages([t])[0] for t in TEXTS])
+    assert np.abs(together - alone).max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_last_token_pooling_is_padding_side_invariant_and_ends_with_eos(tok, arch):
+    model = _retriever(arch, tok, pooling="last_token")
+    enc = model.tokenize(TEXTS, "passage")
+    lengths = enc["attention_mask"].sum(1)
+    for row, n in zip(enc["input_ids"], lengths, strict=True):
+        assert row[n - 1].item() == tok.eos_token_id
+    tok.padding_side = "right"
+    right = model.encode_passages(TEXTS, batch_size=5)
+    tok.padding_side = "left"
+    try:
+        enc_left = model.tokenize(TEXTS, "passage")
+        assert enc_left["attention_mask"][:, -1].all()  # really left-padded
+        left = model.encode_passages(TEXTS, batch_size=5)
+    finally:
+        tok.padding_side = "right"
+    assert np.abs(right - left).max() < 1e-5
+
+
+def test_pool_hand_worked():
+    h = torch.tensor([[[1.0], [3.0], [100.0]], [[100.0], [2.0], [4.0]]])
+    m = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    assert modeling.pool(h, m, "mean").flatten().tolist() == [2.0, 3.0]
+    assert modeling.pool(h, m, "last_token").flatten().tolist() == [3.0, 4.0]
+    assert modeling.pool(h, m, "cls").flatten().tolist() == [1.0, 100.0]
+    with pytest.raises(ValueError, match="unknown pooling"):
+        modeling.pool(h, m, "max")
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_save_load_round_trip_is_exact(tok, tmp_path, separate):
+    model = _retriever("qwen2", tok, pooling="last_token", separate_projections=separate)
+    with torch.no_grad():  # make the head non-trivial
+        model.passage_projection.weight.add_(0.5)
+    model.save(tmp_path / "r")
+    assert (tmp_path / "r" / "head.safetensors").exists()
+    assert list((tmp_path / "r" / "encoder").glob("*.safetensors"))
+    loaded = DualTowerRetriever.load(tmp_path / "r")
+    assert loaded.pooling == "last_token" and loaded.separate_projections == separate
+    assert np.array_equal(model.encode_queries(TEXTS), loaded.encode_queries(TEXTS))
+    assert np.array_equal(model.encode_passages(TEXTS), loaded.encode_passages(TEXTS))
+
+
+def test_loads_minimind_causal_lm_weights_as_base_model(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    cfg = _tiny("llama")
+    lm = LlamaForCausalLM(modeling.hf_config_from_shape(cfg))
+    lm.save_pretrained(tmp_path / "minimind")
+    encoder = modeling.load_encoder(str(tmp_path / "minimind"))
+    assert type(encoder).__name__ == "LlamaModel"
+    assert torch.equal(encoder.embed_tokens.weight, lm.model.embed_tokens.weight)
+    assert torch.equal(encoder.layers[1].mlp.down_proj.weight,
+                       lm.model.layers[1].mlp.down_proj.weight)
+
+
+def test_missing_model_says_how_to_supply_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = replace(config.MINIMIND_27M, base_model=str(tmp_path / "not-downloaded"))
+    with pytest.raises(OSError, match="huggingface-cli download") as err:
+        DualTowerRetriever.from_config(cfg)
+    assert "not-downloaded" in str(err.value)
+
+
+@pytest.mark.parametrize("name,expected_m,new_expected_m", [
+    ("minimind38_96k", 27, 38),      # 27M + 4 layers
+    ("minimind186_288k", 108, 187),  # 108M + 12 layers
+    ("qwen2_613_288k", 494, 613),    # Qwen2-0.5B + 8 layers
+])
+def test_parameter_counts_match_the_report(name, expected_m, new_expected_m):
+    cfg = config.get_experiment(name, "full").model
+    base = modeling.parameter_count_from_config(cfg, include_new_layers=False) / 1e6
+    grown = modeling.parameter_count_from_config(cfg) / 1e6
+    assert base == pytest.approx(expected_m, rel=0.03)
+    assert grown == pytest.approx(new_expected_m, rel=0.03)
