@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["positive_columns", "similarity_matrix", "info_nce", "info_nce_score_gradients",
-           "optimise_embeddings"]
+           "autograd_score_gradients", "random_batch", "optimise_embeddings"]
 
 
 def positive_columns(num_queries: int, num_passages: int) -> torch.Tensor:
@@ -36,9 +36,12 @@ def similarity_matrix(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def _scaled_scores(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
     """``s/τ``, in at least float32 (half-precision logits would lose the softmax's tail)."""
+    return _scaled_scores_from(similarity_matrix(q, p), temperature)
+
+
+def _scaled_scores_from(s: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    s = similarity_matrix(q, p)
     if s.dtype in (torch.float16, torch.bfloat16):
         s = s.float()
     return s / temperature
@@ -65,6 +68,34 @@ def info_nce_score_gradients(q: torch.Tensor, p: torch.Tensor, temperature: floa
     cols = positive_columns(n, p.shape[0]).to(grad.device)
     grad[torch.arange(n, device=grad.device), cols] -= 1.0 / (n * temperature)
     return grad
+
+
+def autograd_score_gradients(q: torch.Tensor, p: torch.Tensor, temperature: float
+                             ) -> torch.Tensor:
+    """``∂L/∂s`` by automatic differentiation of :func:`info_nce` (to check the analytic one)."""
+    s = similarity_matrix(q.detach(), p.detach()).requires_grad_(True)
+    labels = positive_columns(q.shape[0], p.shape[0]).to(s.device)
+    F.cross_entropy(_scaled_scores_from(s, temperature), labels).backward()
+    return s.grad
+
+
+def random_batch(num_queries: int, num_hard_negatives: int, dim: int, seed: int,
+                 positive_noise: float | None = None, hard_negative_noise: float | None = None,
+                 dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm ``q`` (N, d) and ``p`` (N·(1+K), d) in the per-query layout.
+
+    By default every vector is independent. With ``positive_noise`` / ``hard_negative_noise``
+    the positive / hard negatives of query i are ``normalize(q_i + noise·u)`` with ``u`` a random
+    unit vector (cosine to the query about ``1/sqrt(1+noise²)``), so a smaller noise puts them
+    closer to their query, as real positives and hard negatives are.
+    """
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(num_queries, dim, generator=g, dtype=dtype), dim=-1)
+    p = torch.randn(num_queries, 1 + num_hard_negatives, dim, generator=g, dtype=dtype)
+    for col, noise in ((slice(0, 1), positive_noise), (slice(1, None), hard_negative_noise)):
+        if noise is not None:
+            p[:, col] = q[:, None, :] + noise * F.normalize(p[:, col], dim=-1)
+    return q, F.normalize(p.reshape(-1, dim), dim=-1)
 
 
 def optimise_embeddings(q: torch.Tensor, p: torch.Tensor, temperature: float, steps: int = 20,

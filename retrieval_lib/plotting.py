@@ -16,7 +16,8 @@ from .config import project_root
 logger = logging.getLogger(__name__)
 
 __all__ = ["CJK_FONTS", "setup_cjk_font", "figures_dir", "save_figure", "plot_length_distributions",
-           "plot_split_counts"]
+           "plot_split_counts", "plot_temperature_softmax", "plot_negative_gradients",
+           "plot_optimisation_history"]
 
 #: Fonts with Chinese glyphs, in order of preference (Linux, Colab, macOS, Windows).
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC",
@@ -143,6 +144,81 @@ def plot_split_counts(split_counts: Mapping[str, int], subset_sizes: Mapping[str
         ax.set_ylabel("查询数")
         ax.set_title(ttl)
         ax.margins(y=0.15)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_temperature_softmax(probabilities: Mapping[float, Sequence[float]],
+                             similarities: Sequence[float], labels: Sequence[str],
+                             title: str | None = None):
+    """Bars of one query's candidate probabilities ``softmax(s/τ)``, one colour per τ."""
+    import matplotlib.pyplot as plt
+
+    setup_cjk_font()
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    taus = list(probabilities)
+    width = 0.8 / len(taus)
+    x = np.arange(len(similarities))
+    for i, tau in enumerate(taus):
+        ax.bar(x + (i - (len(taus) - 1) / 2) * width, np.asarray(probabilities[tau]), width,
+               label=f"τ = {tau:g}")
+    ax.set_xticks(x, [f"{lab}\ns={v:.2f}" for lab, v in zip(labels, similarities, strict=True)],
+                  fontsize=8)
+    ax.set_ylabel("softmax 概率 P")
+    ax.set_title(title or "温度 τ 越小，概率越集中到相似度最高的候选上")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_negative_gradients(similarities: Mapping[float, np.ndarray],
+                            gradients: Mapping[float, np.ndarray], hard_mask: np.ndarray,
+                            title: str | None = None):
+    """Gradient each negative receives, ``∂L/∂s_ij``, against its similarity, per temperature.
+
+    ``similarities[τ]`` and ``gradients[τ]`` are flat arrays over the negatives of a batch;
+    ``hard_mask`` marks the hard negatives (the others are in-batch negatives).
+    """
+    import matplotlib.pyplot as plt
+
+    setup_cjk_font()
+    taus = list(similarities)
+    fig, axes = plt.subplots(1, len(taus), figsize=(5 * len(taus), 3.8), squeeze=False)
+    for ax, tau in zip(axes[0], taus, strict=True):
+        s, g = similarities[tau], gradients[tau]
+        ax.scatter(s[~hard_mask], g[~hard_mask], s=14, alpha=0.6, label="批内负例")
+        ax.scatter(s[hard_mask], g[hard_mask], s=14, alpha=0.8, label="难负例")
+        ax.set_yscale("log")
+        ax.set_xlabel("负例与查询的相似度 $s_{ij}$")
+        ax.set_ylabel(r"梯度 $\partial L/\partial s_{ij}$（对数轴）")
+        ax.set_title(f"τ = {tau:g}")
+        ax.legend()
+    fig.suptitle(title or "每个负例得到的梯度：相似度越高、τ 越小，梯度越集中")
+    fig.tight_layout()
+    return fig
+
+
+def plot_optimisation_history(history: Sequence[Mapping[str, float]], title: str | None = None):
+    """Loss and mean positive / negative similarity over gradient-descent steps."""
+    import matplotlib.pyplot as plt
+
+    setup_cjk_font()
+    steps = [h["step"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax1.plot(steps, [h["loss"] for h in history], marker="o", markersize=3)
+    ax1.set_xlabel("梯度下降步数")
+    ax1.set_ylabel("InfoNCE 损失")
+    ax1.set_title("损失下降")
+    ax2.plot(steps, [h["mean_positive_similarity"] for h in history], marker="o", markersize=3,
+             label="正例平均相似度 $s^+$")
+    ax2.plot(steps, [h["mean_negative_similarity"] for h in history], marker="o", markersize=3,
+             label="负例平均相似度 $s^-$")
+    ax2.set_xlabel("梯度下降步数")
+    ax2.set_ylabel("余弦相似度")
+    ax2.set_title("$s^+$ 上升，$s^-$ 下降")
+    ax2.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -52,15 +52,16 @@ def test_matches_independent_implementations(n, k, tau):
 
 
 def test_analytic_gradients_equal_autograd():
-    g = torch.Generator().manual_seed(0)
     for n, k, tau in [(2, 1, 0.05), (6, 3, 0.1), (3, 0, 1.0)]:
-        q = F.normalize(torch.randn(n, 8, generator=g, dtype=torch.float64), dim=-1)
-        p = F.normalize(torch.randn(n * (1 + k), 8, generator=g, dtype=torch.float64), dim=-1)
+        q, p = losses.random_batch(n, k, 8, seed=n + k)
+        # autograd of the score matrix through a cross-entropy written here, not the library's
         s = (q @ p.T).requires_grad_(True)
         labels = torch.arange(n) * (1 + k)
         F.cross_entropy(s / tau, labels).backward()
-        analytic = losses.info_nce_score_gradients(q, p, tau).double()
-        assert torch.allclose(analytic, s.grad, atol=1e-10)
+        analytic = losses.info_nce_score_gradients(q, p, tau)
+        assert torch.allclose(analytic, s.grad, rtol=0, atol=1e-12)
+        assert torch.allclose(losses.autograd_score_gradients(q, p, tau), s.grad, rtol=0,
+                              atol=1e-15)
         # the rows sum to zero: the positive's pull equals the negatives' total push
         assert torch.allclose(analytic.sum(1), torch.zeros(n, dtype=torch.float64), atol=1e-12)
         assert (analytic[torch.arange(n), labels] < 0).all()
@@ -95,3 +96,15 @@ def test_gradient_descent_moves_positives_up_and_negatives_down():
     assert hist[-1]["loss"] < hist[0]["loss"] / 2
     assert hist[-1]["mean_positive_similarity"] > hist[0]["mean_positive_similarity"] + 0.2
     assert hist[-1]["mean_negative_similarity"] < hist[0]["mean_negative_similarity"]
+
+
+def test_random_batch_layout_and_closeness():
+    q, p = losses.random_batch(3, 2, 64, seed=0, positive_noise=0.5, hard_negative_noise=1.5)
+    assert q.shape == (3, 64) and p.shape == (9, 64)
+    s = q @ p.T
+    for i in range(3):
+        pos, hard = s[i, 3 * i], s[i, 3 * i + 1:3 * i + 3]
+        others = torch.cat([s[i, :3 * i], s[i, 3 * i + 3:]])
+        assert pos > hard.min() and hard.min() > others.abs().max()
+    q2, p2 = losses.random_batch(3, 2, 64, seed=0)
+    assert torch.equal(q, q2) and (q2 @ p2.T).abs().max() < 0.6

@@ -12,7 +12,8 @@ ALL = notebook_utils.notebook_paths(NOTEBOOKS)
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in ALL][:1] == ["01_data_preprocessing.ipynb"]
+    assert [p.name for p in ALL][:2] == ["01_data_preprocessing.ipynb",
+                                         "02_loss_and_gradients.ipynb"]
 
 
 @pytest.mark.parametrize("path", ALL, ids=[p.stem for p in ALL])
@@ -47,3 +48,21 @@ def test_01_data_preprocessing_demo(tmp_path, monkeypatch):
     assert figures == ["01_data_preprocessing_lengths_chars.png",
                        "01_data_preprocessing_lengths_tokens.png",
                        "01_data_preprocessing_split_counts.png"]
+
+
+@pytest.mark.notebook
+def test_02_loss_and_gradients_demo(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
+    notebook_utils.run_notebook(NOTEBOOKS / "02_loss_and_gradients.ipynb", tmp_path / "executed",
+                                {"preset": "demo"})
+    summary = results.load_summary(tmp_path / "outputs" / "02_loss_and_gradients" / "demo")
+    assert summary["max_abs_gradient_error"] < 1e-10 and summary["chain_rule_error"] < 1e-10
+    probs = summary["positive_probability_by_tau"]
+    assert probs["1.0"] < probs["0.1"] < probs["0.05"] < probs["0.01"]
+    share = summary["hard_negative_gradient_share"]
+    assert share["0.05"] > 0.9 > share["1.0"] > summary["hard_negative_fraction"]
+    first, last = summary["optimisation"]["first"], summary["optimisation"]["last"]
+    assert last["loss"] < first["loss"] / 10
+    assert last["mean_positive_similarity"] > first["mean_positive_similarity"] + 0.2
+    assert last["mean_negative_similarity"] < first["mean_negative_similarity"]
+    assert len(list((tmp_path / "figures").glob("02_loss_and_gradients_*.png"))) == 3
