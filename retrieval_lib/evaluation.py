@@ -1,0 +1,189 @@
+"""Evaluation: exact search, trec_eval-compatible metrics, mean ± std, CIs and paired tests.
+
+Metric definitions follow trec_eval (checked against pytrec_eval in the tests):
+
+* ``precision@k``: relevant documents in the top k, divided by k;
+* ``recall@k``: relevant documents in the top k, divided by all relevant documents of the query;
+* ``ndcg@k``: DCG with linear gain (the grade) and log2 discount, over the ideal DCG of the
+  query's judged grades;
+* ``mrr``: reciprocal rank of the first relevant document in the whole ranked list
+  (``mrr@k``: 0 when it is below rank k).
+
+A document is relevant when its grade is > 0. Ranked lists are sorted by score, ties broken by
+document id in descending order, as trec_eval does. Every query of ``qrels`` is scored; a query
+missing from the run scores 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["rank_documents", "score_run", "aggregate", "bootstrap_ci", "paired_test",
+           "summarize_metrics", "exact_search", "run_from_search", "qrels_for_split",
+           "evaluate_embeddings", "evaluate_retriever"]
+
+Qrels = Mapping[str, Mapping[str, int]]
+Run = Mapping[str, Mapping[str, float]]
+
+
+def rank_documents(scores: Mapping[str, float]) -> list[str]:
+    """Document ids by descending score; ties by descending id (trec_eval's order)."""
+    return [doc for doc, _ in sorted(scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)]
+
+
+def _query_metrics(judged: Mapping[str, int], scores: Mapping[str, float],
+                   ks: Sequence[int]) -> dict[str, float]:
+    ranking = rank_documents(scores)
+    relevant = {d for d, g in judged.items() if g > 0}
+    gains = [max(judged.get(d, 0), 0) for d in ranking]
+    ideal = sorted((g for g in judged.values() if g > 0), reverse=True)
+    first = next((i for i, d in enumerate(ranking) if d in relevant), None)
+    out = {"mrr": 0.0 if first is None else 1.0 / (first + 1)}
+    for k in ks:
+        hits = sum(1 for d in ranking[:k] if d in relevant)
+        out[f"precision@{k}"] = hits / k
+        out[f"recall@{k}"] = hits / len(relevant) if relevant else 0.0
+        dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains[:k]) if g)
+        idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal[:k]))
+        out[f"ndcg@{k}"] = dcg / idcg if idcg else 0.0
+        out[f"mrr@{k}"] = out["mrr"] if first is not None and first < k else 0.0
+    return out
+
+
+def score_run(qrels: Qrels, run: Run, ks: Sequence[int] = (5, 10, 100)) -> dict:
+    """Per-query values and aggregates of every metric for a trec-style run.
+
+    Returns ``{"per_query": {metric: {qid: value}}, "aggregate": {metric: {"mean", "std",
+    "n"}}}`` over all queries of ``qrels``.
+
+    >>> r = score_run({"q": {"a": 1, "b": 2}}, {"q": {"a": 0.9, "c": 0.8, "b": 0.1}}, ks=[2])
+    >>> q = {m: v["q"] for m, v in r["per_query"].items()}
+    >>> q["recall@2"], q["precision@2"], q["mrr"]
+    (0.5, 0.5, 1.0)
+    """
+    per_query: dict[str, dict[str, float]] = {}
+    for qid in sorted(qrels):
+        for metric, value in _query_metrics(qrels[qid], run.get(qid, {}), ks).items():
+            per_query.setdefault(metric, {})[qid] = value
+    return {"per_query": per_query,
+            "aggregate": {m: aggregate(list(v.values())) for m, v in per_query.items()}}
+
+
+def aggregate(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (ddof=1) over queries, as the report prints them."""
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()) if len(v) else float("nan"),
+            "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+
+
+def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, confidence: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean over queries."""
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_resamples, len(v)))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def paired_test(a: Mapping[str, float], b: Mapping[str, float], n_resamples: int = 10_000,
+                seed: int = 0) -> dict[str, float]:
+    """Two-sided paired randomisation (sign-flip) test of mean(a) − mean(b) on shared queries.
+
+    Returns the mean difference, its bootstrap 95% CI and the p-value (with the +1 correction,
+    so it is never exactly 0).
+    """
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        raise ValueError("the two systems share no query")
+    d = np.array([a[q] - b[q] for q in shared], dtype=float)
+    observed = abs(d.mean())
+    rng = np.random.default_rng(seed)
+    signs = rng.choice([-1.0, 1.0], size=(n_resamples, len(d)))
+    extreme = int((np.abs((signs * d).mean(axis=1)) >= observed - 1e-12).sum())
+    low, high = bootstrap_ci(d, seed=seed)
+    return {"mean_difference": float(d.mean()), "ci_low": low, "ci_high": high,
+            "p_value": (extreme + 1) / (n_resamples + 1), "n": len(d)}
+
+
+def summarize_metrics(result: dict, metrics: Sequence[str] | None = None, seed: int = 0):
+    """A table (pandas) of mean, std and bootstrap 95% CI per metric."""
+    import pandas as pd
+
+    rows = []
+    for metric in metrics or list(result["per_query"]):
+        values = list(result["per_query"][metric].values())
+        low, high = bootstrap_ci(values, seed=seed)
+        agg = aggregate(values)
+        rows.append({"metric": metric, "mean": agg["mean"], "std": agg["std"], "ci_low": low,
+                     "ci_high": high, "n": agg["n"]})
+    return pd.DataFrame(rows).set_index("metric")
+
+
+# ---------------------------------------------------------------------------------------------
+# Search
+# ---------------------------------------------------------------------------------------------
+
+
+def exact_search(query_embeddings: np.ndarray, passage_embeddings: np.ndarray, k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k with faiss ``IndexFlatIP``: ``(scores, indices)``."""
+    import faiss
+
+    passages = np.ascontiguousarray(passage_embeddings, dtype=np.float32)
+    index = faiss.IndexFlatIP(passages.shape[1])
+    index.add(passages)
+    return index.search(np.ascontiguousarray(query_embeddings, dtype=np.float32),
+                        min(k, len(passages)))
+
+
+def run_from_search(query_ids: Sequence[str], doc_ids: Sequence[str], scores: np.ndarray,
+                    indices: np.ndarray) -> dict[str, dict[str, float]]:
+    return {qid: {doc_ids[j]: float(s) for s, j in zip(row_s, row_i, strict=True) if j >= 0}
+            for qid, row_s, row_i in zip(query_ids, scores, indices, strict=True)}
+
+
+def qrels_for_split(split) -> tuple[list[str], list[str], dict, list[str]]:
+    """Queries, corpus and qrels of a split: every passage of the split, deduplicated by text.
+
+    Returns ``(query_ids, queries, qrels, corpus)``: query ``q{i}`` is row i; document ``d{j}``
+    is ``corpus[j]``; each query's positives have grade 1.
+    """
+    from .data import corpus_of
+
+    corpus = corpus_of(split)
+    doc_id = {text: f"d{j}" for j, text in enumerate(corpus)}
+    query_ids, queries, qrels = [], [], {}
+    for i, row in enumerate(split):
+        qid = f"q{i}"
+        query_ids.append(qid)
+        queries.append(row["query"])
+        qrels[qid] = {doc_id[p["text"]]: 1 for p in row["positive_passages"]}
+    return query_ids, queries, qrels, corpus
+
+
+def evaluate_embeddings(query_embeddings: np.ndarray, passage_embeddings: np.ndarray,
+                        query_ids: Sequence[str], qrels: Qrels, ks: Sequence[int] = (5, 10, 100),
+                        top_k: int = 100) -> dict:
+    """Exact search of every query over the corpus, then :func:`score_run`."""
+    scores, indices = exact_search(query_embeddings, passage_embeddings, top_k)
+    doc_ids = [f"d{j}" for j in range(len(passage_embeddings))]
+    return score_run(qrels, run_from_search(query_ids, doc_ids, scores, indices), ks)
+
+
+def evaluate_retriever(model, split, ks: Sequence[int] = (5, 10, 100), top_k: int = 100,
+                       batch_size: int = 32) -> dict:
+    """Encode the split's queries and its deduplicated passage corpus, search, score.
+
+    The corpus is every passage of the split (positives and hard negatives); a model must find
+    each query's positive among all of them.
+    """
+    query_ids, queries, qrels, corpus = qrels_for_split(split)
+    q = model.encode_queries(queries, batch_size=batch_size)
+    p = model.encode_passages(corpus, batch_size=batch_size)
+    result = evaluate_embeddings(q, p, query_ids, qrels, ks, top_k)
+    result["corpus_size"] = len(corpus)
+    return result

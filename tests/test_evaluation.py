@@ -1,0 +1,115 @@
+import math
+import random
+
+import numpy as np
+import pytest
+import pytrec_eval  # the reference implementation of trec_eval
+
+from retrieval_lib import evaluation
+
+KS = (1, 3, 5, 10)
+
+
+def _random_case(seed, n_queries=40, n_docs=60):
+    rng = random.Random(seed)
+    qrels, run = {}, {}
+    for i in range(n_queries):
+        qid = f"q{i}"
+        judged = rng.sample(range(n_docs), rng.randint(1, 8))
+        qrels[qid] = {f"d{j}": rng.choice([0, 1, 1, 2, 3]) for j in judged}
+        qrels[qid][f"d{judged[0]}"] = rng.choice([1, 2, 3])  # at least one relevant
+        retrieved = rng.sample(range(n_docs), rng.randint(1, 30))
+        # coarse scores make ties frequent; some queries retrieve no relevant document
+        run[qid] = {f"d{j}": round(rng.random(), 1) for j in retrieved}
+    return qrels, run
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_agrees_with_trec_eval(seed):
+    qrels, run = _random_case(seed)
+    measures = {f"P_{k}" for k in KS} | {f"recall_{k}" for k in KS} | \
+               {f"ndcg_cut_{k}" for k in KS} | {"recip_rank"}
+    reference = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    ours = evaluation.score_run(qrels, run, KS)["per_query"]
+    names = {"P": "precision", "recall": "recall", "ndcg_cut": "ndcg"}
+    for qid, ref in reference.items():
+        for measure, value in ref.items():
+            if measure == "recip_rank":
+                assert ours["mrr"][qid] == pytest.approx(value, abs=1e-6)
+                continue
+            base, k = measure.rsplit("_", 1)
+            assert ours[f"{names[base]}@{k}"][qid] == pytest.approx(value, abs=1e-6), (qid, measure)
+    assert any(ours["recall@10"][q] == 0 for q in qrels)  # the case is covered
+
+
+def test_hand_worked_query_with_ties_and_grades():
+    qrels = {"q": {"d1": 1, "d2": 0, "d3": 2}}
+    run = {"q": {"d1": 0.5, "d2": 0.5, "d3": 0.1, "d4": 0.5}}
+    # ties broken by descending id: d4, d2, d1, d3
+    assert evaluation.rank_documents(run["q"]) == ["d4", "d2", "d1", "d3"]
+    m = {k: v["q"] for k, v in evaluation.score_run(qrels, run, [2, 5])["per_query"].items()}
+    assert m["mrr"] == pytest.approx(1 / 3)
+    assert m["mrr@2"] == 0.0 and m["mrr@5"] == pytest.approx(1 / 3)
+    assert m["precision@5"] == pytest.approx(2 / 5) and m["recall@2"] == 0.0
+    dcg = 1 / math.log2(4) + 2 / math.log2(5)
+    idcg = 2 / math.log2(2) + 1 / math.log2(3)
+    assert m["ndcg@5"] == pytest.approx(dcg / idcg)
+
+
+def test_missing_query_scores_zero_and_aggregates():
+    qrels = {"a": {"x": 1}, "b": {"y": 1}}
+    r = evaluation.score_run(qrels, {"a": {"x": 1.0}}, [1])
+    assert r["per_query"]["recall@1"] == {"a": 1.0, "b": 0.0}
+    agg = r["aggregate"]["recall@1"]
+    assert agg == {"mean": 0.5, "std": pytest.approx(math.sqrt(0.5)), "n": 2}
+
+
+def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small = rng.random(30)
+    big = rng.random(3000)
+    lo, hi = evaluation.bootstrap_ci(small)
+    assert lo < small.mean() < hi
+    lo2, hi2 = evaluation.bootstrap_ci(big)
+    assert (hi2 - lo2) < (hi - lo) / 5
+    assert evaluation.bootstrap_ci([0.3] * 10) == (pytest.approx(0.3), pytest.approx(0.3))
+
+
+def test_paired_test_detects_a_real_difference_only():
+    rng = np.random.default_rng(1)
+    base = rng.random(200)
+    a = {f"q{i}": v + 0.1 for i, v in enumerate(base)}
+    b = {f"q{i}": v for i, v in enumerate(base)}
+    noise = {f"q{i}": v + rng.normal(0, 0.05) for i, v in enumerate(base)}
+    strong = evaluation.paired_test(a, b)
+    assert strong["mean_difference"] == pytest.approx(0.1)
+    assert strong["p_value"] < 0.001 and strong["ci_low"] > 0.09
+    null = evaluation.paired_test(noise, b)
+    assert null["p_value"] > 0.05 and null["ci_low"] < 0 < null["ci_high"]
+    # exact small case: d = (1, 1) -> only the two all-same sign patterns reach |mean| = 1
+    exact = evaluation.paired_test({"x": 1, "y": 1}, {"x": 0, "y": 0}, n_resamples=20000)
+    assert exact["p_value"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_exact_search_matches_numpy():
+    rng = np.random.default_rng(2)
+    q = rng.normal(size=(5, 8)).astype(np.float32)
+    p = rng.normal(size=(50, 8)).astype(np.float32)
+    scores, idx = evaluation.exact_search(q, p, 7)
+    expected = np.argsort(-(q @ p.T), axis=1)[:, :7]
+    assert np.array_equal(idx, expected)
+    assert np.allclose(scores, np.take_along_axis(q @ p.T, expected, 1), atol=1e-5)
+
+
+def test_qrels_for_split_uses_the_deduplicated_corpus():
+    split = [
+        {"query": "a", "positive_passages": [{"text": "P1"}], "negative_passages": [{"text": "N"}]},
+        {"query": "b", "positive_passages": [{"text": "N"}], "negative_passages": [{"text": "P1"}]},
+    ]
+    qids, queries, qrels, corpus = evaluation.qrels_for_split(split)
+    assert corpus == ["P1", "N"] and queries == ["a", "b"]
+    assert qrels == {"q0": {"d0": 1}, "q1": {"d1": 1}} and qids == ["q0", "q1"]
+    # a perfect encoder (one-hot per text) finds every positive first
+    emb_q = np.array([[1, 0], [0, 1]], dtype=np.float32)
+    r = evaluation.evaluate_embeddings(emb_q, np.eye(2, dtype=np.float32), qids, qrels, [1])
+    assert r["aggregate"]["recall@1"]["mean"] == 1.0 and r["aggregate"]["mrr"]["mean"] == 1.0
