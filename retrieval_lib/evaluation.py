@@ -23,7 +23,7 @@ import numpy as np
 
 __all__ = ["rank_documents", "score_run", "aggregate", "bootstrap_ci", "paired_test",
            "summarize_metrics", "exact_search", "run_from_search", "qrels_for_split",
-           "evaluate_embeddings", "evaluate_retriever"]
+           "evaluate_embeddings", "evaluate_retriever", "metrics_table"]
 
 Qrels = Mapping[str, Mapping[str, int]]
 Run = Mapping[str, Mapping[str, float]]
@@ -187,3 +187,26 @@ def evaluate_retriever(model, split, ks: Sequence[int] = (5, 10, 100), top_k: in
     result = evaluate_embeddings(q, p, query_ids, qrels, ks, top_k)
     result["corpus_size"] = len(corpus)
     return result
+
+
+def metrics_table(results: Mapping[str, dict], metrics: Sequence[str], seed: int = 0,
+                  digits: int = 4):
+    """A report table: one row per system, one "mean ± std [CI low, high]" cell per metric.
+
+    ``results`` maps a system label to a :func:`score_run` result (or to the ``per_query`` part
+    saved in a run's ``metrics.json``).
+    """
+    import pandas as pd
+
+    rows = {}
+    for label, result in results.items():
+        per_query = result.get("per_query", result)
+        row = {}
+        for metric in metrics:
+            values = list(per_query[metric].values())
+            agg = aggregate(values)
+            low, high = bootstrap_ci(values, seed=seed)
+            row[metric] = (f"{agg['mean']:.{digits}f} ± {agg['std']:.{digits}f} "
+                           f"[{low:.{digits}f}, {high:.{digits}f}]")
+        rows[label] = row
+    return pd.DataFrame.from_dict(rows, orient="index")

@@ -70,7 +70,7 @@ def test_overrides_and_independent_copies():
     a = config.get_data_config("demo", data_dir="/x")
     b = config.get_data_config("demo")
     a.subset_sizes["10k"] = 1
-    assert b.subset_sizes["10k"] == 500 and b.data_dir is None and a.data_dir == "/x"
+    assert b.subset_sizes["10k"] == 600 and b.data_dir is None and a.data_dir == "/x"
 
 
 def test_project_root_can_be_overridden(monkeypatch, tmp_path):

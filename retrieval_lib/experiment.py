@@ -1,0 +1,195 @@
+"""One experiment end to end, as the ``03_*`` notebooks run it.
+
+``check_full_inputs`` stops a full run at once when its weights or data are missing;
+``prepare_base_model`` gives the base LM (the real checkpoint, or the demo LM pretrained on the
+demo corpus); ``run_experiment`` measures the untrained retriever, trains it, evaluates the best
+epoch on the shared test set and writes the run folder that the results notebook reads:
+``config.json``, ``history.json``, ``metrics.json`` (test metrics with per-query values) and
+``env.json`` (versions, device, preset, seed, wall time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .config import ExperimentConfig, cache_path, project_root
+from .data import DataUnavailableError, Splits, find_source_files
+from .evaluation import evaluate_retriever, paired_test, summarize_metrics
+from .modeling import DualTowerRetriever, count_parameters
+from .pretraining import PretrainConfig, pretrain_demo_lm
+from .results import environment_info
+from .tokenizer import tokenizer_for_preset
+from .training import set_seed, train_retriever
+
+__all__ = ["MissingInputsError", "check_full_inputs", "prepare_base_model", "run_dir",
+           "run_experiment", "result_summary", "describe", "REPORT_METRICS"]
+
+#: The metrics of the report's tables, in its order.
+REPORT_METRICS = ("recall@5", "precision@5", "ndcg@5", "mrr", "recall@10", "ndcg@10",
+                  "recall@100")
+
+
+class MissingInputsError(FileNotFoundError):
+    """A full-preset run whose weights or data cannot be found; the message lists each."""
+
+
+def _hub_has(repo_id: str, repo_type: str) -> bool:
+    """True when ``repo_id`` is in the local hub cache or the hub answers for it."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    probe = "config.json" if repo_type == "model" else "README.md"
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, probe, repo_type=repo_type)
+    if isinstance(cached, str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        huggingface_hub.HfApi().repo_info(repo_id, repo_type=repo_type, timeout=10)
+        return True
+    except Exception:  # offline, DNS, 404, auth: all mean "not reachable from here"
+        return False
+
+
+def check_full_inputs(exp: ExperimentConfig) -> None:
+    """Raise :class:`MissingInputsError` naming every missing model and data source.
+
+    A model is found when ``exp.model.base_model`` is a local folder or a reachable/cached hub
+    id; data when prepared splits exist, ``exp.data.data_dir`` holds the source files, or the
+    hub dataset is reachable.
+    """
+    from .data import data_config_hash
+
+    missing = []
+    model = exp.model.base_model
+    if not (os.path.isdir(model) or (not os.path.isabs(model) and _hub_has(model, "model"))):
+        missing.append(
+            f"- model {model!r} ({exp.model.name}): not a local folder and not reachable on the "
+            f"hub.\n  Supply it: `huggingface-cli download {model} --local-dir DIR` on a machine "
+            f"with access, then run with `-p model_path DIR`; or set HF_ENDPOINT to a mirror "
+            f"(e.g. https://hf-mirror.com).")
+    prepared = cache_path(exp.data) / f"prepared-{exp.data.kind}-{data_config_hash(exp.data)}"
+    data_ok = (prepared / "manifest.json").exists()
+    if not data_ok and exp.data.data_dir:
+        try:
+            find_source_files(exp.data.data_dir, exp.data.sources)
+            data_ok = True
+        except DataUnavailableError as exc:
+            missing.append(f"- data: {str(exc).splitlines()[0]}")
+    elif not data_ok:
+        data_ok = _hub_has(exp.data.hub_repo, "dataset")
+        if not data_ok:
+            missing.append(
+                f"- data: no prepared splits at {prepared}, no `data_dir` given, and the hub "
+                f"dataset {exp.data.hub_repo!r} is not reachable.\n  Supply it: download "
+                f"bge-m3-data.tar.gz from https://huggingface.co/datasets/{exp.data.hub_repo}, "
+                f"extract it and run with `-p data_dir DIR` (notebook 01 prepares the splits); "
+                f"or set HF_ENDPOINT to a mirror.")
+    if missing:
+        raise MissingInputsError(
+            f"the full preset of experiment {exp.name} ({exp.section}) cannot start:\n"
+            + "\n".join(missing)
+            + "\nOn a machine without GPU or hub access, run with `-p preset demo` instead.")
+
+
+def prepare_base_model(exp: ExperimentConfig, splits: Splits,
+                       pretrain: PretrainConfig | None = None) -> tuple[ExperimentConfig, dict]:
+    """The experiment with ``base_model`` pointing at real weights; info on the base LM.
+
+    ``full``: unchanged (hub id or local folder). ``demo``: a byte-level BPE tokenizer and a
+    causal LM of the demo shape pretrained on the training pool's passages and queries (the
+    validation passages are its held-out set), cached and shared by every notebook.
+    """
+    if exp.preset == "full":
+        return exp, {"base_model": exp.model.base_model, "pretrained_here": False}
+    cache = cache_path(exp.data)
+    tok = tokenizer_for_preset("demo", splits.train, cache, vocab_size=exp.model.vocab_size)
+    texts = [p["text"] for row in splits.train for p in row["positive_passages"]]
+    texts += list(splits.train["query"])
+    heldout = [p["text"] for row in splits.validation for p in row["positive_passages"]]
+    path = pretrain_demo_lm(exp.model, tok, texts, heldout, cache, pretrain)
+    report = json.loads((path / "pretrain.json").read_text(encoding="utf-8"))
+    info = {"base_model": str(path), "pretrained_here": True,
+            "heldout_perplexity_before": report["heldout_perplexity_before"],
+            "heldout_perplexity_after": report["heldout_perplexity_after"],
+            "pretrain_steps": report["config"]["max_steps"],
+            "pretrain_wall_time_s": report["wall_time_s"]}
+    return replace(exp, model=replace(exp.model, base_model=str(path))), info
+
+
+def run_dir(exp: ExperimentConfig, root: str | Path | None = None) -> Path:
+    """``<root>/runs/<preset>/<experiment>``: presets never overwrite each other."""
+    return Path(root or project_root()) / "runs" / exp.preset / exp.name
+
+
+def _metrics_block(result: dict, seed: int) -> dict:
+    table = summarize_metrics(result, seed=seed)
+    return {"corpus_size": result.get("corpus_size"),
+            "aggregate": table.to_dict(orient="index"),
+            "per_query": result["per_query"]}
+
+
+def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None = None,
+                   out_dir: str | Path | None = None, show_progress: bool = True) -> dict:
+    """Untrained evaluation, training, test evaluation of the best epoch; writes the run folder.
+
+    ``exp.model.base_model`` must point at loadable weights (see :func:`prepare_base_model`).
+    Returns ``{"out_dir", "history", "untrained", "test", "parameters", "wall_time_s"}`` where
+    ``untrained`` and ``test`` are :func:`~retrieval_lib.evaluation.score_run` results.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir) if out_dir else run_dir(exp)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(exp.training.seed)  # the projection's initialisation, hence the untrained row
+    model = DualTowerRetriever.from_config(exp.model)
+    parameters = count_parameters(model)
+    untrained = evaluate_retriever(model, splits.test)
+    train = splits.subset(exp.subset)
+    history = train_retriever(model, train, splits.validation, exp.training, out,
+                              show_progress=show_progress)
+    best = DualTowerRetriever.load(out / "best", device=next(model.parameters()).device)
+    test = evaluate_retriever(best, splits.test)
+    wall = time.perf_counter() - start
+    seed = exp.training.seed
+    config = {**exp.to_dict(), "base_model_info": base_info or {}, "parameters": parameters,
+              "train_records": len(train), "data_manifest": {
+                  "fingerprint": splits.manifest["fingerprint"],
+                  "splits": splits.manifest["splits"]}}
+    (out / "config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2),
+                                     encoding="utf-8")
+    metrics = {"experiment": exp.name, "preset": exp.preset, "best_epoch": history["best_epoch"],
+               "test": _metrics_block(test, seed), "untrained": _metrics_block(untrained, seed)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    env = {**environment_info(exp.preset, seed), "wall_time_s": wall}
+    (out / "env.json").write_text(json.dumps(env, indent=2), encoding="utf-8")
+    return {"out_dir": out, "history": history, "untrained": untrained, "test": test,
+            "parameters": parameters, "wall_time_s": wall}
+
+
+def result_summary(result: dict, metrics=REPORT_METRICS) -> dict:
+    """Means of the untrained and the trained retriever on the test set, for ``summary.json``,
+    with a paired randomisation test of trained vs untrained on NDCG@10 and Recall@100."""
+    tests = {m: paired_test(result["test"]["per_query"][m], result["untrained"]["per_query"][m])
+             for m in ("ndcg@10", "recall@100")}
+    return {
+        "run_dir": str(result["out_dir"]),
+        "parameters": result["parameters"],
+        "best_epoch": result["history"]["best_epoch"],
+        "epochs_run": len(result["history"]["epochs"]),
+        "untrained": {m: result["untrained"]["aggregate"][m]["mean"] for m in metrics},
+        "trained": {m: result["test"]["aggregate"][m]["mean"] for m in metrics},
+        "trained_vs_untrained": tests,
+        "wall_time_s": result["wall_time_s"],
+    }
+
+
+def describe(exp: ExperimentConfig) -> dict:
+    """The settings of an experiment as flat rows for a notebook table."""
+    return {"section": exp.section, "title": exp.title, "preset": exp.preset,
+            "subset": exp.subset, "train_records": exp.train_size,
+            **{f"model.{k}": v for k, v in asdict(exp.model).items()},
+            **{f"training.{k}": v for k, v in asdict(exp.training).items()}}

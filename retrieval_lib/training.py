@@ -1,0 +1,213 @@
+"""The training loop of the retriever: InfoNCE over in-batch and hard negatives.
+
+AdamW with weight decay (not on biases and norms), linear warm-up then linear decay, gradient
+clipping, mixed precision on GPU (bf16 where supported, else fp16 with a gradient scaler),
+optional gradient checkpointing, seeds. Every step's loss and every epoch's validation
+Recall@10 / NDCG@10 go into the returned history; the best epoch by validation NDCG@10 is saved
+to ``<out_dir>/best``; training stops early after ``early_stopping_patience`` epochs without
+improvement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import TrainingConfig
+from .evaluation import evaluate_retriever
+from .losses import info_nce
+
+__all__ = ["set_seed", "RetrievalCollator", "make_optimizer", "train_retriever",
+           "VALIDATION_METRIC"]
+
+#: The validation metric that picks the best epoch.
+VALIDATION_METRIC = "ndcg@10"
+
+logger = logging.getLogger(__name__)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+class RetrievalCollator:
+    """Records -> one InfoNCE batch: N queries and N·(1+K) passages, per query
+    ``[positive, K hard negatives]``.
+
+    A query with more than K hard negatives gets K drawn at random each epoch; with fewer, its
+    negatives are drawn with replacement; with none, K random passages of the training set are
+    used. The last two cases are counted (``short_negatives``, ``random_negatives``).
+    """
+
+    def __init__(self, model, num_hard_negatives: int, fallback_passages: Sequence[str],
+                 seed: int):
+        self.model = model
+        self.k = num_hard_negatives
+        self.fallback = list(fallback_passages)
+        self.rng = random.Random(seed)
+        self.short_negatives = 0
+        self.random_negatives = 0
+
+    def __call__(self, rows: list[dict]) -> dict:
+        queries, passages = [], []
+        for row in rows:
+            queries.append(row["query"])
+            positive = self.rng.choice(row["positive_passages"])["text"]
+            negatives = [n["text"] for n in row["negative_passages"]]
+            if len(negatives) >= self.k:
+                chosen = self.rng.sample(negatives, self.k)
+            elif negatives:
+                self.short_negatives += 1
+                chosen = negatives + self.rng.choices(negatives, k=self.k - len(negatives))
+            else:
+                self.random_negatives += 1
+                pool = [t for t in self.rng.sample(self.fallback, min(len(self.fallback),
+                                                                       self.k + 1))
+                        if t != positive]
+                chosen = pool[: self.k]
+            passages.append(positive)
+            passages.extend(chosen)
+        return {"query_inputs": self.model.tokenize(queries, "query"),
+                "passage_inputs": self.model.tokenize(passages, "passage")}
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and normalisation weights (1-D tensors) get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.learning_rate)
+
+
+def _autocast(device: torch.device):
+    """Mixed precision on CUDA: bf16 where supported, else fp16 (needs the scaler)."""
+    if device.type != "cuda":
+        return nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def _file_logger(out_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
+def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str | Path,
+                    device: str | torch.device | None = None, show_progress: bool = True,
+                    eval_batch_size: int = 32) -> dict:
+    """Train ``model`` on ``train`` (records), validate on ``validation`` each epoch.
+
+    Returns the history: ``steps`` (step, epoch, loss, lr), ``epochs`` (train loss, validation
+    metrics, wall time, whether it was the best so far), ``best_epoch``, ``stopped_early`` and
+    the negative-sampling counts. Writes ``history.json``, ``train.log`` and the best model to
+    ``out_dir/best``.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = _file_logger(out)
+    try:
+        set_seed(cfg.seed)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(device)
+        if cfg.gradient_checkpointing:
+            model.encoder.gradient_checkpointing_enable()
+        autocast, scaler = _autocast(device)
+        fallback = [p["text"] for row in train for p in row["positive_passages"]]
+        collator = RetrievalCollator(model, cfg.num_hard_negatives, fallback, cfg.seed)
+        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collator,
+                            drop_last=len(train) >= cfg.batch_size,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        total_steps = cfg.epochs * len(loader)
+        optimizer = make_optimizer(model, cfg)
+        schedule = get_linear_schedule_with_warmup(
+            optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+        history = {"steps": [], "epochs": [], "best_epoch": None, "stopped_early": False,
+                   "validation_metric": VALIDATION_METRIC, "total_steps": total_steps,
+                   "device": str(device)}
+        logger.info("training on %s: %d records, %d steps, %s", device, len(train), total_steps,
+                    cfg)
+        best, patience_left, step = -math.inf, cfg.early_stopping_patience, 0
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            start, epoch_losses = time.perf_counter(), []
+            for batch in tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}",
+                              disable=not show_progress):
+                qi = {k: v.to(device) for k, v in batch["query_inputs"].items()}
+                pi = {k: v.to(device) for k, v in batch["passage_inputs"].items()}
+                with autocast:
+                    q, p = model(qi, pi)
+                loss = info_nce(q, p, cfg.temperature)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} "
+                                             f"(epoch {epoch}); last finite loss: "
+                                             f"{history['steps'][-1]['loss'] if step else None}")
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                epoch_losses.append(loss.item())
+                history["steps"].append({"step": step, "epoch": epoch, "loss": loss.item(),
+                                         "lr": schedule.get_last_lr()[0]})
+            val = evaluate_retriever(model, validation, ks=(10,), batch_size=eval_batch_size)
+            metrics = {m: val["aggregate"][m]["mean"] for m in ("recall@10", "ndcg@10", "mrr")}
+            improved = metrics[VALIDATION_METRIC] > best
+            if improved:
+                best, patience_left = metrics[VALIDATION_METRIC], cfg.early_stopping_patience
+                history["best_epoch"] = epoch
+                model.save(out / "best")
+            else:
+                patience_left -= 1
+            record = {"epoch": epoch, "train_loss": float(np.mean(epoch_losses)),
+                      **{f"val_{k}": v for k, v in metrics.items()},
+                      "best": improved, "time_s": time.perf_counter() - start}
+            history["epochs"].append(record)
+            logger.info("epoch %d: %s", epoch, record)
+            if show_progress:
+                print(f"epoch {epoch}: train loss {record['train_loss']:.4f}, "
+                      f"val recall@10 {metrics['recall@10']:.4f}, ndcg@10 {metrics['ndcg@10']:.4f}"
+                      + (" (best)" if improved else ""))
+            if patience_left <= 0 and epoch < cfg.epochs:
+                history["stopped_early"] = True
+                logger.info("early stop after epoch %d", epoch)
+                break
+        history["short_negatives"] = collator.short_negatives
+        history["random_negatives"] = collator.random_negatives
+        (out / "history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
+        return history
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

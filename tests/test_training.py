@@ -1,0 +1,178 @@
+import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+from datasets import Dataset
+
+from retrieval_lib import config, experiment, pretraining, tokenizer, training
+from retrieval_lib.modeling import DualTowerRetriever, load_encoder
+
+TOPICS = ["长江", "黄河", "足球", "音乐", "电力", "旅游", "法律", "外交", "农业", "气象", "铁路",
+          "教育", "医疗", "科技", "金融", "港口"]
+FILLER = "今天本报记者报道了有关情况，各方面表示欢迎并将继续推进工作。"
+
+
+def _records(n, seed, k=3):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.sample(TOPICS, 2)
+        negs = [f"{rng.choice(TOPICS)}{FILLER}{rng.choice(TOPICS)}" for _ in range(k)]
+        rows.append({"query": f"{a}{b}新闻{i}", "source": "toy",
+                     "positive_passages": [{"text": f"{a}与{b}。{FILLER}{a}{b}"}],
+                     "negative_passages": [{"text": t} for t in negs]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [r["query"] for r in _records(200, 0)] + [FILLER] * 5 + TOPICS
+    return tokenizer.train_bpe_tokenizer(texts, vocab_size=500)
+
+
+def _model(tok, seed=0):
+    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=64, vocab_size=len(tok),
+                  max_query_length=16, max_passage_length=48, projection_dim=16)
+    torch.manual_seed(seed)
+    return DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False)
+
+
+def _cfg(**kw):
+    base = dict(epochs=4, batch_size=8, learning_rate=3e-3, num_hard_negatives=2,
+                temperature=0.05, early_stopping_patience=10)
+    base.update(kw)
+    return config.TrainingConfig(**base)
+
+
+def test_collator_layout_and_negative_fallbacks(tok):
+    model = _model(tok)
+    rows = _records(3, 1, k=3)
+    rows[1]["negative_passages"] = rows[1]["negative_passages"][:1]  # fewer than K
+    rows[2]["negative_passages"] = []  # none at all
+    collator = training.RetrievalCollator(model, 2, ["备用一", "备用二", "备用三"], seed=0)
+    batch = collator(rows)
+    assert batch["query_inputs"]["input_ids"].shape[0] == 3
+    assert batch["passage_inputs"]["input_ids"].shape[0] == 3 * (1 + 2)
+    texts = tok.batch_decode(batch["passage_inputs"]["input_ids"], skip_special_tokens=True)
+    assert [texts[i] for i in (0, 3, 6)] == [r["positive_passages"][0]["text"] for r in rows]
+    assert texts[4] == texts[5] == rows[1]["negative_passages"][0]["text"]
+    assert set(texts[7:9]) <= {"备用一", "备用二", "备用三"}
+    assert (collator.short_negatives, collator.random_negatives) == (1, 1)
+
+
+def test_training_learns_and_keeps_the_best_epoch(tok, tmp_path):
+    train, val = Dataset.from_list(_records(96, 2)), Dataset.from_list(_records(24, 3))
+    model = _model(tok)
+    from retrieval_lib.evaluation import evaluate_retriever
+
+    before = evaluate_retriever(model, val, ks=(10,))["aggregate"]["ndcg@10"]["mean"]
+    history = training.train_retriever(model, train, val, _cfg(), tmp_path, show_progress=False)
+    assert len(history["steps"]) == history["total_steps"] == 4 * (96 // 8)
+    losses = [e["train_loss"] for e in history["epochs"]]
+    assert losses[-1] < losses[0]
+    best = history["epochs"][history["best_epoch"] - 1]
+    assert best["val_ndcg@10"] == max(e["val_ndcg@10"] for e in history["epochs"]) > before
+    saved = DualTowerRetriever.load(tmp_path / "best")
+    after = evaluate_retriever(saved, val, ks=(10,))["aggregate"]["ndcg@10"]["mean"]
+    assert after == pytest.approx(best["val_ndcg@10"], abs=1e-6)
+    on_disk = json.loads((tmp_path / "history.json").read_text())
+    assert on_disk["best_epoch"] == history["best_epoch"] and (tmp_path / "train.log").exists()
+    lrs = [s["lr"] for s in history["steps"]]  # linear warm-up (10%) then linear decay to 0
+    peak = lrs.index(max(lrs))
+    assert peak <= 0.1 * len(lrs) + 1 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_early_stopping_and_seeded_reproducibility(tok, tmp_path):
+    train, val = Dataset.from_list(_records(32, 4)), Dataset.from_list(_records(16, 5))
+    frozen = _cfg(learning_rate=0.0, early_stopping_patience=1, epochs=5)
+    history = training.train_retriever(_model(tok), train, val, frozen, tmp_path / "a",
+                                       show_progress=False)
+    assert history["stopped_early"] and len(history["epochs"]) == 2  # nothing can improve
+    runs = [training.train_retriever(_model(tok), train, val, _cfg(epochs=2), tmp_path / d,
+                                     show_progress=False)["steps"] for d in ("b", "c")]
+    assert [s["loss"] for s in runs[0]] == [s["loss"] for s in runs[1]]
+
+
+def test_non_finite_loss_stops_with_the_step(tok, tmp_path, monkeypatch):
+    train, val = Dataset.from_list(_records(16, 6)), Dataset.from_list(_records(8, 7))
+    monkeypatch.setattr(training, "info_nce", lambda q, p, t: (q.sum() + p.sum()) * float("nan"))
+    with pytest.raises(FloatingPointError, match="at step 1 "):
+        training.train_retriever(_model(tok), train, val, _cfg(), tmp_path, show_progress=False)
+
+
+def test_token_blocks_hand_worked(tok):
+    blocks = pretraining.token_blocks(tok, ["长江", "黄河"], seq_len=2)
+    ids = tok("长江", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids += tok("黄河", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert blocks.flatten().tolist() == ids[: len(ids) // 2 * 2]
+    with pytest.raises(ValueError, match="no block"):
+        pretraining.token_blocks(tok, ["长"], seq_len=100)
+
+
+def test_demo_pretraining_lowers_perplexity_and_is_cached(tok, tmp_path):
+    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
+    texts = [r["positive_passages"][0]["text"] for r in _records(120, 8)]
+    pcfg = pretraining.PretrainConfig(max_steps=60, seq_len=32, batch_size=8, warmup_steps=5)
+    path = pretraining.pretrain_demo_lm(cfg, tok, texts[:100], texts[100:], tmp_path, pcfg,
+                                        show_progress=False)
+    report = json.loads((path / "pretrain.json").read_text())
+    assert report["heldout_perplexity_after"] < report["heldout_perplexity_before"] / 3
+    stamp = (path / "pretrain.json").stat().st_mtime_ns
+    again = pretraining.pretrain_demo_lm(cfg, tok, texts[:100], texts[100:], tmp_path, pcfg,
+                                         show_progress=False)
+    assert again == path and (path / "pretrain.json").stat().st_mtime_ns == stamp
+    encoder = load_encoder(str(path))  # the same loading code as the real checkpoints
+    assert type(encoder).__name__ == "LlamaModel" and encoder.config.vocab_size == len(tok)
+
+
+def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    exp = config.get_experiment("minimind108_10k", "full")
+    with pytest.raises(experiment.MissingInputsError) as err:
+        experiment.check_full_inputs(exp)
+    message = str(err.value)
+    assert "jingyaogong/minimind-v1" in message and "Shitao/bge-m3-data" in message
+    assert "model_path" in message and "data_dir" in message and "HF_ENDPOINT" in message
+    local = config.with_overrides(exp, model_path=str(tmp_path), data_dir=str(tmp_path / "no"))
+    with pytest.raises(experiment.MissingInputsError) as err:
+        experiment.check_full_inputs(local)
+    assert "model " not in str(err.value) and "does not exist" in str(err.value)
+
+
+def test_run_experiment_writes_the_run_folder(tok, tmp_path):
+    from retrieval_lib.data import LoadReport, prepare_splits
+
+    records = _records(90, 9)
+    dcfg = replace(config.get_data_config("demo"), val_size=15, test_size=20,
+                   subset_sizes={"10k": 40, "96k": 55})
+    report = LoadReport(read=90, kept=90)
+    splits = prepare_splits(records, dcfg, {"toy": report})
+    model = _model(tok)
+    model.encoder.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    exp = config.get_experiment("minimind27_10k", "demo")
+    exp = replace(exp, data=dcfg, training=_cfg(epochs=2),
+                  model=replace(exp.model, base_model=str(tmp_path / "base"), hidden_size=32,
+                                max_query_length=16, max_passage_length=48, projection_dim=16))
+    result = experiment.run_experiment(exp, splits, {"note": "toy"}, out_dir=tmp_path / "run",
+                                       show_progress=False)
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert {"best", "config.json", "env.json", "history.json", "metrics.json",
+            "train.log"} <= set(files)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["test"]["per_query"]["recall@5"]) == {f"q{i}" for i in range(20)}
+    agg = metrics["test"]["aggregate"]["ndcg@5"]
+    assert agg["ci_low"] <= agg["mean"] <= agg["ci_high"] and agg["n"] == 20
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["preset"] == "demo" and env["seed"] == config.SEED and env["wall_time_s"] > 0
+    cfg_json = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg_json["train_records"] == 40 and cfg_json["base_model_info"] == {"note": "toy"}
+    summary = experiment.result_summary(result)
+    assert summary["trained"]["ndcg@5"] == pytest.approx(agg["mean"])
