@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not notebook"
+
 lint: install
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf outputs data_cache figures/*.png .pytest_cache
+	rm -rf outputs runs data_cache figures .pytest_cache

@@ -18,10 +18,21 @@ from .config import project_root
 __all__ = ["notebook_paths", "run_notebook", "main"]
 
 
+#: The narrative order of the experiments inside the ``03_*`` group (model size, then data).
+COURSE_ORDER = ("03_train_minimind27", "03_train_minimind38", "03_train_minimind108",
+                "03_train_minimind186", "03_train_qwen2_613")
+
+
 def notebook_paths(folder: str | Path | None = None) -> list[Path]:
-    """The numbered notebooks in course order (file names sort in narrative order)."""
+    """The numbered notebooks in course order: by number, and the ``03_*`` experiments in
+    :data:`COURSE_ORDER` (27M -> 38M -> 108M -> 186M -> 613M) rather than alphabetically."""
     folder = Path(folder) if folder is not None else project_root() / "notebooks"
-    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+    def key(path: Path):
+        rank = COURSE_ORDER.index(path.stem) if path.stem in COURSE_ORDER else len(COURSE_ORDER)
+        return (path.stem[:2], rank, path.stem)
+
+    return sorted(folder.glob("[0-9][0-9]_*.ipynb"), key=key)
 
 
 def run_notebook(path: str | Path, out_dir: str | Path, parameters: dict | None = None,

@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CJK_FONTS", "setup_cjk_font", "figures_dir", "save_figure", "plot_length_distributions",
            "plot_split_counts", "plot_temperature_softmax", "plot_negative_gradients",
-           "plot_optimisation_history"]
+           "plot_optimisation_history", "plot_training_curves", "plot_metric_bars",
+           "plot_metrics_vs_data_size"]
 
 #: Fonts with Chinese glyphs, in order of preference (Linux, Colab, macOS, Windows).
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC",
@@ -70,6 +71,15 @@ def setup_cjk_font(strict: bool = False) -> str | None:
     return chosen
 
 
+def _log_x_axis(ax) -> None:
+    """Logarithmic x axis labelled with plain numbers (no 10^k, no crowded minor labels)."""
+    from matplotlib import ticker
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def figures_dir() -> Path:
     path = project_root() / "figures"
     path.mkdir(parents=True, exist_ok=True)
@@ -110,11 +120,7 @@ def plot_length_distributions(lengths: Mapping[str, Mapping[str, Sequence[int]]]
                 ax.hist(v[kind], bins=bins, histtype="step", linewidth=1.5,
                         label=f"{source}（中位数 {med:.0f}）")
         if kind == "passage":
-            from matplotlib import ticker
-
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            _log_x_axis(ax)
         ax.set_xlabel(f"{label}长度（{unit}）")
         ax.set_ylabel("样本数")
         ax.set_title(f"{label}长度分布")
@@ -219,6 +225,117 @@ def plot_optimisation_history(history: Sequence[Mapping[str, float]], title: str
     ax2.set_ylabel("余弦相似度")
     ax2.set_title("$s^+$ 上升，$s^-$ 下降")
     ax2.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    if len(v) < window or window <= 1:
+        return v
+    return np.convolve(v, np.ones(window) / window, mode="valid")
+
+
+def plot_training_curves(histories: Mapping[str, Mapping], title: str | None = None):
+    """Training loss per step (moving average) and validation metrics per epoch, per run."""
+    import matplotlib.pyplot as plt
+
+    setup_cjk_font()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    for i, (label, history) in enumerate(histories.items()):
+        color = f"C{i}"
+        losses = [s["loss"] for s in history["steps"]]
+        window = max(1, len(losses) // 30)
+        smooth = _moving_average(losses, window)
+        ax1.plot(np.arange(len(smooth)) + window, smooth, color=color, label=label)
+        epochs = [e["epoch"] for e in history["epochs"]]
+        ax2.plot(epochs, [e["val_ndcg@10"] for e in history["epochs"]], "-o", color=color,
+                 label=f"{label} NDCG@10")
+        ax2.plot(epochs, [e["val_recall@10"] for e in history["epochs"]], "--s", color=color,
+                 alpha=0.6, label=f"{label} Recall@10")
+        if history.get("best_epoch"):
+            best = history["epochs"][history["best_epoch"] - 1]
+            ax2.scatter([best["epoch"]], [best["val_ndcg@10"]], s=120, facecolors="none",
+                        edgecolors=color)
+    ax1.set_xlabel("训练步数")
+    ax1.set_ylabel("InfoNCE 损失（滑动平均）")
+    ax1.set_title("训练损失")
+    ax1.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2.set_xlabel("轮次（epoch）")
+    ax2.set_ylabel("验证集指标")
+    ax2.set_title("验证集 NDCG@10（实线）与 Recall@10（虚线），圆圈为最佳轮次")
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18),
+               ncol=min(2, 2 * len(histories)))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_metric_bars(summaries: Mapping[str, Mapping[str, Mapping[str, float]]],
+                     metrics: Sequence[str], title: str | None = None):
+    """Grouped bars of metric means with 95% CI error bars, one group per metric.
+
+    ``summaries[system][metric]`` holds ``mean``, ``ci_low`` and ``ci_high`` (as in a run's
+    ``metrics.json`` aggregate block).
+    """
+    import matplotlib.pyplot as plt
+
+    setup_cjk_font()
+    systems = list(summaries)
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(metrics) * max(1, len(systems) / 2)), 4))
+    width = 0.8 / len(systems)
+    x = np.arange(len(metrics))
+    for i, system in enumerate(systems):
+        means = np.array([summaries[system][m]["mean"] for m in metrics])
+        low = means - np.array([summaries[system][m]["ci_low"] for m in metrics])
+        high = np.array([summaries[system][m]["ci_high"] for m in metrics]) - means
+        bars = ax.bar(x + (i - (len(systems) - 1) / 2) * width, means, width, label=system,
+                      yerr=[low, high], capsize=3)
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in means], fontsize=7, padding=2)
+    ax.set_xticks(x, metrics)
+    ax.set_ylabel("测试集均值（误差线：95% 置信区间）")
+    ax.set_title(title or "测试集指标")
+    ax.legend()
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    return fig
+
+
+def plot_metrics_vs_data_size(sizes: Mapping[str, int],
+                              summaries: Mapping[str, Mapping[str, Mapping[str, float]]],
+                              metrics: Sequence[str], title: str | None = None):
+    """Test metrics against the number of training records (log axis), with 95% CI bands.
+
+    ``sizes[label]`` is the training-set size of run ``label``; ``summaries[label][metric]``
+    holds ``mean``, ``ci_low`` and ``ci_high``.
+    """
+    import matplotlib.pyplot as plt
+
+    setup_cjk_font()
+    labels = sorted(sizes, key=sizes.get)
+    xs = [sizes[label] for label in labels]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        mean = [summaries[label][metric]["mean"] for label in labels]
+        low = [summaries[label][metric]["ci_low"] for label in labels]
+        high = [summaries[label][metric]["ci_high"] for label in labels]
+        ax.plot(xs, mean, "-o")
+        ax.fill_between(xs, low, high, alpha=0.2)
+        for x, m, label in zip(xs, mean, labels, strict=True):
+            ax.annotate(f"{label}\n{m:.3f}", (x, m), textcoords="offset points", xytext=(0, 8),
+                        ha="center", fontsize=8)
+        _log_x_axis(ax)
+        ax.set_xticks(xs)
+        ax.set_xlabel("训练样本数（对数轴）")
+        ax.set_ylabel(f"测试集 {metric}")
+        ax.set_title(f"{metric} 随数据规模的变化")
+        ax.margins(y=0.2)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -26,7 +26,8 @@ from .config import TrainingConfig
 from .evaluation import evaluate_retriever
 from .losses import info_nce
 
-__all__ = ["set_seed", "RetrievalCollator", "make_optimizer", "train_retriever",
+__all__ = ["set_seed", "RetrievalCollator", "make_optimizer", "enable_checkpointing",
+           "train_retriever",
            "VALIDATION_METRIC"]
 
 #: The validation metric that picks the best epoch.
@@ -95,6 +96,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.O
                              lr=cfg.learning_rate)
 
 
+def enable_checkpointing(encoder) -> None:
+    """Recompute activations in the backward pass (transformers 5 name, or the 4.x one)."""
+    enable = getattr(encoder, "activation_checkpointing_enable", None)
+    (enable or encoder.gradient_checkpointing_enable)()
+
+
 def _autocast(device: torch.device):
     """Mixed precision on CUDA: bf16 where supported, else fp16 (needs the scaler)."""
     if device.type != "cuda":
@@ -134,7 +141,7 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(device)
         if cfg.gradient_checkpointing:
-            model.encoder.gradient_checkpointing_enable()
+            enable_checkpointing(model.encoder)
         autocast, scaler = _autocast(device)
         fallback = [p["text"] for row in train for p in row["positive_passages"]]
         collator = RetrievalCollator(model, cfg.num_hard_negatives, fallback, cfg.seed)

@@ -11,9 +11,9 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ALL = notebook_utils.notebook_paths(NOTEBOOKS)
 
 
-def test_there_are_notebooks():
-    assert [p.name for p in ALL][:2] == ["01_data_preprocessing.ipynb",
-                                         "02_loss_and_gradients.ipynb"]
+def test_notebooks_come_in_course_order():
+    assert [p.stem for p in ALL][:4] == ["01_data_preprocessing", "02_loss_and_gradients",
+                                         "03_train_minimind27", "03_train_minimind108"]
 
 
 @pytest.mark.parametrize("path", ALL, ids=[p.stem for p in ALL])
@@ -29,33 +29,22 @@ def test_notebook_is_clean_and_parameterised(path):
     assert "colab.research.google.com" in "".join(nb["cells"][0]["source"])
 
 
-@pytest.mark.notebook
-def test_01_data_preprocessing_demo(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
-    notebook_utils.run_notebook(NOTEBOOKS / "01_data_preprocessing.ipynb", tmp_path / "executed",
-                                {"preset": "demo"})
-    summary = results.load_summary(tmp_path / "outputs" / "01_data_preprocessing" / "demo")
-    assert summary["preset"] == "demo" and summary["env"]["preset"] == "demo"
+# --- demo runs: every notebook executed with papermill, then its summary checked ----------------
+
+
+def check_01(summary, home):
     assert summary["pairs"] >= 2000
     assert sum(summary["splits"].values()) == summary["pairs"]
     assert summary["splits"]["test"] == 300 and summary["splits"]["validation"] == 200
-    assert summary["subset_sizes"] == {"10k": 500, "96k": 1000, "288k": 1500}
+    assert summary["subset_sizes"] == {"10k": 600, "96k": 1200, "288k": 1800}
     load = summary["load"]["people_daily_1998"]
     assert load["read"] == load["kept"] + sum(load["dropped"].values())
     assert summary["demo_parse"]["articles"] == load["read"]
     assert 100 < summary["median_passage_tokens"]["people_daily_1998"] < 2000
-    figures = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
-    assert figures == ["01_data_preprocessing_lengths_chars.png",
-                       "01_data_preprocessing_lengths_tokens.png",
-                       "01_data_preprocessing_split_counts.png"]
+    return ["lengths_chars", "lengths_tokens", "split_counts"]
 
 
-@pytest.mark.notebook
-def test_02_loss_and_gradients_demo(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
-    notebook_utils.run_notebook(NOTEBOOKS / "02_loss_and_gradients.ipynb", tmp_path / "executed",
-                                {"preset": "demo"})
-    summary = results.load_summary(tmp_path / "outputs" / "02_loss_and_gradients" / "demo")
+def check_02(summary, home):
     assert summary["max_abs_gradient_error"] < 1e-10 and summary["chain_rule_error"] < 1e-10
     probs = summary["positive_probability_by_tau"]
     assert probs["1.0"] < probs["0.1"] < probs["0.05"] < probs["0.01"]
@@ -65,4 +54,66 @@ def test_02_loss_and_gradients_demo(tmp_path, monkeypatch):
     assert last["loss"] < first["loss"] / 10
     assert last["mean_positive_similarity"] > first["mean_positive_similarity"] + 0.2
     assert last["mean_negative_similarity"] < first["mean_negative_similarity"]
-    assert len(list((tmp_path / "figures").glob("02_loss_and_gradients_*.png"))) == 3
+    return ["negative_gradients", "optimisation", "temperature_softmax"]
+
+
+def _learned(run):
+    """The demo must show learning: trained clearly above untrained on the shared test set,
+    i.e. better on average and significantly so in a paired test over the test queries."""
+    before, after, tests = run["untrained"], run["trained"], run["trained_vs_untrained"]
+    assert after["ndcg@10"] > before["ndcg@10"] and after["recall@100"] > before["recall@100"]
+    assert tests["recall@100"]["p_value"] < 0.01 and tests["recall@100"]["ci_low"] > 0, tests
+    assert tests["ndcg@10"]["mean_difference"] > 0, tests
+
+
+def _run_folder_complete(run_dir):
+    names = {p.name for p in Path(run_dir).iterdir()}
+    assert {"config.json", "history.json", "metrics.json", "env.json", "best"} <= names
+
+
+def check_03_train_minimind27(summary, home):
+    assert summary["experiment"] == "minimind27_10k"
+    base = summary["base_model"]
+    assert base["heldout_perplexity_after"] < base["heldout_perplexity_before"] / 5
+    _learned(summary)
+    _run_folder_complete(summary["run_dir"])
+    assert Path(summary["run_dir"]).parent == home / "runs" / "demo"
+    return ["test_metrics", "training_curves"]
+
+
+def check_03_train_minimind108(summary, home):
+    assert list(summary["runs"]) == ["10k", "96k", "288k"]
+    assert summary["subset_sizes"] == {"10k": 600, "96k": 1200, "288k": 1800}
+    for run in summary["runs"].values():
+        _learned(run)
+        _run_folder_complete(run["run_dir"])
+    largest, smallest = summary["runs"]["288k"], summary["runs"]["10k"]
+    assert largest["trained"]["recall@100"] >= smallest["trained"]["recall@100"] - 0.05
+    return ["metrics_vs_data_size", "training_curves"]
+
+
+CHECKS = {"01_data_preprocessing": check_01, "02_loss_and_gradients": check_02,
+          "03_train_minimind27": check_03_train_minimind27,
+          "03_train_minimind108": check_03_train_minimind108}
+
+
+def test_every_notebook_has_a_demo_check():
+    assert sorted(p.stem for p in ALL) == sorted(CHECKS)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One project home for all demo runs, so the prepared data and demo LMs are shared."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", ALL, ids=[p.stem for p in ALL])
+def test_notebook_runs_with_demo_preset(path, home, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_HOME", str(home))
+    notebook_utils.run_notebook(path, home / "executed", {"preset": "demo"})
+    summary = results.load_summary(home / "outputs" / path.stem / "demo")
+    assert summary["preset"] == "demo" and summary["env"]["preset"] == "demo"
+    figures = CHECKS[path.stem](summary, home)
+    written = sorted(p.name for p in (home / "figures").glob(f"{path.stem}_*.png"))
+    assert written == [f"{path.stem}_{name}.png" for name in figures]

@@ -96,6 +96,20 @@ def test_early_stopping_and_seeded_reproducibility(tok, tmp_path):
     assert [s["loss"] for s in runs[0]] == [s["loss"] for s in runs[1]]
 
 
+def test_gradient_checkpointing_changes_memory_not_results(tok, tmp_path):
+    train, val = Dataset.from_list(_records(32, 10)), Dataset.from_list(_records(8, 11))
+    plain = training.train_retriever(_model(tok), train, val, _cfg(epochs=1), tmp_path / "a",
+                                     show_progress=False)
+    model = _model(tok)
+    checkpointed = training.train_retriever(model, train, val,
+                                            _cfg(epochs=1, gradient_checkpointing=True),
+                                            tmp_path / "b", show_progress=False)
+    flag = getattr(model.encoder, "is_activation_checkpointing", None)
+    assert flag if flag is not None else model.encoder.is_gradient_checkpointing
+    assert [s["loss"] for s in plain["steps"]] == pytest.approx(
+        [s["loss"] for s in checkpointed["steps"]], abs=1e-5)
+
+
 def test_non_finite_loss_stops_with_the_step(tok, tmp_path, monkeypatch):
     train, val = Dataset.from_list(_records(16, 6)), Dataset.from_list(_records(8, 7))
     monkeypatch.setattr(training, "info_nce", lambda q, p, t: (q.sum() + p.sum()) * float("nan"))
@@ -112,8 +126,10 @@ def test_token_blocks_hand_worked(tok):
         pretraining.token_blocks(tok, ["长"], seq_len=100)
 
 
-def test_demo_pretraining_lowers_perplexity_and_is_cached(tok, tmp_path):
-    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
+@pytest.mark.parametrize("base", [config.MINIMIND_27M, config.QWEN2_05B],
+                         ids=["minimind", "qwen2"])
+def test_demo_pretraining_lowers_perplexity_and_is_cached(tok, tmp_path, base):
+    cfg = replace(base, hidden_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
     texts = [r["positive_passages"][0]["text"] for r in _records(120, 8)]
     pcfg = pretraining.PretrainConfig(max_steps=60, seq_len=32, batch_size=8, warmup_steps=5)
@@ -126,7 +142,8 @@ def test_demo_pretraining_lowers_perplexity_and_is_cached(tok, tmp_path):
                                          show_progress=False)
     assert again == path and (path / "pretrain.json").stat().st_mtime_ns == stamp
     encoder = load_encoder(str(path))  # the same loading code as the real checkpoints
-    assert type(encoder).__name__ == "LlamaModel" and encoder.config.vocab_size == len(tok)
+    expected = {"llama": "LlamaModel", "qwen2": "Qwen2Model"}[base.architecture]
+    assert type(encoder).__name__ == expected and encoder.config.vocab_size == len(tok)
 
 
 def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
