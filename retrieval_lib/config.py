@@ -76,7 +76,6 @@ class DataConfig:
         default_factory=lambda: {"10k": 10_000, "96k": 96_000, "288k": 288_000}
     )
     num_hard_negatives: int = 7  # hard negatives kept per record after preparation
-    min_passage_chars: int = 1  # passages shorter than this (after stripping) are invalid
     strict: bool = True  # True: bad records raise; False: they are counted and reported
     seed: int = SEED
 
@@ -101,6 +100,8 @@ class ModelConfig:
     separate_projections: bool = False  # one projection per tower (experiment 4.1.1 variant)
     max_query_length: int = 64  # tokens
     max_passage_length: int = 512  # tokens
+    # Capacity expansion. num_new_layers already sets the parameter counts; appending the layers
+    # and the unfreezing schedule are issue #5 (retrieval_lib.expansion), not built yet.
     num_new_layers: int = 0  # transformer layers appended by capacity expansion
     expansion_init: str = "random"  # "random" (seed report), "identity" or "copy"
     unfreeze_every: int = 2  # epochs between unfreezing one more new layer

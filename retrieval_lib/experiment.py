@@ -141,6 +141,12 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
     Returns ``{"out_dir", "history", "untrained", "test", "parameters", "wall_time_s"}`` where
     ``untrained`` and ``test`` are :func:`~retrieval_lib.evaluation.score_run` results.
     """
+    if exp.model.num_new_layers:
+        # Training without the new layers would save a 27M run under the 38M name.
+        raise ValueError(
+            f"{exp.name} appends {exp.model.num_new_layers} layers, and layer expansion with "
+            f"progressive unfreezing (retrieval_lib.expansion, issue #5) is not built yet; "
+            f"refusing to train it as the unexpanded base model")
     start = time.perf_counter()
     out = Path(out_dir) if out_dir else run_dir(exp)
     out.mkdir(parents=True, exist_ok=True)

@@ -193,3 +193,9 @@ def test_run_experiment_writes_the_run_folder(tok, tmp_path):
     assert cfg_json["train_records"] == 40 and cfg_json["base_model_info"] == {"note": "toy"}
     summary = experiment.result_summary(result)
     assert summary["trained"]["ndcg@5"] == pytest.approx(agg["mean"])
+
+
+def test_expansion_experiments_are_refused_until_expansion_exists():
+    exp = config.get_experiment("minimind38_96k", "demo")
+    with pytest.raises(ValueError, match="appends 4 layers"):
+        experiment.run_experiment(exp, splits=None)
