@@ -100,10 +100,9 @@ class ModelConfig:
     separate_projections: bool = False  # one projection per tower (experiment 4.1.1 variant)
     max_query_length: int = 64  # tokens
     max_passage_length: int = 512  # tokens
-    # Capacity expansion. num_new_layers already sets the parameter counts; appending the layers
-    # and the unfreezing schedule are issue #5 (retrieval_lib.expansion), not built yet.
-    num_new_layers: int = 0  # transformer layers appended by capacity expansion
+    num_new_layers: int = 0  # transformer layers added by capacity expansion
     expansion_init: str = "random"  # "random" (seed report), "identity" or "copy"
+    expansion_position: str = "top"  # "top" (appended, seed report) or "interleave"
     unfreeze_every: int = 2  # epochs between unfreezing one more new layer
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from .config import ExperimentConfig, cache_path, project_root
 from .data import DataUnavailableError, Splits, find_source_files
 from .evaluation import evaluate_retriever, paired_test, summarize_metrics
+from .expansion import UnfreezeSchedule, expand_layers
 from .modeling import DualTowerRetriever, count_parameters
 from .pretraining import PretrainConfig, pretrain_demo_lm
 from .results import environment_info
@@ -138,30 +139,35 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
     """Untrained evaluation, training, test evaluation of the best epoch; writes the run folder.
 
     ``exp.model.base_model`` must point at loadable weights (see :func:`prepare_base_model`).
-    Returns ``{"out_dir", "history", "untrained", "test", "parameters", "wall_time_s"}`` where
-    ``untrained`` and ``test`` are :func:`~retrieval_lib.evaluation.score_run` results.
+    When ``exp.model.num_new_layers`` > 0 the base model is first expanded
+    (:func:`~retrieval_lib.expansion.expand_layers`) and the new layers follow an
+    :class:`~retrieval_lib.expansion.UnfreezeSchedule`; the untrained row is the expanded model.
+    Returns ``{"out_dir", "history", "untrained", "test", "parameters", "expansion",
+    "wall_time_s"}`` where ``untrained`` and ``test`` are ``score_run`` results.
     """
-    if exp.model.num_new_layers:
-        # Training without the new layers would save a 27M run under the 38M name.
-        raise ValueError(
-            f"{exp.name} appends {exp.model.num_new_layers} layers, and layer expansion with "
-            f"progressive unfreezing (retrieval_lib.expansion, issue #5) is not built yet; "
-            f"refusing to train it as the unexpanded base model")
     start = time.perf_counter()
     out = Path(out_dir) if out_dir else run_dir(exp)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(exp.training.seed)  # the projection's initialisation, hence the untrained row
     model = DualTowerRetriever.from_config(exp.model)
+    expansion = {"parameters_before": count_parameters(model), "new_layers": []}
+    schedule = None
+    if exp.model.num_new_layers:
+        expansion["new_layers"] = expand_layers(
+            model.encoder, exp.model.num_new_layers, init=exp.model.expansion_init,
+            position=exp.model.expansion_position, seed=exp.training.seed)
+        schedule = UnfreezeSchedule(expansion["new_layers"], exp.model.unfreeze_every)
     parameters = count_parameters(model)
     untrained = evaluate_retriever(model, splits.test)
     train = splits.subset(exp.subset)
     history = train_retriever(model, train, splits.validation, exp.training, out,
-                              show_progress=show_progress)
+                              show_progress=show_progress, unfreeze=schedule)
     best = DualTowerRetriever.load(out / "best", device=next(model.parameters()).device)
     test = evaluate_retriever(best, splits.test)
     wall = time.perf_counter() - start
     seed = exp.training.seed
     config = {**exp.to_dict(), "base_model_info": base_info or {}, "parameters": parameters,
+              "expansion": expansion,
               "train_records": len(train), "data_manifest": {
                   "fingerprint": splits.manifest["fingerprint"],
                   "splits": splits.manifest["splits"]}}
@@ -173,7 +179,7 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
     env = {**environment_info(exp.preset, seed), "wall_time_s": wall}
     (out / "env.json").write_text(json.dumps(env, indent=2), encoding="utf-8")
     return {"out_dir": out, "history": history, "untrained": untrained, "test": test,
-            "parameters": parameters, "wall_time_s": wall}
+            "parameters": parameters, "expansion": expansion, "wall_time_s": wall}
 
 
 def result_summary(result: dict, metrics=REPORT_METRICS) -> dict:

@@ -86,11 +86,15 @@ class RetrievalCollator:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW; biases and normalisation weights (1-D tensors) get no weight decay."""
+    """AdamW over every parameter; biases and norm weights (1-D tensors) get no weight decay.
+
+    Frozen parameters are included but receive no gradient, so AdamW neither moves nor decays
+    them and creates their state only at their first gradient: a layer unfrozen later by an
+    :class:`~retrieval_lib.expansion.UnfreezeSchedule` starts with clean optimizer state.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+        (no_decay if p.ndim < 2 else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=cfg.learning_rate)
@@ -121,8 +125,11 @@ def _file_logger(out_dir: Path) -> logging.Handler:
 
 def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str | Path,
                     device: str | torch.device | None = None, show_progress: bool = True,
-                    eval_batch_size: int = 32) -> dict:
+                    eval_batch_size: int = 32, unfreeze=None) -> dict:
     """Train ``model`` on ``train`` (records), validate on ``validation`` each epoch.
+
+    ``unfreeze`` (an :class:`~retrieval_lib.expansion.UnfreezeSchedule`) sets which new layers
+    train in each epoch; the epoch records say which did.
 
     Returns the history: ``steps`` (step, epoch, loss, lr), ``epochs`` (train loss, validation
     metrics, wall time, whether it was the best so far), ``best_epoch``, ``stopped_early`` and
@@ -160,6 +167,7 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
         best, patience_left, step = -math.inf, cfg.early_stopping_patience, 0
         for epoch in range(1, cfg.epochs + 1):
             model.train()
+            trainable_new = unfreeze.apply(model.encoder, epoch) if unfreeze else None
             start, epoch_losses = time.perf_counter(), []
             for batch in tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}",
                               disable=not show_progress):
@@ -199,6 +207,7 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
             else:
                 patience_left -= 1
             record = {"epoch": epoch, "train_loss": float(np.mean(epoch_losses)),
+                      "trainable_new_layers": trainable_new,
                       **{f"val_{k}": v for k, v in metrics.items()},
                       "best": improved, "time_s": time.perf_counter() - start}
             history["epochs"].append(record)

@@ -195,7 +195,34 @@ def test_run_experiment_writes_the_run_folder(tok, tmp_path):
     assert summary["trained"]["ndcg@5"] == pytest.approx(agg["mean"])
 
 
-def test_expansion_experiments_are_refused_until_expansion_exists():
-    exp = config.get_experiment("minimind38_96k", "demo")
-    with pytest.raises(ValueError, match="appends 4 layers"):
-        experiment.run_experiment(exp, splits=None)
+def test_progressive_unfreezing_keeps_frozen_layers_fixed(tok, tmp_path):
+    from retrieval_lib.expansion import UnfreezeSchedule, expand_layers
+
+    train, val = Dataset.from_list(_records(32, 12)), Dataset.from_list(_records(8, 13))
+    model = _model(tok)
+    new = expand_layers(model.encoder, 2, init="identity")
+    snapshot = {i: [p.detach().clone() for p in model.encoder.layers[i].parameters()]
+                for i in range(3)}
+    schedule = UnfreezeSchedule(new, every=1)
+    history = training.train_retriever(model, train, val, _cfg(epochs=2), tmp_path,
+                                       show_progress=False, unfreeze=schedule)
+    assert [e["trainable_new_layers"] for e in history["epochs"]] == [[], [1]]
+
+    def moved(i):
+        params = model.encoder.layers[i].parameters()
+        return any(not torch.equal(a, b) for a, b in zip(snapshot[i], params, strict=True))
+
+    assert moved(0)  # the pretrained layer trains throughout
+    assert moved(1)  # unfrozen in epoch 2
+    assert not moved(2)  # never unfrozen: bit-identical
+
+
+def test_frozen_parameters_get_no_optimizer_state_until_unfrozen(tok):
+    model = _model(tok)
+    optimizer = training.make_optimizer(model, _cfg())
+    frozen = model.query_projection.weight
+    frozen.requires_grad_(False)
+    loss = model.embed(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)).sum()
+    loss.backward()
+    optimizer.step()
+    assert frozen not in optimizer.state and model.encoder.embed_tokens.weight in optimizer.state
