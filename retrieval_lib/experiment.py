@@ -16,18 +16,21 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .config import ExperimentConfig, cache_path, project_root
+from .config import ExperimentConfig, cache_path, get_experiment, project_root, variant
 from .data import DataUnavailableError, Splits, find_source_files
-from .evaluation import evaluate_retriever, paired_test, summarize_metrics
+from .evaluation import evaluate_retriever, paired_test
 from .expansion import UnfreezeSchedule, expand_layers
-from .modeling import DualTowerRetriever, count_parameters
+from .modeling import DualTowerRetriever, count_parameters, parameter_count_from_config
 from .pretraining import PretrainConfig, pretrain_demo_lm
-from .results import environment_info
+from .results import environment_info, metrics_block, scores_from_block
 from .tokenizer import tokenizer_for_preset
 from .training import set_seed, train_retriever
 
-__all__ = ["MissingInputsError", "check_full_inputs", "prepare_base_model", "run_dir",
-           "run_experiment", "result_summary", "describe", "REPORT_METRICS"]
+__all__ = ["MissingInputsError", "hub_has", "check_full_inputs", "prepare_base_model", "run_dir",
+           "run_experiment", "load_run", "ensure_run", "result_summary", "describe",
+           "expansion_parameters", "run_expansion_with_ablation", "untrained_gaps",
+           "expansion_comparisons", "expansion_systems", "expansion_summary",
+           "REPORT_METRICS"]
 
 #: The metrics of the report's tables, in its order.
 REPORT_METRICS = ("recall@5", "precision@5", "ndcg@5", "mrr", "recall@10", "ndcg@10",
@@ -38,7 +41,7 @@ class MissingInputsError(FileNotFoundError):
     """A full-preset run whose weights or data cannot be found; the message lists each."""
 
 
-def _hub_has(repo_id: str, repo_type: str) -> bool:
+def hub_has(repo_id: str, repo_type: str) -> bool:
     """True when ``repo_id`` is in the local hub cache or the hub answers for it."""
     import huggingface_hub
     from huggingface_hub import constants
@@ -67,7 +70,7 @@ def check_full_inputs(exp: ExperimentConfig) -> None:
 
     missing = []
     model = exp.model.base_model
-    if not (os.path.isdir(model) or (not os.path.isabs(model) and _hub_has(model, "model"))):
+    if not (os.path.isdir(model) or (not os.path.isabs(model) and hub_has(model, "model"))):
         missing.append(
             f"- model {model!r} ({exp.model.name}): not a local folder and not reachable on the "
             f"hub.\n  Supply it: `huggingface-cli download {model} --local-dir DIR` on a machine "
@@ -82,7 +85,7 @@ def check_full_inputs(exp: ExperimentConfig) -> None:
         except DataUnavailableError as exc:
             missing.append(f"- data: {str(exc).splitlines()[0]}")
     elif not data_ok:
-        data_ok = _hub_has(exp.data.hub_repo, "dataset")
+        data_ok = hub_has(exp.data.hub_repo, "dataset")
         if not data_ok:
             missing.append(
                 f"- data: no prepared splits at {prepared}, no `data_dir` given, and the hub "
@@ -127,13 +130,6 @@ def run_dir(exp: ExperimentConfig, root: str | Path | None = None) -> Path:
     return Path(root or project_root()) / "runs" / exp.preset / exp.name
 
 
-def _metrics_block(result: dict, seed: int) -> dict:
-    table = summarize_metrics(result, seed=seed)
-    return {"corpus_size": result.get("corpus_size"),
-            "aggregate": table.to_dict(orient="index"),
-            "per_query": result["per_query"]}
-
-
 def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None = None,
                    out_dir: str | Path | None = None, show_progress: bool = True) -> dict:
     """Untrained evaluation, training, test evaluation of the best epoch; writes the run folder.
@@ -174,12 +170,68 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
     (out / "config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2),
                                      encoding="utf-8")
     metrics = {"experiment": exp.name, "preset": exp.preset, "best_epoch": history["best_epoch"],
-               "test": _metrics_block(test, seed), "untrained": _metrics_block(untrained, seed)}
+               "test": metrics_block(test, seed), "untrained": metrics_block(untrained, seed)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     env = {**environment_info(exp.preset, seed), "wall_time_s": wall}
     (out / "env.json").write_text(json.dumps(env, indent=2), encoding="utf-8")
     return {"out_dir": out, "history": history, "untrained": untrained, "test": test,
             "parameters": parameters, "expansion": expansion, "wall_time_s": wall}
+
+
+def load_run(path: str | Path) -> dict:
+    """A finished run folder read back in :func:`run_experiment`'s return shape (plus
+    ``config``), so a notebook can compare against a run another notebook made."""
+    out = Path(path)
+    missing = [n for n in ("config.json", "history.json", "metrics.json", "env.json")
+               if not (out / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{out} is not a finished run: {', '.join(missing)} missing")
+
+    def read(name):
+        return json.loads((out / name).read_text(encoding="utf-8"))
+
+    config, metrics = read("config.json"), read("metrics.json")
+    return {"out_dir": out, "config": config, "history": read("history.json"),
+            "untrained": scores_from_block(metrics["untrained"]),
+            "test": scores_from_block(metrics["test"]),
+            "parameters": config["parameters"], "expansion": config["expansion"],
+            "wall_time_s": read("env.json")["wall_time_s"]}
+
+
+def _same_setup(saved: dict, exp: ExperimentConfig, splits: Splits) -> bool:
+    """True when a saved run used ``exp``'s model, training, subset and exactly this data."""
+    current = exp.to_dict()
+    return (saved["data_manifest"]["fingerprint"] == splits.manifest["fingerprint"]
+            and all(saved[k] == current[k] for k in ("model", "training", "subset")))
+
+
+def ensure_run(exp: ExperimentConfig, splits: Splits, base_info: dict | None = None,
+               allow_training: bool = True, show_progress: bool = True) -> dict | None:
+    """The run of ``exp``: read from its run folder when a finished run with the same model,
+    training settings and data is there, else trained now (or ``None`` when
+    ``allow_training`` is false). Says which."""
+    folder = run_dir(exp)
+    if (folder / "metrics.json").exists():
+        run = load_run(folder)
+        if _same_setup(run["config"], exp, splits):
+            print(f"{exp.name}: reusing the finished run in {folder}")
+            return run
+        print(f"{exp.name}: the run in {folder} used other settings or data; not reused")
+    if not allow_training:
+        print(f"{exp.name}: no finished run with these settings, and training it was not "
+              f"asked for")
+        return None
+    return run_experiment(exp, splits, base_info, show_progress=show_progress)
+
+
+def expansion_parameters(exp: ExperimentConfig) -> dict:
+    """Parameters of the retriever before and after the expansion, from the config alone."""
+    before = parameter_count_from_config(exp.model, include_new_layers=False)
+    after = parameter_count_from_config(exp.model)
+    return {"layers_before": exp.model.num_hidden_layers,
+            "layers_after": exp.model.num_hidden_layers + exp.model.num_new_layers,
+            "before": before, "after": after, "added": after - before,
+            "growth": after / before - 1}
 
 
 def result_summary(result: dict, metrics=REPORT_METRICS) -> dict:
@@ -195,6 +247,7 @@ def result_summary(result: dict, metrics=REPORT_METRICS) -> dict:
         "untrained": {m: result["untrained"]["aggregate"][m]["mean"] for m in metrics},
         "trained": {m: result["test"]["aggregate"][m]["mean"] for m in metrics},
         "trained_vs_untrained": tests,
+        "trainable_new_layers": [e["trainable_new_layers"] for e in result["history"]["epochs"]],
         "wall_time_s": result["wall_time_s"],
     }
 
@@ -205,3 +258,89 @@ def describe(exp: ExperimentConfig) -> dict:
             "subset": exp.subset, "train_records": exp.train_size,
             **{f"model.{k}": v for k, v in asdict(exp.model).items()},
             **{f"training.{k}": v for k, v in asdict(exp.training).items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Expansion studies (the 4.1.2 / 4.2.4 / 4.3 notebooks): the expanded model with the configured
+# initialisation, the same expansion with another one, and the unexpanded base they are held
+# against.
+# ---------------------------------------------------------------------------------------------
+
+
+def run_expansion_with_ablation(exp: ExperimentConfig, splits: Splits, base_info: dict,
+                                ablation_init: str | None = "identity") -> dict[str, dict]:
+    """Runs of ``exp`` keyed by the initialisation of its new layers: the configured one, then
+    ``ablation_init`` (a :func:`~retrieval_lib.config.variant` with its own run folder) unless
+    it is empty or the same."""
+    runs = {exp.model.expansion_init: run_experiment(exp, splits, base_info)}
+    if ablation_init and ablation_init != exp.model.expansion_init:
+        runs[ablation_init] = run_experiment(variant(exp, expansion_init=ablation_init), splits,
+                                             base_info)
+    return runs
+
+
+def untrained_gaps(base_run: dict | None, runs: dict[str, dict],
+                   metric: str = "ndcg@10") -> dict[str, float]:
+    """For each initialisation, the largest per-query difference of ``metric`` between the
+    untrained base and the untrained expansion: how much adding the new layers changed the
+    model before any training. Identity initialisation gives 0 (up to rank flips among
+    near-ties): both compute the same function. Empty without a base run."""
+    if base_run is None:
+        return {}
+    before = base_run["untrained"]["per_query"][metric]
+    return {init: max(abs(before[q] - run["untrained"]["per_query"][metric][q]) for q in before)
+            for init, run in runs.items()}
+
+
+def expansion_comparisons(base_run: dict | None, runs: dict[str, dict],
+                          metrics=("ndcg@10", "recall@100")) -> dict[str, dict]:
+    """Paired randomisation tests on the test queries: each expansion against the base, and
+    the second initialisation against the first. Keys say which minus which."""
+    inits = list(runs)
+    tests = {}
+    for metric in metrics:
+        if base_run is not None:
+            for init, run in runs.items():
+                tests[f"扩容（{init}）− 对照 · {metric}"] = paired_test(
+                    run["test"]["per_query"][metric], base_run["test"]["per_query"][metric])
+        if len(inits) > 1:
+            tests[f"{inits[1]} − {inits[0]} · {metric}"] = paired_test(
+                runs[inits[1]]["test"]["per_query"][metric],
+                runs[inits[0]]["test"]["per_query"][metric])
+    return tests
+
+
+def expansion_systems(base_exp: ExperimentConfig, base_run: dict | None,
+                      runs: dict[str, dict], trained_only: bool = False) -> dict[str, dict]:
+    """Labelled test results (``score_run`` shape) of the base and of every expansion, untrained
+    and trained, for :func:`~retrieval_lib.evaluation.metrics_table` and the bar chart."""
+    labelled = ([(f"对照：{base_exp.model.name}", base_run)] if base_run is not None else [])
+    labelled += [(f"扩容（{init} 初始化）", run) for init, run in runs.items()]
+    systems = {}
+    if not trained_only:
+        systems.update({f"{label}（未训练）": run["untrained"] for label, run in labelled})
+    systems.update({f"{label}（训练后）" if not trained_only else label: run["test"]
+                    for label, run in labelled})
+    return systems
+
+
+def expansion_summary(exp: ExperimentConfig, base_exp: ExperimentConfig, base_info: dict,
+                      base_run: dict | None, runs: dict[str, dict]) -> dict:
+    """What an expansion notebook measured, for its ``summary.json``: parameters from the
+    configs (full and this preset) and counted on the trained model, the schedule, every run's
+    summary, the paired tests and the identity check."""
+    first = next(iter(runs.values()))
+    return {
+        "experiment": exp.name, "base_experiment": base_exp.name, "base_model": base_info,
+        "inits": list(runs),
+        "parameters": {"full": expansion_parameters(get_experiment(exp.name, "full")),
+                       exp.preset: expansion_parameters(exp),
+                       "measured_before": first["expansion"]["parameters_before"],
+                       "measured_after": first["parameters"]},
+        "new_layers": first["expansion"]["new_layers"],
+        "num_layers": exp.model.num_hidden_layers + exp.model.num_new_layers,
+        "runs": {"base": result_summary(base_run) if base_run is not None else None,
+                 **{init: result_summary(run) for init, run in runs.items()}},
+        "paired_tests": expansion_comparisons(base_run, runs),
+        "untrained_max_difference": untrained_gaps(base_run, runs),
+    }

@@ -29,7 +29,7 @@ __all__ = ["PretrainConfig", "token_blocks", "perplexity", "pretrain_demo_lm"]
 class PretrainConfig:
     """Causal-LM pretraining of a demo base model."""
 
-    max_steps: int = 1000  # optimiser steps (about 2 minutes on 2 CPU cores for the 27M twin)
+    max_steps: int = 500  # optimiser steps (about a minute on 2 CPU cores for the 27M twin)
     seq_len: int = 128  # tokens per training block
     batch_size: int = 16  # blocks per step
     learning_rate: float = 3e-3

@@ -6,13 +6,14 @@ from retrieval_lib import config
 def test_every_experiment_has_full_and_demo_variants():
     assert config.EXPERIMENTS == ("minimind27_10k", "minimind38_96k", "minimind108_10k",
                                   "minimind108_96k", "minimind108_288k", "minimind186_288k",
-                                  "qwen2_613_288k")
+                                  "qwen2_494_288k", "qwen2_613_288k")
     for name in config.EXPERIMENTS:
         full = config.get_experiment(name, "full")
         demo = config.get_experiment(name, "demo")
         assert (full.preset, demo.preset) == ("full", "demo")
         assert full.model.architecture == demo.model.architecture
-        assert full.model.num_new_layers == demo.model.num_new_layers
+        assert (full.model.num_new_layers > 0) == (demo.model.num_new_layers > 0)
+        assert demo.model.num_new_layers == config.DEMO_NEW_LAYERS.get(name, 0)
         assert full.model.projection_dim == demo.model.projection_dim == 128
         assert full.data.kind == "bge_m3_zh" and demo.data.kind == "demo"
         # the demo twin keeps the grouped-query ratio of the real model
@@ -29,6 +30,7 @@ def test_report_sizes_and_expansions():
         "minimind108_96k": (96_000, 16, 0, 768),
         "minimind108_288k": (288_000, 16, 0, 768),
         "minimind186_288k": (288_000, 16, 12, 768),
+        "qwen2_494_288k": (288_000, 24, 0, 896),
         "qwen2_613_288k": (288_000, 24, 8, 896),
     }
     for name, (size, depth, new, width) in cases.items():
@@ -77,3 +79,31 @@ def test_project_root_can_be_overridden(monkeypatch, tmp_path):
     monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
     assert config.project_root() == tmp_path.resolve()
     assert config.cache_path(config.get_data_config("demo")) == tmp_path.resolve() / "data_cache"
+
+
+def test_expansion_settings_full_and_demo():
+    for name, base in (("minimind38_96k", "minimind27_10k"), ("minimind186_288k",
+                       "minimind108_288k"), ("qwen2_613_288k", "qwen2_494_288k")):
+        full, demo = config.get_experiment(name, "full"), config.get_experiment(name, "demo")
+        assert full.base_experiment == demo.base_experiment == base
+        assert full.model.unfreeze_every == 2 and full.model.expansion_init == "random"
+        # the demo unfreezes one layer per epoch and runs the whole schedule without stopping
+        new = demo.model.num_new_layers
+        assert demo.model.unfreeze_every == 1 and demo.training.epochs == new + 1
+        assert demo.training.early_stopping_patience > new
+        assert config.get_experiment(base, "demo").model.num_new_layers == 0
+
+
+def test_variant_renames_and_overrides_reach_the_model():
+    exp = config.get_experiment("minimind186_288k", "demo")
+    ablation = config.variant(exp, expansion_init="identity")
+    assert (ablation.name, ablation.model.expansion_init) == ("minimind186_288k-identity",
+                                                              "identity")
+    assert exp.model.expansion_init == "random"  # the original is unchanged
+    with pytest.raises(TypeError, match="unknown model setting"):
+        config.variant(exp, layers=3)
+    changed = config.with_overrides(exp, expansion_init="copy", unfreeze_every=3)
+    assert (changed.name, changed.model.expansion_init, changed.model.unfreeze_every) == (
+        "minimind186_288k", "copy", 3)
+    kept = config.with_overrides(exp, expansion_init=None, unfreeze_every="")
+    assert kept.model == exp.model

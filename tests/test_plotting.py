@@ -8,7 +8,21 @@ matplotlib.use("Agg")
 from retrieval_lib import plotting  # noqa: E402
 
 
+def _expansion_history():
+    """Three epochs of a run with new layers 2 and 3, unfrozen one per epoch."""
+    epochs = [{"epoch": e, "train_loss": 1.0 / e, "val_ndcg@10": 0.1 * e, "val_recall@10": 0.2,
+               "trainable_new_layers": [2, 3][: e - 1]} for e in (1, 2, 3)]
+    steps = [{"step": i + 1, "epoch": i // 4 + 1, "loss": 2.0 - 0.1 * i} for i in range(12)]
+    return {"epochs": epochs, "steps": steps, "best_epoch": 3}
+
+
+def test_unfreeze_epochs_are_the_epochs_where_a_layer_joins():
+    assert plotting.unfreeze_epochs(_expansion_history()) == [2, 3]
+    assert plotting.unfreeze_epochs({"epochs": [{"epoch": 1, "trainable_new_layers": None}]}) == []
+
+
 def test_chinese_labels_render_without_missing_glyphs(tmp_path):
+    history = _expansion_history()
     font = plotting.setup_cjk_font(strict=True)
     assert font in plotting.CJK_FONTS
     with warnings.catch_warnings(record=True) as caught:
@@ -28,6 +42,21 @@ def test_chinese_labels_render_without_missing_glyphs(tmp_path):
                  "mean_negative_similarity": 0.0},
                 {"step": 1, "loss": 1.0, "mean_positive_similarity": 0.3,
                  "mean_negative_similarity": -0.1}]),
+            plotting.plot_training_curves({"扩展": history}),
+            plotting.plot_unfreeze_schedule(history, num_layers=4, new_layers=[2, 3]),
+            plotting.plot_memory_plan(
+                [{"batch_size": b, "gradient_checkpointing": c, "static_gib": 1.0,
+                  "total_gib": 1.0 + b * (0.1 if c else 1.0)} for b in (1, 2) for c in (0, 1)],
+                {"RTX 3060": 12}),
+            plotting.plot_metric_panels(
+                {"模型": {"ndcg@5": {"mean": 0.3, "ci_low": 0.2, "ci_high": 0.4}},
+                 "BM25": {"ndcg@5": {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}}},
+                ["ndcg@5"], reference="BM25"),
+            plotting.plot_efficiency_frontier(
+                {"小": {"parameters": 1e6, "mean": 0.3, "ci_low": 0.2, "ci_high": 0.4},
+                 "大": {"parameters": 1e7, "mean": 0.2, "ci_low": 0.1, "ci_high": 0.3}},
+                "ndcg@5", lines={"BM25": 0.5}),
+            plotting.plot_per_query_distributions({"模型": [0.0, 1.0, 0.5]}, "ndcg@5"),
         ]
         for i, f in enumerate(figs):
             plotting.save_figure(f, "test", f"fig{i}", folder=tmp_path)

@@ -163,7 +163,7 @@ def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
     assert "model " not in str(err.value) and "does not exist" in str(err.value)
 
 
-def test_run_experiment_writes_the_run_folder(tok, tmp_path):
+def _toy_experiment(tok, tmp_path):
     from retrieval_lib.data import LoadReport, prepare_splits
 
     records = _records(90, 9)
@@ -178,6 +178,41 @@ def test_run_experiment_writes_the_run_folder(tok, tmp_path):
     exp = replace(exp, data=dcfg, training=_cfg(epochs=2),
                   model=replace(exp.model, base_model=str(tmp_path / "base"), hidden_size=32,
                                 max_query_length=16, max_passage_length=48, projection_dim=16))
+    return exp, splits
+
+
+def test_finished_runs_are_read_back_and_reused_only_with_the_same_setup(tok, tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
+    exp, splits = _toy_experiment(tok, tmp_path)
+    trained = experiment.ensure_run(exp, splits, show_progress=False)
+    assert trained["out_dir"] == tmp_path / "runs" / "demo" / "minimind27_10k"
+    loaded = experiment.load_run(trained["out_dir"])
+    for part in ("test", "untrained"):
+        assert loaded[part]["per_query"] == trained[part]["per_query"]
+        for metric, agg in trained[part]["aggregate"].items():
+            assert loaded[part]["aggregate"][metric]["mean"] == pytest.approx(agg["mean"])
+    assert loaded["history"]["best_epoch"] == trained["history"]["best_epoch"]
+    assert loaded["parameters"] == trained["parameters"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run with the same setup must be reused")
+
+    monkeypatch.setattr(experiment, "run_experiment", no_training)
+    capsys.readouterr()
+    reused = experiment.ensure_run(exp, splits)
+    assert "reusing" in capsys.readouterr().out
+    assert reused["test"]["per_query"] == trained["test"]["per_query"]
+    other = replace(exp, training=replace(exp.training, learning_rate=1e-4))
+    assert experiment.ensure_run(other, splits, allow_training=False) is None
+    assert "other settings" in capsys.readouterr().out
+    (trained["out_dir"] / "env.json").unlink()
+    with pytest.raises(FileNotFoundError, match="env.json missing"):
+        experiment.load_run(trained["out_dir"])
+
+
+def test_run_experiment_writes_the_run_folder(tok, tmp_path):
+    exp, splits = _toy_experiment(tok, tmp_path)
     result = experiment.run_experiment(exp, splits, {"note": "toy"}, out_dir=tmp_path / "run",
                                        show_progress=False)
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
@@ -226,3 +261,22 @@ def test_frozen_parameters_get_no_optimizer_state_until_unfrozen(tok):
     loss.backward()
     optimizer.step()
     assert frozen not in optimizer.state and model.encoder.embed_tokens.weight in optimizer.state
+
+
+def test_expansion_gaps_and_comparisons_by_hand():
+    def run(untrained, test):
+        return {"untrained": {"per_query": {"ndcg@10": untrained}},
+                "test": {"per_query": {"ndcg@10": test, "recall@100": test}}}
+
+    base = run({"q0": 0.5, "q1": 1.0}, {"q0": 0.5, "q1": 0.5})
+    runs = {"random": run({"q0": 0.4, "q1": 1.0}, {"q0": 1.0, "q1": 0.5}),
+            "identity": run({"q0": 0.5, "q1": 1.0}, {"q0": 1.0, "q1": 1.0})}
+    gaps = experiment.untrained_gaps(base, runs)
+    assert gaps["identity"] == 0.0 and gaps["random"] == pytest.approx(0.1)
+    assert experiment.untrained_gaps(None, runs) == {}
+    tests = experiment.expansion_comparisons(base, runs)
+    assert tests["扩容（random）− 对照 · ndcg@10"]["mean_difference"] == pytest.approx(0.25)
+    assert tests["扩容（identity）− 对照 · recall@100"]["mean_difference"] == pytest.approx(0.5)
+    assert tests["identity − random · ndcg@10"]["mean_difference"] == pytest.approx(0.25)
+    assert set(experiment.expansion_comparisons(None, runs)) == {
+        "identity − random · ndcg@10", "identity − random · recall@100"}

@@ -1,0 +1,149 @@
+"""Training memory of a retriever: what the GPU must hold, from parameter counts and a measurement.
+
+Training memory has two parts:
+
+* **static**, exact arithmetic on the parameter count ``P``: fp32 weights (4 bytes), fp32
+  gradients (4) and AdamW's two moments (8), i.e. 16·P bytes, plus a 2·P bf16 copy of the
+  weights that autocast keeps during the forward pass;
+* **activations**, the tensors the forward pass saves for the backward pass. They grow with the
+  tokens in a step. :func:`activation_bytes_per_token` *measures* them on the CPU for one
+  transformer block of the real width (every tensor autograd saves is seen through
+  ``torch.autograd.graph.saved_tensors_hooks``), so a plan for Qwen2-0.5B needs neither a GPU
+  nor the weights. With gradient checkpointing only each block's input is kept, plus one block's
+  activations while it is recomputed.
+
+The plan is a lower bound: the CUDA context (~0.5 GB), allocator fragmentation and temporary
+buffers come on top. ``benchmarks`` measure real peaks on a GPU where one is available.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+
+from .config import ModelConfig, TrainingConfig
+from .modeling import build_encoder, parameter_count_from_config
+
+__all__ = ["saved_activation_bytes", "activation_bytes_per_token", "static_bytes",
+           "training_memory_plan", "largest_batches", "GIB", "CUDA_CONTEXT_GIB"]
+
+GIB = 1024**3
+#: Memory the CUDA context and kernels take before the first tensor (a rule of thumb).
+CUDA_CONTEXT_GIB = 0.5
+
+
+def saved_activation_bytes(fn: Callable[[], object],
+                           exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs.
+
+    Tensors whose storage is one of ``exclude`` (the model's parameters) are not activations
+    and are not counted; a storage saved by several operations is counted once.
+    """
+    skip = {p.untyped_storage().data_ptr() for p in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in skip and ptr != 0:
+            storages[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def activation_bytes_per_token(cfg: ModelConfig, seq_len: int = 512, batch_size: int = 1,
+                               dtype: torch.dtype | None = torch.bfloat16) -> dict:
+    """Activation bytes per token, measured on the CPU at ``cfg``'s real width.
+
+    Builds the encoder with 1 and with 2 blocks (a small vocabulary: the embedding table does not
+    change activations), runs forward passes on ``batch_size`` texts of ``seq_len // 2`` and of
+    ``seq_len`` tokens under autocast to ``dtype`` (``None``: fp32) and counts the saved
+    tensors. The per-token figures are slopes between the two lengths, so what does not grow with
+    the tokens (autocast's bf16 weight copies, counted in :func:`static_bytes`) drops out.
+    Returns ``per_layer`` (bytes per token per block), ``outside_layers`` (embedding output,
+    final norm) and ``hidden_state`` (bytes per token of one block's input, what checkpointing
+    keeps).
+    """
+    shape = replace(cfg, vocab_size=256, num_new_layers=0)
+    lengths = (seq_len // 2, seq_len)
+    saved = {}
+    for layers in (1, 2):
+        encoder = build_encoder(replace(shape, num_hidden_layers=layers), seed=0)
+        encoder.train()
+        for length in lengths:
+            ids = torch.randint(0, shape.vocab_size, (batch_size, length))
+
+            def forward(encoder=encoder, ids=ids):
+                context = (torch.autocast("cpu", dtype=dtype) if dtype is not None
+                           else nullcontext())
+                with context:
+                    encoder(input_ids=ids, attention_mask=torch.ones_like(ids)
+                            ).last_hidden_state.float().mean(1)
+
+            saved[layers, length] = saved_activation_bytes(forward, exclude=encoder.parameters())
+    tokens = batch_size * (lengths[1] - lengths[0])
+    one = (saved[1, lengths[1]] - saved[1, lengths[0]]) / tokens
+    two = (saved[2, lengths[1]] - saved[2, lengths[0]]) / tokens
+    element = torch.finfo(dtype).bits // 8 if dtype is not None else 4
+    return {"per_layer": two - one, "outside_layers": 2 * one - two,
+            "hidden_state": cfg.hidden_size * element, "seq_len": seq_len,
+            "dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32"}
+
+
+def static_bytes(parameters: int, trainable: int | None = None, autocast: bool = True) -> dict:
+    """Weights, gradients and AdamW state in bytes for ``parameters`` (``trainable`` of them
+    trained): fp32 weights, fp32 gradients and two fp32 moments per trainable parameter, and a
+    bf16 weight copy under autocast."""
+    trainable = parameters if trainable is None else trainable
+    parts = {"weights": 4 * parameters, "gradients": 4 * trainable,
+             "optimizer": 8 * trainable, "autocast_copy": 2 * parameters if autocast else 0}
+    return {**parts, "total": sum(parts.values())}
+
+
+def training_memory_plan(cfg: ModelConfig, training: TrainingConfig,
+                         batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
+                         seq_len: int | None = None, measure_seq_len: int = 512) -> list[dict]:
+    """GPU memory estimate (GiB) of one training step of the expanded retriever for each batch
+    size, with and without gradient checkpointing, under bf16 autocast.
+
+    A step encodes ``B`` queries of ``max_query_length`` tokens and ``B·(1+K)`` passages of
+    ``seq_len`` (default ``max_passage_length``) tokens; both forward passes stay alive until
+    the backward pass. Long-text passages fill their maximum length, so padding is not modelled.
+    """
+    seq_len = seq_len or cfg.max_passage_length
+    per = activation_bytes_per_token(cfg, seq_len=min(seq_len, measure_seq_len))
+    layers = cfg.num_hidden_layers + cfg.num_new_layers
+    static = static_bytes(parameter_count_from_config(cfg))
+    rows = []
+    for batch in batch_sizes:
+        passage_tokens = batch * (1 + training.num_hard_negatives) * seq_len
+        tokens = batch * cfg.max_query_length + passage_tokens
+        full = tokens * (per["per_layer"] * layers + per["outside_layers"])
+        # checkpointing keeps each block's input; the block being recomputed holds its own
+        # activations for the largest forward pass (the passages)
+        checkpointed = tokens * (per["hidden_state"] * layers + per["outside_layers"]) \
+            + passage_tokens * per["per_layer"]
+        for ckpt, act in ((False, full), (True, checkpointed)):
+            rows.append({"batch_size": batch, "tokens_per_step": tokens,
+                         "gradient_checkpointing": ckpt, "static_gib": static["total"] / GIB,
+                         "activations_gib": act / GIB,
+                         "total_gib": (static["total"] + act) / GIB})
+    return rows
+
+
+def largest_batches(plan: Sequence[dict], gpus: dict[str, float],
+                    reserve_gib: float = CUDA_CONTEXT_GIB) -> dict[str, dict[str, int]]:
+    """For each GPU (name -> GiB), the largest batch of ``plan`` that fits with ``reserve_gib``
+    kept free, without (``plain``) and with gradient checkpointing; 0 when none fits."""
+    def best(gib, ckpt):
+        return max([r["batch_size"] for r in plan if r["gradient_checkpointing"] == ckpt
+                    and r["total_gib"] + reserve_gib <= gib], default=0)
+
+    return {name: {"plain": best(gib, False), "checkpointing": best(gib, True)}
+            for name, gib in gpus.items()}
