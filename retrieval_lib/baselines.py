@@ -1,4 +1,5 @@
-"""Baselines: BM25 (jieba + bm25s), the lexical floor of every table.
+"""Baselines on the shared test set: BM25 (jieba + bm25s), the lexical floor of every table, and
+BGE-M3, the state of the art every model is compared with.
 
 BM25 also mines the hard negatives of the offline demo corpus (:mod:`retrieval_lib.data`).
 """
@@ -11,7 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["tokenize_zh", "BM25Retriever"]
+__all__ = ["tokenize_zh", "BM25Retriever", "evaluate_bm25", "BGE_M3", "HYBRID_WEIGHTS",
+           "BGE_M3_MODES", "lexical_score", "colbert_score", "bge_m3_available",
+           "BGEM3Retriever", "evaluate_bge_m3", "bm25_baseline", "bge_m3_baseline"]
 
 _KEEP = re.compile(r"\w", re.UNICODE)
 
@@ -67,3 +70,263 @@ class BM25Retriever:
             order = sorted(range(len(row_ids)), key=lambda j: (-row_scores[j], row_ids[j]))
             results.append([(int(row_ids[j]), float(row_scores[j])) for j in order])
         return results
+
+
+def evaluate_bm25(split, ks: Sequence[int] = (5, 10, 100), top_k: int = 100, k1: float = 1.5,
+                  b: float = 0.75) -> dict:
+    """BM25 over the split's deduplicated passage corpus, scored like the dense retrievers
+    (:func:`~retrieval_lib.evaluation.evaluate_retriever`): same queries, corpus and qrels."""
+    from .evaluation import qrels_for_split, score_run
+
+    query_ids, queries, qrels, corpus = qrels_for_split(split)
+    hits = BM25Retriever(corpus, k1=k1, b=b).search(queries, k=top_k)
+    run = {qid: {f"d{j}": score for j, score in row} for qid, row in zip(query_ids, hits,
+                                                                          strict=True)}
+    result = score_run(qrels, run, ks)
+    result["corpus_size"] = len(corpus)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# BGE-M3: dense (CLS, normalised), sparse (lexical weights) and multi-vector (ColBERT) scores
+# from one XLM-R forward pass, as in Chen et al. 2024 and FlagEmbedding's M3 embedder, computed
+# here with ``transformers`` and the two head files of the checkpoint (no FlagEmbedding needed).
+# ---------------------------------------------------------------------------------------------
+
+BGE_M3 = "BAAI/bge-m3"
+#: Weights of dense, sparse and multi-vector scores in the hybrid score.
+HYBRID_WEIGHTS = (1.0, 0.3, 1.0)
+BGE_M3_MODES = ("dense", "sparse", "colbert", "hybrid")
+_HEADS = ("sparse_linear.pt", "colbert_linear.pt")
+
+
+def lexical_score(query: dict, passage: dict) -> float:
+    """Sum over the tokens both texts contain of the product of their weights.
+
+    >>> round(lexical_score({1: 0.5, 2: 0.2}, {2: 0.4, 3: 1.0}), 6)
+    0.08
+    """
+    return float(sum(w * passage[t] for t, w in query.items() if t in passage))
+
+
+def colbert_score(query: np.ndarray, passage: np.ndarray) -> float:
+    """Late interaction: the mean over query token vectors of their best passage token match.
+
+    >>> colbert_score(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 0.0], [0.6, 0.8]]))
+    0.9
+
+    A text with no token vectors (nothing after CLS) matches nothing: the score is 0.
+    """
+    if len(query) == 0 or len(passage) == 0:
+        return 0.0
+    return float((query @ passage.T).max(axis=1).mean())
+
+
+def bge_m3_available(name_or_path: str = BGE_M3) -> bool:
+    """True when ``name_or_path`` is a local folder, or a hub id that is cached or reachable."""
+    import os
+
+    if os.path.isdir(name_or_path):
+        return True
+    from .experiment import hub_has
+
+    return not os.path.isabs(name_or_path) and hub_has(name_or_path, "model")
+
+
+class BGEM3Retriever:
+    """BGE-M3 (or any XLM-R checkpoint with M3 heads) from a hub id or a local folder.
+
+    ``heads=False`` loads the encoder alone (dense retrieval only). The head files
+    ``sparse_linear.pt`` and ``colbert_linear.pt`` are read with ``weights_only=True``.
+    """
+
+    def __init__(self, name_or_path: str = BGE_M3, heads: bool = True, device=None,
+                 dtype=None, max_length: int = 8192):
+        import torch
+        from transformers import AutoTokenizer
+
+        from .modeling import load_encoder
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None and self.device.type == "cuda":
+            dtype = torch.float16
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        self.encoder = load_encoder(name_or_path, dtype=dtype).to(self.device).eval()
+        self.max_length = max_length
+        special = (self.tokenizer.cls_token_id, self.tokenizer.eos_token_id,
+                   self.tokenizer.pad_token_id, self.tokenizer.unk_token_id,
+                   self.tokenizer.bos_token_id, self.tokenizer.sep_token_id)
+        self.unused_tokens = {t for t in special if t is not None}
+        self.sparse_linear = self.colbert_linear = None
+        if heads:
+            hidden = self.encoder.config.hidden_size
+            states = [self._load_head(name_or_path, name) for name in _HEADS]
+            self.sparse_linear = torch.nn.Linear(hidden, 1)
+            out = states[1]["weight"].shape[0]
+            self.colbert_linear = torch.nn.Linear(hidden, out)
+            for module, state in zip((self.sparse_linear, self.colbert_linear), states,
+                                     strict=True):
+                module.load_state_dict(state)
+                module.to(self.device, dtype=next(self.encoder.parameters()).dtype).eval()
+
+    @staticmethod
+    def _load_head(name_or_path: str, filename: str) -> dict:
+        import os
+
+        import torch
+
+        if os.path.isdir(name_or_path):
+            path = os.path.join(name_or_path, filename)
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"{path} is missing: a BGE-M3 folder holds the sparse and ColBERT heads "
+                    f"({', '.join(_HEADS)}) beside the encoder; download the whole repository "
+                    f"(huggingface-cli download {BGE_M3} --local-dir DIR) or pass heads=False "
+                    f"for dense retrieval only")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(name_or_path, filename)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 16, max_length: int | None = None,
+               sparse: bool = False, colbert: bool = False) -> dict:
+        """``dense`` (N x H, L2-normalised CLS states), and on request ``sparse`` (per text,
+        token id -> weight, the max over repeats, special tokens dropped) and ``colbert`` (per
+        text, normalised vectors of every token after CLS). Texts are encoded in batches of
+        similar length."""
+        import torch
+
+        if (sparse or colbert) and self.sparse_linear is None:
+            raise ValueError("sparse and ColBERT scores need the M3 heads (heads=True)")
+        max_length = max_length or self.max_length
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        dense = np.zeros((len(texts), self.encoder.config.hidden_size), dtype=np.float32)
+        lexical, vectors = [None] * len(texts), [None] * len(texts)
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                index = order[start:start + batch_size]
+                batch = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
+                                       max_length=max_length, return_tensors="pt").to(self.device)
+                hidden = self.encoder(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"]).last_hidden_state
+                cls = torch.nn.functional.normalize(hidden[:, 0].float(), dim=-1)
+                dense[index] = cls.cpu().numpy()
+                if sparse:
+                    weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1).float().cpu()
+                    for row, i in enumerate(index):
+                        ids = batch["input_ids"][row].tolist()
+                        lexical[i] = self._token_weights(weights[row].tolist(), ids)
+                if colbert:
+                    vecs = self.colbert_linear(hidden[:, 1:]).float()
+                    vecs = torch.nn.functional.normalize(vecs, dim=-1).cpu().numpy()
+                    lengths = batch["attention_mask"].sum(1).tolist()
+                    for row, i in enumerate(index):
+                        vectors[i] = vecs[row, : lengths[row] - 1]
+        out = {"dense": dense}
+        if sparse:
+            out["sparse"] = lexical
+        if colbert:
+            out["colbert"] = vectors
+        return out
+
+    def _token_weights(self, weights: list[float], ids: list[int]) -> dict[int, float]:
+        result: dict[int, float] = {}
+        for w, t in zip(weights, ids, strict=True):
+            if t not in self.unused_tokens and w > 0 and w > result.get(t, 0.0):
+                result[t] = w
+        return result
+
+
+def evaluate_bge_m3(retriever: BGEM3Retriever, split, ks: Sequence[int] = (5, 10, 100),
+                    top_k: int = 100, modes: Sequence[str] = BGE_M3_MODES,
+                    weights: Sequence[float] = HYBRID_WEIGHTS, batch_size: int = 16,
+                    query_max_length: int = 512) -> dict[str, dict]:
+    """BGE-M3 on a split: dense retrieval over the whole corpus (exact inner product); the
+    sparse, ColBERT and hybrid (``w·(dense, sparse, colbert)``) scores rerank the dense top-k,
+    as the BGE-M3 paper does for long documents. Returns a ``score_run`` result per mode."""
+    from .evaluation import exact_search, qrels_for_split, run_from_search, score_run
+
+    unknown = set(modes) - set(BGE_M3_MODES)
+    if unknown:
+        raise ValueError(f"unknown BGE-M3 mode(s) {sorted(unknown)}; choose from {BGE_M3_MODES}")
+    query_ids, queries, qrels, corpus = qrels_for_split(split)
+    multi = any(m != "dense" for m in modes)
+    q = retriever.encode(queries, batch_size, query_max_length, sparse=multi, colbert=multi)
+    p = retriever.encode(corpus, batch_size, sparse=multi, colbert=multi)
+    scores, indices = exact_search(q["dense"], p["dense"], top_k)
+    doc_ids = [f"d{j}" for j in range(len(corpus))]
+    results = {}
+    if "dense" in modes:
+        results["dense"] = score_run(qrels, run_from_search(query_ids, doc_ids, scores, indices),
+                                     ks)
+    if multi:
+        runs = {m: {} for m in ("sparse", "colbert", "hybrid")}
+        for qi, qid in enumerate(query_ids):
+            for m in runs:
+                runs[m][qid] = {}
+            for dense, j in zip(scores[qi], indices[qi], strict=True):
+                if j < 0:
+                    continue
+                s = lexical_score(q["sparse"][qi], p["sparse"][j])
+                c = colbert_score(q["colbert"][qi], p["colbert"][j])
+                runs["sparse"][qid][doc_ids[j]] = s
+                runs["colbert"][qid][doc_ids[j]] = c
+                runs["hybrid"][qid][doc_ids[j]] = (weights[0] * float(dense) + weights[1] * s
+                                                   + weights[2] * c)
+        results.update({m: score_run(qrels, runs[m], ks) for m in runs if m in modes})
+    for result in results.values():
+        result["corpus_size"] = len(corpus)
+    return results
+
+
+def bm25_baseline(split, preset: str, k1: float = 1.5, b: float = 0.75,
+                  root=None) -> dict:
+    """BM25 on ``split``, saved as the baseline run ``runs/<preset>/bm25``; returns its result."""
+    from .results import save_baseline_run
+
+    result = evaluate_bm25(split, k1=k1, b=b)
+    save_baseline_run("bm25", result, preset,
+                      {"title": "BM25（jieba 分词 + bm25s）", "model_name": "BM25",
+                       "parameters": None, "k1": k1, "b": b}, root=root)
+    return result
+
+
+def bge_m3_baseline(split, preset: str, name_or_path: str = BGE_M3, run: bool = True,
+                    modes: Sequence[str] = BGE_M3_MODES, max_length: int = 8192,
+                    query_max_length: int = 512, batch_size: int = 16, root=None) -> dict:
+    """BGE-M3 on ``split`` when its weights can be loaded, each mode saved as a baseline run
+    (``bge_m3`` is dense, ``bge_m3-<mode>`` the others); otherwise ``bge_m3`` is recorded as
+    not run, with the reason and how to run it, and no number is written.
+
+    Returns ``{"status": "done", "results": {mode: score_run}}`` or
+    ``{"status": "not run", "reason": ..., "how_to_run": ...}``.
+    """
+    from .modeling import count_parameters
+    from .results import record_not_run, save_baseline_run
+
+    how = (f"download the model (huggingface-cli download {BGE_M3} --local-dir DIR) on a machine "
+           f"with access and pass `-p bge_m3_path DIR`, or set HF_ENDPOINT to a mirror; then run "
+           f"notebook 04 again (a GPU is advisable: 568M parameters, texts up to {max_length} "
+           f"tokens)")
+    if not run:
+        reason = "not asked for (run_bge_m3=False)"
+    elif not bge_m3_available(name_or_path):
+        reason = (f"{name_or_path!r} is neither a local folder nor reachable on the Hugging Face "
+                  f"hub from this machine")
+    else:
+        model = BGEM3Retriever(name_or_path, heads=any(m != "dense" for m in modes),
+                               max_length=max_length)
+        results = evaluate_bge_m3(model, split, modes=modes, batch_size=batch_size,
+                                  query_max_length=query_max_length)
+        parameters = count_parameters(model.encoder)
+        for mode, result in results.items():
+            save_baseline_run("bge_m3" if mode == "dense" else f"bge_m3-{mode}", result, preset,
+                              {"title": f"BGE-M3（{mode}）", "model_name": "BGE-M3",
+                               "parameters": parameters, "source": name_or_path, "mode": mode,
+                               "max_length": max_length, "hybrid_weights": HYBRID_WEIGHTS},
+                              root=root)
+        return {"status": "done", "results": results}
+    record_not_run("bge_m3", preset, reason, how, root=root)
+    print(f"BGE-M3 not run: {reason}.\nTo run it: {how}.")
+    return {"status": "not run", "reason": reason, "how_to_run": how}

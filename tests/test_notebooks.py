@@ -12,8 +12,11 @@ ALL = notebook_utils.notebook_paths(NOTEBOOKS)
 
 
 def test_notebooks_come_in_course_order():
-    assert [p.stem for p in ALL][:4] == ["01_data_preprocessing", "02_loss_and_gradients",
-                                         "03_train_minimind27", "03_train_minimind108"]
+    assert [p.stem for p in ALL] == ["01_data_preprocessing", "02_loss_and_gradients",
+                                     "03_train_minimind27", "03_train_minimind38",
+                                     "03_train_minimind108", "03_train_minimind186",
+                                     "03_train_qwen2_613", "04_bge_m3_baseline",
+                                     "05_results_and_plots"]
 
 
 @pytest.mark.parametrize("path", ALL, ids=[p.stem for p in ALL])
@@ -92,9 +95,105 @@ def check_03_train_minimind108(summary, home):
     return ["metrics_vs_data_size", "training_curves"]
 
 
+#: The report's expansions: parameters after expansion (full shapes), within 5%.
+REPORT_EXPANDED_PARAMETERS = {"minimind38_96k": 38e6, "minimind186_288k": 186e6,
+                              "qwen2_613_288k": 613e6}
+
+
+def _check_expansion(summary, home, experiment, base_experiment):
+    assert (summary["experiment"], summary["base_experiment"]) == (experiment, base_experiment)
+    params = summary["parameters"]
+    full = params["full"]
+    assert abs(full["after"] / REPORT_EXPANDED_PARAMETERS[experiment] - 1) < 0.05, full
+    demo = params["demo"]
+    # the count from the config equals the count of the model that was actually trained
+    assert (demo["before"], demo["after"]) == (params["measured_before"], params["measured_after"])
+    assert demo["layers_after"] - demo["layers_before"] == len(summary["new_layers"]) == 2
+    assert summary["inits"] == ["random", "identity"]
+    base = summary["runs"]["base"]
+    assert Path(base["run_dir"]).parent == home / "runs" / "demo"
+    assert Path(base["run_dir"]).name == base_experiment
+    for init in summary["inits"]:
+        run = summary["runs"][init]
+        _learned(run)
+        _run_folder_complete(run["run_dir"])
+        # the whole schedule ran: no new layer, then one, then both
+        assert [len(x) for x in run["trainable_new_layers"]] == [0, 1, 2]
+        assert run["trainable_new_layers"][-1] == summary["new_layers"]
+    assert Path(summary["runs"]["identity"]["run_dir"]).name == f"{experiment}-identity"
+    # identity initialisation computes the base model's function: untrained results coincide
+    gaps = summary["untrained_max_difference"]
+    assert set(gaps) == {"random", "identity"} and gaps["identity"] < 0.02
+    tests = summary["paired_tests"]
+    assert {f"扩容（{i}）− 对照 · ndcg@10" for i in summary["inits"]} <= set(tests)
+    assert "identity − random · recall@100" in tests
+    return ["test_metrics", "training_curves", "unfreeze_schedule"]
+
+
+def check_03_train_minimind38(summary, home):
+    return _check_expansion(summary, home, "minimind38_96k", "minimind27_10k")
+
+
+def check_03_train_minimind186(summary, home):
+    return _check_expansion(summary, home, "minimind186_288k", "minimind108_288k")
+
+
+def check_03_train_qwen2_613(summary, home):
+    figures = _check_expansion(summary, home, "qwen2_613_288k", "qwen2_494_288k")
+    plan = summary["memory_plan"]
+    rows = {(r["batch_size"], r["gradient_checkpointing"]): r for r in plan["rows"]}
+    # static memory: 16 bytes per parameter (fp32 weights, grads, AdamW) + 2 (bf16 copy)
+    after = summary["parameters"]["full"]["after"]
+    assert rows[1, False]["static_gib"] == pytest.approx(18 * after / 1024**3)
+    assert rows[8, True]["total_gib"] < rows[8, False]["total_gib"]
+    # 613M parameters do not train in fp32 AdamW with a batch of 8 on a 12 GB card
+    assert plan["max_batch"]["RTX 3060"]["plain"] < 8
+    return sorted(figures + ["memory_plan"])
+
+
+def check_04(summary, home):
+    bge = summary["bge_m3"]
+    # offline: BGE-M3 is recorded as not run, with how to run it, and no number anywhere
+    assert bge["status"] == "not run" and "BAAI/bge-m3" in bge["reason"]
+    assert "bge_m3_path" in bge["how_to_run"] and bge["modes"] == {}
+    folder = home / "runs" / "demo" / "bge_m3"
+    assert (folder / "not_run.json").exists() and not (folder / "metrics.json").exists()
+    # BM25 is scored on the very corpus and queries the trained models were tested on
+    trained = json.loads((home / "runs" / "demo" / "minimind27_10k" / "metrics.json").read_text())
+    assert summary["corpus_size"] == trained["test"]["corpus_size"]
+    assert summary["test_queries"] == 300
+    assert 0 < summary["bm25"]["ndcg@5"] <= summary["bm25"]["recall@5"] <= 1
+    _run_folder_complete_baseline(home / "runs" / "demo" / "bm25")
+    return ["baselines"]
+
+
+def _run_folder_complete_baseline(run_dir):
+    assert {"config.json", "metrics.json", "env.json"} <= {p.name for p in run_dir.iterdir()}
+
+
+def check_05(summary, home):
+    saved = {p.name for p in (home / "runs" / "demo").iterdir()}
+    # every demo run of every notebook is in the table: 7 experiments, 3 ablations, 2 baselines
+    assert set(summary["runs"]) == saved and len(saved) == 12
+    assert summary["reference"] == "bm25" and set(summary["not_run"]) == {"bge_m3"}
+    assert set(summary["ndcg@5"]) == saved - {"bge_m3"}
+    assert summary["data_scaling"] == {"MiniMind-108M (demo)": {
+        "minimind108_10k": 600, "minimind108_96k": 1200, "minimind108_288k": 1800}}
+    report = Path(summary["report"])
+    assert report == home / "reports" / "results_demo.md"
+    text = report.read_text(encoding="utf-8")
+    assert all(f"| {name} |" in text for name in saved)
+    return ["data_scaling", "efficiency_frontier", "metric_bars", "per_query_distributions",
+            "training_curves"]
+
+
 CHECKS = {"01_data_preprocessing": check_01, "02_loss_and_gradients": check_02,
           "03_train_minimind27": check_03_train_minimind27,
-          "03_train_minimind108": check_03_train_minimind108}
+          "03_train_minimind38": check_03_train_minimind38,
+          "03_train_minimind108": check_03_train_minimind108,
+          "03_train_minimind186": check_03_train_minimind186,
+          "03_train_qwen2_613": check_03_train_qwen2_613,
+          "04_bge_m3_baseline": check_04, "05_results_and_plots": check_05}
 
 
 def test_every_notebook_has_a_demo_check():
@@ -103,7 +202,9 @@ def test_every_notebook_has_a_demo_check():
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """One project home for all demo runs, so the prepared data and demo LMs are shared."""
+    """One project home for all demo runs, so the prepared data and demo LMs are shared and
+    the later notebooks (expansions, baselines, results) read the earlier ones' runs: the
+    demo runs are meant to run together, in course order."""
     return tmp_path_factory.mktemp("home")
 
 

@@ -1,0 +1,112 @@
+"""BM25 and BGE-M3 on the shared evaluation path; BGE-M3 on a tiny random XLM-R built here."""
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from retrieval_lib import baselines, evaluation, tokenizer
+
+DOCS = ["长江流域今年防汛形势严峻", "黄河下游引水灌溉", "足球联赛今天开幕", "新年音乐会在北京举行",
+        "铁路春运客流创新高", "港口吞吐量稳步增长"]
+
+
+def _split():
+    rows = []
+    for query, doc in [("长江防汛", 0), ("足球联赛", 2), ("新年音乐会", 3), ("铁路春运", 4)]:
+        negatives = [DOCS[(doc + 1) % len(DOCS)], DOCS[(doc + 3) % len(DOCS)]]
+        rows.append({"query": query, "source": "toy", "positive_passages": [{"text": DOCS[doc]}],
+                     "negative_passages": [{"text": t} for t in negatives]})
+    return Dataset.from_list(rows)
+
+
+def test_bm25_is_scored_on_the_same_corpus_and_qrels_as_dense_models():
+    split = _split()
+    result = baselines.evaluate_bm25(split, ks=(1, 5))
+    query_ids, queries, qrels, corpus = evaluation.qrels_for_split(split)
+    assert result["corpus_size"] == len(corpus) == 6
+    # by hand: every query shares words only with its own positive, so BM25 ranks it first
+    hits = baselines.BM25Retriever(corpus).search(queries, k=1)
+    for qid, row in zip(query_ids, hits, strict=True):
+        assert set(qrels[qid]) == {f"d{row[0][0]}"}
+    assert result["aggregate"]["recall@1"]["mean"] == result["aggregate"]["mrr"]["mean"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_m3(tmp_path_factory):
+    """A 2-layer XLM-R with random weights and random M3 heads, saved like BAAI/bge-m3."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    folder = tmp_path_factory.mktemp("bge-m3-tiny")
+    tok = tokenizer.train_bpe_tokenizer(DOCS * 3 + ["长江防汛", "足球联赛"], vocab_size=300)
+    cfg = XLMRobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=130, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    XLMRobertaModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    torch.save(torch.nn.Linear(32, 1).state_dict(), folder / "sparse_linear.pt")
+    torch.save(torch.nn.Linear(32, 32).state_dict(), folder / "colbert_linear.pt")
+    return folder
+
+
+def test_bge_m3_vectors_match_a_direct_computation(tiny_m3):
+    m3 = baselines.BGEM3Retriever(str(tiny_m3), device="cpu")
+    texts = ["长江长江流域", "足球", "新年音乐会在北京举行"]
+    out = m3.encode(texts, batch_size=2, sparse=True, colbert=True)
+    for i, text in enumerate(texts):  # one at a time, no padding: the same numbers
+        ids = m3.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = m3.encoder(**ids).last_hidden_state[0]
+            cls = torch.nn.functional.normalize(hidden[0], dim=-1).numpy()
+            weights = torch.relu(m3.sparse_linear(hidden)).squeeze(-1).tolist()
+            colbert = torch.nn.functional.normalize(m3.colbert_linear(hidden[1:]), dim=-1)
+        np.testing.assert_allclose(out["dense"][i], cls, atol=1e-5)
+        np.testing.assert_allclose(out["colbert"][i], colbert.numpy(), atol=1e-5)
+        expected = {}
+        for w, t in zip(weights, ids["input_ids"][0].tolist(), strict=True):
+            if t not in m3.unused_tokens and w > 0:
+                expected[t] = max(expected.get(t, 0.0), w)  # max over repeated tokens
+        assert out["sparse"][i].keys() == expected.keys()
+        for t, w in expected.items():
+            assert out["sparse"][i][t] == pytest.approx(w, abs=1e-5)
+    assert np.allclose(np.linalg.norm(out["dense"], axis=1), 1.0, atol=1e-5)
+
+
+def test_bge_m3_modes_rerank_the_dense_candidates(tiny_m3):
+    m3 = baselines.BGEM3Retriever(str(tiny_m3), device="cpu")
+    split = _split()
+    results = baselines.evaluate_bge_m3(m3, split, ks=(1, 5), top_k=3)
+    assert set(results) == set(baselines.BGE_M3_MODES)
+    assert all(r["corpus_size"] == 6 for r in results.values())
+    # the hybrid score of the first query's candidates, by hand from the encoded vectors
+    query_ids, queries, qrels, corpus = evaluation.qrels_for_split(split)
+    q = m3.encode(queries[:1], sparse=True, colbert=True)
+    p = m3.encode(corpus, sparse=True, colbert=True)
+    scores, indices = evaluation.exact_search(q["dense"], p["dense"], 3)
+    w = baselines.HYBRID_WEIGHTS
+    hybrid = {f"d{j}": w[0] * s + w[1] * baselines.lexical_score(q["sparse"][0], p["sparse"][j])
+              + w[2] * baselines.colbert_score(q["colbert"][0], p["colbert"][j])
+              for s, j in zip(scores[0], indices[0], strict=True)}
+    best = max(hybrid, key=hybrid.get)
+    assert results["hybrid"]["per_query"]["recall@1"]["q0"] == (1.0 if best in qrels["q0"] else 0.0)
+    # reranking only reorders the dense top-k: recall at k=top_k is the same in every mode
+    dense_r3 = baselines.evaluate_bge_m3(m3, split, ks=(3,), top_k=3)
+    for mode in ("sparse", "colbert", "hybrid"):
+        assert dense_r3[mode]["per_query"]["recall@3"] == dense_r3["dense"]["per_query"]["recall@3"]
+
+
+def test_bge_m3_missing_heads_are_named(tiny_m3, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no-heads"
+    shutil.copytree(tiny_m3, folder)
+    (folder / "colbert_linear.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="colbert_linear.pt is missing"):
+        baselines.BGEM3Retriever(str(folder), device="cpu")
+    dense_only = baselines.BGEM3Retriever(str(folder), heads=False, device="cpu")
+    assert dense_only.encode(["足球"])["dense"].shape == (1, 32)
+    with pytest.raises(ValueError, match="need the M3 heads"):
+        dense_only.encode(["足球"], sparse=True)
+    assert baselines.bge_m3_available(str(folder))
+    assert not baselines.bge_m3_available(str(tmp_path / "nowhere"))
