@@ -6,6 +6,12 @@ demo corpus); ``run_experiment`` measures the untrained retriever, trains it, ev
 epoch on the shared test set and writes the run folder that the results notebook reads:
 ``config.json``, ``history.json``, ``metrics.json`` (test metrics with per-query values) and
 ``env.json`` (versions, device, preset, seed, wall time).
+
+From a shell (one process, or several with ``torchrun``)::
+
+    python -m retrieval_lib.experiment --experiment minimind27_10k --preset demo
+    torchrun --nproc_per_node 4 -m retrieval_lib.experiment --experiment minimind108_288k \\
+        --preset full --data-dir /data/bge-m3-data
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .config import ExperimentConfig, cache_path, get_experiment, project_root, variant
-from .data import DataUnavailableError, Splits, find_source_files
+from .data import DataUnavailableError, Splits, find_source_files, prepare_data
+from .distributed import is_main, main_first
 from .evaluation import evaluate_retriever, paired_test
 from .expansion import UnfreezeSchedule, expand_layers
 from .modeling import DualTowerRetriever, count_parameters, parameter_count_from_config
@@ -167,13 +174,15 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
               "train_records": len(train), "data_manifest": {
                   "fingerprint": splits.manifest["fingerprint"],
                   "splits": splits.manifest["splits"]}}
-    (out / "config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2),
-                                     encoding="utf-8")
     metrics = {"experiment": exp.name, "preset": exp.preset, "best_epoch": history["best_epoch"],
                "test": metrics_block(test, seed), "untrained": metrics_block(untrained, seed)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    env = {**environment_info(exp.preset, seed), "wall_time_s": wall}
-    (out / "env.json").write_text(json.dumps(env, indent=2), encoding="utf-8")
+    env = {**environment_info(exp.preset, seed), "wall_time_s": wall,
+           "world_size": history["world_size"]}
+    if is_main():  # under torchrun every process evaluates the same model; one writes
+        for name, payload in (("config.json", config), ("metrics.json", metrics),
+                              ("env.json", env)):
+            (out / name).write_text(json.dumps(payload, ensure_ascii=False, indent=2),
+                                    encoding="utf-8")
     return {"out_dir": out, "history": history, "untrained": untrained, "test": test,
             "parameters": parameters, "expansion": expansion, "wall_time_s": wall}
 
@@ -344,3 +353,38 @@ def expansion_summary(exp: ExperimentConfig, base_exp: ExperimentConfig, base_in
         "paired_tests": expansion_comparisons(base_run, runs),
         "untrained_max_difference": untrained_gaps(base_run, runs),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one experiment of the report from the command line (see the module docstring)."""
+    import argparse
+
+    from .config import EXPERIMENTS, with_overrides
+
+    parser = argparse.ArgumentParser(description="Train and evaluate one experiment.")
+    parser.add_argument("--experiment", required=True, choices=EXPERIMENTS)
+    parser.add_argument("--preset", default="auto", choices=("full", "demo", "auto"))
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--model-path", default="")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int, help="queries per process and step")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    args = parser.parse_args(argv)
+    exp = with_overrides(get_experiment(args.experiment, args.preset), data_dir=args.data_dir,
+                         model_path=args.model_path, epochs=args.epochs,
+                         batch_size=args.batch_size, learning_rate=args.learning_rate,
+                         gradient_checkpointing=args.gradient_checkpointing)
+    if exp.preset == "full":
+        check_full_inputs(exp)
+    # the main process prepares data and the demo base model first; the others read its caches
+    splits = main_first(lambda: prepare_data(exp.data))
+    exp, base_info = main_first(lambda: prepare_base_model(exp, splits))
+    result = run_experiment(exp, splits, base_info, show_progress=is_main())
+    if is_main():
+        print(json.dumps(result_summary(result), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

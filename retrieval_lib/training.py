@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from .config import TrainingConfig
+from .distributed import barrier, cross_device_info_nce, init_from_env, is_main
 from .evaluation import evaluate_retriever
-from .losses import info_nce
 
 __all__ = ["set_seed", "RetrievalCollator", "make_optimizer", "enable_checkpointing",
            "train_retriever",
@@ -135,6 +135,12 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
     metrics, wall time, whether it was the best so far), ``best_epoch``, ``stopped_early`` and
     the negative-sampling counts. Writes ``history.json``, ``train.log`` and the best model to
     ``out_dir/best``.
+
+    Under ``torchrun`` every process trains its share of each epoch (``DistributedSampler``,
+    ``batch_size`` queries per process), the model is wrapped in DDP and every query meets the
+    passages of all processes (:func:`~retrieval_lib.distributed.cross_device_info_nce`). Each
+    process validates the same (synchronised) model, so all take the same early-stopping
+    decisions; only the main process writes files and prints.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -142,30 +148,53 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    handler = _file_logger(out)
+    rank, world, local_rank = init_from_env()
+    main = is_main()
+    show_progress = show_progress and main
+    handler = _file_logger(out) if main else None
     try:
         set_seed(cfg.seed)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cuda = f"cuda:{local_rank}" if world > 1 else "cuda"
+        device = torch.device(device or (cuda if torch.cuda.is_available() else "cpu"))
         model.to(device)
         if cfg.gradient_checkpointing:
             enable_checkpointing(model.encoder)
         autocast, scaler = _autocast(device)
         fallback = [p["text"] for row in train for p in row["positive_passages"]]
-        collator = RetrievalCollator(model, cfg.num_hard_negatives, fallback, cfg.seed)
-        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collator,
-                            drop_last=len(train) >= cfg.batch_size,
-                            generator=torch.Generator().manual_seed(cfg.seed))
+        collator = RetrievalCollator(model, cfg.num_hard_negatives, fallback, cfg.seed + rank)
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True,
+                                         seed=cfg.seed, drop_last=True)
+            loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler,
+                                collate_fn=collator, drop_last=True)
+            # every parameter is trainable when DDP registers them; layers the schedule
+            # freezes later simply send no gradient
+            step_model = DistributedDataParallel(
+                model, device_ids=[local_rank] if device.type == "cuda" else None,
+                find_unused_parameters=unfreeze is not None)
+        else:
+            sampler = None
+            loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True,
+                                collate_fn=collator, drop_last=len(train) >= cfg.batch_size,
+                                generator=torch.Generator().manual_seed(cfg.seed))
+            step_model = model
         total_steps = cfg.epochs * len(loader)
         optimizer = make_optimizer(model, cfg)
         schedule = get_linear_schedule_with_warmup(
             optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
         history = {"steps": [], "epochs": [], "best_epoch": None, "stopped_early": False,
                    "validation_metric": VALIDATION_METRIC, "total_steps": total_steps,
-                   "device": str(device)}
+                   "device": str(device), "world_size": world,
+                   "global_batch_size": cfg.batch_size * world}
         logger.info("training on %s: %d records, %d steps, %s", device, len(train), total_steps,
                     cfg)
         best, patience_left, step = -math.inf, cfg.early_stopping_patience, 0
         for epoch in range(1, cfg.epochs + 1):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             model.train()
             trainable_new = unfreeze.apply(model.encoder, epoch) if unfreeze else None
             start, epoch_losses = time.perf_counter(), []
@@ -174,8 +203,8 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                 qi = {k: v.to(device) for k, v in batch["query_inputs"].items()}
                 pi = {k: v.to(device) for k, v in batch["passage_inputs"].items()}
                 with autocast:
-                    q, p = model(qi, pi)
-                loss = info_nce(q, p, cfg.temperature)
+                    q, p = step_model(qi, pi)
+                loss = cross_device_info_nce(q, p, cfg.temperature)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} "
                                              f"(epoch {epoch}); last finite loss: "
@@ -203,7 +232,9 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
             if improved:
                 best, patience_left = metrics[VALIDATION_METRIC], cfg.early_stopping_patience
                 history["best_epoch"] = epoch
-                model.save(out / "best")
+                if main:
+                    model.save(out / "best")
+                barrier()
             else:
                 patience_left -= 1
             record = {"epoch": epoch, "train_loss": float(np.mean(epoch_losses)),
@@ -222,8 +253,10 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                 break
         history["short_negatives"] = collator.short_negatives
         history["random_negatives"] = collator.random_negatives
-        (out / "history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
+        if main:
+            (out / "history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
         return history
     finally:
-        logger.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()

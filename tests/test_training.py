@@ -112,7 +112,8 @@ def test_gradient_checkpointing_changes_memory_not_results(tok, tmp_path):
 
 def test_non_finite_loss_stops_with_the_step(tok, tmp_path, monkeypatch):
     train, val = Dataset.from_list(_records(16, 6)), Dataset.from_list(_records(8, 7))
-    monkeypatch.setattr(training, "info_nce", lambda q, p, t: (q.sum() + p.sum()) * float("nan"))
+    monkeypatch.setattr(training, "cross_device_info_nce",
+                        lambda q, p, t: (q.sum() + p.sum()) * float("nan"))
     with pytest.raises(FloatingPointError, match="at step 1 "):
         training.train_retriever(_model(tok), train, val, _cfg(), tmp_path, show_progress=False)
 
@@ -161,6 +162,11 @@ def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
     with pytest.raises(experiment.MissingInputsError) as err:
         experiment.check_full_inputs(local)
     assert "model " not in str(err.value) and "does not exist" in str(err.value)
+    # the command line (single process or torchrun) stops the same way, before any work
+    with pytest.raises(experiment.MissingInputsError, match="minimind-v1"):
+        experiment.main(["--experiment", "minimind108_10k", "--preset", "full"])
+    with pytest.raises(SystemExit):
+        experiment.main(["--experiment", "minimind999", "--preset", "demo"])
 
 
 def _toy_experiment(tok, tmp_path):

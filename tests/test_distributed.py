@@ -1,0 +1,107 @@
+"""Cross-device negatives: 2 gloo processes on the CPU equal one process on the global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from retrieval_lib import distributed
+from retrieval_lib.losses import info_nce
+
+N, K, DIM, TAU = 3, 2, 8, 0.05  # local queries per process, hard negatives, width, temperature
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(DIM, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6))
+
+
+def _embed(model, x):
+    return torch.nn.functional.normalize(model(x), dim=-1)
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2 * N, DIM, generator=g), torch.randn(2 * N * (1 + K), DIM, generator=g)
+
+
+def _worker(rank, world, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        queries, passages = _global_batch()
+        q = queries[rank * N:(rank + 1) * N]  # the local share of the global batch
+        p = passages[rank * N * (1 + K):(rank + 1) * N * (1 + K)]
+        loss = distributed.cross_device_info_nce(_embed(model, q), _embed(model, p), TAU)
+        loss.backward()  # DDP averages the parameter gradients over the 2 processes
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        if rank == 0:
+            torch.save({"loss": mean_loss / world,
+                        "grads": [p.grad for p in model.module.parameters()]}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_step_equals_the_single_process_global_step(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "out.pt")),
+             nprocs=2, join=True)
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    model = _model()
+    queries, passages = _global_batch()
+    loss = info_nce(_embed(model, queries), _embed(model, passages), TAU)
+    loss.backward()
+    assert torch.allclose(result["loss"], loss.detach(), atol=1e-6)
+    for got, want in zip(result["grads"], [p.grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_process_group_it_is_plain_info_nce():
+    q, p = torch.randn(2, 4), torch.randn(6, 4)
+    assert not distributed.is_distributed()
+    assert distributed.gather_with_grad(p) is p
+    assert torch.equal(distributed.cross_device_info_nce(q, p, TAU), info_nce(q, p, TAU))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_retriever_under_torchrun_keeps_the_processes_in_step(tmp_path):
+    from safetensors.torch import load_file
+
+    topics = ["长江", "黄河", "足球", "音乐", "电力", "旅游", "法律", "外交", "农业", "气象"]
+    records = [{"query": f"{topics[i % 10]}{topics[(i * 3) % 10]}{i}", "source": "toy",
+                "positive_passages": [{"text": f"{topics[i % 10]}新闻，{topics[(i * 3) % 10]}。"}],
+                "negative_passages": [{"text": f"{topics[(i + 1) % 10]}报道"}]} for i in range(40)]
+    (tmp_path / "records.json").write_text(json.dumps(records, ensure_ascii=False))
+    worker = Path(__file__).with_name("ddp_train_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), str(worker), str(tmp_path / "records.json"),
+         str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    history = json.loads((run / "history.json").read_text())
+    # 32 records, 4 queries per process, 2 processes: 4 steps per epoch, 2 epochs
+    assert (history["world_size"], history["global_batch_size"]) == (2, 8)
+    assert history["total_steps"] == 8 and len(history["steps"]) == 8
+    assert [e["trainable_new_layers"] for e in history["epochs"]] == [[], [1]]
+    # DDP keeps the two replicas identical: same weights, bit for bit, after training
+    ranks = [load_file(str(run / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    # ...and they trained: the loss of the second epoch is below the first's
+    assert history["epochs"][1]["train_loss"] < history["epochs"][0]["train_loss"]
+    assert (run / "best" / "head.safetensors").exists()
+    assert (run / "train.log").read_text().count("training on") == 1  # one process logs
