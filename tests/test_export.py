@@ -1,0 +1,45 @@
+"""A retriever exported for sentence-transformers encodes exactly as the retriever does."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_lib import config, tokenizer
+from retrieval_lib.export import export_sentence_transformer
+from retrieval_lib.modeling import DualTowerRetriever
+
+QUERIES = ["长江防汛", "足球联赛今天开幕了吗", "新年音乐会"]
+PASSAGES = ["长江流域今年防汛形势严峻，各地加强巡查。" * 3, "黄河下游引水灌溉", "足球联赛今天开幕",
+            "新年音乐会在北京举行，观众反响热烈。" * 4]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer.train_bpe_tokenizer((QUERIES + PASSAGES) * 5, vocab_size=300)
+
+
+@pytest.mark.parametrize("base, separate", [(config.MINIMIND_27M, False),
+                                            (config.QWEN2_05B, False),
+                                            (config.MINIMIND_27M, True)],
+                         ids=["llama-mean", "qwen2-last-token", "separate-projections"])
+def test_sentence_transformers_vectors_equal_the_retrievers(tok, tmp_path, base, separate):
+    from sentence_transformers import SentenceTransformer
+
+    cfg = replace(base, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=64, vocab_size=len(tok),
+                  max_query_length=8, max_passage_length=24, projection_dim=16,
+                  separate_projections=separate)
+    torch.manual_seed(0)
+    model = DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False).eval()
+    st = SentenceTransformer(str(export_sentence_transformer(model, tmp_path / "st")),
+                             device="cpu")
+    # the long texts are truncated: each side must keep its own maximum length
+    q_ours, p_ours = model.encode_queries(QUERIES), model.encode_passages(PASSAGES)
+    q_st, p_st = st.encode_query(QUERIES), st.encode_document(PASSAGES)
+    assert np.min(np.sum(q_ours * q_st, axis=1)) >= 0.9999
+    assert np.min(np.sum(p_ours * p_st, axis=1)) >= 0.9999
+    assert np.allclose(np.linalg.norm(p_st, axis=1), 1.0, atol=1e-5)
+    if separate:  # the two routes really differ
+        assert np.max(np.abs(st.encode_query(PASSAGES) - p_st)) > 1e-3
