@@ -42,6 +42,21 @@ def project_root() -> Path:
     return here if (here / "pyproject.toml").exists() else Path.cwd().resolve()
 
 
+def set_project_home(path: str | os.PathLike | None) -> Path:
+    """Put caches, runs, outputs and figures under ``path`` (sets ``RETRIEVAL_HOME``); empty
+    keeps the default. In Colab a path under ``/content/drive`` mounts Google Drive first, so
+    prepared data, pretrained models and runs survive the session."""
+    if path:
+        path = Path(path).expanduser()
+        if str(path).startswith("/content/drive") and not Path("/content/drive/MyDrive").exists():
+            from google.colab import drive  # only reachable inside Colab
+
+            drive.mount("/content/drive")
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ["RETRIEVAL_HOME"] = str(path)
+    return project_root()
+
+
 def cache_path(cfg: DataConfig) -> Path:
     """Folder for downloaded and prepared data of ``cfg`` (``cfg.cache_dir`` or the default)."""
     return Path(cfg.cache_dir) if cfg.cache_dir else project_root() / "data_cache"

@@ -107,3 +107,12 @@ def test_variant_renames_and_overrides_reach_the_model():
         "minimind186_288k", "copy", 3)
     kept = config.with_overrides(exp, expansion_init=None, unfreeze_every="")
     assert kept.model == exp.model
+
+
+def test_project_home_parameter_moves_every_output(monkeypatch, tmp_path):
+    monkeypatch.delenv("RETRIEVAL_HOME", raising=False)
+    default = config.project_root()
+    assert config.set_project_home("") == default  # empty: unchanged
+    home = tmp_path / "drive" / "course"
+    assert config.set_project_home(str(home)) == home.resolve() and home.is_dir()
+    assert config.cache_path(config.get_data_config("demo")) == home.resolve() / "data_cache"
