@@ -134,6 +134,7 @@ class TrainingConfig:
     warmup_ratio: float = 0.1  # linear warm-up over this fraction of steps, then linear decay
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    grad_cache_chunk_size: int = 0  # >0: GradCache, embedding this many texts at a time
     early_stopping_patience: int = 3  # epochs without validation improvement before stopping
     seed: int = SEED
 

@@ -370,11 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="queries per process and step")
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    parser.add_argument("--grad-cache-chunk-size", type=int,
+                        help="GradCache: embed this many texts at a time (large batches)")
     args = parser.parse_args(argv)
     exp = with_overrides(get_experiment(args.experiment, args.preset), data_dir=args.data_dir,
                          model_path=args.model_path, epochs=args.epochs,
                          batch_size=args.batch_size, learning_rate=args.learning_rate,
-                         gradient_checkpointing=args.gradient_checkpointing)
+                         gradient_checkpointing=args.gradient_checkpointing,
+                         grad_cache_chunk_size=args.grad_cache_chunk_size)
     if exp.preset == "full":
         check_full_inputs(exp)
     # the main process prepares data and the demo base model first; the others read its caches

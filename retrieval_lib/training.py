@@ -123,6 +123,28 @@ def _file_logger(out_dir: Path) -> logging.Handler:
     return handler
 
 
+def _grad_cache_step(model, step_model, qi, pi, cfg: TrainingConfig, autocast, scaler,
+                     world: int) -> torch.Tensor:
+    """One GradCache step (:mod:`retrieval_lib.gradcache`); under DDP the gradients are
+    averaged over the processes here, as DDP's own hooks do not see the chunked passes."""
+    from .gradcache import cached_contrastive_step
+
+    sync_off = step_model.no_sync() if world > 1 else nullcontext()
+    with sync_off:
+        loss = cached_contrastive_step(
+            model, qi, pi, lambda q, p: cross_device_info_nce(q, p, cfg.temperature),
+            cfg.grad_cache_chunk_size, autocast,
+            scaler.scale if scaler is not None else None)
+    if world > 1:
+        import torch.distributed as dist
+
+        for param in model.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad /= world
+    return loss
+
+
 def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str | Path,
                     device: str | torch.device | None = None, show_progress: bool = True,
                     eval_batch_size: int = 32, unfreeze=None) -> dict:
@@ -202,18 +224,21 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                               disable=not show_progress):
                 qi = {k: v.to(device) for k, v in batch["query_inputs"].items()}
                 pi = {k: v.to(device) for k, v in batch["passage_inputs"].items()}
-                with autocast:
-                    q, p = step_model(qi, pi)
-                loss = cross_device_info_nce(q, p, cfg.temperature)
+                if cfg.grad_cache_chunk_size:
+                    loss = _grad_cache_step(model, step_model, qi, pi, cfg, autocast, scaler,
+                                            world)
+                else:
+                    with autocast:
+                        q, p = step_model(qi, pi)
+                    loss = cross_device_info_nce(q, p, cfg.temperature)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} "
                                              f"(epoch {epoch}); last finite loss: "
                                              f"{history['steps'][-1]['loss'] if step else None}")
+                if not cfg.grad_cache_chunk_size:
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
                 if scaler is not None:
-                    scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 if scaler is not None:
                     scaler.step(optimizer)

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 
-def main(records_file: str, out_dir: str) -> None:
+def main(records_file: str, out_dir: str, grad_cache_chunk_size: str = "0") -> None:
     import torch
     from datasets import Dataset
     from safetensors.torch import save_file
@@ -30,7 +30,8 @@ def main(records_file: str, out_dir: str) -> None:
     train = Dataset.from_list(records[:32])
     validation = Dataset.from_list(records[32:])
     tcfg = config.TrainingConfig(epochs=2, batch_size=4, learning_rate=1e-3,
-                                 num_hard_negatives=1, early_stopping_patience=5)
+                                 num_hard_negatives=1, early_stopping_patience=5,
+                                 grad_cache_chunk_size=int(grad_cache_chunk_size))
     training.train_retriever(model, train, validation, tcfg, out_dir, show_progress=False,
                              unfreeze=UnfreezeSchedule(new, every=1))
     rank = torch.distributed.get_rank()
@@ -40,4 +41,4 @@ def main(records_file: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -76,7 +77,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_train_retriever_under_torchrun_keeps_the_processes_in_step(tmp_path):
+@pytest.mark.parametrize("grad_cache", [0, 3], ids=["plain", "grad-cache"])
+def test_train_retriever_under_torchrun_keeps_the_processes_in_step(tmp_path, grad_cache):
     from safetensors.torch import load_file
 
     topics = ["长江", "黄河", "足球", "音乐", "电力", "旅游", "法律", "外交", "农业", "气象"]
@@ -89,7 +91,8 @@ def test_train_retriever_under_torchrun_keeps_the_processes_in_step(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--master_port", str(_free_port()), str(worker), str(tmp_path / "records.json"),
-         str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+         str(tmp_path / "run"), str(grad_cache)], env=env, capture_output=True, text=True,
+        timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     history = json.loads((run / "history.json").read_text())

@@ -110,6 +110,19 @@ def test_gradient_checkpointing_changes_memory_not_results(tok, tmp_path):
         [s["loss"] for s in checkpointed["steps"]], abs=1e-5)
 
 
+def test_grad_cache_changes_memory_not_results(tok, tmp_path):
+    train, val = Dataset.from_list(_records(32, 10)), Dataset.from_list(_records(8, 11))
+    plain = training.train_retriever(_model(tok), train, val, _cfg(epochs=1), tmp_path / "a",
+                                     show_progress=False)
+    cached = training.train_retriever(_model(tok), train, val,
+                                      _cfg(epochs=1, grad_cache_chunk_size=5), tmp_path / "b",
+                                      show_progress=False)
+    assert [s["loss"] for s in plain["steps"]] == pytest.approx(
+        [s["loss"] for s in cached["steps"]], abs=1e-5)
+    assert plain["epochs"][0]["val_ndcg@10"] == pytest.approx(
+        cached["epochs"][0]["val_ndcg@10"], abs=1e-6)
+
+
 def test_non_finite_loss_stops_with_the_step(tok, tmp_path, monkeypatch):
     train, val = Dataset.from_list(_records(16, 6)), Dataset.from_list(_records(8, 7))
     monkeypatch.setattr(training, "cross_device_info_nce",

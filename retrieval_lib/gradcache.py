@@ -1,0 +1,84 @@
+"""Cached contrastive loss (GradCache, Gao et al. 2021): large InfoNCE batches in small memory.
+
+InfoNCE couples every query with every passage of the batch, so the batch cannot simply be
+split into gradient-accumulation pieces. GradCache splits the *computation* instead:
+
+1. embed the queries and passages chunk by chunk **without** an autograd graph;
+2. compute the loss on the full batch of (detached) embeddings and back-propagate it to the
+   embeddings only, which gives ``∂L/∂e`` for every embedding;
+3. embed each chunk again **with** a graph and back-propagate ``∂L/∂e`` through it
+   (``(e · ∂L/∂e).sum().backward()``), accumulating the parameter gradients.
+
+By the chain rule the parameter gradients equal those of the plain full-batch step; activation
+memory is that of one chunk. The price is a second forward pass. The random state of each chunk
+is replayed, so dropout draws the same masks in both passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+
+import torch
+
+__all__ = ["split_inputs", "cached_contrastive_step"]
+
+
+def split_inputs(inputs: dict[str, torch.Tensor], size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive slices of ``size`` rows of every tensor in ``inputs``."""
+    rows = next(iter(inputs.values())).shape[0]
+    for start in range(0, rows, size):
+        yield {k: v[start:start + size] for k, v in inputs.items()}
+
+
+def _rng_state(device: torch.device):
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def cached_contrastive_step(model, query_inputs: dict, passage_inputs: dict,
+                            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                            chunk_size: int, autocast=None,
+                            scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+                            ) -> torch.Tensor:
+    """Accumulate into ``model``'s parameters the gradients of ``loss_fn(q, p)`` over the whole
+    batch, embedding ``chunk_size`` texts at a time; returns the (detached) loss.
+
+    ``model`` is a :class:`~retrieval_lib.modeling.DualTowerRetriever` (its ``embed``);
+    ``autocast`` wraps every forward pass; ``scale`` (e.g. a GradScaler's ``scale``) is applied
+    to the loss before its backward pass, so the replayed gradients carry the same scale.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    autocast = autocast or nullcontext()
+    device = query_inputs["input_ids"].device
+    jobs, parts = [], {"query": [], "passage": []}
+    with torch.no_grad():
+        for tower, inputs in (("query", query_inputs), ("passage", passage_inputs)):
+            for chunk in split_inputs(inputs, chunk_size):
+                state = _rng_state(device)
+                with autocast:
+                    parts[tower].append(model.embed(chunk["input_ids"], chunk["attention_mask"],
+                                                    tower))
+                jobs.append((tower, chunk, state))
+    q = torch.cat(parts["query"]).detach().requires_grad_()
+    p = torch.cat(parts["passage"]).detach().requires_grad_()
+    loss = loss_fn(q, p)
+    (scale(loss) if scale is not None else loss).backward()
+    grads = {"query": q.grad.split(chunk_size), "passage": p.grad.split(chunk_size)}
+    seen = {"query": 0, "passage": 0}
+    after = _rng_state(device)
+    for tower, chunk, state in jobs:
+        _set_rng_state(state, device)
+        with autocast:
+            embedding = model.embed(chunk["input_ids"], chunk["attention_mask"], tower)
+        (embedding * grads[tower][seen[tower]]).sum().backward()
+        seen[tower] += 1
+    _set_rng_state(after, device)
+    return loss.detach()
