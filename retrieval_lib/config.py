@@ -135,6 +135,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     grad_cache_chunk_size: int = 0  # >0: GradCache, embedding this many texts at a time
+    group_by_length: bool = True  # batches of similar-length records (single process)
     early_stopping_patience: int = 3  # epochs without validation improvement before stopping
     seed: int = SEED
 

@@ -185,19 +185,22 @@ class DualTowerRetriever(nn.Module):
 
     # -- tokenisation ---------------------------------------------------------------------------
 
-    def tokenize(self, texts: Sequence[str], tower: str = "query") -> dict[str, torch.Tensor]:
-        """Tokenise with truncation; for ``last_token`` pooling every text ends with EOS."""
+    def tokenize(self, texts: Sequence[str], tower: str = "query",
+                 pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+        """Tokenise with truncation, padding to the longest text (rounded up to
+        ``pad_to_multiple_of``); for ``last_token`` pooling every text ends with EOS."""
         max_length = self.max_query_length if tower == "query" else self.max_passage_length
         tok = self.tokenizer
         if self.pooling != "last_token":
-            return tok(list(texts), padding=True, truncation=True, max_length=max_length,
+            ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        else:
+            if tok.eos_token_id is None:
+                raise ValueError("last_token pooling needs a tokenizer with an EOS token")
+            enc = tok(list(texts), truncation=True, max_length=max_length - 1)
+            ids = [x if x and x[-1] == tok.eos_token_id else x + [tok.eos_token_id]
+                   for x in enc["input_ids"]]
+        return tok.pad({"input_ids": ids}, padding=True, pad_to_multiple_of=pad_to_multiple_of,
                        return_tensors="pt")
-        if tok.eos_token_id is None:
-            raise ValueError("last_token pooling needs a tokenizer with an EOS token")
-        enc = tok(list(texts), truncation=True, max_length=max_length - 1, padding=False)
-        ids = [x if x and x[-1] == tok.eos_token_id else x + [tok.eos_token_id]
-               for x in enc["input_ids"]]
-        return tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
 
     # -- forward --------------------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ from .config import TrainingConfig
 from .distributed import barrier, cross_device_info_nce, init_from_env, is_main
 from .evaluation import evaluate_retriever
 
-__all__ = ["set_seed", "RetrievalCollator", "make_optimizer", "enable_checkpointing",
-           "train_retriever",
+__all__ = ["set_seed", "RetrievalCollator", "LengthGroupedBatchSampler", "make_optimizer",
+           "enable_checkpointing", "train_retriever",
            "VALIDATION_METRIC"]
 
 #: The validation metric that picks the best epoch.
@@ -54,13 +54,28 @@ class RetrievalCollator:
     """
 
     def __init__(self, model, num_hard_negatives: int, fallback_passages: Sequence[str],
-                 seed: int):
+                 seed: int, pad_to_multiple_of: int | None = 8):
         self.model = model
         self.k = num_hard_negatives
         self.fallback = list(fallback_passages)
         self.rng = random.Random(seed)
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.short_negatives = 0
         self.random_negatives = 0
+        self.tokens = 0  # attention-mask positions, padding included
+        self.pad_tokens = 0
+
+    @property
+    def pad_fraction(self) -> float:
+        """Share of the token positions of all batches so far that were padding."""
+        return self.pad_tokens / self.tokens if self.tokens else 0.0
+
+    def _tokenize(self, texts: list[str], tower: str) -> dict:
+        enc = self.model.tokenize(texts, tower, pad_to_multiple_of=self.pad_to_multiple_of)
+        mask = enc["attention_mask"]
+        self.tokens += mask.numel()
+        self.pad_tokens += int(mask.numel() - mask.sum())
+        return enc
 
     def __call__(self, rows: list[dict]) -> dict:
         queries, passages = [], []
@@ -81,8 +96,50 @@ class RetrievalCollator:
                 chosen = pool[: self.k]
             passages.append(positive)
             passages.extend(chosen)
-        return {"query_inputs": self.model.tokenize(queries, "query"),
-                "passage_inputs": self.model.tokenize(passages, "passage")}
+        return {"query_inputs": self._tokenize(queries, "query"),
+                "passage_inputs": self._tokenize(passages, "passage")}
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of records of similar length, in random order (as BGE-M3 trains on long texts).
+
+    Each epoch the records are shuffled, cut into groups of ``group_batches`` batches, sorted by
+    length inside each group and cut into batches; the batch order is shuffled again. Batches
+    then hold texts of similar length, so dynamic padding wastes little, while every epoch still
+    sees a different random composition. ``lengths[i]`` is the length of record i (characters
+    of its query and positive passage).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int,
+                 drop_last: bool = True, group_batches: int = 16):
+        self.lengths = list(lengths)
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self.group = batch_size * group_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        batches = []
+        for start in range(0, len(order), self.group):
+            group = sorted(order[start:start + self.group], key=lambda i: self.lengths[i])
+            batches += [group[i:i + self.batch_size] for i in range(0, len(group),
+                                                                     self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        rng.shuffle(batches)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        sizes = [min(self.group, len(self.lengths) - s)
+                 for s in range(0, len(self.lengths), self.group)]
+        if self.drop_last:
+            return sum(size // self.batch_size for size in sizes)
+        return sum(math.ceil(size / self.batch_size) for size in sizes)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -197,6 +254,13 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
             step_model = DistributedDataParallel(
                 model, device_ids=[local_rank] if device.type == "cuda" else None,
                 find_unused_parameters=unfreeze is not None)
+        elif cfg.group_by_length:
+            lengths = [len(row["query"]) + len(row["positive_passages"][0]["text"])
+                       for row in train]
+            sampler = LengthGroupedBatchSampler(lengths, cfg.batch_size, cfg.seed,
+                                                drop_last=len(train) >= cfg.batch_size)
+            loader = DataLoader(train, batch_sampler=sampler, collate_fn=collator)
+            step_model = model
         else:
             sampler = None
             loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True,
@@ -278,6 +342,8 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                 break
         history["short_negatives"] = collator.short_negatives
         history["random_negatives"] = collator.random_negatives
+        history["pad_fraction"] = collator.pad_fraction
+        history["group_by_length"] = bool(cfg.group_by_length and world == 1)
         if main:
             (out / "history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
         return history

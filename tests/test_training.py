@@ -299,3 +299,40 @@ def test_expansion_gaps_and_comparisons_by_hand():
     assert tests["identity − random · ndcg@10"]["mean_difference"] == pytest.approx(0.25)
     assert set(experiment.expansion_comparisons(None, runs)) == {
         "identity − random · ndcg@10", "identity − random · recall@100"}
+
+
+def test_length_grouped_batches_cover_the_data_and_cut_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 1000) for _ in range(203)]
+    sampler = training.LengthGroupedBatchSampler(lengths, batch_size=8, seed=1, group_batches=4)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) and all(len(b) == 8 for b in batches)
+    seen = [i for b in batches for i in b]
+    assert len(seen) == len(set(seen)) and len(set(range(203)) - set(seen)) < 4 * 8
+    keep = training.LengthGroupedBatchSampler(lengths, 8, seed=1, drop_last=False)
+    assert sorted(i for b in keep for i in b) == list(range(203)) and len(list(keep)) == len(keep)
+
+    def padding(batch_list):  # padded positions if every batch pads to its longest record
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)
+                   for b in batch_list)
+
+    shuffled = list(range(203))
+    rng.shuffle(shuffled)
+    random_batches = [shuffled[i:i + 8] for i in range(0, 200, 8)]
+    assert padding(batches) < padding(random_batches) / 3
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # a new order every epoch, reproducible from the seed
+    sampler.set_epoch(0)
+    assert list(sampler) == batches
+
+
+def test_collator_pads_to_a_multiple_of_eight_and_counts_padding(tok):
+    model = _model(tok)
+    collator = training.RetrievalCollator(model, 1, [], seed=0)
+    batch = collator(_records(3, 2, k=2))
+    for part in ("query_inputs", "passage_inputs"):
+        assert batch[part]["input_ids"].shape[1] % 8 == 0
+    masks = [batch[p]["attention_mask"] for p in ("query_inputs", "passage_inputs")]
+    total = sum(m.numel() for m in masks)
+    assert collator.pad_fraction == pytest.approx(sum(int((m == 0).sum()) for m in masks) / total)
+    assert 0 < collator.pad_fraction < 1
