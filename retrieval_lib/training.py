@@ -315,6 +315,7 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                 epoch_losses.append(loss.item())
                 history["steps"].append({"step": step, "epoch": epoch, "loss": loss.item(),
                                          "lr": schedule.get_last_lr()[0]})
+            train_time = time.perf_counter() - start
             val = evaluate_retriever(model, validation, ks=(10,), batch_size=eval_batch_size)
             metrics = {m: val["aggregate"][m]["mean"] for m in ("recall@10", "ndcg@10", "mrr")}
             improved = metrics[VALIDATION_METRIC] > best
@@ -329,7 +330,9 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
             record = {"epoch": epoch, "train_loss": float(np.mean(epoch_losses)),
                       "trainable_new_layers": trainable_new,
                       **{f"val_{k}": v for k, v in metrics.items()},
-                      "best": improved, "time_s": time.perf_counter() - start}
+                      "best": improved, "time_s": time.perf_counter() - start,
+                      "train_time_s": train_time,
+                      "train_samples": len(epoch_losses) * cfg.batch_size * world}
             history["epochs"].append(record)
             logger.info("epoch %d: %s", epoch, record)
             if show_progress:
