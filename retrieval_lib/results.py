@@ -178,7 +178,8 @@ def collect_runs(preset: str, root: str | os.PathLike | None = None) -> dict[str
     """
     folder = runs_root(preset, root)
     runs = {}
-    for path in sorted(p for p in folder.glob("*") if p.is_dir()) if folder.exists() else []:
+    paths = [p for p in folder.glob("*") if p.is_dir()] if folder.exists() else []
+    for path in sorted(paths, key=lambda p: _course_order(p.name)):
         if (path / "metrics.json").exists():
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
             metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
@@ -202,6 +203,19 @@ def collect_runs(preset: str, root: str | os.PathLike | None = None) -> dict[str
             runs[path.name] = {"name": path.name, "kind": "baseline", "status": "not run",
                                "reason": marker["reason"], "how_to_run": marker["how_to_run"]}
     return runs
+
+
+def _course_order(name: str) -> tuple:
+    """Experiments in the report's order (an ablation right after its experiment), then the
+    baselines (BGE-M3 first), then anything else by name."""
+    from .config import EXPERIMENTS
+
+    base, _, variant = name.partition("-")
+    if base in EXPERIMENTS:
+        return (0, EXPERIMENTS.index(base), variant)
+    if base in ("bge_m3", "bm25"):
+        return (1, ("bge_m3", "bm25").index(base), variant)
+    return (2, 0, name)
 
 
 def reference_system(runs: dict[str, dict]) -> str | None:
@@ -324,7 +338,7 @@ def write_markdown_report(table, preset: str, root: str | os.PathLike | None = N
                   "numbers show that the pipeline works, not how the real models compare.", ""]
     path = Path(root or project_root()) / "reports" / f"results_{preset}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + markdown_table(table), encoding="utf-8")
+    path.write_text("\n".join(lines) + "\n" + markdown_table(table), encoding="utf-8")
     return path
 
 
