@@ -21,9 +21,15 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["rank_documents", "score_run", "aggregate", "bootstrap_ci", "paired_test",
-           "summarize_metrics", "exact_search", "run_from_search", "qrels_for_split",
-           "evaluate_embeddings", "evaluate_retriever", "metrics_table"]
+__all__ = ["REPORT_METRICS", "HEADLINE_METRICS", "rank_documents", "score_run", "aggregate",
+           "bootstrap_ci", "paired_test", "summarize_metrics", "summarize_systems",
+           "exact_search", "run_from_search", "qrels_for_split", "evaluate_embeddings",
+           "evaluate_retriever", "metrics_table"]
+
+#: The metrics of the report's tables, in its order; the first four head every table and figure.
+REPORT_METRICS = ("recall@5", "precision@5", "ndcg@5", "mrr", "recall@10", "ndcg@10",
+                  "recall@100")
+HEADLINE_METRICS = REPORT_METRICS[:4]
 
 Qrels = Mapping[str, Mapping[str, int]]
 Run = Mapping[str, Mapping[str, float]]
@@ -121,6 +127,14 @@ def summarize_metrics(result: dict, metrics: Sequence[str] | None = None, seed: 
         rows.append({"metric": metric, "mean": agg["mean"], "std": agg["std"], "ci_low": low,
                      "ci_high": high, "n": agg["n"]})
     return pd.DataFrame(rows).set_index("metric")
+
+
+def summarize_systems(results: Mapping[str, dict], metrics: Sequence[str] | None = None,
+                      seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """``{system: {metric: {mean, std, ci_low, ci_high, n}}}`` for labelled ``score_run``
+    results: what the bar charts and curves of :mod:`retrieval_lib.plotting` take."""
+    return {label: summarize_metrics(result, metrics, seed).to_dict(orient="index")
+            for label, result in results.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,11 +25,11 @@ from pathlib import Path
 from .config import ExperimentConfig, cache_path, get_experiment, project_root, variant
 from .data import DataUnavailableError, Splits, find_source_files, prepare_data
 from .distributed import is_main, main_first
-from .evaluation import evaluate_retriever, paired_test
+from .evaluation import REPORT_METRICS, evaluate_retriever, paired_test
 from .expansion import UnfreezeSchedule, expand_layers
 from .modeling import DualTowerRetriever, count_parameters, parameter_count_from_config
 from .pretraining import PretrainConfig, pretrain_demo_lm
-from .results import environment_info, metrics_block, scores_from_block
+from .results import environment_info, load_run, metrics_block
 from .tokenizer import tokenizer_for_preset
 from .training import set_seed, train_retriever
 
@@ -38,10 +38,6 @@ __all__ = ["MissingInputsError", "hub_has", "check_full_inputs", "prepare_base_m
            "expansion_parameters", "run_expansion_with_ablation", "untrained_gaps",
            "expansion_comparisons", "expansion_systems", "expansion_summary",
            "REPORT_METRICS"]
-
-#: The metrics of the report's tables, in its order.
-REPORT_METRICS = ("recall@5", "precision@5", "ndcg@5", "mrr", "recall@10", "ndcg@10",
-                  "recall@100")
 
 
 class MissingInputsError(FileNotFoundError):
@@ -185,26 +181,6 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
                                     encoding="utf-8")
     return {"out_dir": out, "history": history, "untrained": untrained, "test": test,
             "parameters": parameters, "expansion": expansion, "wall_time_s": wall}
-
-
-def load_run(path: str | Path) -> dict:
-    """A finished run folder read back in :func:`run_experiment`'s return shape (plus
-    ``config``), so a notebook can compare against a run another notebook made."""
-    out = Path(path)
-    missing = [n for n in ("config.json", "history.json", "metrics.json", "env.json")
-               if not (out / n).exists()]
-    if missing:
-        raise FileNotFoundError(f"{out} is not a finished run: {', '.join(missing)} missing")
-
-    def read(name):
-        return json.loads((out / name).read_text(encoding="utf-8"))
-
-    config, metrics = read("config.json"), read("metrics.json")
-    return {"out_dir": out, "config": config, "history": read("history.json"),
-            "untrained": scores_from_block(metrics["untrained"]),
-            "test": scores_from_block(metrics["test"]),
-            "parameters": config["parameters"], "expansion": config["expansion"],
-            "wall_time_s": read("env.json")["wall_time_s"]}
 
 
 def _same_setup(saved: dict, exp: ExperimentConfig, splits: Splits) -> bool:

@@ -23,15 +23,16 @@ from importlib import metadata
 from pathlib import Path
 
 from .config import project_root
+from .evaluation import HEADLINE_METRICS
 
 __all__ = ["environment_info", "default_output_dir", "save_summary", "load_summary",
-           "metrics_block", "scores_from_block", "runs_root", "save_baseline_run",
+           "metrics_block", "scores_from_block", "load_run", "runs_root", "save_baseline_run",
            "record_not_run", "collect_runs", "reference_system", "report_table",
            "markdown_table", "write_markdown_report", "system_summaries", "efficiency_points",
            "data_scaling_groups", "TABLE_METRICS", "PUBLISHED_RESULTS"]
 
 #: The metrics of the report's tables.
-TABLE_METRICS = ("recall@5", "precision@5", "ndcg@5", "mrr")
+TABLE_METRICS = HEADLINE_METRICS
 
 #: Numbers the original report published, ``{experiment: {metric: mean}}``, shown beside the
 #: measured ones and labelled as published. Empty: the report's tables are not in this
@@ -132,6 +133,36 @@ def scores_from_block(block: dict) -> dict:
             "corpus_size": block.get("corpus_size")}
 
 
+def load_run(path: str | os.PathLike) -> dict:
+    """A saved run folder read back: :func:`~retrieval_lib.experiment.run_experiment`'s return
+    shape (``out_dir``, ``test``, ``untrained``, ``history``, ``parameters``, ``expansion``,
+    ``wall_time_s``) plus ``config`` and ``kind``. A training run needs all four files; a
+    baseline (``kind: baseline``) has no history and no untrained row."""
+    out = Path(path)
+
+    def read(name):
+        return json.loads((out / name).read_text(encoding="utf-8"))
+
+    needed = ["config.json", "metrics.json", "env.json"]
+    kind = read("config.json").get("kind", "experiment") if (out / "config.json").exists() \
+        else "experiment"
+    if kind == "experiment":
+        needed.insert(1, "history.json")
+    missing = [n for n in needed if not (out / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{out} is not a finished run: {', '.join(missing)} missing")
+    config, metrics = read("config.json"), read("metrics.json")
+    run = {"out_dir": out, "config": config, "kind": kind,
+           "test": scores_from_block(metrics["test"]),
+           "parameters": config.get("parameters"), "expansion": config.get("expansion"),
+           "wall_time_s": read("env.json").get("wall_time_s")}
+    if "untrained" in metrics:
+        run["untrained"] = scores_from_block(metrics["untrained"])
+    if (out / "history.json").exists():
+        run["history"] = read("history.json")
+    return run
+
+
 def runs_root(preset: str, root: str | os.PathLike | None = None) -> Path:
     """``<root>/runs/<preset>``: where every run and baseline of a preset is saved."""
     return Path(root or project_root()) / "runs" / preset
@@ -181,23 +212,15 @@ def collect_runs(preset: str, root: str | os.PathLike | None = None) -> dict[str
     paths = [p for p in folder.glob("*") if p.is_dir()] if folder.exists() else []
     for path in sorted(paths, key=lambda p: _course_order(p.name)):
         if (path / "metrics.json").exists():
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
-            kind = config.get("kind", "experiment")
-            entry = {"name": path.name, "kind": kind, "status": "done", "path": str(path),
-                     "title": config.get("title", path.name),
-                     "model": (config.get("model") or {}).get("name", config.get("model_name")),
-                     "parameters": config.get("parameters"),
-                     "train_records": config.get("train_records"),
-                     "base_experiment": config.get("base_experiment"),
-                     "num_new_layers": (config.get("model") or {}).get("num_new_layers", 0),
-                     "expansion_init": (config.get("model") or {}).get("expansion_init"),
-                     "test": scores_from_block(metrics["test"])}
-            if "untrained" in metrics:
-                entry["untrained"] = scores_from_block(metrics["untrained"])
-            if (path / "history.json").exists():
-                entry["history"] = json.loads((path / "history.json").read_text(encoding="utf-8"))
-            runs[path.name] = entry
+            run = load_run(path)
+            config, model = run["config"], run["config"].get("model") or {}
+            runs[path.name] = {**run, "name": path.name, "status": "done",
+                               "title": config.get("title", path.name),
+                               "model": model.get("name", config.get("model_name")),
+                               "train_records": config.get("train_records"),
+                               "base_experiment": config.get("base_experiment"),
+                               "num_new_layers": model.get("num_new_layers", 0),
+                               "expansion_init": model.get("expansion_init")}
         elif (path / "not_run.json").exists():
             marker = json.loads((path / "not_run.json").read_text(encoding="utf-8"))
             runs[path.name] = {"name": path.name, "kind": "baseline", "status": "not run",
@@ -344,10 +367,10 @@ def write_markdown_report(table, preset: str, root: str | os.PathLike | None = N
 
 def system_summaries(runs: dict[str, dict], metrics=TABLE_METRICS, seed: int = 0) -> dict:
     """``{system: {metric: {mean, std, ci_low, ci_high, n}}}`` of every run that was done."""
-    from .evaluation import summarize_metrics
+    from .evaluation import summarize_systems
 
-    return {name: summarize_metrics(run["test"], list(metrics), seed=seed).to_dict(orient="index")
-            for name, run in runs.items() if run["status"] == "done"}
+    return summarize_systems({name: run["test"] for name, run in runs.items()
+                              if run["status"] == "done"}, list(metrics), seed)
 
 
 def efficiency_points(runs: dict[str, dict], metric: str = "ndcg@5", seed: int = 0) -> dict:
