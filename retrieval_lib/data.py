@@ -41,6 +41,8 @@ __all__ = [
     "DataUnavailableError",
     "LoadReport",
     "validate_record",
+    "traditional_characters",
+    "to_simplified",
     "from_flag_embedding",
     "read_jsonl",
     "find_source_files",
@@ -81,6 +83,10 @@ class LoadReport:
     dropped: Counter = field(default_factory=Counter)
     #: per-record repairs that lose no record, e.g. negatives equal to a positive removed
     repaired: Counter = field(default_factory=Counter)
+    #: records kept as they are but worth knowing about, e.g. ones with Traditional characters
+    flagged: Counter = field(default_factory=Counter)
+    #: files that held no record at all (lenient mode; strict mode raises)
+    empty_files: list[str] = field(default_factory=list)
     #: the first few problems, as "file:line: field: what", to show the user
     examples: list[str] = field(default_factory=list)
 
@@ -94,6 +100,8 @@ class LoadReport:
         self.kept += other.kept
         self.dropped.update(other.dropped)
         self.repaired.update(other.repaired)
+        self.flagged.update(other.flagged)
+        self.empty_files.extend(other.empty_files)
         self.examples.extend(other.examples[: max(0, 20 - len(self.examples))])
 
     def check(self) -> None:
@@ -107,6 +115,8 @@ class LoadReport:
             "kept": self.kept,
             "dropped": dict(sorted(self.dropped.items())),
             "repaired": dict(sorted(self.repaired.items())),
+            "flagged": dict(sorted(self.flagged.items())),
+            "empty_files": list(self.empty_files),
             "examples": list(self.examples),
         }
 
@@ -114,6 +124,54 @@ class LoadReport:
 # ---------------------------------------------------------------------------------------------
 # Schema and validation
 # ---------------------------------------------------------------------------------------------
+
+
+#: Longest text kept, in characters; longer ones are cut and counted (``text_truncated``).
+#: The longest BGE-M3 passages (8,192 tokens) are about 12,000 Chinese characters.
+MAX_TEXT_CHARS = 100_000
+
+
+def _traditional_table() -> dict[int, str]:
+    """Traditional -> Simplified for single characters: snownlp's table, restricted to
+    characters outside GB 2312 (the Simplified standard set). Its phrase entries rewrite
+    regional vocabulary (的士 -> 出租车) and some of its characters are ordinary Simplified ones
+    (余, 著, 乾), so neither counts as Traditional here."""
+    from snownlp.normal.zh import zh2hans
+
+    def in_gb2312(ch: str) -> bool:
+        try:
+            ch.encode("gb2312")
+        except UnicodeEncodeError:
+            return False
+        return True
+
+    return {ord(k): v for k, v in zh2hans.items()
+            if len(k) == 1 and len(v) == 1 and k != v and not in_gb2312(k)}
+
+
+_TRADITIONAL: dict[int, str] | None = None
+
+
+def traditional_characters(text: str) -> int:
+    """How many characters of ``text`` are Traditional forms with a Simplified counterpart.
+
+    >>> traditional_characters("漢字与简体")
+    1
+    """
+    global _TRADITIONAL
+    if _TRADITIONAL is None:
+        _TRADITIONAL = _traditional_table()
+    return sum(1 for ch in text if ord(ch) in _TRADITIONAL)
+
+
+def to_simplified(text: str) -> str:
+    """``text`` with every Traditional character replaced by its Simplified form.
+
+    >>> to_simplified("檢索與漢字")
+    '检索与汉字'
+    """
+    traditional_characters("")  # builds the table once
+    return text.translate(_TRADITIONAL)
 
 
 def _check_text(value, where: str, field_name: str) -> str:
@@ -144,12 +202,16 @@ def _check_passages(value, where: str, field_name: str, required: bool) -> list[
 
 
 def validate_record(obj, where: str = "<record>", source: str | None = None,
-                    report: LoadReport | None = None) -> dict:
+                    report: LoadReport | None = None, max_chars: int | None = MAX_TEXT_CHARS,
+                    simplify: bool = False) -> dict:
     """Check one unified record and return a clean copy.
 
     Raises :class:`DataError` naming ``where`` (``file:line``) and the field at fault. Within a
-    valid record, duplicate positives are merged and negatives identical to a positive are
-    removed; both are counted in ``report.repaired`` when a report is given.
+    valid record, duplicate positives are merged, positives identical to the query and
+    negatives identical to a positive are removed, texts longer than ``max_chars`` are cut;
+    each is counted in ``report.repaired`` when a report is given. A record whose only positive
+    is its query is an error (nothing to learn). Records with Traditional characters are counted
+    in ``report.flagged``; ``simplify=True`` converts them to Simplified (counted as repaired).
 
     >>> validate_record({"query": "q", "positive_passages": [{"text": "p"}, {"text": "p"}],
     ...                  "negative_passages": [{"text": "p"}, {"text": "n"}]})["negative_passages"]
@@ -183,12 +245,42 @@ def validate_record(obj, where: str = "<record>", source: str | None = None,
         clean_neg.append(n)
     if report is not None and len(unique_pos) < len(positives):
         report.repaired["duplicate_positive"] += len(positives) - len(unique_pos)
+    same_as_query = [p for p in unique_pos if _normalise(p["text"]) == _normalise(query)]
+    if same_as_query:
+        if len(same_as_query) == len(unique_pos):
+            raise DataError(f"{where}: field 'positive_passages[0].text': identical to the "
+                            f"query (a record needs a positive other than its query)")
+        unique_pos = [p for p in unique_pos if p not in same_as_query]
+        if report is not None:
+            report.repaired["positive_equal_to_query"] += len(same_as_query)
+    query, unique_pos, clean_neg = _clean_texts(query, unique_pos, clean_neg, max_chars,
+                                                simplify, report)
     record_source = source if source is not None else obj.get("source", "unknown")
     if not isinstance(record_source, str):
         raise DataError(f"{where}: field 'source': expected a string, got "
                         f"{type(record_source).__name__}")
     return {"query": query, "positive_passages": unique_pos, "negative_passages": clean_neg,
             "source": record_source}
+
+
+def _clean_texts(query: str, positives: list[dict], negatives: list[dict],
+                 max_chars: int | None, simplify: bool, report: LoadReport | None):
+    """Cut over-long texts and detect (or convert) Traditional characters, counting both."""
+    texts = [query] + [p["text"] for p in positives] + [n["text"] for n in negatives]
+    if max_chars is not None:
+        cut = sum(len(t) > max_chars for t in texts)
+        if cut:
+            texts = [t[:max_chars] for t in texts]
+            if report is not None:
+                report.repaired["text_truncated"] += cut
+    if any(traditional_characters(t) for t in texts):
+        if simplify:
+            texts = [to_simplified(t) for t in texts]
+        if report is not None:
+            (report.repaired if simplify else report.flagged)["traditional_characters"] += 1
+    n_pos = len(positives)
+    return (texts[0], [{"text": t} for t in texts[1:1 + n_pos]],
+            [{"text": t} for t in texts[1 + n_pos:]])
 
 
 def from_flag_embedding(obj, where: str = "<record>") -> dict:
@@ -226,7 +318,8 @@ def from_flag_embedding(obj, where: str = "<record>") -> dict:
 
 def read_jsonl(path: str | os.PathLike, *, source: str | None = None,
                converter: Callable[[dict, str], dict] | None = None, strict: bool = True,
-               max_negatives: int | None = None, report: LoadReport | None = None
+               max_negatives: int | None = None, report: LoadReport | None = None,
+               max_chars: int | None = MAX_TEXT_CHARS, simplify: bool = False
                ) -> Iterator[dict]:
     """Yield validated unified records from a JSON-lines file.
 
@@ -235,10 +328,13 @@ def read_jsonl(path: str | os.PathLike, *, source: str | None = None,
     mark at the start of the file is ignored. Any other problem (undecodable bytes, invalid JSON,
     schema errors) raises :class:`DataError` in strict mode, or is counted in ``report`` under
     ``invalid_utf8``, ``invalid_json`` or ``invalid_record`` in lenient mode.
-    ``max_negatives`` keeps the first K hard negatives and counts the rest as repaired.
+    ``max_negatives`` keeps the first K hard negatives and counts the rest as repaired;
+    ``max_chars`` and ``simplify`` are passed to :func:`validate_record`. A file without any
+    record is an error in strict mode and listed in ``report.empty_files`` otherwise.
     """
     path = Path(path)
     report = report if report is not None else LoadReport()
+    lines_seen = 0
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -247,6 +343,7 @@ def read_jsonl(path: str | os.PathLike, *, source: str | None = None,
                 continue
             where = f"{path}:{lineno}"
             report.read += 1
+            lines_seen += 1
             try:
                 try:
                     text = raw.decode("utf-8")
@@ -260,7 +357,8 @@ def read_jsonl(path: str | os.PathLike, *, source: str | None = None,
                                     f"{exc.colno})") from None
                 if converter is not None:
                     obj = converter(obj, where)
-                record = validate_record(obj, where, source=source, report=report)
+                record = validate_record(obj, where, source=source, report=report,
+                                         max_chars=max_chars, simplify=simplify)
             except DataError as exc:
                 if strict:
                     raise
@@ -275,6 +373,11 @@ def read_jsonl(path: str | os.PathLike, *, source: str | None = None,
                 record["negative_passages"] = record["negative_passages"][:max_negatives]
             report.kept += 1
             yield record
+    if not lines_seen:
+        if strict:
+            raise DataError(f"{path}: empty file (no records); a truncated download? "
+                            f"Remove it or load with strict=False to skip it")
+        report.empty_files.append(str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +474,8 @@ def load_bge_m3_zh(cfg: DataConfig, reports: dict[str, LoadReport] | None = None
         for path in paths:
             yield from read_jsonl(path, source=source, converter=from_flag_embedding,
                                   strict=cfg.strict, max_negatives=cfg.num_hard_negatives,
-                                  report=report)
+                                  report=report, max_chars=cfg.max_text_chars,
+                                  simplify=cfg.to_simplified)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -641,7 +745,8 @@ def collect_lengths(split, tokenizer=None) -> dict[str, dict[str, list[int]]]:
 
 
 def manifest_table(manifest: dict):
-    """Per-source table of the manifest: read, kept, dropped and repaired, then split sizes."""
+    """Per-source table of the manifest: read, kept, dropped, repaired, flagged and empty
+    files, then split sizes."""
     import pandas as pd
 
     rows = []
@@ -649,7 +754,9 @@ def manifest_table(manifest: dict):
         row = {"source": source, "read": rep["read"], "kept": rep["kept"],
                "dropped": sum(rep["dropped"].values()),
                "dropped_by_reason": ", ".join(f"{k}={v}" for k, v in rep["dropped"].items()),
-               "repaired": ", ".join(f"{k}={v}" for k, v in rep["repaired"].items())}
+               "repaired": ", ".join(f"{k}={v}" for k, v in rep["repaired"].items()),
+               "flagged": ", ".join(f"{k}={v}" for k, v in rep.get("flagged", {}).items()),
+               "empty_files": len(rep.get("empty_files", []))}
         for split, counts in manifest["by_source"].items():
             row[split] = counts.get(source, 0)
         rows.append(row)

@@ -173,6 +173,8 @@ def load_demo_records(cfg: DataConfig, path: str | os.PathLike | None = None
     report = LoadReport()
     records = build_demo_records(articles, cfg.num_hard_negatives, report)
     # run the records through the same validation as any other source
-    clean = [validate_record(r, f"{path}:{r['first_line']}", report=report) for r in records]
+    clean = [validate_record(r, f"{path}:{r['first_line']}", report=report,
+                             max_chars=cfg.max_text_chars, simplify=cfg.to_simplified)
+             for r in records]
     stats["corpus_file"] = str(path)
     return clean, report, stats

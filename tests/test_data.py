@@ -56,6 +56,9 @@ BAD_LINES = [
      "undecodable byte at column 12"),
     ("source not a string", json.dumps({"query": "q", "positive_passages": [{"text": "p"}],
                                         "source": 1}).encode(), "'source'"),
+    ("query equal to its only positive",
+     json.dumps({"query": "同一句话", "positive_passages": [{"text": " 同一句话 "}]}).encode(),
+     "'positive_passages[0].text': identical to the query"),
 ]
 
 
@@ -75,9 +78,9 @@ def test_lenient_mode_counts_every_bad_line_and_adds_up(tmp_path):
     report = LoadReport()
     kept = list(data.read_jsonl(path, strict=False, report=report))
     assert len(kept) == 1 and report.kept == 1
-    # 16 bad lines: 1 truncated JSON, 1 bad UTF-8, 14 schema errors; blank lines are not records
-    assert report.read == 17
-    assert dict(report.dropped) == {"invalid_json": 1, "invalid_utf8": 1, "invalid_record": 14}
+    # 17 bad lines: 1 truncated JSON, 1 bad UTF-8, 15 schema errors; blank lines are not records
+    assert report.read == 18
+    assert dict(report.dropped) == {"invalid_json": 1, "invalid_utf8": 1, "invalid_record": 15}
     report.check()
     assert report.examples[0].startswith(f"{path}:2:")
 
@@ -113,12 +116,65 @@ def test_flag_embedding_conversion_and_negative_limit(tmp_path):
         list(data.read_jsonl(missing, converter=data.from_flag_embedding))
 
 
-def test_empty_file_yields_nothing(tmp_path):
+@pytest.mark.parametrize("content", [b"", b"\n  \n", b"\xef\xbb\xbf\n"],
+                         ids=["zero bytes", "blank lines", "BOM only"])
+def test_empty_file_is_an_error_or_listed(tmp_path, content):
     path = tmp_path / "empty.jsonl"
-    path.write_bytes(b"")
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"{path}: empty file"):
+        list(data.read_jsonl(path))
     report = LoadReport()
-    assert list(data.read_jsonl(path, report=report)) == []
-    assert (report.read, report.kept) == (0, 0)
+    assert list(data.read_jsonl(path, strict=False, report=report)) == []
+    assert (report.read, report.kept, report.empty_files) == (0, 0, [str(path)])
+    assert report.to_dict()["empty_files"] == [str(path)]
+
+
+def test_five_megabyte_passage_is_cut_and_counted(tmp_path):
+    long_text = "长" * 5_000_000  # 15 MB of UTF-8
+    rec = {"query": "q", "positive_passages": [{"text": long_text}],
+           "negative_passages": [{"text": "短"}]}
+    path = _write(tmp_path / "long.jsonl", [json.dumps(rec, ensure_ascii=False)])
+    report = LoadReport()
+    (out,) = data.read_jsonl(path, report=report, max_chars=1000)
+    assert out["positive_passages"] == [{"text": "长" * 1000}]
+    assert out["negative_passages"] == [{"text": "短"}]
+    assert dict(report.repaired) == {"text_truncated": 1}
+    (kept,) = data.read_jsonl(path, max_chars=None)
+    assert len(kept["positive_passages"][0]["text"]) == 5_000_000
+
+
+def test_positive_equal_to_the_query_is_removed_when_another_remains():
+    report = LoadReport()
+    out = data.validate_record({"query": "检索 模型", "positive_passages": [
+        {"text": "检索  模型"}, {"text": "正文"}]}, report=report)
+    assert out["positive_passages"] == [{"text": "正文"}]
+    assert dict(report.repaired) == {"positive_equal_to_query": 1}
+
+
+def test_positive_repeated_as_negative_is_removed_not_trained_against():
+    report = LoadReport()
+    out = data.validate_record({"query": "q", "positive_passages": [{"text": "p"}],
+                                "negative_passages": [{"text": "p"}]}, report=report)
+    assert out["negative_passages"] == []
+    assert dict(report.repaired) == {"negative_equal_to_positive": 1}
+
+
+def test_traditional_characters_are_counted_and_optionally_converted(tmp_path):
+    assert data.traditional_characters("檢索與簡體混合") == 4  # 檢 與 簡 體
+    assert data.traditional_characters("检索与简体混合") == 0
+    mixed = {"query": "法律檢索", "positive_passages": [{"text": "判決書的正文"}]}
+    plain = {"query": "天气", "positive_passages": [{"text": "今天晴"}]}
+    path = _write(tmp_path / "mixed.jsonl", [json.dumps(r, ensure_ascii=False)
+                                             for r in (mixed, plain)])
+    report = LoadReport()
+    kept = list(data.read_jsonl(path, report=report))
+    assert kept[0]["query"] == "法律檢索" and report.kept == 2
+    assert dict(report.flagged) == {"traditional_characters": 1}
+    report = LoadReport()
+    kept = list(data.read_jsonl(path, report=report, simplify=True))
+    assert (kept[0]["query"], kept[0]["positive_passages"][0]["text"]) == ("法律检索",
+                                                                         "判决书的正文")
+    assert dict(report.repaired) == {"traditional_characters": 1} and not report.flagged
 
 
 def test_dedup_distinguishes_duplicate_records_from_conflicting_queries():
@@ -231,6 +287,31 @@ def test_prepare_full_preset_from_local_directory(tmp_path):
     again = data.prepare_data(cfg)
     assert again.test["query"] == splits.test["query"]
     assert again.subset("10k")["query"] == splits.train["query"][:10]
+
+
+def test_every_bad_input_in_the_data_folder_is_accounted_for_in_the_manifest(tmp_path):
+    root = tmp_path / "bge-m3-data"
+    _write_fake_bge_m3(root)
+    # one more T2Ranking file holding every bad line, and an empty DuReader file
+    flag_bad = [b[1] for b in BAD_LINES] + [_flag("同一句", ["同一句"]).encode(),
+                                            _flag("繁體", ["內容", "內容"], ["內容"]).encode()]
+    _write(root / "zh/T2Ranking/t2ranking_len-500-1000.jsonl", flag_bad, mode="wb")
+    (root / "zh/DuReader/dureader_len-0-500.jsonl").write_bytes(b"")
+    m = data.prepare_data(_full_cfg(tmp_path)).manifest
+    for source, rep in m["load"].items():
+        assert rep["read"] == rep["kept"] + sum(rep["dropped"].values()), source
+    t2 = m["load"]["t2ranking"]
+    # first file: 12 good + 1 truncated + 1 repeated query (kept here, dropped by dedup);
+    # second: every bad line (in FlagEmbedding's layout "pos" is missing from most) and the
+    # Traditional record, which is kept
+    assert t2["read"] == 14 + len(flag_bad)
+    assert t2["kept"] == 12 + 1 + 1
+    assert sum(t2["dropped"].values()) == 1 + len(flag_bad) - 1
+    assert t2["flagged"] == {"traditional_characters": 1}
+    assert t2["repaired"]["duplicate_positive"] == 1
+    assert t2["repaired"]["negative_equal_to_positive"] == 1
+    assert m["load"]["dureader"]["empty_files"][0].endswith("dureader_len-0-500.jsonl")
+    assert m["dedup"]["read"] == sum(rep["kept"] for rep in m["load"].values())
 
 
 def test_splits_are_reproducible_and_depend_on_the_seed(tmp_path):
