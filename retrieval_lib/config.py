@@ -139,6 +139,8 @@ class TrainingConfig:
     grad_cache_chunk_size: int = 0  # >0: GradCache, embedding this many texts at a time
     group_by_length: bool = True  # batches of similar-length records (single process)
     early_stopping_patience: int = 3  # epochs without validation improvement before stopping
+    checkpoint_steps: int = 500  # resumable checkpoint every this many steps (0: epoch ends only)
+    keep_checkpoints: int = 2  # the last N checkpoints are kept, plus the best epoch's
     seed: int = SEED
 
 

@@ -134,8 +134,12 @@ def run_dir(exp: ExperimentConfig, root: str | Path | None = None) -> Path:
 
 
 def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None = None,
-                   out_dir: str | Path | None = None, show_progress: bool = True) -> dict:
+                   out_dir: str | Path | None = None, show_progress: bool = True,
+                   resume: bool = False) -> dict:
     """Untrained evaluation, training, test evaluation of the best epoch; writes the run folder.
+
+    ``resume=True`` continues an interrupted training from its newest good checkpoint (see
+    :func:`~retrieval_lib.training.train_retriever`).
 
     ``exp.model.base_model`` must point at loadable weights (see :func:`prepare_base_model`).
     When ``exp.model.num_new_layers`` > 0 the base model is first expanded
@@ -160,7 +164,7 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
     untrained = evaluate_retriever(model, splits.test)
     train = splits.subset(exp.subset)
     history = train_retriever(model, train, splits.validation, exp.training, out,
-                              show_progress=show_progress, unfreeze=schedule)
+                              show_progress=show_progress, unfreeze=schedule, resume=resume)
     best = DualTowerRetriever.load(out / "best", device=next(model.parameters()).device)
     test = evaluate_retriever(best, splits.test)
     wall = time.perf_counter() - start
@@ -173,7 +177,10 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
     metrics = {"experiment": exp.name, "preset": exp.preset, "best_epoch": history["best_epoch"],
                "test": metrics_block(test, seed), "untrained": metrics_block(untrained, seed)}
     env = {**environment_info(exp.preset, seed), "wall_time_s": wall,
-           "world_size": history["world_size"]}
+           "world_size": history["world_size"],
+           "resumed_from": history.get("resumed_from", []),
+           "repeat": f"python -m retrieval_lib.experiment --experiment {exp.name} "
+                     f"--preset {exp.preset} (with the settings of config.json)"}
     if is_main():  # under torchrun every process evaluates the same model; one writes
         for name, payload in (("config.json", config), ("metrics.json", metrics),
                               ("env.json", env)):
@@ -191,10 +198,11 @@ def _same_setup(saved: dict, exp: ExperimentConfig, splits: Splits) -> bool:
 
 
 def ensure_run(exp: ExperimentConfig, splits: Splits, base_info: dict | None = None,
-               allow_training: bool = True, show_progress: bool = True) -> dict | None:
+               allow_training: bool = True, show_progress: bool = True,
+               resume: bool = False) -> dict | None:
     """The run of ``exp``: read from its run folder when a finished run with the same model,
     training settings and data is there, else trained now (or ``None`` when
-    ``allow_training`` is false). Says which."""
+    ``allow_training`` is false; ``resume`` as in :func:`run_experiment`). Says which."""
     folder = run_dir(exp)
     if (folder / "metrics.json").exists():
         run = load_run(folder)
@@ -206,7 +214,7 @@ def ensure_run(exp: ExperimentConfig, splits: Splits, base_info: dict | None = N
         print(f"{exp.name}: no finished run with these settings, and training it was not "
               f"asked for")
         return None
-    return run_experiment(exp, splits, base_info, show_progress=show_progress)
+    return run_experiment(exp, splits, base_info, show_progress=show_progress, resume=resume)
 
 
 def expansion_parameters(exp: ExperimentConfig) -> dict:
@@ -253,14 +261,15 @@ def describe(exp: ExperimentConfig) -> dict:
 
 
 def run_expansion_with_ablation(exp: ExperimentConfig, splits: Splits, base_info: dict,
-                                ablation_init: str | None = "identity") -> dict[str, dict]:
+                                ablation_init: str | None = "identity",
+                                resume: bool = False) -> dict[str, dict]:
     """Runs of ``exp`` keyed by the initialisation of its new layers: the configured one, then
     ``ablation_init`` (a :func:`~retrieval_lib.config.variant` with its own run folder) unless
-    it is empty or the same."""
-    runs = {exp.model.expansion_init: run_experiment(exp, splits, base_info)}
+    it is empty or the same. ``resume`` as in :func:`run_experiment`, for each."""
+    runs = {exp.model.expansion_init: run_experiment(exp, splits, base_info, resume=resume)}
     if ablation_init and ablation_init != exp.model.expansion_init:
         runs[ablation_init] = run_experiment(variant(exp, expansion_init=ablation_init), splits,
-                                             base_info)
+                                             base_info, resume=resume)
     return runs
 
 
@@ -348,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
     parser.add_argument("--grad-cache-chunk-size", type=int,
                         help="GradCache: embed this many texts at a time (large batches)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest good checkpoint of the run folder")
     args = parser.parse_args(argv)
     exp = with_overrides(get_experiment(args.experiment, args.preset), data_dir=args.data_dir,
                          model_path=args.model_path, epochs=args.epochs,
@@ -359,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     # the main process prepares data and the demo base model first; the others read its caches
     splits = main_first(lambda: prepare_data(exp.data))
     exp, base_info = main_first(lambda: prepare_base_model(exp, splits))
-    result = run_experiment(exp, splits, base_info, show_progress=is_main())
+    result = run_experiment(exp, splits, base_info, show_progress=is_main(),
+                            resume=args.resume)
     if is_main():
         print(json.dumps(result_summary(result), indent=2, default=str))
     return 0

@@ -62,6 +62,9 @@ def environment_info(preset: str | None = None, seed: int | None = None) -> dict
     return {
         "preset": preset,
         "seed": seed,
+        "git_commit": _git_commit(),
+        "command": " ".join(sys.argv),
+        "torch_threads": _torch_threads(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -69,6 +72,31 @@ def environment_info(preset: str | None = None, seed: int | None = None) -> dict
         "packages": versions,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout, with ``+dirty`` when files differ from it; None outside
+    git."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=project_root(), capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _torch_threads() -> int | None:
+    try:
+        import torch
+
+        return torch.get_num_threads()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
 
 
 def default_output_dir(notebook: str, preset: str) -> Path:

@@ -27,7 +27,7 @@ from .distributed import barrier, cross_device_info_nce, init_from_env, is_main
 from .evaluation import evaluate_retriever
 
 __all__ = ["set_seed", "RetrievalCollator", "LengthGroupedBatchSampler", "make_optimizer",
-           "enable_checkpointing", "train_retriever",
+           "enable_checkpointing", "train_retriever", "CHECKPOINTS",
            "VALIDATION_METRIC"]
 
 #: The validation metric that picks the best epoch.
@@ -202,9 +202,78 @@ def _grad_cache_step(model, step_model, qi, pi, cfg: TrainingConfig, autocast, s
     return loss
 
 
+def _batch_plan(train, cfg: TrainingConfig, rank: int, world: int):
+    """``batches(epoch)``: the index batches of one epoch, a function of the seed and the epoch
+    alone, so a resumed run can skip exactly the batches it has done."""
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    drop_last = len(train) >= cfg.batch_size
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+
+        def batches(epoch: int) -> list[list[int]]:
+            sampler.set_epoch(epoch)
+            return list(BatchSampler(sampler, cfg.batch_size, drop_last=True))
+    elif cfg.group_by_length:
+        lengths = [len(row["query"]) + len(row["positive_passages"][0]["text"])
+                   for row in train]
+        grouped = LengthGroupedBatchSampler(lengths, cfg.batch_size, cfg.seed,
+                                            drop_last=drop_last)
+
+        def batches(epoch: int) -> list[list[int]]:
+            grouped.set_epoch(epoch)
+            return list(grouped)
+    else:
+        def batches(epoch: int) -> list[list[int]]:
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            return list(BatchSampler(RandomSampler(range(len(train)), generator=generator),
+                                     cfg.batch_size, drop_last=drop_last))
+    return batches
+
+
+#: Settings that may change between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = ("checkpoint_steps", "keep_checkpoints")
+
+
+def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer, schedule,
+                  scaler, collator) -> dict | None:
+    """Load the newest good checkpoint of ``out`` (None when there is none) and check that it
+    was written by this training setup."""
+    from dataclasses import asdict
+
+    from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+
+    folder = latest_checkpoint(out / CHECKPOINTS)
+    if folder is None:
+        return None
+    state = load_checkpoint(folder, model, optimizer, schedule, scaler)
+    saved, current = state["config"], asdict(cfg)
+    differs = [k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    changes = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differs]
+    if state["train_records"] != n_train:
+        changes.append(f"training records: {state['train_records']} -> {n_train}")
+    if changes:
+        raise CheckpointError(
+            f"{folder} was written by another training setup ({'; '.join(changes)}); resume "
+            f"with the same settings or start again with resume=False")
+    collator.rng.setstate((state["collator"]["rng"][0], tuple(state["collator"]["rng"][1]),
+                           state["collator"]["rng"][2]))
+    for key in ("short_negatives", "random_negatives", "tokens", "pad_tokens"):
+        setattr(collator, key, state["collator"][key])
+    state["folder"] = str(folder)
+    return state
+
+
+#: Sub-folder of a run that holds its training checkpoints.
+CHECKPOINTS = "checkpoints"
+
+
 def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str | Path,
                     device: str | torch.device | None = None, show_progress: bool = True,
-                    eval_batch_size: int = 32, unfreeze=None) -> dict:
+                    eval_batch_size: int = 32, unfreeze=None, resume: bool = False) -> dict:
     """Train ``model`` on ``train`` (records), validate on ``validation`` each epoch.
 
     ``unfreeze`` (an :class:`~retrieval_lib.expansion.UnfreezeSchedule`) sets which new layers
@@ -215,15 +284,28 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
     the negative-sampling counts. Writes ``history.json``, ``train.log`` and the best model to
     ``out_dir/best``.
 
+    Checkpoints (:mod:`retrieval_lib.checkpoint`) go to ``out_dir/checkpoints`` every
+    ``cfg.checkpoint_steps`` steps and after every epoch. ``resume=True`` continues from the
+    newest good one (model, optimizer, schedule, scaler, RNG states, position in the epoch,
+    early-stopping state and history), so that a killed run ends as an uninterrupted one
+    would; without a checkpoint it starts from the beginning. ``resume=False`` deletes old
+    checkpoints. A non-finite loss stops the run with the step, the last finite loss and the
+    last good checkpoint (under the fp16 scaler the step is skipped and counted instead).
+
     Under ``torchrun`` every process trains its share of each epoch (``DistributedSampler``,
     ``batch_size`` queries per process), the model is wrapped in DDP and every query meets the
     passages of all processes (:func:`~retrieval_lib.distributed.cross_device_info_nce`). Each
     process validates the same (synchronised) model, so all take the same early-stopping
     decisions; only the main process writes files and prints.
     """
+    import shutil
+    from dataclasses import asdict
+
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
+
+    from .checkpoint import atomic_save_model, remove_partial, save_checkpoint
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,51 +323,86 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
         autocast, scaler = _autocast(device)
         fallback = [p["text"] for row in train for p in row["positive_passages"]]
         collator = RetrievalCollator(model, cfg.num_hard_negatives, fallback, cfg.seed + rank)
+        batches_of = _batch_plan(train, cfg, rank, world)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
-            from torch.utils.data.distributed import DistributedSampler
 
-            sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True,
-                                         seed=cfg.seed, drop_last=True)
-            loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler,
-                                collate_fn=collator, drop_last=True)
             # every parameter is trainable when DDP registers them; layers the schedule
             # freezes later simply send no gradient
             step_model = DistributedDataParallel(
                 model, device_ids=[local_rank] if device.type == "cuda" else None,
                 find_unused_parameters=unfreeze is not None)
-        elif cfg.group_by_length:
-            lengths = [len(row["query"]) + len(row["positive_passages"][0]["text"])
-                       for row in train]
-            sampler = LengthGroupedBatchSampler(lengths, cfg.batch_size, cfg.seed,
-                                                drop_last=len(train) >= cfg.batch_size)
-            loader = DataLoader(train, batch_sampler=sampler, collate_fn=collator)
-            step_model = model
         else:
-            sampler = None
-            loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True,
-                                collate_fn=collator, drop_last=len(train) >= cfg.batch_size,
-                                generator=torch.Generator().manual_seed(cfg.seed))
             step_model = model
-        total_steps = cfg.epochs * len(loader)
+        steps_per_epoch = len(batches_of(1))
+        total_steps = cfg.epochs * steps_per_epoch
         optimizer = make_optimizer(model, cfg)
         schedule = get_linear_schedule_with_warmup(
             optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
         history = {"steps": [], "epochs": [], "best_epoch": None, "stopped_early": False,
                    "validation_metric": VALIDATION_METRIC, "total_steps": total_steps,
                    "device": str(device), "world_size": world,
-                   "global_batch_size": cfg.batch_size * world}
+                   "global_batch_size": cfg.batch_size * world, "skipped_steps": []}
+        best, patience_left, step, first_epoch, skip = (-math.inf, cfg.early_stopping_patience,
+                                                        0, 1, 0)
+        best_step = None
+        ckpt_root = out / CHECKPOINTS
+        state = _resume_state(out, cfg, len(train), model, optimizer, schedule, scaler,
+                              collator) if resume else None
+        if main:
+            removed = remove_partial(ckpt_root)
+            if removed:
+                logger.warning("removed unfinished checkpoint folders %s", removed)
+        if state is not None:
+            history, step, first_epoch, skip = (state["history"], state["step"], state["epoch"],
+                                                state["batch_in_epoch"])
+            best = state["best"] if state["best"] is not None else -math.inf
+            patience_left, best_step = state["patience_left"], state["best_step"]
+            history.setdefault("resumed_from", []).append(
+                {"checkpoint": state["folder"], "epoch": first_epoch, "batch_in_epoch": skip,
+                 "step": step})
+            logger.info("resumed from %s: epoch %d, %d batches done, step %d", state["folder"],
+                        first_epoch, skip, step)
+            if show_progress:
+                print(f"resuming from {state['folder']} (epoch {first_epoch}, step {step})")
+        else:
+            if resume and show_progress:
+                print(f"no checkpoint in {ckpt_root}; training from the start")
+            if main and ckpt_root.exists():
+                shutil.rmtree(ckpt_root)  # a fresh run must never resume into old state
+        barrier()
+
+        def checkpoint(epoch: int, batch_in_epoch: int) -> None:
+            if not main:
+                return
+            save_checkpoint(ckpt_root, step, model, optimizer, schedule, scaler, {
+                "config": asdict(cfg), "train_records": len(train), "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "step": step,
+                "best": None if best == -math.inf else best, "best_step": best_step,
+                "patience_left": patience_left, "history": history,
+                "collator": {"rng": list(collator.rng.getstate()),
+                             "short_negatives": collator.short_negatives,
+                             "random_negatives": collator.random_negatives,
+                             "tokens": collator.tokens, "pad_tokens": collator.pad_tokens}},
+                keep=cfg.keep_checkpoints, protect=best_step)
+
         logger.info("training on %s: %d records, %d steps, %s", device, len(train), total_steps,
                     cfg)
-        best, patience_left, step = -math.inf, cfg.early_stopping_patience, 0
-        for epoch in range(1, cfg.epochs + 1):
-            if sampler is not None:
-                sampler.set_epoch(epoch)
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            if history["stopped_early"]:
+                break
             model.train()
             trainable_new = unfreeze.apply(model.encoder, epoch) if unfreeze else None
-            start, epoch_losses = time.perf_counter(), []
-            for batch in tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}",
-                              disable=not show_progress):
+            batches = batches_of(epoch)[skip:]
+            # its own generator: a loader seeds its workers from the global torch RNG otherwise,
+            # which would make the dropout of a resumed epoch differ from the uninterrupted one
+            loader = DataLoader(train, batch_sampler=batches, collate_fn=collator,
+                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            start = time.perf_counter()
+            epoch_losses = [s["loss"] for s in history["steps"] if s["epoch"] == epoch]
+            for batch_in_epoch, batch in enumerate(
+                    tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch,
+                         initial=skip, disable=not show_progress), start=skip + 1):
                 qi = {k: v.to(device) for k, v in batch["query_inputs"].items()}
                 pi = {k: v.to(device) for k, v in batch["passage_inputs"].items()}
                 if cfg.grad_cache_chunk_size:
@@ -295,10 +412,24 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                     with autocast:
                         q, p = step_model(qi, pi)
                     loss = cross_device_info_nce(q, p, cfg.temperature)
+                step += 1
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} "
-                                             f"(epoch {epoch}); last finite loss: "
-                                             f"{history['steps'][-1]['loss'] if step else None}")
+                    last = history["steps"][-1]["loss"] if history["steps"] else None
+                    where = (f"loss is {loss.item()} at step {step} (epoch {epoch}); last "
+                             f"finite loss: {last}")
+                    if scaler is None:
+                        good = latest_checkpoint_name(ckpt_root)
+                        raise FloatingPointError(
+                            f"{where}. The last good checkpoint, {good}, is kept: lower the "
+                            f"learning rate and continue with resume=True")
+                    logger.warning("%s; step skipped (fp16 loss scale %s)", where,
+                                   scaler.get_scale())
+                    history["skipped_steps"].append({"step": step, "epoch": epoch,
+                                                     "loss": loss.item()})
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+                    schedule.step()
+                    continue
                 if not cfg.grad_cache_chunk_size:
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 if scaler is not None:
@@ -311,19 +442,22 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                     optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
                 epoch_losses.append(loss.item())
                 history["steps"].append({"step": step, "epoch": epoch, "loss": loss.item(),
                                          "lr": schedule.get_last_lr()[0]})
+                if (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0
+                        and batch_in_epoch < steps_per_epoch):
+                    checkpoint(epoch, batch_in_epoch)
+            skip = 0
             train_time = time.perf_counter() - start
             val = evaluate_retriever(model, validation, ks=(10,), batch_size=eval_batch_size)
             metrics = {m: val["aggregate"][m]["mean"] for m in ("recall@10", "ndcg@10", "mrr")}
             improved = metrics[VALIDATION_METRIC] > best
             if improved:
                 best, patience_left = metrics[VALIDATION_METRIC], cfg.early_stopping_patience
-                history["best_epoch"] = epoch
+                history["best_epoch"], best_step = epoch, step
                 if main:
-                    model.save(out / "best")
+                    atomic_save_model(model, out / "best")
                 barrier()
             else:
                 patience_left -= 1
@@ -342,7 +476,7 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
             if patience_left <= 0 and epoch < cfg.epochs:
                 history["stopped_early"] = True
                 logger.info("early stop after epoch %d", epoch)
-                break
+            checkpoint(epoch + 1, 0)
         history["short_negatives"] = collator.short_negatives
         history["random_negatives"] = collator.random_negatives
         history["pad_fraction"] = collator.pad_fraction
@@ -354,3 +488,11 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
         if handler is not None:
             logger.removeHandler(handler)
             handler.close()
+
+
+def latest_checkpoint_name(root: Path) -> str:
+    """The newest checkpoint folder under ``root`` for messages ("none yet" when none)."""
+    from .checkpoint import list_checkpoints
+
+    folders = list_checkpoints(root)
+    return str(folders[-1]) if folders else "none yet"

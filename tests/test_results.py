@@ -1,6 +1,7 @@
 """The run registry and the report table, on runs written by hand."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,19 @@ def test_figure_inputs_come_from_the_registry(registry):
     # one unexpanded model on 600 and 1200 records: a data-scaling group (not the expansion)
     assert results.data_scaling_groups(runs) == {"MiniMind": {
         "minimind27_10k": 600, "minimind27_96k": 1200}}
+
+
+def test_environment_names_the_commit_command_and_versions(monkeypatch):
+    import subprocess
+
+    info = results.environment_info("demo", 42)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=results.project_root(),
+                          capture_output=True, text=True).stdout.strip()
+    if head:  # a checkout (CI may test an export without .git)
+        assert info["git_commit"].split("+")[0] == head
+    else:
+        assert info["git_commit"] is None
+    assert info["torch_threads"] >= 1 and info["packages"]["torch"]
+    assert (info["preset"], info["seed"]) == ("demo", 42) and info["command"]
+    monkeypatch.setattr(results, "project_root", lambda: Path("/"))  # not a checkout
+    assert results.environment_info()["git_commit"] is None

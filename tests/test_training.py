@@ -5,51 +5,15 @@ from dataclasses import replace
 import pytest
 import torch
 from datasets import Dataset
+from toy import toy_config, toy_model, toy_records
 
-from retrieval_lib import config, experiment, pretraining, tokenizer, training
+from retrieval_lib import config, experiment, pretraining, training
 from retrieval_lib.modeling import DualTowerRetriever, load_encoder
-
-TOPICS = ["长江", "黄河", "足球", "音乐", "电力", "旅游", "法律", "外交", "农业", "气象", "铁路",
-          "教育", "医疗", "科技", "金融", "港口"]
-FILLER = "今天本报记者报道了有关情况，各方面表示欢迎并将继续推进工作。"
-
-
-def _records(n, seed, k=3):
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        a, b = rng.sample(TOPICS, 2)
-        negs = [f"{rng.choice(TOPICS)}{FILLER}{rng.choice(TOPICS)}" for _ in range(k)]
-        rows.append({"query": f"{a}{b}新闻{i}", "source": "toy",
-                     "positive_passages": [{"text": f"{a}与{b}。{FILLER}{a}{b}"}],
-                     "negative_passages": [{"text": t} for t in negs]})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def tok():
-    texts = [r["query"] for r in _records(200, 0)] + [FILLER] * 5 + TOPICS
-    return tokenizer.train_bpe_tokenizer(texts, vocab_size=500)
-
-
-def _model(tok, seed=0):
-    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, intermediate_size=64, vocab_size=len(tok),
-                  max_query_length=16, max_passage_length=48, projection_dim=16)
-    torch.manual_seed(seed)
-    return DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False)
-
-
-def _cfg(**kw):
-    base = dict(epochs=4, batch_size=8, learning_rate=3e-3, num_hard_negatives=2,
-                temperature=0.05, early_stopping_patience=10)
-    base.update(kw)
-    return config.TrainingConfig(**base)
 
 
 def test_collator_layout_and_negative_fallbacks(tok):
-    model = _model(tok)
-    rows = _records(3, 1, k=3)
+    model = toy_model(tok)
+    rows = toy_records(3, 1, k=3)
     rows[1]["negative_passages"] = rows[1]["negative_passages"][:1]  # fewer than K
     rows[2]["negative_passages"] = []  # none at all
     collator = training.RetrievalCollator(model, 2, ["备用一", "备用二", "备用三"], seed=0)
@@ -64,12 +28,13 @@ def test_collator_layout_and_negative_fallbacks(tok):
 
 
 def test_training_learns_and_keeps_the_best_epoch(tok, tmp_path):
-    train, val = Dataset.from_list(_records(96, 2)), Dataset.from_list(_records(24, 3))
-    model = _model(tok)
+    train, val = Dataset.from_list(toy_records(96, 2)), Dataset.from_list(toy_records(24, 3))
+    model = toy_model(tok)
     from retrieval_lib.evaluation import evaluate_retriever
 
     before = evaluate_retriever(model, val, ks=(10,))["aggregate"]["ndcg@10"]["mean"]
-    history = training.train_retriever(model, train, val, _cfg(), tmp_path, show_progress=False)
+    history = training.train_retriever(model, train, val,
+                                       toy_config(), tmp_path, show_progress=False)
     assert len(history["steps"]) == history["total_steps"] == 4 * (96 // 8)
     losses = [e["train_loss"] for e in history["epochs"]]
     assert losses[-1] < losses[0]
@@ -86,23 +51,24 @@ def test_training_learns_and_keeps_the_best_epoch(tok, tmp_path):
 
 
 def test_early_stopping_and_seeded_reproducibility(tok, tmp_path):
-    train, val = Dataset.from_list(_records(32, 4)), Dataset.from_list(_records(16, 5))
-    frozen = _cfg(learning_rate=0.0, early_stopping_patience=1, epochs=5)
-    history = training.train_retriever(_model(tok), train, val, frozen, tmp_path / "a",
+    train, val = Dataset.from_list(toy_records(32, 4)), Dataset.from_list(toy_records(16, 5))
+    frozen = toy_config(learning_rate=0.0, early_stopping_patience=1, epochs=5)
+    history = training.train_retriever(toy_model(tok), train, val, frozen, tmp_path / "a",
                                        show_progress=False)
     assert history["stopped_early"] and len(history["epochs"]) == 2  # nothing can improve
-    runs = [training.train_retriever(_model(tok), train, val, _cfg(epochs=2), tmp_path / d,
+    runs = [training.train_retriever(toy_model(tok), train, val, toy_config(epochs=2), tmp_path / d,
                                      show_progress=False)["steps"] for d in ("b", "c")]
     assert [s["loss"] for s in runs[0]] == [s["loss"] for s in runs[1]]
 
 
 def test_gradient_checkpointing_changes_memory_not_results(tok, tmp_path):
-    train, val = Dataset.from_list(_records(32, 10)), Dataset.from_list(_records(8, 11))
-    plain = training.train_retriever(_model(tok), train, val, _cfg(epochs=1), tmp_path / "a",
+    train, val = Dataset.from_list(toy_records(32, 10)), Dataset.from_list(toy_records(8, 11))
+    plain = training.train_retriever(toy_model(tok), train, val,
+                                     toy_config(epochs=1), tmp_path / "a",
                                      show_progress=False)
-    model = _model(tok)
+    model = toy_model(tok)
     checkpointed = training.train_retriever(model, train, val,
-                                            _cfg(epochs=1, gradient_checkpointing=True),
+                                            toy_config(epochs=1, gradient_checkpointing=True),
                                             tmp_path / "b", show_progress=False)
     flag = getattr(model.encoder, "is_activation_checkpointing", None)
     assert flag if flag is not None else model.encoder.is_gradient_checkpointing
@@ -111,11 +77,12 @@ def test_gradient_checkpointing_changes_memory_not_results(tok, tmp_path):
 
 
 def test_grad_cache_changes_memory_not_results(tok, tmp_path):
-    train, val = Dataset.from_list(_records(32, 10)), Dataset.from_list(_records(8, 11))
-    plain = training.train_retriever(_model(tok), train, val, _cfg(epochs=1), tmp_path / "a",
+    train, val = Dataset.from_list(toy_records(32, 10)), Dataset.from_list(toy_records(8, 11))
+    plain = training.train_retriever(toy_model(tok), train, val,
+                                     toy_config(epochs=1), tmp_path / "a",
                                      show_progress=False)
-    cached = training.train_retriever(_model(tok), train, val,
-                                      _cfg(epochs=1, grad_cache_chunk_size=5), tmp_path / "b",
+    cached = training.train_retriever(toy_model(tok), train, val,
+                                      toy_config(epochs=1, grad_cache_chunk_size=5), tmp_path / "b",
                                       show_progress=False)
     assert [s["loss"] for s in plain["steps"]] == pytest.approx(
         [s["loss"] for s in cached["steps"]], abs=1e-5)
@@ -124,11 +91,12 @@ def test_grad_cache_changes_memory_not_results(tok, tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step(tok, tmp_path, monkeypatch):
-    train, val = Dataset.from_list(_records(16, 6)), Dataset.from_list(_records(8, 7))
+    train, val = Dataset.from_list(toy_records(16, 6)), Dataset.from_list(toy_records(8, 7))
     monkeypatch.setattr(training, "cross_device_info_nce",
                         lambda q, p, t: (q.sum() + p.sum()) * float("nan"))
     with pytest.raises(FloatingPointError, match="at step 1 "):
-        training.train_retriever(_model(tok), train, val, _cfg(), tmp_path, show_progress=False)
+        training.train_retriever(toy_model(tok), train, val,
+                                 toy_config(), tmp_path, show_progress=False)
 
 
 def test_token_blocks_hand_worked(tok):
@@ -145,7 +113,7 @@ def test_token_blocks_hand_worked(tok):
 def test_demo_pretraining_lowers_perplexity_and_is_cached(tok, tmp_path, base):
     cfg = replace(base, hidden_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
-    texts = [r["positive_passages"][0]["text"] for r in _records(120, 8)]
+    texts = [r["positive_passages"][0]["text"] for r in toy_records(120, 8)]
     pcfg = pretraining.PretrainConfig(max_steps=60, seq_len=32, batch_size=8, warmup_steps=5)
     path = pretraining.pretrain_demo_lm(cfg, tok, texts[:100], texts[100:], tmp_path, pcfg,
                                         show_progress=False)
@@ -185,16 +153,16 @@ def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
 def _toy_experiment(tok, tmp_path):
     from retrieval_lib.data import LoadReport, prepare_splits
 
-    records = _records(90, 9)
+    records = toy_records(90, 9)
     dcfg = replace(config.get_data_config("demo"), val_size=15, test_size=20,
                    subset_sizes={"10k": 40, "96k": 55})
     report = LoadReport(read=90, kept=90)
     splits = prepare_splits(records, dcfg, {"toy": report})
-    model = _model(tok)
+    model = toy_model(tok)
     model.encoder.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     exp = config.get_experiment("minimind27_10k", "demo")
-    exp = replace(exp, data=dcfg, training=_cfg(epochs=2),
+    exp = replace(exp, data=dcfg, training=toy_config(epochs=2),
                   model=replace(exp.model, base_model=str(tmp_path / "base"), hidden_size=32,
                                 max_query_length=16, max_passage_length=48, projection_dim=16))
     return exp, splits
@@ -252,13 +220,13 @@ def test_run_experiment_writes_the_run_folder(tok, tmp_path):
 def test_progressive_unfreezing_keeps_frozen_layers_fixed(tok, tmp_path):
     from retrieval_lib.expansion import UnfreezeSchedule, expand_layers
 
-    train, val = Dataset.from_list(_records(32, 12)), Dataset.from_list(_records(8, 13))
-    model = _model(tok)
+    train, val = Dataset.from_list(toy_records(32, 12)), Dataset.from_list(toy_records(8, 13))
+    model = toy_model(tok)
     new = expand_layers(model.encoder, 2, init="identity")
     snapshot = {i: [p.detach().clone() for p in model.encoder.layers[i].parameters()]
                 for i in range(3)}
     schedule = UnfreezeSchedule(new, every=1)
-    history = training.train_retriever(model, train, val, _cfg(epochs=2), tmp_path,
+    history = training.train_retriever(model, train, val, toy_config(epochs=2), tmp_path,
                                        show_progress=False, unfreeze=schedule)
     assert [e["trainable_new_layers"] for e in history["epochs"]] == [[], [1]]
 
@@ -272,8 +240,8 @@ def test_progressive_unfreezing_keeps_frozen_layers_fixed(tok, tmp_path):
 
 
 def test_frozen_parameters_get_no_optimizer_state_until_unfrozen(tok):
-    model = _model(tok)
-    optimizer = training.make_optimizer(model, _cfg())
+    model = toy_model(tok)
+    optimizer = training.make_optimizer(model, toy_config())
     frozen = model.query_projection.weight
     frozen.requires_grad_(False)
     loss = model.embed(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)).sum()
@@ -327,9 +295,9 @@ def test_length_grouped_batches_cover_the_data_and_cut_padding():
 
 
 def test_collator_pads_to_a_multiple_of_eight_and_counts_padding(tok):
-    model = _model(tok)
+    model = toy_model(tok)
     collator = training.RetrievalCollator(model, 1, [], seed=0)
-    batch = collator(_records(3, 2, k=2))
+    batch = collator(toy_records(3, 2, k=2))
     for part in ("query_inputs", "passage_inputs"):
         assert batch[part]["input_ids"].shape[1] % 8 == 0
     masks = [batch[p]["attention_mask"] for p in ("query_inputs", "passage_inputs")]

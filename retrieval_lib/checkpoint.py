@@ -1,0 +1,226 @@
+"""Training checkpoints that survive a killed process: atomic, checksummed, resumable.
+
+A checkpoint is a folder ``<run>/checkpoints/step-XXXXXXXX`` holding
+
+* ``model.safetensors``: every parameter and buffer of the retriever (tied weights once);
+* ``optimizer.pt``, ``state.pt``: optimizer, LR schedule, gradient scaler and torch RNG states,
+  read back with ``torch.load(weights_only=True)`` (tensors and plain containers, no code);
+* ``trainer_state.json``: epoch, batches done in that epoch, step, early-stopping state, the
+  history so far, the Python / NumPy RNG states and the negative sampler's state;
+* ``manifest.json``: size and SHA-256 of each file above, written last.
+
+It is written into a hidden temporary folder and renamed into place, so a process killed while
+writing leaves either the previous checkpoints or a complete new one. :func:`latest_checkpoint`
+verifies the manifest and falls back to the newest older checkpoint that verifies, with a
+warning naming what was wrong. The last ``keep`` checkpoints and the one of the best epoch are
+kept; older ones are deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "verify_checkpoint", "list_checkpoints", "remove_partial", "rng_state", "set_rng_state",
+           "atomic_save_model"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^step-(\d{8})$")
+_FILES = ("model.safetensors", "optimizer.pt", "state.pt", "trainer_state.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete, corrupt or belongs to another training setup."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) random states, JSON-able where they can be."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                      float(np_state[4])],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders under ``root``, oldest first (temporary folders are not listed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, scheduler, scaler,
+                    trainer_state: dict, keep: int = 2, protect: int | None = None) -> Path:
+    """Write the checkpoint of ``step`` atomically, then delete all but the last ``keep``
+    checkpoints and the one of step ``protect`` (the best epoch's). Returns its folder."""
+    from safetensors.torch import save_model
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    rng = rng_state()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "torch_rng": rng.pop("torch"), "cuda_rng": rng.pop("cuda")}, tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(
+        json.dumps({**trainer_state, "rng": rng}, ensure_ascii=False), encoding="utf-8")
+    files = {}
+    for name in _FILES:
+        _fsync(tmp / name)
+        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2),
+                                encoding="utf-8")
+    _fsync(tmp / MANIFEST)
+    if final.exists():  # the same step saved again after a resume: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _prune(root, keep, protect)
+    return final
+
+
+def remove_partial(root: str | os.PathLike) -> list[str]:
+    """Delete the temporary folders a process killed while writing left under ``root``;
+    returns their names."""
+    stale = sorted(Path(root).glob(".tmp-step-*")) if Path(root).is_dir() else []
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return [p.name for p in stale]
+
+
+def _prune(root: Path, keep: int, protect: int | None) -> None:
+    remove_partial(root)
+    folders = list_checkpoints(root)
+    keep_names = {p.name for p in folders[-keep:]} if keep > 0 else set()
+    if protect is not None:
+        keep_names.add(f"step-{protect:08d}")
+    for folder in folders:
+        if folder.name not in keep_names:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` unless every file of the manifest is there with its
+    size and checksum."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (the write did not finish)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{folder}/{MANIFEST}: unreadable ({exc})") from None
+    for name in _FILES:
+        path = folder / name
+        if name not in files:
+            raise CheckpointError(f"{folder}/{MANIFEST}: no entry for {name}")
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != files[name]["bytes"]:
+            raise CheckpointError(f"{path}: {size} bytes, the manifest says "
+                                  f"{files[name]['bytes']} (truncated?)")
+        if _sha256(path) != files[name]["sha256"]:
+            raise CheckpointError(f"{path}: checksum differs from the manifest (corrupt)")
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies; a broken newer one is skipped with a
+    warning saying why. ``None`` when there is none."""
+    for folder in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as exc:
+            message = f"skipping checkpoint {folder.name}: {exc}; trying the previous one"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            logger.warning(message)
+            continue
+        return folder
+    return None
+
+
+def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, scaler) -> dict:
+    """Restore model, optimizer, schedule, scaler and every RNG from ``folder`` (verified
+    first); return the trainer state."""
+    from safetensors.torch import load_model
+
+    folder = Path(folder)
+    verify_checkpoint(folder)
+    device = next(model.parameters()).device
+    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False,
+                                     device=str(device))
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}/model.safetensors does not fit this model: missing "
+                              f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device,
+                                         weights_only=True))
+    state = torch.load(folder / "state.pt", weights_only=True)
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    trainer_state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    set_rng_state({**trainer_state.pop("rng"), "torch": state["torch_rng"],
+                   "cuda": state["cuda_rng"]})
+    return trainer_state
+
+
+def atomic_save_model(model, target: str | os.PathLike) -> Path:
+    """``model.save`` into a temporary folder, then swapped in for ``target``: a kill leaves
+    the old or the new model, never half of one."""
+    target = Path(target)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    old = target.with_name(f".old-{target.name}-{os.getpid()}")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    model.save(tmp)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target

@@ -1,0 +1,272 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from toy import toy_config, toy_model, toy_records
+
+from retrieval_lib import checkpoint, training
+from retrieval_lib.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("resume_worker.py")
+
+
+def _state(folder):
+    return json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def _with_dropout(model, p=0.2):
+    """Attention dropout on, so that a resumed run must also restore the torch RNG."""
+    for layer in model.encoder.layers:
+        layer.self_attn.attention_dropout = p
+    return model
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def data():
+    return Dataset.from_list(toy_records(40, 2)), Dataset.from_list(toy_records(16, 3))
+
+
+def test_resume_from_a_mid_epoch_checkpoint_ends_bit_identical(tok, data, tmp_path):
+    train, val = data
+    cfg = toy_config(epochs=3, batch_size=8, checkpoint_steps=2, keep_checkpoints=100)
+    full = _with_dropout(toy_model(tok))
+    history = training.train_retriever(full, train, val, cfg, tmp_path / "a",
+                                       show_progress=False)
+    # 5 steps per epoch: a checkpoint every 2 steps (counted over the run) and at epoch ends
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path / "a" / "checkpoints")]
+    assert names == [f"step-{s:08d}" for s in (2, 4, 5, 6, 8, 10, 12, 14, 15)]
+    mid = tmp_path / "a" / "checkpoints" / "step-00000008"
+    assert (_state(mid)["epoch"], _state(mid)["batch_in_epoch"]) == (2, 3)
+    # a second run that "died" after step 8: only that checkpoint survives
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(mid, tmp_path / "b" / "checkpoints" / mid.name)
+    resumed = _with_dropout(toy_model(tok, seed=123))  # every weight must come from disk
+    again = training.train_retriever(resumed, train, val, cfg, tmp_path / "b",
+                                     show_progress=False, resume=True)
+    _assert_same_weights(_weights(full), _weights(resumed))
+    assert again["steps"] == history["steps"]
+    strip = [{k: v for k, v in e.items() if not k.endswith("time_s")} for e in history["epochs"]]
+    assert [{k: v for k, v in e.items() if not k.endswith("time_s")}
+            for e in again["epochs"]] == strip
+    assert again["resumed_from"] == [{"checkpoint": str(tmp_path / "b" / "checkpoints" / mid.name),
+                                      "epoch": 2, "batch_in_epoch": 3, "step": 8}]
+    assert (again["pad_fraction"], again["best_epoch"]) == (history["pad_fraction"],
+                                                             history["best_epoch"])
+
+
+def test_two_runs_with_the_same_seed_are_identical_and_resume_false_starts_over(tok, data,
+                                                                              tmp_path):
+    train, val = data
+    cfg = toy_config(epochs=2, batch_size=8, checkpoint_steps=3)
+    a, b = toy_model(tok), toy_model(tok)
+    ha = training.train_retriever(a, train, val, cfg, tmp_path / "a", show_progress=False)
+    hb = training.train_retriever(b, train, val, cfg, tmp_path / "a", show_progress=False)
+    _assert_same_weights(_weights(a), _weights(b))
+    assert [s["loss"] for s in ha["steps"]] == [s["loss"] for s in hb["steps"]]
+    assert "resumed_from" not in hb  # the old checkpoints were removed, not resumed
+    # keep the last 2 and the best epoch's
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path / "a" / "checkpoints")]
+    best_step = 5 * hb["best_epoch"]
+    assert names[-2:] == ["step-00000009", "step-00000010"]
+    assert set(names) == {"step-00000009", "step-00000010", f"step-{best_step:08d}"}
+
+
+def test_finished_run_resumed_changes_nothing(tok, data, tmp_path):
+    train, val = data
+    cfg = toy_config(epochs=2, batch_size=8)
+    model = toy_model(tok)
+    history = training.train_retriever(model, train, val, cfg, tmp_path, show_progress=False)
+    before = _weights(model)
+    again = training.train_retriever(toy_model(tok, seed=5), train, val, cfg, tmp_path,
+                                     show_progress=False, resume=True)
+    assert again["steps"] == history["steps"] and len(again["epochs"]) == 2
+    after = training.train_retriever(model, train, val, cfg, tmp_path, show_progress=False,
+                                     resume=True)
+    _assert_same_weights(before, _weights(model))
+    assert after["steps"] == history["steps"]
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tok, data, tmp_path):
+    train, val = data
+    training.train_retriever(toy_model(tok), train, val,
+                             toy_config(epochs=1, batch_size=8), tmp_path,
+                             show_progress=False)
+    with pytest.raises(CheckpointError, match=r"learning_rate: 0.003 -> 0.001"):
+        training.train_retriever(toy_model(tok), train, val,
+                                 toy_config(epochs=1, batch_size=8, learning_rate=1e-3), tmp_path,
+                                 show_progress=False, resume=True)
+    # how often to checkpoint may change
+    training.train_retriever(toy_model(tok), train, val, toy_config(epochs=1, batch_size=8,
+                                                           checkpoint_steps=1),
+                             tmp_path, show_progress=False, resume=True)
+
+
+def _two_checkpoints(tok, data, tmp_path):
+    train, val = data
+    training.train_retriever(toy_model(tok), train, val,
+                             toy_config(epochs=1, batch_size=8, checkpoint_steps=2), tmp_path,
+                             show_progress=False)
+    return checkpoint.list_checkpoints(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "flipped byte", "no manifest",
+                                    "missing optimizer"])
+def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tok, data, tmp_path, damage):
+    folders = _two_checkpoints(tok, data, tmp_path)
+    assert [f.name for f in folders] == ["step-00000004", "step-00000005"]
+    newest = folders[-1]
+    if damage == "truncated weights":
+        path = newest / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:-100])
+        expected = "bytes, the manifest says"
+    elif damage == "flipped byte":
+        path = newest / "optimizer.pt"
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+        expected = "checksum differs"
+    elif damage == "no manifest":
+        (newest / "manifest.json").unlink()
+        expected = "no manifest.json"
+    else:
+        (newest / "optimizer.pt").unlink()
+        expected = "optimizer.pt: missing"
+    with pytest.warns(RuntimeWarning, match=expected):
+        chosen = checkpoint.latest_checkpoint(tmp_path / "checkpoints")
+    assert chosen == folders[0]
+    with pytest.raises(CheckpointError, match=expected):
+        checkpoint.verify_checkpoint(newest)
+
+
+def test_a_leftover_temporary_folder_is_ignored_and_cleaned(tok, data, tmp_path):
+    folders = _two_checkpoints(tok, data, tmp_path)
+    stale = tmp_path / "checkpoints" / ".tmp-step-00000009-1234"
+    shutil.copytree(folders[-1], stale)
+    assert checkpoint.latest_checkpoint(tmp_path / "checkpoints") == folders[-1]
+    train, val = data
+    training.train_retriever(toy_model(tok), train, val,
+                             toy_config(epochs=1, batch_size=8, checkpoint_steps=2), tmp_path,
+                             show_progress=False, resume=True)
+    assert not stale.exists()
+
+
+def test_no_good_checkpoint_means_none(tmp_path):
+    assert checkpoint.latest_checkpoint(tmp_path / "nothing") is None
+    (tmp_path / "step-00000003").mkdir()
+    with pytest.warns(RuntimeWarning, match="no manifest.json"):
+        assert checkpoint.latest_checkpoint(tmp_path) is None
+
+
+def _nan_at(monkeypatch, bad_step):
+    """Make the training loss NaN at one step; returns the list of the real losses."""
+    real, losses = training.cross_device_info_nce, []
+
+    def loss_fn(q, p, temperature):
+        loss = real(q, p, temperature)
+        losses.append(loss.item())
+        return loss * float("nan") if len(losses) == bad_step else loss
+
+    monkeypatch.setattr(training, "cross_device_info_nce", loss_fn)
+    return losses
+
+
+def test_nan_loss_stops_with_step_last_loss_and_keeps_the_checkpoint(tok, data, tmp_path,
+                                                                     monkeypatch):
+    losses = _nan_at(monkeypatch, 4)
+    train, val = data
+    with pytest.raises(FloatingPointError) as err:
+        training.train_retriever(toy_model(tok), train, val,
+                                 toy_config(epochs=1, batch_size=8, checkpoint_steps=2), tmp_path,
+                                 show_progress=False)
+    message = str(err.value)
+    assert "loss is nan at step 4 (epoch 1)" in message
+    assert f"last finite loss: {losses[2]}" in message  # the loss of step 3
+    good = tmp_path / "checkpoints" / "step-00000002"
+    assert str(good) in message and "resume=True" in message
+    checkpoint.verify_checkpoint(good)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "checkpoints")] == [good.name]
+    assert not (tmp_path / "history.json").exists()
+
+
+def test_nan_loss_under_the_fp16_scaler_skips_the_step(tok, data, tmp_path, monkeypatch):
+    from contextlib import nullcontext
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    monkeypatch.setattr(training, "_autocast", lambda device: (nullcontext(), scaler))
+    _nan_at(monkeypatch, 3)
+    train, val = data
+    history = training.train_retriever(toy_model(tok), train, val,
+                                       toy_config(epochs=1, batch_size=8),
+                                       tmp_path, show_progress=False)
+    assert [s["step"] for s in history["skipped_steps"]] == [3]
+    assert [s["step"] for s in history["steps"]] == [1, 2, 4, 5]
+    assert scaler.get_scale() == 1024.0 * 0.5  # backed off once, no overflow otherwise
+
+
+def _mid_epoch_checkpoint(root: Path, epoch: int):
+    """A finished checkpoint written in the middle of ``epoch``, or None."""
+    for folder in checkpoint.list_checkpoints(root):
+        try:
+            state = _state(folder)
+        except (OSError, json.JSONDecodeError):  # pruned or renamed meanwhile
+            continue
+        if state["epoch"] == epoch and state["batch_in_epoch"] > 0:
+            return folder
+    return None
+
+
+def _worker(records, out, resume, delay):
+    return [sys.executable, str(WORKER), str(records), str(out), resume, str(delay)]
+
+
+def test_a_killed_training_process_resumes_to_the_uninterrupted_result(tmp_path):
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps(toy_records(48, 7), ensure_ascii=False), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(_worker(records, tmp_path / "whole", "0", 0), check=True, env=env,
+                   timeout=600)
+    victim = subprocess.Popen(_worker(records, tmp_path / "killed", "0", 0.25), env=env)
+    try:
+        deadline = time.time() + 300
+        while _mid_epoch_checkpoint(tmp_path / "killed" / "checkpoints", epoch=2) is None:
+            assert victim.poll() is None, "the worker ended before it could be killed"
+            assert time.time() < deadline, "no mid-epoch checkpoint appeared"
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+    finally:
+        victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "history.json").exists()
+    subprocess.run(_worker(records, tmp_path / "killed", "1", 0), check=True, env=env,
+                   timeout=600)
+    whole = json.loads((tmp_path / "whole" / "result.json").read_text(encoding="utf-8"))
+    resumed = json.loads((tmp_path / "killed" / "result.json").read_text(encoding="utf-8"))
+    (resumed_from,) = resumed.pop("resumed_from")
+    assert resumed_from["epoch"] == 2 and 0 < resumed_from["batch_in_epoch"] < 8  # mid-epoch
+    assert whole.pop("resumed_from") == []
+    assert resumed == whole  # every loss, every validation metric, the best epoch
+    from safetensors.torch import load_file
+
+    for name in ("final.safetensors", "best/head.safetensors",
+                 "best/encoder/model.safetensors"):
+        a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "killed" / name)
+        _assert_same_weights(a, b)
