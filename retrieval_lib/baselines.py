@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .m3 import MODES, SCORE_WEIGHTS, colbert_score, evaluate_reranked, lexical_score
+
 __all__ = ["tokenize_zh", "BM25Retriever", "evaluate_bm25", "BGE_M3", "HYBRID_WEIGHTS",
            "BGE_M3_MODES", "lexical_score", "colbert_score", "bge_m3_available",
            "BGEM3Retriever", "evaluate_bge_m3", "bm25_baseline", "bge_m3_baseline"]
@@ -94,32 +96,10 @@ def evaluate_bm25(split, ks: Sequence[int] = (5, 10, 100), top_k: int = 100, k1:
 # ---------------------------------------------------------------------------------------------
 
 BGE_M3 = "BAAI/bge-m3"
-#: Weights of dense, sparse and multi-vector scores in the hybrid score.
-HYBRID_WEIGHTS = (1.0, 0.3, 1.0)
-BGE_M3_MODES = ("dense", "sparse", "colbert", "hybrid")
+HYBRID_WEIGHTS = SCORE_WEIGHTS  # w of s_inter, BGE-M3's defaults (retrieval_lib.m3)
+BGE_M3_MODES = MODES
+
 _HEADS = ("sparse_linear.pt", "colbert_linear.pt")
-
-
-def lexical_score(query: dict, passage: dict) -> float:
-    """Sum over the tokens both texts contain of the product of their weights.
-
-    >>> round(lexical_score({1: 0.5, 2: 0.2}, {2: 0.4, 3: 1.0}), 6)
-    0.08
-    """
-    return float(sum(w * passage[t] for t, w in query.items() if t in passage))
-
-
-def colbert_score(query: np.ndarray, passage: np.ndarray) -> float:
-    """Late interaction: the mean over query token vectors of their best passage token match.
-
-    >>> colbert_score(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 0.0], [0.6, 0.8]]))
-    0.9
-
-    A text with no token vectors (nothing after CLS) matches nothing: the score is 0.
-    """
-    if len(query) == 0 or len(passage) == 0:
-        return 0.0
-    return float((query @ passage.T).max(axis=1).mean())
 
 
 def bge_m3_available(name_or_path: str = BGE_M3) -> bool:
@@ -244,40 +224,14 @@ def evaluate_bge_m3(retriever: BGEM3Retriever, split, ks: Sequence[int] = (5, 10
                     query_max_length: int = 512) -> dict[str, dict]:
     """BGE-M3 on a split: dense retrieval over the whole corpus (exact inner product); the
     sparse, ColBERT and hybrid (``w·(dense, sparse, colbert)``) scores rerank the dense top-k,
-    as the BGE-M3 paper does for long documents. Returns a ``score_run`` result per mode."""
-    from .evaluation import exact_search, qrels_for_split, run_from_search, score_run
-
-    unknown = set(modes) - set(BGE_M3_MODES)
-    if unknown:
-        raise ValueError(f"unknown BGE-M3 mode(s) {sorted(unknown)}; choose from {BGE_M3_MODES}")
-    query_ids, queries, qrels, corpus = qrels_for_split(split)
+    as the BGE-M3 paper does for long documents (:func:`~retrieval_lib.m3.evaluate_reranked`).
+    Returns a ``score_run`` result per mode."""
     multi = any(m != "dense" for m in modes)
-    q = retriever.encode(queries, batch_size, query_max_length, sparse=multi, colbert=multi)
-    p = retriever.encode(corpus, batch_size, sparse=multi, colbert=multi)
-    scores, indices = exact_search(q["dense"], p["dense"], top_k)
-    doc_ids = [f"d{j}" for j in range(len(corpus))]
-    results = {}
-    if "dense" in modes:
-        results["dense"] = score_run(qrels, run_from_search(query_ids, doc_ids, scores, indices),
-                                     ks)
-    if multi:
-        runs = {m: {} for m in ("sparse", "colbert", "hybrid")}
-        for qi, qid in enumerate(query_ids):
-            for m in runs:
-                runs[m][qid] = {}
-            for dense, j in zip(scores[qi], indices[qi], strict=True):
-                if j < 0:
-                    continue
-                s = lexical_score(q["sparse"][qi], p["sparse"][j])
-                c = colbert_score(q["colbert"][qi], p["colbert"][j])
-                runs["sparse"][qid][doc_ids[j]] = s
-                runs["colbert"][qid][doc_ids[j]] = c
-                runs["hybrid"][qid][doc_ids[j]] = (weights[0] * float(dense) + weights[1] * s
-                                                   + weights[2] * c)
-        results.update({m: score_run(qrels, runs[m], ks) for m in runs if m in modes})
-    for result in results.values():
-        result["corpus_size"] = len(corpus)
-    return results
+    return evaluate_reranked(
+        lambda texts: retriever.encode(texts, batch_size, query_max_length, sparse=multi,
+                                       colbert=multi),
+        lambda texts: retriever.encode(texts, batch_size, sparse=multi, colbert=multi),
+        split, ks, top_k, modes, weights)
 
 
 def bm25_baseline(split, preset: str, k1: float = 1.5, b: float = 0.75,

@@ -117,6 +117,8 @@ class ModelConfig:
     separate_projections: bool = False  # one projection per tower (experiment 4.1.1 variant)
     max_query_length: int = 64  # tokens
     max_passage_length: int = 512  # tokens
+    m3_heads: bool = False  # sparse + multi-vector heads and the unified loss (retrieval_lib.m3)
+    query_instruction: str = ""  # prepended to every query, e.g. for decoder-only retrievers
     num_new_layers: int = 0  # transformer layers added by capacity expansion
     expansion_init: str = "random"  # "random" (seed report), "identity" or "copy"
     expansion_position: str = "top"  # "top" (appended, seed report) or "interleave"
@@ -139,6 +141,9 @@ class TrainingConfig:
     grad_cache_chunk_size: int = 0  # >0: GradCache, embedding this many texts at a time
     group_by_length: bool = True  # batches of similar-length records (single process)
     early_stopping_patience: int = 3  # epochs without validation improvement before stopping
+    # models with M3 heads (ModelConfig.m3_heads) train with the unified loss of retrieval_lib.m3:
+    m3_score_weights: tuple[float, float, float] = (1.0, 0.3, 1.0)  # w: dense, sparse, multi
+    m3_loss_weights: tuple[float, float, float] = (1.0, 0.1, 1.0)  # lambda: dense, sparse, multi
     checkpoint_steps: int = 500  # resumable checkpoint every this many steps (0: epoch ends only)
     keep_checkpoints: int = 2  # the last N checkpoints are kept, plus the best epoch's
     seed: int = SEED

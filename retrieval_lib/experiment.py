@@ -146,7 +146,9 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
     (:func:`~retrieval_lib.expansion.expand_layers`) and the new layers follow an
     :class:`~retrieval_lib.expansion.UnfreezeSchedule`; the untrained row is the expanded model.
     Returns ``{"out_dir", "history", "untrained", "test", "parameters", "expansion",
-    "wall_time_s"}`` where ``untrained`` and ``test`` are ``score_run`` results.
+    "wall_time_s", "m3"}`` where ``untrained`` and ``test`` are ``score_run`` results (dense)
+    and ``m3``, for a model with M3 heads, one per mode of :func:`retrieval_lib.m3.evaluate_m3`
+    (else None).
     """
     start = time.perf_counter()
     out = Path(out_dir) if out_dir else run_dir(exp)
@@ -167,6 +169,11 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
                               show_progress=show_progress, unfreeze=schedule, resume=resume)
     best = DualTowerRetriever.load(out / "best", device=next(model.parameters()).device)
     test = evaluate_retriever(best, splits.test)
+    m3 = None
+    if best.m3 is not None:  # each score alone and the hybrid rerank of the dense top 100
+        from .m3 import evaluate_m3
+
+        m3 = evaluate_m3(best, splits.test, weights=exp.training.m3_score_weights)
     wall = time.perf_counter() - start
     seed = exp.training.seed
     config = {**exp.to_dict(), "base_model_info": base_info or {}, "parameters": parameters,
@@ -176,6 +183,8 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
                   "splits": splits.manifest["splits"]}}
     metrics = {"experiment": exp.name, "preset": exp.preset, "best_epoch": history["best_epoch"],
                "test": metrics_block(test, seed), "untrained": metrics_block(untrained, seed)}
+    if m3 is not None:
+        metrics["m3"] = {mode: metrics_block(result, seed) for mode, result in m3.items()}
     env = {**environment_info(exp.preset, seed), "wall_time_s": wall,
            "world_size": history["world_size"],
            "resumed_from": history.get("resumed_from", []),
@@ -187,12 +196,12 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
             (out / name).write_text(json.dumps(payload, ensure_ascii=False, indent=2),
                                     encoding="utf-8")
     return {"out_dir": out, "history": history, "untrained": untrained, "test": test,
-            "parameters": parameters, "expansion": expansion, "wall_time_s": wall}
+            "parameters": parameters, "expansion": expansion, "wall_time_s": wall, "m3": m3}
 
 
 def _same_setup(saved: dict, exp: ExperimentConfig, splits: Splits) -> bool:
     """True when a saved run used ``exp``'s model, training, subset and exactly this data."""
-    current = exp.to_dict()
+    current = json.loads(json.dumps(exp.to_dict()))  # as saved: tuples become lists
     return (saved["data_manifest"]["fingerprint"] == splits.manifest["fingerprint"]
             and all(saved[k] == current[k] for k in ("model", "training", "subset")))
 

@@ -86,7 +86,9 @@ def to_sentence_transformer(model: DualTowerRetriever, workdir: str | Path):
     else:
         modules.append(_dense(model.query_projection))
     modules.append(Normalize())
-    return SentenceTransformer(modules=modules, device="cpu")
+    # a query instruction becomes the "query" prompt, which encode_query puts in front
+    prompts = {"query": model.query_instruction} if model.query_instruction else None
+    return SentenceTransformer(modules=modules, device="cpu", prompts=prompts)
 
 
 def export_sentence_transformer(model: DualTowerRetriever, path: str | Path) -> Path:

@@ -103,7 +103,7 @@ def parameter_count_from_config(cfg: ModelConfig, include_new_layers: bool = Tru
     """Parameters of the retriever for ``cfg`` counted on the meta device (nothing downloaded).
 
     Encoder (with ``cfg.num_new_layers`` appended when ``include_new_layers``) plus the
-    projection(s).
+    projection(s) and the M3 heads when configured.
     """
     from transformers import AutoModel
 
@@ -111,7 +111,8 @@ def parameter_count_from_config(cfg: ModelConfig, include_new_layers: bool = Tru
     with torch.device("meta"):
         encoder = AutoModel.from_config(hf_config_from_shape(cfg, num_layers=layers))
     projection = cfg.hidden_size * cfg.projection_dim + cfg.projection_dim
-    return count_parameters(encoder) + projection * (2 if cfg.separate_projections else 1)
+    heads = (cfg.hidden_size + 1) + projection if cfg.m3_heads else 0  # W_lex, W_mul
+    return count_parameters(encoder) + projection * (2 if cfg.separate_projections else 1) + heads
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
@@ -143,7 +144,8 @@ class DualTowerRetriever(nn.Module):
     def __init__(self, encoder: nn.Module, tokenizer, pooling: str = "mean",
                  projection_dim: int = 128, separate_projections: bool = False,
                  max_query_length: int = 64, max_passage_length: int = 512,
-                 architecture: str | None = None):
+                 architecture: str | None = None, m3_heads: bool = False,
+                 query_instruction: str = ""):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
@@ -161,6 +163,13 @@ class DualTowerRetriever(nn.Module):
                                    else self.query_projection)
         if tokenizer.pad_token is None:  # decoder tokenizers often have none
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        self.query_instruction = query_instruction
+        self.m3 = None
+        if m3_heads:  # sparse + multi-vector heads (retrieval_lib.m3)
+            from .m3 import M3Heads
+
+            self.m3 = M3Heads(hidden, projection_dim, tokenizer.all_special_ids,
+                              skip_first_token=pooling == "cls")
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, tokenizer=None, pretrained: bool = True,
@@ -181,15 +190,19 @@ class DualTowerRetriever(nn.Module):
         return cls(encoder, tokenizer, pooling=cfg.pooling, projection_dim=cfg.projection_dim,
                    separate_projections=cfg.separate_projections,
                    max_query_length=cfg.max_query_length,
-                   max_passage_length=cfg.max_passage_length, architecture=cfg.architecture)
+                   max_passage_length=cfg.max_passage_length, architecture=cfg.architecture,
+                   m3_heads=cfg.m3_heads, query_instruction=cfg.query_instruction)
 
     # -- tokenisation ---------------------------------------------------------------------------
 
     def tokenize(self, texts: Sequence[str], tower: str = "query",
                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenise with truncation, padding to the longest text (rounded up to
-        ``pad_to_multiple_of``); for ``last_token`` pooling every text ends with EOS."""
+        ``pad_to_multiple_of``); for ``last_token`` pooling every text ends with EOS. Queries
+        get ``query_instruction`` in front (its tokens count towards the query length)."""
         max_length = self.max_query_length if tower == "query" else self.max_passage_length
+        if tower == "query" and self.query_instruction:
+            texts = [self.query_instruction + t for t in texts]
         tok = self.tokenizer
         if self.pooling != "last_token":
             ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
@@ -210,9 +223,26 @@ class DualTowerRetriever(nn.Module):
         # Rotary position encodings (MiniMind, Qwen2) depend only on relative positions, so
         # left padding needs no position-id shift; the padding test checks this.
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self._dense(hidden, attention_mask, tower)
+
+    def _dense(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+               tower: str) -> torch.Tensor:
         pooled = pool(hidden, attention_mask, self.pooling)
         projection = self.query_projection if tower == "query" else self.passage_projection
         return nn.functional.normalize(projection(pooled).float(), dim=-1)
+
+    def embed_m3(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 tower: str = "query") -> dict[str, torch.Tensor]:
+        """One encoder pass, three representations (needs ``m3_heads``): ``dense``
+        ``(B, projection_dim)``, ``sparse`` ``(B, vocab)`` token weights and ``colbert``
+        ``(B, L, projection_dim)`` token vectors with their ``colbert_mask``."""
+        if self.m3 is None:
+            raise ValueError("this retriever has no sparse/multi-vector heads (m3_heads=False)")
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = self.m3.token_mask(input_ids, attention_mask)
+        return {"dense": self._dense(hidden, attention_mask, tower),
+                "sparse": self.m3.sparse(hidden, input_ids, mask, len(self.tokenizer)),
+                "colbert": self.m3.colbert(hidden, mask), "colbert_mask": mask}
 
     def forward(self, query_inputs: dict, passage_inputs: dict
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,6 +275,34 @@ class DualTowerRetriever(nn.Module):
         self.train(was_training)
         return out
 
+    @torch.no_grad()
+    def encode_m3(self, texts: Sequence[str], tower: str = "passage", batch_size: int = 32
+                  ) -> dict:
+        """``dense`` (N x projection_dim), ``sparse`` (per text ``{token id: weight}``, weights
+        > 0) and ``colbert`` (per text its ``(tokens, dim)`` vectors), the inputs of
+        :func:`retrieval_lib.m3.evaluate_reranked`."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        dense = np.zeros((len(texts), self.projection_dim), dtype=np.float32)
+        sparse, colbert = [None] * len(texts), [None] * len(texts)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start:start + batch_size]
+            enc = self.tokenize([texts[i] for i in idx], tower)
+            out = self.embed_m3(enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                tower)
+            dense[idx] = out["dense"].cpu().numpy()
+            weights = out["sparse"].cpu()
+            for row, i in enumerate(idx):
+                nonzero = weights[row].nonzero().squeeze(-1)
+                sparse[i] = dict(zip(nonzero.tolist(), weights[row, nonzero].tolist(),
+                                     strict=True))
+                keep = out["colbert_mask"][row].cpu()
+                colbert[i] = out["colbert"][row].cpu()[keep].numpy()
+        self.train(was_training)
+        return {"dense": dense, "sparse": sparse, "colbert": colbert}
+
     def encode_queries(self, texts: Sequence[str], batch_size: int = 64,
                        show_progress: bool | None = None) -> np.ndarray:
         """Query embeddings ``(len(texts), projection_dim)``, float32, unit norm."""
@@ -263,7 +321,9 @@ class DualTowerRetriever(nn.Module):
                 "max_query_length": self.max_query_length,
                 "max_passage_length": self.max_passage_length,
                 "architecture": self.architecture,
-                "hidden_size": self.encoder.config.hidden_size}
+                "hidden_size": self.encoder.config.hidden_size,
+                "m3_heads": self.m3 is not None,
+                "query_instruction": self.query_instruction}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``encoder/`` (weights as safetensors, config, tokenizer), ``head.safetensors``
@@ -279,6 +339,9 @@ class DualTowerRetriever(nn.Module):
         if self.separate_projections:
             head.update({f"passage_projection.{k}": v.detach().cpu().contiguous()
                          for k, v in self.passage_projection.state_dict().items()})
+        if self.m3 is not None:
+            head.update({f"m3.{k}": v.detach().cpu().contiguous()
+                         for k, v in self.m3.state_dict().items()})
         save_file(head, str(path / "head.safetensors"))
         (path / "retriever_config.json").write_text(
             json.dumps(self.retriever_config(), indent=2), encoding="utf-8")
@@ -304,7 +367,8 @@ class DualTowerRetriever(nn.Module):
                     separate_projections=rc["separate_projections"],
                     max_query_length=rc["max_query_length"],
                     max_passage_length=rc["max_passage_length"],
-                    architecture=rc["architecture"])
+                    architecture=rc["architecture"], m3_heads=rc.get("m3_heads", False),
+                    query_instruction=rc.get("query_instruction", ""))
         head = load_file(str(path / "head.safetensors"))
         model.query_projection.load_state_dict(
             {k.split(".", 1)[1]: v for k, v in head.items() if k.startswith("query_projection.")})
@@ -312,4 +376,7 @@ class DualTowerRetriever(nn.Module):
             model.passage_projection.load_state_dict(
                 {k.split(".", 1)[1]: v for k, v in head.items()
                  if k.startswith("passage_projection.")})
+        if model.m3 is not None:
+            model.m3.load_state_dict({k.split(".", 1)[1]: v for k, v in head.items()
+                                      if k.startswith("m3.")})
         return model.to(device)

@@ -234,6 +234,18 @@ def _batch_plan(train, cfg: TrainingConfig, rank: int, world: int):
     return batches
 
 
+def _unified_step_loss(model, qi: dict, pi: dict, cfg: TrainingConfig):
+    """The unified M3 loss of one batch (:func:`retrieval_lib.m3.unified_loss`) and its parts."""
+    from .m3 import colbert_scores, sparse_scores, unified_loss
+
+    q = model.embed_m3(qi["input_ids"], qi["attention_mask"], "query")
+    p = model.embed_m3(pi["input_ids"], pi["attention_mask"], "passage")
+    return unified_loss(q["dense"] @ p["dense"].T, sparse_scores(q["sparse"], p["sparse"]),
+                        colbert_scores(q["colbert"], q["colbert_mask"], p["colbert"],
+                                       p["colbert_mask"]),
+                        cfg.temperature, cfg.m3_score_weights, cfg.m3_loss_weights)
+
+
 #: Settings that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = ("checkpoint_steps", "keep_checkpoints")
 
@@ -250,7 +262,7 @@ def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer
     if folder is None:
         return None
     state = load_checkpoint(folder, model, optimizer, schedule, scaler)
-    saved, current = state["config"], asdict(cfg)
+    saved, current = state["config"], json.loads(json.dumps(asdict(cfg)))  # tuples -> lists
     differs = [k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k]]
     changes = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differs]
     if state["train_records"] != n_train:
@@ -321,6 +333,10 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
         if cfg.gradient_checkpointing:
             enable_checkpointing(model.encoder)
         autocast, scaler = _autocast(device)
+        unified = getattr(model, "m3", None) is not None
+        if unified and (world > 1 or cfg.grad_cache_chunk_size):
+            raise ValueError("the unified M3 loss is implemented for one process without "
+                             "GradCache; set grad_cache_chunk_size=0 and train on one GPU")
         fallback = [p["text"] for row in train for p in row["positive_passages"]]
         collator = RetrievalCollator(model, cfg.num_hard_negatives, fallback, cfg.seed + rank)
         batches_of = _batch_plan(train, cfg, rank, world)
@@ -405,9 +421,13 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                          initial=skip, disable=not show_progress), start=skip + 1):
                 qi = {k: v.to(device) for k, v in batch["query_inputs"].items()}
                 pi = {k: v.to(device) for k, v in batch["passage_inputs"].items()}
+                parts = None
                 if cfg.grad_cache_chunk_size:
                     loss = _grad_cache_step(model, step_model, qi, pi, cfg, autocast, scaler,
                                             world)
+                elif unified:
+                    with autocast:
+                        loss, parts = _unified_step_loss(model, qi, pi, cfg)
                 else:
                     with autocast:
                         q, p = step_model(qi, pi)
@@ -444,7 +464,8 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                 optimizer.zero_grad(set_to_none=True)
                 epoch_losses.append(loss.item())
                 history["steps"].append({"step": step, "epoch": epoch, "loss": loss.item(),
-                                         "lr": schedule.get_last_lr()[0]})
+                                         "lr": schedule.get_last_lr()[0],
+                                         **({"loss_parts": parts} if parts else {})})
                 if (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0
                         and batch_in_epoch < steps_per_epoch):
                     checkpoint(epoch, batch_in_epoch)

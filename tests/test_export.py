@@ -20,17 +20,18 @@ def tok():
     return tokenizer.train_bpe_tokenizer((QUERIES + PASSAGES) * 5, vocab_size=300)
 
 
-@pytest.mark.parametrize("base, separate", [(config.MINIMIND_27M, False),
-                                            (config.QWEN2_05B, False),
-                                            (config.MINIMIND_27M, True)],
-                         ids=["llama-mean", "qwen2-last-token", "separate-projections"])
-def test_sentence_transformers_vectors_equal_the_retrievers(tok, tmp_path, base, separate):
+@pytest.mark.parametrize("base, separate, instruction", [
+    (config.MINIMIND_27M, False, ""), (config.QWEN2_05B, False, ""),
+    (config.MINIMIND_27M, True, ""), (config.QWEN2_05B, False, "检索相关文章：")],
+    ids=["llama-mean", "qwen2-last-token", "separate-projections", "qwen2-instruction"])
+def test_sentence_transformers_vectors_equal_the_retrievers(tok, tmp_path, base, separate,
+                                                            instruction):
     from sentence_transformers import SentenceTransformer
 
     cfg = replace(base, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, intermediate_size=64, vocab_size=len(tok),
                   max_query_length=8, max_passage_length=24, projection_dim=16,
-                  separate_projections=separate)
+                  separate_projections=separate, query_instruction=instruction)
     torch.manual_seed(0)
     model = DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False).eval()
     st = SentenceTransformer(str(export_sentence_transformer(model, tmp_path / "st")),
@@ -41,5 +42,10 @@ def test_sentence_transformers_vectors_equal_the_retrievers(tok, tmp_path, base,
     assert np.min(np.sum(q_ours * q_st, axis=1)) >= 0.9999
     assert np.min(np.sum(p_ours * p_st, axis=1)) >= 0.9999
     assert np.allclose(np.linalg.norm(p_st, axis=1), 1.0, atol=1e-5)
+    if instruction:  # the prompt is really applied
+        plain = replace(cfg, query_instruction="")
+        torch.manual_seed(0)
+        without = DualTowerRetriever.from_config(plain, tokenizer=tok, pretrained=False).eval()
+        assert np.max(np.abs(without.encode_queries(QUERIES) - q_st)) > 1e-3
     if separate:  # the two routes really differ
         assert np.max(np.abs(st.encode_query(PASSAGES) - p_st)) > 1e-3
