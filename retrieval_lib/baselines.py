@@ -73,6 +73,11 @@ class BM25Retriever:
             results.append([(int(row_ids[j]), float(row_scores[j])) for j in order])
         return results
 
+    def scores(self, query: str, indices: Sequence[int]) -> list[float]:
+        """BM25 scores of ``query`` for the corpus texts ``indices``."""
+        full = self._model.get_scores(tokenize_zh(query) or ["<empty>"])
+        return [float(full[i]) for i in indices]
+
 
 def evaluate_bm25(split, ks: Sequence[int] = (5, 10, 100), top_k: int = 100, k1: float = 1.5,
                   b: float = 0.75) -> dict:

@@ -144,6 +144,13 @@ class TrainingConfig:
     # models with M3 heads (ModelConfig.m3_heads) train with the unified loss of retrieval_lib.m3:
     m3_score_weights: tuple[float, float, float] = (1.0, 0.3, 1.0)  # w: dense, sparse, multi
     m3_loss_weights: tuple[float, float, float] = (1.0, 0.1, 1.0)  # lambda: dense, sparse, multi
+    # dynamic hard negatives (retrieval_lib.mining): re-mined with the model being trained before
+    # every remine_every-th epoch (0: never), from these ranks of the training corpus, dropping
+    # candidates above score(positive) - mining_margin (None: no false-negative filter)
+    remine_every: int = 0
+    mining_negatives: int = 7  # negatives kept per record; each step draws num_hard_negatives
+    mining_rank_range: tuple[int, int] = (10, 210)
+    mining_margin: float | None = None
     checkpoint_steps: int = 500  # resumable checkpoint every this many steps (0: epoch ends only)
     keep_checkpoints: int = 2  # the last N checkpoints are kept, plus the best epoch's
     seed: int = SEED

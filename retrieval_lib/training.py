@@ -246,6 +246,34 @@ def _unified_step_loss(model, qi: dict, pi: dict, cfg: TrainingConfig):
                         cfg.temperature, cfg.m3_score_weights, cfg.m3_loss_weights)
 
 
+def _remined(model, train, cfg: TrainingConfig, epoch: int, folder: Path, reuse: bool):
+    """The training records with negatives mined by the current model (ANCE-style), and the
+    mining report. Mined negatives are saved as corpus indices to ``folder/epoch-XXX.json``
+    so that a resumed run trains on the same ones (``reuse``: read them when present)."""
+    from .data import corpus_of
+    from .mining import DenseSearcher, mine_hard_negatives
+
+    corpus = corpus_of(train)
+    path = folder / f"epoch-{epoch:03d}.json"
+    if reuse and path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        rows = [{**row, "negative_passages": [{"text": corpus[j]} for j in ids]}
+                for row, ids in zip(train, saved["negatives"], strict=True)]
+        return rows, saved["report"]
+    rows, report = mine_hard_negatives(
+        list(train), corpus, DenseSearcher(model, corpus), cfg.mining_negatives,
+        tuple(cfg.mining_rank_range), cfg.mining_margin, seed=cfg.seed + epoch)
+    if is_main():
+        index_of = {text: i for i, text in enumerate(corpus)}
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"report": report, "negatives": [
+            [index_of[n["text"]] for n in row["negative_passages"]] for row in rows]}),
+            encoding="utf-8")
+        tmp.replace(path)
+    return rows, report
+
+
 #: Settings that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = ("checkpoint_steps", "keep_checkpoints")
 
@@ -384,8 +412,9 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
         else:
             if resume and show_progress:
                 print(f"no checkpoint in {ckpt_root}; training from the start")
-            if main and ckpt_root.exists():
-                shutil.rmtree(ckpt_root)  # a fresh run must never resume into old state
+            for old in (ckpt_root, out / "negatives"):  # a fresh run never resumes old state
+                if main and old.exists():
+                    shutil.rmtree(old)
         barrier()
 
         def checkpoint(epoch: int, batch_in_epoch: int) -> None:
@@ -404,15 +433,25 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
 
         logger.info("training on %s: %d records, %d steps, %s", device, len(train), total_steps,
                     cfg)
+        train_rows = train  # records whose negatives the collator draws (re-mined or not)
+        resuming = state is not None
         for epoch in range(first_epoch, cfg.epochs + 1):
             if history["stopped_early"]:
                 break
+            if cfg.remine_every:  # ANCE-style: negatives from the model being trained
+                due = [e for e in range(2, epoch + 1) if (e - 1) % cfg.remine_every == 0]
+                if due and (due[-1] == epoch or resuming):  # mine now, or reload after resume
+                    train_rows, report = _remined(model, train, cfg, due[-1], out / "negatives",
+                                                  reuse=resuming)
+                    if due[-1] == epoch and not skip:
+                        history.setdefault("mining", []).append({"epoch": epoch, **report})
+                        logger.info("epoch %d: negatives re-mined: %s", epoch, report)
             model.train()
             trainable_new = unfreeze.apply(model.encoder, epoch) if unfreeze else None
             batches = batches_of(epoch)[skip:]
             # its own generator: a loader seeds its workers from the global torch RNG otherwise,
             # which would make the dropout of a resumed epoch differ from the uninterrupted one
-            loader = DataLoader(train, batch_sampler=batches, collate_fn=collator,
+            loader = DataLoader(train_rows, batch_sampler=batches, collate_fn=collator,
                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
             start = time.perf_counter()
             epoch_losses = [s["loss"] for s in history["steps"] if s["epoch"] == epoch]
@@ -469,7 +508,7 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                 if (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0
                         and batch_in_epoch < steps_per_epoch):
                     checkpoint(epoch, batch_in_epoch)
-            skip = 0
+            skip, resuming = 0, False
             train_time = time.perf_counter() - start
             val = evaluate_retriever(model, validation, ks=(10,), batch_size=eval_batch_size)
             metrics = {m: val["aggregate"][m]["mean"] for m in ("recall@10", "ndcg@10", "mrr")}

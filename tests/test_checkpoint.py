@@ -45,9 +45,12 @@ def data():
     return Dataset.from_list(toy_records(40, 2)), Dataset.from_list(toy_records(16, 3))
 
 
-def test_resume_from_a_mid_epoch_checkpoint_ends_bit_identical(tok, data, tmp_path):
+@pytest.mark.parametrize("remine_every", [0, 1], ids=["static negatives", "re-mined"])
+def test_resume_from_a_mid_epoch_checkpoint_ends_bit_identical(tok, data, tmp_path,
+                                                               remine_every):
     train, val = data
-    cfg = toy_config(epochs=3, batch_size=8, checkpoint_steps=2, keep_checkpoints=100)
+    cfg = toy_config(epochs=3, batch_size=8, checkpoint_steps=2, keep_checkpoints=100,
+                     remine_every=remine_every, mining_negatives=3, mining_rank_range=(1, 20))
     full = _with_dropout(toy_model(tok))
     history = training.train_retriever(full, train, val, cfg, tmp_path / "a",
                                        show_progress=False)
@@ -59,6 +62,10 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_bit_identical(tok, data, tmp_pa
     # a second run that "died" after step 8: only that checkpoint survives
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copytree(mid, tmp_path / "b" / "checkpoints" / mid.name)
+    if remine_every:  # it had re-mined at the start of epoch 2
+        (tmp_path / "b" / "negatives").mkdir()
+        shutil.copy(tmp_path / "a" / "negatives" / "epoch-002.json", tmp_path / "b" / "negatives")
+        assert [m["epoch"] for m in history["mining"]] == [2, 3]
     resumed = _with_dropout(toy_model(tok, seed=123))  # every weight must come from disk
     again = training.train_retriever(resumed, train, val, cfg, tmp_path / "b",
                                      show_progress=False, resume=True)
