@@ -393,14 +393,24 @@ def with_overrides(exp: ExperimentConfig, *, data_dir: str | None = None,
     return replace(exp, data=data, model=model, training=replace(exp.training, **changes))
 
 
-def variant(exp: ExperimentConfig, **model_changes) -> ExperimentConfig:
-    """``exp`` with fields of its model changed, renamed so its run folder is its own.
+def variant(exp: ExperimentConfig, suffix: str | None = None, training: dict | None = None,
+            **model_changes) -> ExperimentConfig:
+    """``exp`` with fields of its model (keywords) and of its training (``training``) changed,
+    renamed ``<name>-<suffix>`` so its run folder is its own; the suffix defaults to the new
+    model values.
 
     >>> variant(get_experiment("minimind38_96k", "demo"), expansion_init="identity").name
     'minimind38_96k-identity'
+    >>> variant(get_experiment("minimind27_10k", "demo"), "ance", {"remine_every": 1}).name
+    'minimind27_10k-ance'
     """
-    unknown = set(model_changes) - {f.name for f in fields(ModelConfig)}
-    if unknown:
-        raise TypeError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
-    suffix = "-".join(str(v) for v in model_changes.values())
-    return replace(exp, name=f"{exp.name}-{suffix}", model=replace(exp.model, **model_changes))
+    training = training or {}
+    for settings, cls in ((model_changes, ModelConfig), (training, TrainingConfig)):
+        unknown = set(settings) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} setting(s): {', '.join(sorted(unknown))}")
+    suffix = suffix or "-".join(str(v) for v in model_changes.values())
+    if not suffix:
+        raise ValueError("a variant needs a suffix or at least one model change")
+    return replace(exp, name=f"{exp.name}-{suffix}", model=replace(exp.model, **model_changes),
+                   training=replace(exp.training, **training))

@@ -37,6 +37,7 @@ __all__ = ["MissingInputsError", "hub_has", "check_full_inputs", "prepare_base_m
            "run_experiment", "load_run", "ensure_run", "result_summary", "describe",
            "expansion_parameters", "run_expansion_with_ablation", "untrained_gaps",
            "expansion_comparisons", "expansion_systems", "expansion_summary",
+           "QUERY_INSTRUCTION", "option_variants", "option_systems", "option_comparisons",
            "REPORT_METRICS"]
 
 
@@ -347,6 +348,60 @@ def expansion_summary(exp: ExperimentConfig, base_exp: ExperimentConfig, base_in
         "paired_tests": expansion_comparisons(base_run, runs),
         "untrained_max_difference": untrained_gaps(base_run, runs),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond the report (notebook 06): M3-style unified training, dynamic hard negatives and query
+# instructions, each a variant of one experiment with its own run folder.
+# ---------------------------------------------------------------------------------------------
+
+#: Query instruction of the decoder-only ablation (the BGE family's Chinese retrieval prompt).
+QUERY_INSTRUCTION = "为这个句子生成表示以用于检索相关文章："
+
+
+def option_variants(exp: ExperimentConfig) -> dict[str, ExperimentConfig]:
+    """The options compared in notebook 06, as labelled variants of ``exp`` (``exp`` itself,
+    dense-only with static negatives, first)."""
+    return {
+        "稠密（基线）": exp,
+        "统一训练（稠密+稀疏+多向量）": variant(exp, "m3", m3_heads=True),
+        "动态难负例（每轮重挖）": variant(exp, "ance", {"remine_every": 1}),
+        "末位池化": variant(exp, "last", pooling="last_token"),
+        "末位池化 + 查询指令": variant(exp, "last-instr", pooling="last_token",
+                                     query_instruction=QUERY_INSTRUCTION),
+    }
+
+
+def option_systems(runs: dict[str, dict]) -> dict[str, dict]:
+    """Labelled test results of :func:`option_variants` runs; a run with M3 heads adds its
+    sparse, ColBERT and hybrid (rerank of the dense top 100) results."""
+    systems = {}
+    for label, run in runs.items():
+        systems[label] = run["test"]
+        for mode, result in (run.get("m3") or {}).items():
+            if mode != "dense":
+                systems[f"{label} · {mode}"] = result
+    return systems
+
+
+def option_comparisons(runs: dict[str, dict], metrics=("ndcg@10", "recall@100")
+                       ) -> dict[str, dict]:
+    """Paired randomisation tests of each option against what it changes: unified, dynamic
+    and last-token against the dense baseline, the instruction against last-token without it,
+    and the hybrid rerank against the same model's dense search."""
+    labels = list(runs)
+    base, unified, dynamic, last, instructed = labels[:5]
+    pairs = [(unified, base), (dynamic, base), (last, base), (instructed, last)]
+    tests = {}
+    for metric in metrics:
+        for a, b in pairs:
+            tests[f"{a} − {b} · {metric}"] = paired_test(runs[a]["test"]["per_query"][metric],
+                                                         runs[b]["test"]["per_query"][metric])
+        m3 = runs[unified].get("m3")
+        if m3:
+            tests[f"{unified}：hybrid − dense · {metric}"] = paired_test(
+                m3["hybrid"]["per_query"][metric], m3["dense"]["per_query"][metric])
+    return tests
 
 
 def main(argv: list[str] | None = None) -> int:

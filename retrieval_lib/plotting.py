@@ -20,7 +20,7 @@ __all__ = ["CJK_FONTS", "setup_cjk_font", "figures_dir", "save_figure", "plot_le
            "plot_optimisation_history", "plot_training_curves", "plot_metric_bars",
            "plot_metrics_vs_data_size", "unfreeze_epochs", "plot_unfreeze_schedule",
            "plot_memory_plan", "plot_metric_panels", "plot_efficiency_frontier",
-           "plot_per_query_distributions"]
+           "plot_per_query_distributions", "plot_loss_parts", "LOSS_PART_LABELS"]
 
 #: Fonts with Chinese glyphs, in order of preference (Linux, Colab, macOS, Windows).
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC",
@@ -229,6 +229,31 @@ def plot_optimisation_history(history: Sequence[Mapping[str, float]], title: str
     ax2.legend()
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+#: The parts of the unified M3 loss (retrieval_lib.m3), as the training history names them.
+LOSS_PART_LABELS = {"dense": "稠密 InfoNCE", "sparse": "稀疏 InfoNCE", "multi": "多向量 InfoNCE",
+                    "inter": "混合得分 InfoNCE", "distil": "自蒸馏 L'"}
+
+
+def plot_loss_parts(parts, window: int = 10, title: str | None = None):
+    """Each part of the unified loss over training steps (moving average of ``window``);
+    ``parts`` maps a part name (a column of a DataFrame) to its values per step."""
+    import matplotlib.pyplot as plt
+
+    setup_cjk_font()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name in parts:
+        values = _moving_average(list(parts[name]), window)
+        steps = np.arange(len(values)) + (len(parts[name]) - len(values)) + 1
+        ax.plot(steps, values, label=LOSS_PART_LABELS.get(name, name))
+    ax.set_xlabel("训练步数")
+    ax.set_ylabel(f"损失（{window} 步滑动平均）")
+    ax.legend()
+    if title:
+        ax.set_title(title)
     fig.tight_layout()
     return fig
 

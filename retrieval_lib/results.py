@@ -164,8 +164,9 @@ def scores_from_block(block: dict) -> dict:
 def load_run(path: str | os.PathLike) -> dict:
     """A saved run folder read back: :func:`~retrieval_lib.experiment.run_experiment`'s return
     shape (``out_dir``, ``test``, ``untrained``, ``history``, ``parameters``, ``expansion``,
-    ``wall_time_s``) plus ``config`` and ``kind``. A training run needs all four files; a
-    baseline (``kind: baseline``) has no history and no untrained row."""
+    ``wall_time_s``, and ``m3`` for a model with M3 heads) plus ``config`` and ``kind``. A
+    training run needs all four files; a baseline (``kind: baseline``) has no history and no
+    untrained row."""
     out = Path(path)
 
     def read(name):
@@ -186,6 +187,8 @@ def load_run(path: str | os.PathLike) -> dict:
            "wall_time_s": read("env.json").get("wall_time_s")}
     if "untrained" in metrics:
         run["untrained"] = scores_from_block(metrics["untrained"])
+    if "m3" in metrics:  # a model with M3 heads: every retrieval mode
+        run["m3"] = {mode: scores_from_block(block) for mode, block in metrics["m3"].items()}
     if (out / "history.json").exists():
         run["history"] = read("history.json")
     return run

@@ -100,8 +100,14 @@ def test_variant_renames_and_overrides_reach_the_model():
     assert (ablation.name, ablation.model.expansion_init) == ("minimind186_288k-identity",
                                                               "identity")
     assert exp.model.expansion_init == "random"  # the original is unchanged
-    with pytest.raises(TypeError, match="unknown model setting"):
+    with pytest.raises(TypeError, match="unknown ModelConfig setting"):
         config.variant(exp, layers=3)
+    with pytest.raises(TypeError, match="unknown TrainingConfig setting"):
+        config.variant(exp, "x", {"epoch": 3})
+    ance = config.variant(exp, "ance", {"remine_every": 2}, m3_heads=True)
+    assert (ance.name, ance.training.remine_every, ance.model.m3_heads) == (
+        "minimind186_288k-ance", 2, True)
+    assert exp.training.remine_every == 0 and not exp.model.m3_heads
     changed = config.with_overrides(exp, expansion_init="copy", unfreeze_every=3)
     assert (changed.name, changed.model.expansion_init, changed.model.unfreeze_every) == (
         "minimind186_288k", "copy", 3)

@@ -15,7 +15,8 @@ def test_notebooks_come_in_course_order():
     assert [p.stem for p in ALL] == ["01_data_preprocessing", "02_loss_and_gradients",
                                      "03_train_minimind27", "03_train_minimind38",
                                      "03_train_minimind108", "03_train_minimind186",
-                                     "03_train_qwen2_613", "04_bge_m3_baseline",
+                                     "03_train_qwen2_613", "03_beyond_the_report",
+                                     "04_bge_m3_baseline",
                                      "05_results_and_plots"]
 
 
@@ -171,13 +172,37 @@ def _run_folder_complete_baseline(run_dir):
     assert {"config.json", "metrics.json", "env.json"} <= {p.name for p in run_dir.iterdir()}
 
 
+def check_03_beyond_the_report(summary, home):
+    runs = summary["runs"]
+    assert [r["name"] for r in runs.values()] == [
+        "minimind27_10k", "minimind27_10k-m3", "minimind27_10k-ance", "minimind27_10k-last",
+        "minimind27_10k-last-instr"]
+    for run in runs.values():
+        _learned(run)
+        _run_folder_complete(run["run_dir"])
+    unified = list(runs)[1]
+    modes = {label.rsplit(" · ", 1)[-1] for label in summary["systems"] if " · " in label}
+    assert modes == {"sparse", "colbert", "hybrid"}
+    assert summary["systems"][unified]["ndcg@5"] == runs[unified]["trained"]["ndcg@5"]
+    metrics = json.loads((Path(runs[unified]["run_dir"]) / "metrics.json").read_text())
+    assert set(metrics["m3"]) == {"dense", "sparse", "colbert", "hybrid"}
+    assert [m["epoch"] for m in summary["mining"]] == [2, 3, 4][: len(summary["mining"])]
+    assert summary["mining"] and all(0 <= m["false_negative_rate"] <= 1
+                                     for m in summary["mining"])
+    assert len(summary["comparisons"]) == 2 * 5  # 4 options + hybrid vs dense, two metrics
+    return ["test_metrics", "unified_loss_parts"]
+
+
 def check_05(summary, home):
     saved = {p.name for p in (home / "runs" / "demo").iterdir()}
     # every demo run of every notebook is in the table: the 8 experiments (7 of the report and
-    # the unexpanded Qwen2 base), 3 identity ablations, 2 baselines
-    assert set(summary["runs"]) == saved and len(saved) == 13
+    # the unexpanded Qwen2 base), 3 identity ablations, 4 options beyond the report, 2 baselines
+    assert set(summary["runs"]) == saved and len(saved) == 17
     assert summary["reference"] == "bm25" and set(summary["not_run"]) == {"bge_m3"}
     assert set(summary["ndcg@5"]) == saved - {"bge_m3"}
+    # the options of 03_beyond_the_report: 5 runs, and the sparse/ColBERT/hybrid rows of one
+    assert len(summary["options"]) == 5 + 3
+    assert summary["options"]["稠密（基线）"] == summary["ndcg@5"]["minimind27_10k"]
     assert summary["data_scaling"] == {"MiniMind-108M (demo)": {
         "minimind108_10k": 600, "minimind108_96k": 1200, "minimind108_288k": 1800}}
     report = Path(summary["report"])
@@ -194,6 +219,7 @@ CHECKS = {"01_data_preprocessing": check_01, "02_loss_and_gradients": check_02,
           "03_train_minimind108": check_03_train_minimind108,
           "03_train_minimind186": check_03_train_minimind186,
           "03_train_qwen2_613": check_03_train_qwen2_613,
+          "03_beyond_the_report": check_03_beyond_the_report,
           "04_bge_m3_baseline": check_04, "05_results_and_plots": check_05}
 
 

@@ -57,6 +57,8 @@ def test_chinese_labels_render_without_missing_glyphs(tmp_path):
                  "大": {"parameters": 1e7, "mean": 0.2, "ci_low": 0.1, "ci_high": 0.3}},
                 "ndcg@5", lines={"BM25": 0.5}),
             plotting.plot_per_query_distributions({"模型": [0.0, 1.0, 0.5]}, "ndcg@5"),
+            plotting.plot_loss_parts({name: [1.0, 0.8, 0.5] for name in plotting.LOSS_PART_LABELS},
+                                     window=2),
         ]
         for i, f in enumerate(figs):
             plotting.save_figure(f, "test", f"fig{i}", folder=tmp_path)
