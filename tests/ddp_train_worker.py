@@ -3,7 +3,6 @@ on the CPU (gloo) and saves this process's final weights."""
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 
@@ -11,21 +10,13 @@ def main(records_file: str, out_dir: str, grad_cache_chunk_size: str = "0") -> N
     import torch
     from datasets import Dataset
     from safetensors.torch import save_file
+    from toy import worker_model  # this script's folder is on sys.path
 
-    from retrieval_lib import config, tokenizer, training
+    from retrieval_lib import config, training
     from retrieval_lib.expansion import UnfreezeSchedule, expand_layers
-    from retrieval_lib.modeling import DualTowerRetriever
 
     records = json.loads(Path(records_file).read_text(encoding="utf-8"))
-    texts = [r["query"] for r in records] + [p["text"] for r in records
-                                             for p in r["positive_passages"]]
-    tok = tokenizer.train_bpe_tokenizer(texts, vocab_size=300)
-    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-                  vocab_size=len(tok), max_query_length=12, max_passage_length=32,
-                  projection_dim=16)
-    torch.manual_seed(0)
-    model = DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False)
+    model = worker_model(records)
     new = expand_layers(model.encoder, 1, init="identity", seed=0)
     train = Dataset.from_list(records[:32])
     validation = Dataset.from_list(records[32:])

@@ -44,3 +44,17 @@ def toy_config(**kw):
                 temperature=0.05, early_stopping_patience=10)
     base.update(kw)
     return config.TrainingConfig(**base)
+
+
+def worker_model(records):
+    """The model of the subprocess workers (resume_worker.py, ddp_train_worker.py): a BPE
+    tokenizer trained on ``records`` and a one-layer MiniMind-shaped retriever, seed 0."""
+    texts = [r["query"] for r in records] + [p["text"] for r in records
+                                             for p in r["positive_passages"]]
+    tok = tokenizer.train_bpe_tokenizer(texts, vocab_size=300)
+    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                  vocab_size=len(tok), max_query_length=12, max_passage_length=32,
+                  projection_dim=16)
+    torch.manual_seed(0)
+    return DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False)
