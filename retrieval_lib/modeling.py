@@ -252,9 +252,11 @@ class DualTowerRetriever(nn.Module):
 
     # -- inference ------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _encode(self, texts: Sequence[str], tower: str, batch_size: int,
-                show_progress: bool | None) -> np.ndarray:
+    def _batches(self, texts: Sequence[str], tower: str, batch_size: int,
+                 show_progress: bool | None = False):
+        """Eval-mode batches of ``texts``, longest first (less padding): yields the indices of
+        the batch in ``texts`` and its ``input_ids`` / ``attention_mask`` on the model's device;
+        the training mode is restored afterwards."""
         from tqdm.auto import tqdm
 
         if isinstance(texts, str):
@@ -262,17 +264,24 @@ class DualTowerRetriever(nn.Module):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # long first: less padding
-        out = np.zeros((len(texts), self.projection_dim), dtype=np.float32)
-        starts = range(0, len(texts), batch_size)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         if show_progress is None:
             show_progress = len(texts) > 10 * batch_size
-        for start in tqdm(starts, disable=not show_progress, desc=f"encode {tower}"):
-            idx = order[start:start + batch_size]
-            enc = self.tokenize([texts[i] for i in idx], tower)
-            emb = self.embed(enc["input_ids"].to(device), enc["attention_mask"].to(device), tower)
-            out[idx] = emb.float().cpu().numpy()
-        self.train(was_training)
+        try:
+            for start in tqdm(range(0, len(texts), batch_size), disable=not show_progress,
+                              desc=f"encode {tower}"):
+                idx = order[start:start + batch_size]
+                enc = self.tokenize([texts[i] for i in idx], tower)
+                yield idx, enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def _encode(self, texts: Sequence[str], tower: str, batch_size: int,
+                show_progress: bool | None) -> np.ndarray:
+        out = np.zeros((len(texts), self.projection_dim), dtype=np.float32)
+        for idx, ids, mask in self._batches(texts, tower, batch_size, show_progress):
+            out[idx] = self.embed(ids, mask, tower).float().cpu().numpy()
         return out
 
     @torch.no_grad()
@@ -281,17 +290,10 @@ class DualTowerRetriever(nn.Module):
         """``dense`` (N x projection_dim), ``sparse`` (per text ``{token id: weight}``, weights
         > 0) and ``colbert`` (per text its ``(tokens, dim)`` vectors), the inputs of
         :func:`retrieval_lib.m3.evaluate_reranked`."""
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         dense = np.zeros((len(texts), self.projection_dim), dtype=np.float32)
         sparse, colbert = [None] * len(texts), [None] * len(texts)
-        for start in range(0, len(texts), batch_size):
-            idx = order[start:start + batch_size]
-            enc = self.tokenize([texts[i] for i in idx], tower)
-            out = self.embed_m3(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                tower)
+        for idx, ids, mask in self._batches(texts, tower, batch_size):
+            out = self.embed_m3(ids, mask, tower)
             dense[idx] = out["dense"].cpu().numpy()
             weights = out["sparse"].cpu()
             for row, i in enumerate(idx):
@@ -300,7 +302,6 @@ class DualTowerRetriever(nn.Module):
                                      strict=True))
                 keep = out["colbert_mask"][row].cpu()
                 colbert[i] = out["colbert"][row].cpu()[keep].numpy()
-        self.train(was_training)
         return {"dense": dense, "sparse": sparse, "colbert": colbert}
 
     def encode_queries(self, texts: Sequence[str], batch_size: int = 64,
