@@ -1,6 +1,7 @@
 """Training checkpoints that survive a killed process: atomic, checksummed, resumable.
 
-A checkpoint is a folder ``<run>/checkpoints/step-XXXXXXXX`` holding
+A checkpoint is a folder ``<run>/checkpoints/step-<step as 8 digits>`` (e.g. ``step-00000500``)
+holding
 
 * ``model.safetensors``: every parameter and buffer of the retriever (tied weights once);
 * ``optimizer.pt``, ``state.pt``: optimizer, LR schedule, gradient scaler and torch RNG states,
@@ -39,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step-(\d{8})$")
+
+
+def _folder_name(step: int) -> str:
+    return f"step-{step:08d}"
 _FILES = ("model.safetensors", "optimizer.pt", "state.pt", "trainer_state.json")
 
 
@@ -96,7 +101,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, schedu
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
+    final = root / _folder_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -137,7 +142,7 @@ def _prune(root: Path, keep: int, protect: int | None) -> None:
     folders = list_checkpoints(root)
     keep_names = {p.name for p in folders[-keep:]} if keep > 0 else set()
     if protect is not None:
-        keep_names.add(f"step-{protect:08d}")
+        keep_names.add(_folder_name(protect))
     for folder in folders:
         if folder.name not in keep_names:
             shutil.rmtree(folder, ignore_errors=True)

@@ -22,6 +22,7 @@ The offline demo corpus (People's Daily 1998) is rebuilt in :mod:`retrieval_lib.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -131,6 +132,7 @@ class LoadReport:
 MAX_TEXT_CHARS = 100_000
 
 
+@functools.cache
 def _traditional_table() -> dict[int, str]:
     """Traditional -> Simplified for single characters: snownlp's table, restricted to
     characters outside GB 2312 (the Simplified standard set). Its phrase entries rewrite
@@ -149,19 +151,14 @@ def _traditional_table() -> dict[int, str]:
             if len(k) == 1 and len(v) == 1 and k != v and not in_gb2312(k)}
 
 
-_TRADITIONAL: dict[int, str] | None = None
-
-
 def traditional_characters(text: str) -> int:
     """How many characters of ``text`` are Traditional forms with a Simplified counterpart.
 
     >>> traditional_characters("漢字与简体")
     1
     """
-    global _TRADITIONAL
-    if _TRADITIONAL is None:
-        _TRADITIONAL = _traditional_table()
-    return sum(1 for ch in text if ord(ch) in _TRADITIONAL)
+    table = _traditional_table()
+    return sum(1 for ch in text if ord(ch) in table)
 
 
 def to_simplified(text: str) -> str:
@@ -170,8 +167,7 @@ def to_simplified(text: str) -> str:
     >>> to_simplified("檢索與漢字")
     '检索与汉字'
     """
-    traditional_characters("")  # builds the table once
-    return text.translate(_TRADITIONAL)
+    return text.translate(_traditional_table())
 
 
 def _check_text(value, where: str, field_name: str) -> str:

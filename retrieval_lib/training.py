@@ -248,8 +248,9 @@ def _unified_step_loss(model, qi: dict, pi: dict, cfg: TrainingConfig):
 
 def _remined(model, train, cfg: TrainingConfig, epoch: int, folder: Path, reuse: bool):
     """The training records with negatives mined by the current model (ANCE-style), and the
-    mining report. Mined negatives are saved as corpus indices to ``folder/epoch-XXX.json``
-    so that a resumed run trains on the same ones (``reuse``: read them when present)."""
+    mining report. Mined negatives are saved as corpus indices to ``folder/epoch-<epoch as 3
+    digits>.json`` (e.g. ``epoch-002.json``) so that a resumed run trains on the same ones
+    (``reuse``: read them when present)."""
     from .data import corpus_of
     from .mining import DenseSearcher, mine_hard_negatives
 
@@ -477,7 +478,7 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                     where = (f"loss is {loss.item()} at step {step} (epoch {epoch}); last "
                              f"finite loss: {last}")
                     if scaler is None:
-                        good = latest_checkpoint_name(ckpt_root)
+                        good = _newest_checkpoint(ckpt_root)
                         raise FloatingPointError(
                             f"{where}. The last good checkpoint, {good}, is kept: lower the "
                             f"learning rate and continue with resume=True")
@@ -550,7 +551,7 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
             handler.close()
 
 
-def latest_checkpoint_name(root: Path) -> str:
+def _newest_checkpoint(root: Path) -> str:
     """The newest checkpoint folder under ``root`` for messages ("none yet" when none)."""
     from .checkpoint import list_checkpoints
 
