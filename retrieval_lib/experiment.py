@@ -37,7 +37,7 @@ __all__ = ["MissingInputsError", "hub_has", "check_full_inputs", "prepare_base_m
            "run_experiment", "load_run", "ensure_run", "result_summary", "describe",
            "expansion_parameters", "run_expansion_with_ablation", "untrained_gaps",
            "expansion_comparisons", "expansion_systems", "expansion_summary",
-           "QUERY_INSTRUCTION", "option_variants", "option_systems", "option_comparisons",
+           "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION", "option_variants", "option_systems", "option_comparisons",
            "REPORT_METRICS"]
 
 
@@ -354,6 +354,10 @@ def expansion_summary(exp: ExperimentConfig, base_exp: ExperimentConfig, base_in
 # Beyond the report (notebook 06): M3-style unified training, dynamic hard negatives and query
 # instructions, each a variant of one experiment with its own run folder.
 # ---------------------------------------------------------------------------------------------
+
+#: The experiment whose variants ``03_beyond_the_report`` trains by default (4.1.1), and whose
+#: variants the results notebook looks for.
+OPTIONS_EXPERIMENT = "minimind27_10k"
 
 #: Query instruction of the decoder-only ablation (the BGE family's Chinese retrieval prompt).
 QUERY_INSTRUCTION = "为这个句子生成表示以用于检索相关文章："
