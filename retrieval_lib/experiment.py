@@ -36,9 +36,9 @@ from .training import set_seed, train_retriever
 __all__ = ["MissingInputsError", "hub_has", "check_full_inputs", "prepare_base_model", "run_dir",
            "run_experiment", "load_run", "ensure_run", "result_summary", "describe",
            "expansion_parameters", "run_expansion_with_ablation", "untrained_gaps",
-           "expansion_comparisons", "expansion_systems", "expansion_summary",
-           "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION", "option_variants", "option_systems", "option_comparisons",
-           "REPORT_METRICS"]
+           "expansion_comparisons", "expansion_systems", "expansion_histories",
+           "unfreeze_table", "expansion_summary", "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION",
+           "option_variants", "option_systems", "option_comparisons", "REPORT_METRICS"]
 
 
 class MissingInputsError(FileNotFoundError):
@@ -314,12 +314,35 @@ def expansion_comparisons(base_run: dict | None, runs: dict[str, dict],
     return tests
 
 
+def _expansion_labels(base_exp: ExperimentConfig, base_run: dict | None,
+                      runs: dict[str, dict]) -> list[tuple[str, dict]]:
+    """(label, run) of the base (when there is one) and of each expansion, as tables and
+    figures name them."""
+    labelled = [(f"对照：{base_exp.model.name}", base_run)] if base_run is not None else []
+    return labelled + [(f"扩容（{init} 初始化）", run) for init, run in runs.items()]
+
+
+def expansion_histories(base_exp: ExperimentConfig, base_run: dict | None,
+                        runs: dict[str, dict]) -> dict[str, dict]:
+    """Labelled training histories of the base and of every expansion (training curves)."""
+    return {label: run["history"] for label, run in _expansion_labels(base_exp, base_run, runs)}
+
+
+def unfreeze_table(run: dict):
+    """Per epoch of an expansion run: which new layers trained, the training loss and the
+    validation NDCG@10 (a pandas table)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"轮次": e["epoch"], "训练中的新层": e["trainable_new_layers"],
+                          "训练损失": e["train_loss"], "验证 NDCG@10": e["val_ndcg@10"]}
+                         for e in run["history"]["epochs"]]).set_index("轮次")
+
+
 def expansion_systems(base_exp: ExperimentConfig, base_run: dict | None,
                       runs: dict[str, dict], trained_only: bool = False) -> dict[str, dict]:
     """Labelled test results (``score_run`` shape) of the base and of every expansion, untrained
     and trained, for :func:`~retrieval_lib.evaluation.metrics_table` and the bar chart."""
-    labelled = ([(f"对照：{base_exp.model.name}", base_run)] if base_run is not None else [])
-    labelled += [(f"扩容（{init} 初始化）", run) for init, run in runs.items()]
+    labelled = _expansion_labels(base_exp, base_run, runs)
     systems = {}
     if not trained_only:
         systems.update({f"{label}（未训练）": run["untrained"] for label, run in labelled})
