@@ -277,3 +277,24 @@ def test_a_killed_training_process_resumes_to_the_uninterrupted_result(tmp_path)
                  "best/encoder/model.safetensors"):
         a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "killed" / name)
         _assert_same_weights(a, b)
+
+
+def test_the_best_model_is_swapped_in_whole_or_not_at_all(tmp_path):
+    class Saver:
+        def __init__(self, text, fail=False):
+            self.text, self.fail = text, fail
+
+        def save(self, path):
+            path.mkdir(parents=True)
+            (path / "weights").write_text(self.text)
+            if self.fail:
+                raise OSError("disk full")
+
+    target = tmp_path / "best"
+    checkpoint.atomic_save_model(Saver("old"), target)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_save_model(Saver("half", fail=True), target)
+    assert (target / "weights").read_text() == "old"  # a failed save leaves the old model
+    checkpoint.atomic_save_model(Saver("new"), target)
+    assert (target / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # nothing left over
