@@ -110,6 +110,9 @@ class ModelConfig:
     num_key_value_heads: int  # grouped-query attention; equals num_attention_heads for MHA
     intermediate_size: int  # MLP width
     vocab_size: int
+    rope_theta: float = 10_000.0  # RoPE base, from the checkpoint (MiniMind v1 1e4, Qwen2 1e6)
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon, from the checkpoint (v1 1e-5, Qwen2 1e-6)
+    max_position_embeddings: int = 512  # positions the checkpoint was trained for
     tie_word_embeddings: bool = True
     trust_remote_code: bool = False  # only where the checkpoint needs it and the user asked
     pooling: str = "mean"  # "mean", "last_token" (EOS) or "cls"
@@ -193,6 +196,9 @@ MINIMIND_27M = ModelConfig(
     num_key_value_heads=8,
     intermediate_size=1408,
     vocab_size=6400,
+    rope_theta=10_000.0,  # v1 fixes theta in precompute_pos_cis; see retrieval_lib.minimind
+    rms_norm_eps=1e-5,
+    max_position_embeddings=512,  # LMConfig.max_seq_len
 )
 MINIMIND_108M = ModelConfig(
     name="MiniMind-108M",
@@ -204,6 +210,9 @@ MINIMIND_108M = ModelConfig(
     num_key_value_heads=8,
     intermediate_size=2048,
     vocab_size=6400,
+    rope_theta=10_000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=512,
 )
 QWEN2_05B = ModelConfig(
     name="Qwen2-0.5B",
@@ -215,6 +224,9 @@ QWEN2_05B = ModelConfig(
     num_key_value_heads=2,
     intermediate_size=4864,
     vocab_size=151936,
+    rope_theta=1_000_000.0,  # Qwen/Qwen2-0.5B config.json
+    rms_norm_eps=1e-6,
+    max_position_embeddings=131072,
     pooling="last_token",  # decoder-only LM: the EOS state has seen the whole text
 )
 

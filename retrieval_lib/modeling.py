@@ -21,29 +21,30 @@ from torch import nn
 
 from .config import ModelConfig
 
-__all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder",
-           "load_encoder", "count_parameters", "parameter_count_from_config", "pool",
+__all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "how_to_supply",
+           "resolve_base_model", "load_encoder", "count_parameters", "parameter_count_from_config", "pool",
            "DualTowerRetriever"]
 
 POOLINGS = ("mean", "last_token", "cls")
 
 
 def hf_config_from_shape(cfg: ModelConfig, num_layers: int | None = None):
-    """A ``transformers`` config with the shape held in ``cfg`` (no download)."""
+    """A ``transformers`` config with the shape held in ``cfg`` (no download); decoders get
+    the checkpoint's RoPE base, RMSNorm epsilon and positions from ``cfg``."""
     from transformers import BertConfig, LlamaConfig, Qwen2Config, XLMRobertaConfig
 
     layers = cfg.num_hidden_layers if num_layers is None else num_layers
     common = dict(hidden_size=cfg.hidden_size, num_hidden_layers=layers,
                   num_attention_heads=cfg.num_attention_heads,
                   intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size)
+    decoder = dict(num_key_value_heads=cfg.num_key_value_heads,
+                   tie_word_embeddings=cfg.tie_word_embeddings, rope_theta=cfg.rope_theta,
+                   rms_norm_eps=cfg.rms_norm_eps,
+                   max_position_embeddings=cfg.max_position_embeddings)
     if cfg.architecture == "llama":
-        return LlamaConfig(num_key_value_heads=cfg.num_key_value_heads,
-                           tie_word_embeddings=cfg.tie_word_embeddings,
-                           max_position_embeddings=32768, rope_theta=1e6, **common)
+        return LlamaConfig(**decoder, **common)
     if cfg.architecture == "qwen2":
-        return Qwen2Config(num_key_value_heads=cfg.num_key_value_heads,
-                           tie_word_embeddings=cfg.tie_word_embeddings,
-                           max_position_embeddings=32768, **common)
+        return Qwen2Config(**decoder, **common)
     if cfg.architecture == "bert":
         return BertConfig(max_position_embeddings=512, **common)
     if cfg.architecture == "xlm-roberta":
@@ -61,31 +62,97 @@ def build_encoder(cfg: ModelConfig, seed: int | None = None) -> nn.Module:
     return AutoModel.from_config(hf_config_from_shape(cfg))
 
 
+#: Files fetched from the hub for a checkpoint that must be converted (never its code).
+_CHECKPOINT_PATTERNS = ["config.json", "*.safetensors", "*.bin", "*.index.json",
+                        "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt",
+                        "added_tokens.json"]
+
+
+def how_to_supply(name_or_path: str, hub_id: str | None = None) -> str:
+    """What a user does when ``name_or_path`` cannot be loaded: for a local folder, which hub
+    repository to download into it; for a hub id, download it or use a mirror."""
+    if os.path.isabs(name_or_path) or os.path.exists(name_or_path) or hub_id:
+        repo = hub_id or "<the model's hub id>"
+        return (f"download it on a machine with access (`huggingface-cli download {repo} "
+                f"--local-dir {name_or_path}`) and copy that folder here")
+    return (f"download it (`huggingface-cli download {name_or_path} --local-dir DIR`) and pass "
+            f"DIR as the model path (notebook parameter `model_path`, CLI `--model-path`), or "
+            f"set HF_ENDPOINT to a reachable mirror (e.g. https://hf-mirror.com)")
+
+
+def _read_config(name_or_path: str) -> tuple[dict, Path | None]:
+    """The raw ``config.json`` of a local folder or hub id, and the local folder (or None)."""
+    if os.path.isdir(name_or_path):
+        path = Path(name_or_path) / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{name_or_path}: no config.json; "
+                                    f"{how_to_supply(name_or_path)}")
+        return json.loads(path.read_text(encoding="utf-8")), Path(name_or_path)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(name_or_path, "config.json")
+    except Exception as exc:  # offline, no such repo, auth
+        raise OSError(f"cannot read config.json of {name_or_path!r} "
+                      f"({type(exc).__name__}); {how_to_supply(name_or_path)}") from exc
+    return json.loads(Path(path).read_text(encoding="utf-8")), None
+
+
+def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = None
+                       ) -> tuple[str, dict | None]:
+    """Where ``from_pretrained`` should load the base model from, and the conversion report.
+
+    MiniMind checkpoints in their own format (v1 or MiniMind2 custom code) are converted once
+    to a standard ``LlamaModel`` under ``cache_dir`` (default ``<project>/data_cache/models``)
+    by :func:`retrieval_lib.minimind.convert_checkpoint`, without running their code; the
+    report says what was converted. Every other model (Qwen2, Llama-format MiniMind2,
+    BERT/XLM-R) is returned as given, with ``None``.
+    """
+    from .config import project_root
+    from .minimind import checkpoint_format, convert_checkpoint
+
+    raw, folder = _read_config(name_or_path)
+    if checkpoint_format(raw) is None:
+        return name_or_path, None
+    if folder is None:  # a hub id: fetch the weights and tokenizer files, never the code
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(name_or_path, allow_patterns=_CHECKPOINT_PATTERNS))
+        except Exception as exc:
+            raise OSError(f"cannot download the weights of {name_or_path!r} "
+                          f"({type(exc).__name__}); {how_to_supply(name_or_path)}") from exc
+    cache = Path(cache_dir) if cache_dir else project_root() / "data_cache" / "models"
+    target, report = convert_checkpoint(folder, cache, label=name_or_path)
+    return str(target), report
+
+
 def load_encoder(name_or_path: str, trust_remote_code: bool = False,
                  dtype: torch.dtype | None = None) -> nn.Module:
     """The pretrained base model (no LM head) from a hub id or a local folder.
 
-    MiniMind checkpoints in ``LlamaForCausalLM`` format load as ``LlamaModel``; checkpoints
-    that need their own code load only with ``trust_remote_code=True``, which the user must ask
-    for. A missing model stops with a message on how to supply it.
+    MiniMind checkpoints in their own format are converted to ``LlamaModel`` first
+    (:func:`resolve_base_model`), so ``trust_remote_code`` is never needed for them; other
+    checkpoints that ship their own code load only with ``trust_remote_code=True``, which the
+    user must ask for. A missing model stops with a message on how to supply it.
     """
     from transformers import AutoModel
 
+    path, _ = resolve_base_model(name_or_path)
     try:
         kwargs = {"trust_remote_code": trust_remote_code}
         if dtype is not None:
             kwargs["dtype"] = dtype
-        return AutoModel.from_pretrained(name_or_path, **kwargs)
+        return AutoModel.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         hint = ("" if trust_remote_code or "trust_remote_code" not in str(exc) else
-                " This checkpoint ships its own model code: pass trust_remote_code=True if you "
+                " This checkpoint ships its own model code: pass trust_remote_code=True "
+                "(notebook parameter `trust_remote_code`, CLI `--trust-remote-code`) if you "
                 "trust it.")
-        raise OSError(
-            f"cannot load the base model {name_or_path!r}: {first}.{hint}\n"
-            f"Download it (huggingface-cli download {name_or_path} --local-dir DIR) and pass DIR "
-            f"as the model path, or set HF_ENDPOINT to a reachable mirror."
-        ) from exc
+        raise OSError(f"cannot load the base model {name_or_path!r}: {first}.{hint}\n"
+                      f"{how_to_supply(name_or_path)[0].upper()}"
+                      f"{how_to_supply(name_or_path)[1:]}.") from exc
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -178,11 +245,12 @@ class DualTowerRetriever(nn.Module):
         of the configured shape (demo twins, tests); the tokenizer defaults to the model's own.
         """
         if pretrained:
-            encoder = load_encoder(cfg.base_model, cfg.trust_remote_code, dtype)
+            path, _ = resolve_base_model(cfg.base_model)  # MiniMind: the converted folder
+            encoder = load_encoder(path, cfg.trust_remote_code, dtype)
             if tokenizer is None:
                 from .tokenizer import load_pretrained_tokenizer
 
-                tokenizer = load_pretrained_tokenizer(cfg.base_model, cfg.trust_remote_code)
+                tokenizer = load_pretrained_tokenizer(path, cfg.trust_remote_code)
         else:
             if tokenizer is None:
                 raise ValueError("a model built from a config needs a tokenizer")

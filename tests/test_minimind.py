@@ -1,0 +1,168 @@
+"""Published MiniMind checkpoints load as a standard LlamaModel that computes what the
+published architectures compute (checked against independent reference forwards)."""
+
+import json
+
+import pytest
+import torch
+from published_formats import (
+    minimind2_reference,
+    v1_reference,
+    write_minimind2,
+    write_minimind_v1,
+    write_qwen2,
+)
+
+from retrieval_lib import config, minimind, modeling
+from retrieval_lib.modeling import DualTowerRetriever
+
+TEXTS = ["长江流域今年的降水", "国家足球队在主场赢得了比赛，球迷们欢呼", "新",
+         "音乐会在北京的剧院举行"]
+
+
+def _max_error(encoder, tokenizer, reference) -> float:
+    """Largest |converted - reference| over the real tokens of a padded batch."""
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    assert batch["attention_mask"].sum(1).min() < batch["attention_mask"].shape[1]  # padding
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state
+    worst = 0.0
+    for row, ids in enumerate(tokenizer(TEXTS)["input_ids"]):
+        expected = reference(ids)
+        worst = max(worst, (hidden[row, : len(ids)] - expected).abs().max().item())
+    return worst
+
+
+def _converted(folder, tmp_path):
+    path, report = modeling.resolve_base_model(str(folder), cache_dir=tmp_path / "converted")
+    return modeling.load_encoder(path).eval(), path, report
+
+
+def test_minimind_v1_converts_to_a_llama_model_equal_to_the_reference(tmp_path):
+    made = write_minimind_v1(tmp_path / "v1")
+    encoder, path, report = _converted(tmp_path / "v1", tmp_path)
+    tok = modeling.DualTowerRetriever(encoder, _tok(path)).tokenizer
+    assert type(encoder).__name__ == "LlamaModel"
+    assert report["format"] == "minimind-v1" and report["q_k_rows_permuted"]
+    assert (report["rope_theta"], report["rms_norm_eps"]) == (1e4, 1e-5)
+    assert not report["checkpoint_code_run"] and "pytorch_model.bin" in report["source_files"]
+    assert encoder.config.intermediate_size == made["hidden"] == 192  # 2/3·4·64 -> 64s
+    error = _max_error(encoder, tok, lambda ids: v1_reference(made["state"], made["config"],
+                                                                   ids))
+    assert error < 1e-5
+
+
+def _tok(path):
+    from retrieval_lib.tokenizer import load_pretrained_tokenizer
+
+    return load_pretrained_tokenizer(path)
+
+
+def test_v1_without_the_permutation_or_with_another_theta_is_wrong(tmp_path):
+    """The two facts the conversion rests on: measured errors when either is dropped."""
+    made = write_minimind_v1(tmp_path / "v1")
+    cfg = minimind.llama_config(made["config"], minimind.MINIMIND_V1)
+    tok = _tok(str(tmp_path / "v1"))
+    tok.pad_token = tok.eos_token
+    errors = {}
+    for label, permute, theta in (("right", True, 1e4), ("unpermuted", False, 1e4),
+                                  ("theta 1e6", True, 1e6)):
+        from transformers import LlamaModel
+
+        c = minimind.llama_config(made["config"], minimind.MINIMIND_V1)
+        c.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+        c.rope_theta = theta
+        model = LlamaModel(c).eval()
+        model.load_state_dict(minimind.convert_state_dict(made["state"], "minimind-v1", cfg,
+                                                          permute=permute), strict=False)
+        errors[label] = _max_error(model, tok, lambda ids: v1_reference(
+            made["state"], made["config"], ids))
+    print("conversion errors", errors)
+    assert errors["right"] < 1e-5
+    assert errors["unpermuted"] > 1e-2 and errors["theta 1e6"] > 1e-3, errors
+
+
+@pytest.mark.parametrize("llama_format", [False, True], ids=["custom-code", "llama"])
+def test_minimind2_both_formats_equal_the_reference(tmp_path, llama_format):
+    made = write_minimind2(tmp_path / "m2", llama_format=llama_format)
+    encoder, path, report = _converted(tmp_path / "m2", tmp_path)
+    assert type(encoder).__name__ == "LlamaModel"
+    assert (report is None) == llama_format  # the Llama format loads as it is
+    if report:
+        assert report["format"] == "minimind2" and not report["q_k_rows_permuted"]
+        assert report["rope_theta"] == 1e6
+    error = _max_error(encoder, _tok(path), lambda ids: minimind2_reference(
+        made["state"], made["config"], ids))
+    assert error < 1e-5
+
+
+def test_conversion_is_cached_and_never_runs_the_checkpoint_code(tmp_path):
+    write_minimind_v1(tmp_path / "v1")
+    first, _ = modeling.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
+    stamp = (tmp_path / "c").joinpath(first.split("/")[-1], "model.safetensors").stat()
+    again, _ = modeling.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
+    assert again == first
+    assert (tmp_path / "c" / first.split("/")[-1] / "model.safetensors").stat() == stamp
+    # trust_remote_code=True changes nothing: the trap in model.py would raise if imported
+    modeling.load_encoder(first, trust_remote_code=True)
+
+
+def test_broken_checkpoints_name_the_file_and_the_fault(tmp_path):
+    made = write_minimind_v1(tmp_path / "v1")
+    state = dict(made["state"])
+    del state["layers.1.feed_forward.w2.weight"]
+    torch.save(state, tmp_path / "v1" / "pytorch_model.bin")
+    with pytest.raises(minimind.ConversionError, match=r"pytorch_model.bin.*layers.1.mlp"):
+        modeling.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
+    (tmp_path / "v1" / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(minimind.ConversionError, match="pytorch_model.bin: cannot be read"):
+        modeling.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
+    moe = json.loads((tmp_path / "v1" / "config.json").read_text())
+    (tmp_path / "v1" / "config.json").write_text(json.dumps({**moe, "use_moe": True}))
+    with pytest.raises(minimind.ConversionError, match="use_moe"):
+        modeling.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
+
+
+@pytest.mark.parametrize("writer,pooling", [(write_minimind_v1, "mean"),
+                                            (write_minimind2, "mean"),
+                                            (write_qwen2, "last_token")],
+                         ids=["minimind-v1", "minimind2", "qwen2"])
+def test_published_tokenizer_pads_both_towers(tmp_path, writer, pooling):
+    """No pad token in the published MiniMind tokenizer: the retriever pads with EOS, masks
+    the padding, and a text's embedding does not depend on its batch."""
+    writer(tmp_path / "m")
+    cfg = config.ModelConfig(name="m", base_model=str(tmp_path / "m"), architecture="llama",
+                             hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=192, vocab_size=300,
+                             pooling=pooling, projection_dim=8, max_passage_length=16)
+    import os
+
+    os.environ["RETRIEVAL_HOME"] = str(tmp_path)
+    try:
+        model = DualTowerRetriever.from_config(cfg).eval()
+    finally:
+        del os.environ["RETRIEVAL_HOME"]
+    tok = model.tokenizer
+    assert tok.pad_token is not None
+    batch = model.tokenize(TEXTS, "passage")
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.max() <= 16 and lengths.min() < lengths.max()
+    for tower in ("query", "passage"):
+        together = model._encode(TEXTS, tower, batch_size=4, show_progress=False)
+        alone = model._encode(TEXTS, tower, batch_size=1, show_progress=False)
+        assert abs(together - alone).max() < 1e-5
+
+
+def test_configs_carry_the_checkpoints_theta_and_epsilon(tmp_path):
+    """The real and the demo shapes build with the published RoPE base and RMSNorm epsilon."""
+    made = write_minimind_v1(tmp_path / "v1")
+    converted = minimind.llama_config(made["config"], minimind.MINIMIND_V1)
+    for name in ("minimind27_10k", "minimind186_288k"):
+        for preset in ("full", "demo"):
+            hf = modeling.hf_config_from_shape(config.get_experiment(name, preset).model)
+            assert minimind.rope_theta_of(hf) == minimind.rope_theta_of(converted) == 1e4
+            assert hf.rms_norm_eps == converted.rms_norm_eps == 1e-5
+            assert hf.max_position_embeddings == 512
+    for preset in ("full", "demo"):
+        hf = modeling.hf_config_from_shape(config.get_experiment("qwen2_613_288k", preset).model)
+        assert (minimind.rope_theta_of(hf), hf.rms_norm_eps) == (1e6, 1e-6)
