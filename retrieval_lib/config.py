@@ -125,7 +125,9 @@ class ModelConfig:
     num_new_layers: int = 0  # transformer layers added by capacity expansion
     expansion_init: str = "random"  # "random" (seed report), "identity" or "copy"
     expansion_position: str = "top"  # "top" (appended, seed report) or "interleave"
-    unfreeze_every: int = 2  # epochs between unfreezing one more new layer
+    # epochs per unfreezing stage (the report: 2); 0: the K + 1 stages (0, 1, ..., K new layers
+    # trainable) split the run's optimizer steps evenly, so the schedule always completes
+    unfreeze_every: float = 0
 
 
 @dataclass
@@ -251,7 +253,6 @@ def _demo_model(full: ModelConfig, num_new_layers: int) -> ModelConfig:
         name=full.name + " (demo)",
         base_model=f"demo-{full.architecture}",
         num_new_layers=num_new_layers,
-        unfreeze_every=1,  # one new layer per epoch, so the schedule fits a CPU demo
         **shape,
         **DEMO_LENGTHS,
     )
@@ -400,9 +401,30 @@ def with_overrides(exp: ExperimentConfig, *, data_dir: str | None = None,
     if expansion_init:
         model = replace(model, expansion_init=expansion_init)
     if unfreeze_every is not None and unfreeze_every != "":
-        model = replace(model, unfreeze_every=int(unfreeze_every))
+        model = replace(model, unfreeze_every=float(unfreeze_every))
     changes = {k: v for k, v in training.items() if v is not None and v != ""}
-    return replace(exp, data=data, model=model, training=replace(exp.training, **changes))
+    exp = replace(exp, data=data, model=model, training=replace(exp.training, **changes))
+    check_unfreezing(exp)
+    return exp
+
+
+def check_unfreezing(exp: ExperimentConfig) -> None:
+    """Refuse an expansion whose unfreezing schedule cannot complete in its epochs: with K new
+    layers and ``unfreeze_every`` epochs per stage the last layer starts after K·every epochs,
+    which must come before the last epoch ends (``unfreeze_every=0`` always completes).
+
+    >>> check_unfreezing(get_experiment("minimind186_288k", "full"))  # 0: spread, fine
+    >>> exp = get_experiment("minimind186_288k", "full")
+    >>> check_unfreezing(replace(exp, model=replace(exp.model, unfreeze_every=2)))
+    Traceback (most recent call last):
+    ...
+    ValueError: minimind186_288k: 12 new layers at one per 2 epochs need more than 24 epochs, but the run has 6; set unfreeze_every=0 to spread the 13 stages over the run
+    """
+    k, every, epochs = exp.model.num_new_layers, exp.model.unfreeze_every, exp.training.epochs
+    if k and every > 0 and k * every >= epochs:
+        raise ValueError(f"{exp.name}: {k} new layers at one per {every:g} epochs need more "
+                         f"than {k * every:g} epochs, but the run has {epochs}; set "
+                         f"unfreeze_every=0 to spread the {k + 1} stages over the run")
 
 
 def variant(exp: ExperimentConfig, suffix: str | None = None, training: dict | None = None,

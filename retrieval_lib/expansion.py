@@ -12,9 +12,10 @@
 the new layers evenly through it. Layer indices, ``config.num_hidden_layers`` and (for Qwen2)
 ``config.layer_types`` stay consistent, so ``save_pretrained`` / ``from_pretrained`` round-trip.
 
-``UnfreezeSchedule`` keeps the new layers frozen at first and makes one more trainable every
-``every`` epochs (2 in the report), bottom-up, while the pretrained layers and the projection
-train throughout.
+``UnfreezeSchedule`` keeps the new layers frozen at first and makes one more trainable at each
+stage, bottom-up, while the pretrained layers and the projection train throughout; the stages
+split the run's optimizer steps (or last ``every_epochs`` each, as the report's 2 epochs), and
+the plan refuses a schedule whose last layer would never train.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 __all__ = ["INITS", "POSITIONS", "decoder_layers", "new_layer_positions", "expand_layers",
-           "UnfreezeSchedule"]
+           "UnfreezeSchedule", "UnfreezePlan"]
 
 INITS = ("random", "identity", "copy")
 POSITIONS = ("top", "interleave")
@@ -111,26 +112,79 @@ def expand_layers(encoder: nn.Module, num_new_layers: int, init: str = "random",
 
 @dataclass
 class UnfreezeSchedule:
-    """Which new layers train in which epoch: none at first, one more every ``every`` epochs."""
+    """Which new layers train when: none at first, then one more at a time, bottom-up.
+
+    With K new layers the run has K + 1 stages (0, 1, ..., K new layers trainable) while the
+    pretrained layers and the projection train throughout. ``every_epochs`` > 0 gives each
+    stage that many epochs (the report: 2); 0 splits the run's optimizer steps into K + 1
+    equal stages, so the schedule always completes within the run's real budget and the last
+    stage trains everything. :meth:`plan` binds it to a run's steps.
+    """
 
     new_layers: list[int]  # indices of the new layers, unfrozen in this order (bottom-up)
-    every: int = 2  # epochs between unfreezing one more new layer
+    every_epochs: float = 0  # epochs per stage; 0: K + 1 equal stages over all steps
 
-    def trainable(self, epoch: int) -> list[int]:
-        """New layers trainable in ``epoch`` (1-based).
+    def plan(self, total_steps: int, steps_per_epoch: int) -> UnfreezePlan:
+        """The optimizer step at which each new layer becomes trainable; raises when the
+        last layer would never train (or only in a last stage of no steps).
 
-        >>> [len(UnfreezeSchedule([8, 9, 10], every=2).trainable(e)) for e in range(1, 9)]
-        [0, 0, 1, 1, 2, 2, 3, 3]
+        >>> UnfreezeSchedule([8, 9, 10]).plan(100, 10).start_steps
+        [25, 50, 75]
+        >>> UnfreezeSchedule([8, 9], every_epochs=2).plan(60, 10).start_steps
+        [20, 40]
         """
-        if self.every <= 0:
-            return list(self.new_layers)
-        return list(self.new_layers[: min(len(self.new_layers), (epoch - 1) // self.every)])
+        k = len(self.new_layers)
+        if self.every_epochs > 0:
+            starts = [round(i * self.every_epochs * steps_per_epoch) for i in range(1, k + 1)]
+        else:
+            starts = [i * total_steps // (k + 1) for i in range(1, k + 1)]
+        if starts and starts[-1] >= total_steps:
+            epochs = total_steps / max(steps_per_epoch, 1)
+            raise ValueError(
+                f"the unfreezing schedule cannot complete: new layer {self.new_layers[-1]} "
+                f"would become trainable at step {starts[-1]}, but the run has {total_steps} "
+                f"steps ({epochs:g} epochs); with every_epochs={self.every_epochs:g} it needs "
+                f"more than {k * self.every_epochs:g} epochs. Use unfreeze_every=0 to spread "
+                f"the {k + 1} stages over the run")
+        return UnfreezePlan(list(self.new_layers), starts, total_steps, steps_per_epoch)
 
-    def apply(self, encoder: nn.Module, epoch: int) -> list[int]:
-        """Set ``requires_grad`` of the new layers for ``epoch``; returns the trainable ones."""
+
+@dataclass
+class UnfreezePlan:
+    """An :class:`UnfreezeSchedule` bound to a run: ``start_steps[i]`` is the number of
+    optimizer steps done when ``new_layers[i]`` becomes trainable."""
+
+    new_layers: list[int]
+    start_steps: list[int]
+    total_steps: int
+    steps_per_epoch: int
+
+    def trainable(self, step: int) -> list[int]:
+        """New layers trainable in the step taken after ``step`` steps are done.
+
+        >>> UnfreezePlan([8, 9], [10, 20], 30, 10).trainable(19)
+        [8]
+        """
+        return [layer for layer, start in zip(self.new_layers, self.start_steps, strict=True)
+                if step >= start]
+
+    def complete(self, step: int) -> bool:
+        """True once every new layer is trainable."""
+        return not self.start_steps or step >= self.start_steps[-1]
+
+    def apply(self, encoder: nn.Module, step: int) -> list[int]:
+        """Set ``requires_grad`` of the new layers for the next step; returns the trainable."""
         layers = decoder_layers(encoder)
-        trainable = set(self.trainable(epoch))
+        trainable = set(self.trainable(step))
         for index in self.new_layers:
             for p in layers[index].parameters():
                 p.requires_grad_(index in trainable)
         return sorted(trainable)
+
+    def stages(self) -> list[dict]:
+        """One row per stage: trainable new layers, first step, epoch position, length."""
+        bounds = [0, *self.start_steps, self.total_steps]
+        return [{"stage": i, "trainable_new_layers": self.new_layers[:i],
+                 "start_step": bounds[i], "steps": bounds[i + 1] - bounds[i],
+                 "start_epoch": bounds[i] / self.steps_per_epoch + 1}
+                for i in range(len(bounds) - 1)]

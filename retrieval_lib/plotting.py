@@ -397,7 +397,8 @@ def plot_unfreeze_schedule(history: Mapping, num_layers: int, new_layers: Sequen
                            title: str | None = None):
     """Which layers trained in which epoch: rows are the layers of the expanded model (bottom
     layer at the bottom), columns the epochs; pretrained layers, frozen and trainable new
-    layers in three colours."""
+    layers in three colours. A new layer that joined part-way through an epoch (stages spread
+    over optimizer steps) shows the share of that epoch's steps it trained in."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
@@ -405,13 +406,23 @@ def plot_unfreeze_schedule(history: Mapping, num_layers: int, new_layers: Sequen
     setup_cjk_font()
     epochs = [e["epoch"] for e in history["epochs"]]
     grid = np.zeros((num_layers, len(epochs)))
+    starts = {row["trainable_new_layers"][-1]: row["start_step"]
+              for row in history.get("unfreeze") or [] if row["trainable_new_layers"]}
+    spe = history.get("steps_per_epoch")
+    partial = []
     for j, record in enumerate(history["epochs"]):
         trainable = set(record.get("trainable_new_layers") or [])
         for layer in new_layers:
             grid[layer, j] = 2 if layer in trainable else 1
+            if layer in trainable and layer in starts and spe:
+                share = (record["epoch"] * spe - starts[layer]) / spe
+                if share < 1:
+                    partial.append((j, layer, share))
     colors = ["#4c72b0", "#d9d9d9", "#dd8452"]
     fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(epochs) + 2), max(3, 0.3 * num_layers + 1)))
     ax.imshow(grid, cmap=ListedColormap(colors), vmin=0, vmax=2, origin="lower", aspect="auto")
+    for j, layer, share in partial:
+        ax.text(j, layer, f"{share:.0%}", ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(epochs)), [str(e) for e in epochs])
     step = max(1, num_layers // 16)
     ax.set_yticks(range(0, num_layers, step), [str(i) for i in range(0, num_layers, step)])

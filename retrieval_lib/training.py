@@ -26,7 +26,8 @@ from .config import TrainingConfig
 from .distributed import barrier, cross_device_info_nce, init_from_env, is_main
 from .evaluation import evaluate_retriever
 
-__all__ = ["set_seed", "RetrievalCollator", "LengthGroupedBatchSampler", "make_optimizer",
+__all__ = ["set_seed", "RetrievalCollator", "LengthGroupedBatchSampler", "steps_per_epoch",
+           "make_optimizer",
            "enable_checkpointing", "train_retriever", "CHECKPOINTS",
            "VALIDATION_METRIC"]
 
@@ -135,11 +136,30 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         return iter(batches)
 
     def __len__(self) -> int:
-        sizes = [min(self.group, len(self.lengths) - s)
-                 for s in range(0, len(self.lengths), self.group)]
-        if self.drop_last:
-            return sum(size // self.batch_size for size in sizes)
-        return sum(math.ceil(size / self.batch_size) for size in sizes)
+        return _grouped_batches(len(self.lengths), self.batch_size, self.group, self.drop_last)
+
+
+def _grouped_batches(n: int, batch_size: int, group: int, drop_last: bool) -> int:
+    sizes = [min(group, n - s) for s in range(0, n, group)]
+    if drop_last:
+        return sum(size // batch_size for size in sizes)
+    return sum(math.ceil(size / batch_size) for size in sizes)
+
+
+def steps_per_epoch(n_records: int, cfg: TrainingConfig, world: int = 1) -> int:
+    """Optimizer steps of one epoch over ``n_records``, as :func:`train_retriever` batches
+    them (length groups of 16 batches in one process, ``DistributedSampler`` under DDP).
+
+    >>> cfg = TrainingConfig(epochs=1, batch_size=16, learning_rate=1e-4)
+    >>> steps_per_epoch(10_000, cfg), steps_per_epoch(10_000, cfg, world=2)
+    (625, 312)
+    """
+    if world > 1:
+        return (n_records // world) // cfg.batch_size
+    drop_last = n_records >= cfg.batch_size
+    if cfg.group_by_length:
+        return _grouped_batches(n_records, cfg.batch_size, cfg.batch_size * 16, drop_last)
+    return n_records // cfg.batch_size if drop_last else math.ceil(n_records / cfg.batch_size)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -318,7 +338,10 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
     """Train ``model`` on ``train`` (records), validate on ``validation`` each epoch.
 
     ``unfreeze`` (an :class:`~retrieval_lib.expansion.UnfreezeSchedule`) sets which new layers
-    train in each epoch; the epoch records say which did.
+    train at each optimizer step; its stages are in ``history["unfreeze"]`` and each epoch
+    record names the new layers that trained in its last step. Epochs that end before the last
+    new layer has become trainable do not count towards early stopping, so the schedule
+    always runs to its end.
 
     Returns the history: ``steps`` (step, epoch, loss, lr), ``epochs`` (train loss, validation
     metrics, wall time, whether it was the best so far), ``best_epoch``, ``stopped_early`` and
@@ -381,13 +404,16 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
             step_model = model
         steps_per_epoch = len(batches_of(1))
         total_steps = cfg.epochs * steps_per_epoch
+        plan = unfreeze.plan(total_steps, steps_per_epoch) if unfreeze else None
         optimizer = make_optimizer(model, cfg)
         schedule = get_linear_schedule_with_warmup(
             optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
         history = {"steps": [], "epochs": [], "best_epoch": None, "stopped_early": False,
                    "validation_metric": VALIDATION_METRIC, "total_steps": total_steps,
                    "device": str(device), "world_size": world,
-                   "global_batch_size": cfg.batch_size * world, "skipped_steps": []}
+                   "global_batch_size": cfg.batch_size * world, "skipped_steps": [],
+                   "steps_per_epoch": steps_per_epoch,
+                   "unfreeze": plan.stages() if plan else None}
         best, patience_left, step, first_epoch, skip = (-math.inf, cfg.early_stopping_patience,
                                                         0, 1, 0)
         best_step = None
@@ -448,7 +474,7 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                         history.setdefault("mining", []).append({"epoch": epoch, **report})
                         logger.info("epoch %d: negatives re-mined: %s", epoch, report)
             model.train()
-            trainable_new = unfreeze.apply(model.encoder, epoch) if unfreeze else None
+            trainable_new = plan.apply(model.encoder, step) if plan else None
             batches = batches_of(epoch)[skip:]
             # its own generator: a loader seeds its workers from the global torch RNG otherwise,
             # which would make the dropout of a resumed epoch differ from the uninterrupted one
@@ -459,6 +485,9 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
             for batch_in_epoch, batch in enumerate(
                     tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch,
                          initial=skip, disable=not show_progress), start=skip + 1):
+                if plan and plan.trainable(step) != trainable_new:  # a new stage starts
+                    trainable_new = plan.apply(model.encoder, step)
+                    logger.info("step %d: new layers %s trainable", step, trainable_new)
                 qi = {k: v.to(device) for k, v in batch["query_inputs"].items()}
                 pi = {k: v.to(device) for k, v in batch["passage_inputs"].items()}
                 parts = None
@@ -520,7 +549,7 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
                 if main:
                     atomic_save_model(model, out / "best")
                 barrier()
-            else:
+            elif plan is None or plan.complete(step):  # not while new layers still wait
                 patience_left -= 1
             record = {"epoch": epoch, "train_loss": float(np.mean(epoch_losses)),
                       "trainable_new_layers": trainable_new,

@@ -24,7 +24,7 @@ def main(records_file: str, out_dir: str, grad_cache_chunk_size: str = "0") -> N
                                  num_hard_negatives=1, early_stopping_patience=5,
                                  grad_cache_chunk_size=int(grad_cache_chunk_size))
     training.train_retriever(model, train, validation, tcfg, out_dir, show_progress=False,
-                             unfreeze=UnfreezeSchedule(new, every=1))
+                             unfreeze=UnfreezeSchedule(new, every_epochs=1))
     rank = torch.distributed.get_rank()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()
                if k != "passage_projection.weight" and k != "passage_projection.bias"},

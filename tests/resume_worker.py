@@ -41,7 +41,7 @@ def main(records_file: str, out_dir: str, resume: str, seconds_per_step: str) ->
                                  checkpoint_steps=2, keep_checkpoints=2)
     history = training.train_retriever(model, train, validation, tcfg, out_dir,
                                        show_progress=False, resume=resume == "1",
-                                       unfreeze=UnfreezeSchedule(new, every=1))
+                                       unfreeze=UnfreezeSchedule(new, every_epochs=1))
     out = Path(out_dir)
     save_model(model, str(out / "final.safetensors"))
     best = DualTowerRetriever.load(out / "best")

@@ -86,10 +86,11 @@ def test_expansion_settings_full_and_demo():
                        "minimind108_288k"), ("qwen2_613_288k", "qwen2_494_288k")):
         full, demo = config.get_experiment(name, "full"), config.get_experiment(name, "demo")
         assert full.base_experiment == demo.base_experiment == base
-        assert full.model.unfreeze_every == 2 and full.model.expansion_init == "random"
-        # the demo unfreezes one layer per epoch and runs the whole schedule without stopping
+        # both spread the K + 1 stages over the run (the demo: one epoch each)
+        assert full.model.unfreeze_every == demo.model.unfreeze_every == 0
+        assert full.model.expansion_init == "random"
         new = demo.model.num_new_layers
-        assert demo.model.unfreeze_every == 1 and demo.training.epochs == new + 1
+        assert demo.training.epochs == new + 1
         assert demo.training.early_stopping_patience > new
         assert config.get_experiment(base, "demo").model.num_new_layers == 0
 
@@ -108,9 +109,11 @@ def test_variant_renames_and_overrides_reach_the_model():
     assert (ance.name, ance.training.remine_every, ance.model.m3_heads) == (
         "minimind186_288k-ance", 2, True)
     assert exp.training.remine_every == 0 and not exp.model.m3_heads
-    changed = config.with_overrides(exp, expansion_init="copy", unfreeze_every=3)
+    changed = config.with_overrides(exp, expansion_init="copy", unfreeze_every=1, epochs=4)
     assert (changed.name, changed.model.expansion_init, changed.model.unfreeze_every) == (
-        "minimind186_288k", "copy", 3)
+        "minimind186_288k", "copy", 1)
+    with pytest.raises(ValueError, match="need more than 6 epochs"):  # 2 layers × 3 epochs
+        config.with_overrides(exp, unfreeze_every=3)
     kept = config.with_overrides(exp, expansion_init=None, unfreeze_every="")
     assert kept.model == exp.model
 

@@ -70,13 +70,20 @@ def test_expanded_model_round_trips_and_counts_match_the_config(tok, tmp_path):
 
 
 def test_unfreeze_schedule_boundaries_and_application(tok):
-    schedule = expansion.UnfreezeSchedule([3, 4, 5], every=2)
-    assert [schedule.trainable(e) for e in (1, 2, 3, 4, 5, 6, 7, 9)] == [
+    # the report's 2 epochs per stage, 10 steps per epoch: layer i joins at step 20·i
+    plan = expansion.UnfreezeSchedule([3, 4, 5], every_epochs=2).plan(80, 10)
+    assert [plan.trainable(s) for s in (0, 19, 20, 39, 40, 59, 60, 79)] == [
         [], [], [3], [3], [3, 4], [3, 4], [3, 4, 5], [3, 4, 5]]
-    assert expansion.UnfreezeSchedule([3, 4], every=0).trainable(1) == [3, 4]
+    assert not plan.complete(59) and plan.complete(60)
+    # spread: 4 stages of 25 steps
+    spread = expansion.UnfreezeSchedule([3, 4, 5]).plan(100, 10)
+    assert [(r["start_step"], r["steps"]) for r in spread.stages()] == [
+        (0, 25), (25, 25), (50, 25), (75, 25)]
+    with pytest.raises(ValueError, match="cannot complete"):
+        expansion.UnfreezeSchedule([3, 4, 5], every_epochs=2).plan(60, 10)
     model = _retriever(tok, config.MINIMIND_27M)
     expansion.expand_layers(model.encoder, 3, init="identity")
-    assert schedule.apply(model.encoder, 3) == [3]
+    assert plan.apply(model.encoder, 20) == [3]
     grads = [all(p.requires_grad for p in layer.parameters()) for layer in model.encoder.layers]
     assert grads == [True, True, True, True, False, False]
 

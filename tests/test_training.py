@@ -218,25 +218,53 @@ def test_run_experiment_writes_the_run_folder(tok, tmp_path):
 
 
 def test_progressive_unfreezing_keeps_frozen_layers_fixed(tok, tmp_path):
+    """Layer 1 joins after epoch 1, layer 2 after epoch 2 (``every_epochs=1``, 3 epochs); the
+    epoch-end checkpoints show each new layer bit-identical until its stage begins."""
+    from safetensors.torch import load_file
+
     from retrieval_lib.expansion import UnfreezeSchedule, expand_layers
 
     train, val = Dataset.from_list(toy_records(32, 12)), Dataset.from_list(toy_records(8, 13))
     model = toy_model(tok)
     new = expand_layers(model.encoder, 2, init="identity")
-    snapshot = {i: [p.detach().clone() for p in model.encoder.layers[i].parameters()]
-                for i in range(3)}
-    schedule = UnfreezeSchedule(new, every=1)
-    history = training.train_retriever(model, train, val, toy_config(epochs=2), tmp_path,
-                                       show_progress=False, unfreeze=schedule)
-    assert [e["trainable_new_layers"] for e in history["epochs"]] == [[], [1]]
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    history = training.train_retriever(
+        model, train, val, toy_config(epochs=3, keep_checkpoints=5), tmp_path,
+        show_progress=False, unfreeze=UnfreezeSchedule(new, every_epochs=1))
+    assert [e["trainable_new_layers"] for e in history["epochs"]] == [[], [1], [1, 2]]
+    spe = history["steps_per_epoch"]
+    assert [s["start_step"] for s in history["unfreeze"]] == [0, spe, 2 * spe]
 
-    def moved(i):
-        params = model.encoder.layers[i].parameters()
-        return any(not torch.equal(a, b) for a, b in zip(snapshot[i], params, strict=True))
+    def moved(state, layer):
+        keys = [k for k in start if k.startswith(f"encoder.layers.{layer}.")]
+        return any(not torch.equal(state[k], start[k]) for k in keys)
 
-    assert moved(0)  # the pretrained layer trains throughout
-    assert moved(1)  # unfrozen in epoch 2
-    assert not moved(2)  # never unfrozen: bit-identical
+    after = [load_file(str(tmp_path / "checkpoints" / f"step-{spe * e:08d}" /
+                           "model.safetensors")) for e in (1, 2)]
+    final = model.state_dict()
+    assert [moved(s, 0) for s in (*after, final)] == [True, True, True]  # pretrained: always
+    assert [moved(s, 1) for s in (*after, final)] == [False, True, True]
+    assert [moved(s, 2) for s in (*after, final)] == [False, False, True]
+
+
+def test_a_schedule_that_cannot_complete_is_refused_and_spread_completes(tok, tmp_path):
+    from retrieval_lib.expansion import UnfreezeSchedule, expand_layers
+
+    train, val = Dataset.from_list(toy_records(32, 12)), Dataset.from_list(toy_records(8, 13))
+    model = toy_model(tok)
+    new = expand_layers(model.encoder, 2, init="identity")
+    with pytest.raises(ValueError, match="cannot complete"):
+        training.train_retriever(model, train, val, toy_config(epochs=2), tmp_path / "a",
+                                 show_progress=False,
+                                 unfreeze=UnfreezeSchedule(new, every_epochs=1))
+    # spread over the steps, early stopping cannot cut the schedule short: patience 1
+    history = training.train_retriever(model, train, val,
+                                       toy_config(epochs=2, early_stopping_patience=1),
+                                       tmp_path / "b", show_progress=False,
+                                       unfreeze=UnfreezeSchedule(new))
+    total = history["total_steps"]
+    assert [s["start_step"] for s in history["unfreeze"]] == [0, total // 3, 2 * total // 3]
+    assert history["epochs"][-1]["trainable_new_layers"] == [1, 2]
 
 
 def test_frozen_parameters_get_no_optimizer_state_until_unfrozen(tok):
