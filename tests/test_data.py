@@ -257,8 +257,16 @@ def test_missing_folder_or_source_gives_instructions(tmp_path):
         data.find_source_files(tmp_path / "nowhere", config.BGE_M3_ZH_SOURCES)
     assert "HF_ENDPOINT" in str(err.value) and "data_dir" in str(err.value)
     _write(tmp_path / "d" / "t2ranking_len-0-500.jsonl", [_flag("q", ["p"])])
-    with pytest.raises(DataUnavailableError, match=r"mldr_zh \(\*mldr\*zh\*_len-\*.jsonl\)"):
+    with pytest.raises(DataUnavailableError, match=r"mldr_zh \(pattern \*mldr\*zh\*_len-\*.jsonl\)"):
         data.find_source_files(tmp_path / "d", config.BGE_M3_ZH_SOURCES)
+    # a spelling the pattern does not expect: the near misses are listed by name
+    _write(tmp_path / "d" / "LeCaRD_v2" / "lecard-v2_len-7000-inf.jsonl", [_flag("q", ["p"])])
+    _write(tmp_path / "d" / "._mldr_zh_len-0-500.jsonl", [])  # macOS resource fork: ignored
+    with pytest.raises(DataUnavailableError) as err:
+        data.find_source_files(tmp_path / "d", config.BGE_M3_ZH_SOURCES)
+    assert ("lecardv2 (pattern *lecardv2*_len-7000-inf.jsonl): files whose names contain "
+            "'lecard': LeCaRD_v2/lecard-v2_len-7000-inf.jsonl") in str(err.value)
+    assert "no file name contains 'mldr'" in str(err.value)
 
 
 def test_prepare_full_preset_from_local_directory(tmp_path):
@@ -273,6 +281,9 @@ def test_prepare_full_preset_from_local_directory(tmp_path):
         assert rep["dropped"] == {"invalid_json": files}
         assert rep["kept"] == 13 * files
         assert rep["repaired"] == {"negatives_beyond_limit": 3 * 12 * files}
+        # which files each source matched, and the records each gave
+        assert sorted(rep["files"]) == sorted(SOURCE_FILES[source])
+        assert set(rep["files"].values()) == {13}
     n_files = sum(len(f) for f in SOURCE_FILES.values())
     assert m["dedup"]["dropped"] == {"duplicate_record": n_files}
     assert m["records_after_dedup"] == 12 * n_files == 72
