@@ -245,6 +245,10 @@ QWEN2_05B = ModelConfig(
     pooling="last_token",  # decoder-only LM: the EOS state has seen the whole text
 )
 
+#: The hub repository of each published base model, by its name in tables: what a local
+#: ``model_path`` folder should hold (messages say which repository to download into it).
+PUBLISHED_BASE_MODELS = {m.name: m.base_model for m in (MINIMIND_27M, MINIMIND_108M, QWEN2_05B)}
+
 #: Demo twins: same family and proportions (GQA ratio, gated MLP, tied embeddings), CPU size;
 #: the 108M twin is wider and deeper than the 27M one, as the real models are. The demo
 #: vocabulary (6400 tokens, as MiniMind's) is a byte-level BPE trained on the demo corpus.
@@ -395,11 +399,14 @@ def get_experiment(name: str, preset: str = "auto") -> ExperimentConfig:
 
 def with_overrides(exp: ExperimentConfig, *, data_dir: str | None = None,
                    model_path: str | None = None, expansion_init: str | None = None,
-                   unfreeze_every: int | None = None, **training) -> ExperimentConfig:
+                   unfreeze_every: float | None = None, trust_remote_code: bool | None = None,
+                   **training) -> ExperimentConfig:
     """``exp`` with notebook parameters applied; ``None`` (or "") keeps the preset's value.
 
     ``data_dir`` sets ``data.data_dir``, ``model_path`` sets ``model.base_model``,
-    ``expansion_init`` and ``unfreeze_every`` the model's expansion settings, and every other
+    ``trust_remote_code`` lets a checkpoint that truly needs its own code run it (MiniMind never
+    does: it is converted), ``expansion_init`` and ``unfreeze_every`` the model's expansion
+    settings, and every other
     keyword a field of ``training`` (e.g. ``epochs``, ``learning_rate``, ``temperature``).
 
     >>> exp = with_overrides(get_experiment("minimind27_10k", "full"), epochs=1, temperature=None)
@@ -413,6 +420,8 @@ def with_overrides(exp: ExperimentConfig, *, data_dir: str | None = None,
     model = replace(exp.model, base_model=model_path) if model_path else exp.model
     if expansion_init:
         model = replace(model, expansion_init=expansion_init)
+    if trust_remote_code is not None and trust_remote_code != "":
+        model = replace(model, trust_remote_code=bool(trust_remote_code))
     if unfreeze_every is not None and unfreeze_every != "":
         model = replace(model, unfreeze_every=float(unfreeze_every))
     changes = {k: v for k, v in training.items() if v is not None and v != ""}

@@ -64,22 +64,21 @@ def hub_has(repo_id: str, repo_type: str) -> bool:
 
 
 def check_full_inputs(exp: ExperimentConfig) -> None:
-    """Raise :class:`MissingInputsError` naming every missing model and data source.
+    """Raise :class:`MissingInputsError` naming every missing model file and data source,
+    before anything is downloaded or prepared.
 
-    A model is found when ``exp.model.base_model`` is a local folder or a reachable/cached hub
-    id; data when prepared splits exist, ``exp.data.data_dir`` holds the source files, or the
-    hub dataset is reachable.
+    The model (:func:`~retrieval_lib.modeling.check_base_model`): a local folder must hold
+    config.json, weights and a tokenizer (a MiniMind checkpoint must also be convertible); a
+    hub id must be reachable or cached and hold the same. The data: prepared splits exist,
+    ``exp.data.data_dir`` holds a file for every source, or the hub dataset is reachable.
     """
+    from .config import PUBLISHED_BASE_MODELS
     from .data import data_config_hash
+    from .modeling import check_base_model
 
-    missing = []
-    model = exp.model.base_model
-    if not (os.path.isdir(model) or (not os.path.isabs(model) and hub_has(model, "model"))):
-        missing.append(
-            f"- model {model!r} ({exp.model.name}): not a local folder and not reachable on the "
-            f"hub.\n  Supply it: `huggingface-cli download {model} --local-dir DIR` on a machine "
-            f"with access, then run with `-p model_path DIR`; or set HF_ENDPOINT to a mirror "
-            f"(e.g. https://hf-mirror.com).")
+    missing = [f"- model ({exp.model.name}): {problem}" for problem in check_base_model(
+        exp.model.base_model, exp.model.trust_remote_code,
+        hub_id=PUBLISHED_BASE_MODELS.get(exp.model.name))]
     prepared = cache_path(exp.data) / f"prepared-{exp.data.kind}-{data_config_hash(exp.data)}"
     data_ok = (prepared / "manifest.json").exists()
     if not data_ok and exp.data.data_dir:
@@ -87,7 +86,7 @@ def check_full_inputs(exp: ExperimentConfig) -> None:
             find_source_files(exp.data.data_dir, exp.data.sources)
             data_ok = True
         except DataUnavailableError as exc:
-            missing.append(f"- data: {str(exc).splitlines()[0]}")
+            missing.append("- data: " + str(exc).split("\nSupply the data")[0])
     elif not data_ok:
         data_ok = hub_has(exp.data.hub_repo, "dataset")
         if not data_ok:
@@ -108,12 +107,22 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
                        pretrain: PretrainConfig | None = None) -> tuple[ExperimentConfig, dict]:
     """The experiment with ``base_model`` pointing at real weights; info on the base LM.
 
-    ``full``: unchanged (hub id or local folder). ``demo``: a byte-level BPE tokenizer and a
+    ``full``: unchanged (hub id or local folder); a MiniMind checkpoint in its own format is
+    converted to a ``LlamaModel`` here, once (the info holds the conversion report). ``demo``: a byte-level BPE tokenizer and a
     causal LM of the demo shape pretrained on the training pool's passages and queries (the
     validation passages are its held-out set), cached and shared by every notebook.
     """
     if exp.preset == "full":
-        return exp, {"base_model": exp.model.base_model, "pretrained_here": False}
+        from .modeling import resolve_base_model
+
+        path, conversion = resolve_base_model(exp.model.base_model)
+        if conversion:
+            print(f"{exp.model.base_model}: {conversion['format']} checkpoint converted to a "
+                  f"standard LlamaModel in {path} (RoPE theta {conversion['rope_theta']:g}, "
+                  f"RMSNorm eps {conversion['rms_norm_eps']:g}; {conversion['rope_pairs']}); "
+                  f"its own code was not run")
+        return exp, {"base_model": exp.model.base_model, "pretrained_here": False,
+                     "loaded_from": path, "conversion": conversion}
     cache = cache_path(exp.data)
     tok = tokenizer_for_preset("demo", splits.train, cache, vocab_size=exp.model.vocab_size)
     texts = [p["text"] for row in splits.train for p in row["positive_passages"]]
@@ -448,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
     parser.add_argument("--grad-cache-chunk-size", type=int,
                         help="GradCache: embed this many texts at a time (large batches)")
+    parser.add_argument("--trust-remote-code", action="store_true", default=None,
+                        help="let a checkpoint that ships its own model code run it (MiniMind "
+                             "never needs this: it is converted to a Llama model)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest good checkpoint of the run folder")
     args = parser.parse_args(argv)
@@ -455,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                          model_path=args.model_path, epochs=args.epochs,
                          batch_size=args.batch_size, learning_rate=args.learning_rate,
                          gradient_checkpointing=args.gradient_checkpointing,
-                         grad_cache_chunk_size=args.grad_cache_chunk_size)
+                         grad_cache_chunk_size=args.grad_cache_chunk_size,
+                         trust_remote_code=args.trust_remote_code)
     if exp.preset == "full":
         check_full_inputs(exp)
     # the main process prepares data and the demo base model first; the others read its caches

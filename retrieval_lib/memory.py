@@ -28,7 +28,8 @@ from .config import ModelConfig, TrainingConfig
 from .modeling import build_encoder, parameter_count_from_config
 
 __all__ = ["saved_activation_bytes", "activation_bytes_per_token", "static_bytes",
-           "training_memory_plan", "largest_batches", "GIB", "CUDA_CONTEXT_GIB"]
+           "training_memory_plan", "largest_batches", "GIB", "CUDA_CONTEXT_GIB", "GPUS",
+           "UTILISATION", "training_flops", "training_plan", "plan_table"]
 
 GIB = 1024**3
 #: Memory the CUDA context and kernels take before the first tensor (a rule of thumb).
@@ -147,3 +148,74 @@ def largest_batches(plan: Sequence[dict], gpus: dict[str, float],
 
     return {name: {"plain": best(gib, False), "checkpointing": best(gib, True)}
             for name, gib in gpus.items()}
+
+
+#: GPUs a course user trains on: memory (GiB) and the vendor's peak dense tensor throughput
+#: (TFLOP/s) for the half precision autocast uses there (FP16 with FP32 accumulation on the T4
+#: and the RTX 3060, whose GeForce Ampere chip runs that at half its FP16-accumulate rate; BF16
+#: on the A100).
+GPUS = {"T4 (16 GB, Colab)": {"memory_gib": 15.0, "peak_tflops": 65.0},
+        "RTX 3060 (12 GB)": {"memory_gib": 12.0, "peak_tflops": 25.6},
+        "A100 (40 GB, Colab)": {"memory_gib": 40.0, "peak_tflops": 312.0}}
+
+#: Share of the peak a training step reaches (model FLOPs utilisation) in the time estimates.
+UTILISATION = 0.35
+
+
+def training_flops(cfg: ModelConfig, tokens: int, seq_len: int,
+                   gradient_checkpointing: bool) -> float:
+    """FLOPs of one training step over ``tokens`` tokens: 6 per non-embedding parameter and
+    token (forward 2, backward 4; 8 with checkpointing, which repeats the forward) plus the
+    attention scores, 12·layers·width·seq_len per token (16 with checkpointing).
+
+    MiniMind-27M: 26,944,128 parameters - 3,276,800 embedding = 23,667,328; per token
+    6·23,667,328 + 12·8·512·512 = 167,169,792, so 1,000 tokens:
+
+    >>> from retrieval_lib.config import MINIMIND_27M
+    >>> training_flops(MINIMIND_27M, 1000, 512, False)
+    167169792000
+    """
+    layers = cfg.num_hidden_layers + cfg.num_new_layers
+    embedding = cfg.vocab_size * cfg.hidden_size
+    dense = parameter_count_from_config(replace(cfg, m3_heads=False)) - embedding
+    factor = 8 if gradient_checkpointing else 6
+    attention = (factor * 2) * layers * cfg.hidden_size * seq_len
+    return tokens * (factor * dense + attention)
+
+
+def training_plan(cfg: ModelConfig, training: TrainingConfig, train_records: int,
+                  gpus: dict | None = None, utilisation: float = UTILISATION) -> dict:
+    """What a run will cost before it starts: optimizer steps, tokens per step (every text at
+    its maximum length: long-text data fills it), the memory plan of its batch with and without
+    gradient checkpointing, and for each GPU whether the step fits and an estimate of the hours
+    at ``utilisation`` of the GPU's peak. Estimates, not measurements."""
+    from .training import steps_per_epoch
+
+    spe = steps_per_epoch(train_records, training)
+    total = spe * training.epochs
+    rows = training_memory_plan(cfg, training, batch_sizes=(training.batch_size,))
+    seq = cfg.max_passage_length
+    tokens = rows[0]["tokens_per_step"]
+    out = {"steps_per_epoch": spe, "total_steps": total, "tokens_per_step": tokens,
+           "memory_gib": {("checkpointing" if r["gradient_checkpointing"] else "plain"):
+                          r["total_gib"] for r in rows},
+           "utilisation": utilisation, "gpus": {}}
+    for name, spec in (gpus or GPUS).items():
+        fits = {mode: gib + CUDA_CONTEXT_GIB <= spec["memory_gib"]
+                for mode, gib in out["memory_gib"].items()}
+        ckpt = training.gradient_checkpointing or not fits["plain"]
+        flops = training_flops(cfg, tokens, seq, ckpt) * total
+        out["gpus"][name] = {"fits_plain": fits["plain"], "fits_checkpointing":
+                             fits["checkpointing"], "uses_checkpointing": ckpt,
+                             "hours": flops / (spec["peak_tflops"] * 1e12 * utilisation) / 3600}
+    return out
+
+
+def plan_table(plan: dict):
+    """:func:`training_plan` per GPU as a pandas table with Chinese headers (estimates)."""
+    import pandas as pd
+
+    return pd.DataFrame({name: {"显存够（不用检查点）": g["fits_plain"],
+                                "显存够（梯度检查点）": g["fits_checkpointing"],
+                                f"估计小时数（利用率 {plan['utilisation']:.0%}）": round(g["hours"], 2)}
+                         for name, g in plan["gpus"].items()}).T

@@ -22,7 +22,7 @@ from torch import nn
 from .config import ModelConfig
 
 __all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "how_to_supply",
-           "resolve_base_model", "load_encoder", "count_parameters", "parameter_count_from_config", "pool",
+           "check_base_model", "resolve_base_model", "load_encoder", "count_parameters", "parameter_count_from_config", "pool",
            "DualTowerRetriever"]
 
 POOLINGS = ("mean", "last_token", "cls")
@@ -96,6 +96,89 @@ def _read_config(name_or_path: str) -> tuple[dict, Path | None]:
         raise OSError(f"cannot read config.json of {name_or_path!r} "
                       f"({type(exc).__name__}); {how_to_supply(name_or_path)}") from exc
     return json.loads(Path(path).read_text(encoding="utf-8")), None
+
+
+#: File names that hold a tokenizer (any one is enough).
+_TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "sentencepiece.bpe.model")
+
+
+def _problems_in_files(names: set[str], config: dict | None, where: str,
+                       trust_remote_code: bool) -> list[str]:
+    """What a checkpoint with files ``names`` (and config.json ``config``) lacks."""
+    from .minimind import ConversionError, checkpoint_format, llama_config
+
+    problems = []
+    if config is None:
+        return [f"{where}: no config.json"]
+    has_weights = any(n.endswith((".safetensors", ".bin")) and not n.startswith("training_")
+                      for n in names)
+    if not has_weights:
+        problems.append(f"{where}: no weights (model.safetensors or pytorch_model.bin)")
+    if not any(n in names for n in _TOKENIZER_NAMES):
+        problems.append(f"{where}: no tokenizer (one of {', '.join(_TOKENIZER_NAMES)})")
+    fmt = checkpoint_format(config)
+    if fmt is not None:
+        try:
+            llama_config(config, fmt, f"{where}/config.json")
+        except ConversionError as exc:
+            problems.append(str(exc))
+    elif "auto_map" in config and not trust_remote_code:
+        from transformers import CONFIG_MAPPING
+
+        if config.get("model_type") not in CONFIG_MAPPING:
+            problems.append(
+                f"{where}: model_type {config.get('model_type')!r} exists only in the "
+                f"checkpoint's own code; pass trust_remote_code=True (notebook parameter "
+                f"`trust_remote_code`, CLI `--trust-remote-code`) if you trust it")
+    return problems
+
+
+def check_base_model(name_or_path: str, trust_remote_code: bool = False,
+                     hub_id: str | None = None) -> list[str]:
+    """What is missing to load ``name_or_path``, checked without downloading weights: the
+    folder or hub repository, its config.json, weights and tokenizer, and for MiniMind
+    checkpoints whether they can be converted. Empty when everything is there. Each problem
+    says how to supply it; ``hub_id`` is the repository a local folder should hold."""
+    local = os.path.isabs(name_or_path) or os.path.exists(name_or_path) or \
+        name_or_path.startswith((".", "~"))
+    if local:
+        folder = Path(name_or_path).expanduser()
+        if not folder.is_dir():
+            return [f"model folder {folder} does not exist; "
+                    f"{how_to_supply(str(folder), hub_id)}"]
+        names = {p.name for p in folder.iterdir() if p.is_file()}
+        config = (json.loads((folder / "config.json").read_text(encoding="utf-8"))
+                  if "config.json" in names else None)
+        problems = _problems_in_files(names, config, str(folder), trust_remote_code)
+        return [f"{p}; {how_to_supply(str(folder), hub_id)}" for p in problems]
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    names: set[str] | None = None
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            names = set(huggingface_hub.HfApi().list_repo_files(name_or_path))
+        except Exception:  # offline, DNS, 404, auth: not reachable from here
+            names = None
+    config = None
+    cached = huggingface_hub.try_to_load_from_cache(name_or_path, "config.json")
+    if names is None and not isinstance(cached, str):
+        return [f"model {name_or_path!r}: not a local folder, not in the hub cache, and the "
+                f"hub does not answer; {how_to_supply(name_or_path)}"]
+    if isinstance(cached, str):
+        config = json.loads(Path(cached).read_text(encoding="utf-8"))
+        if names is None:  # offline with a cache: trust what the cache holds
+            return []
+    elif "config.json" in names:
+        try:
+            config = json.loads(Path(huggingface_hub.hf_hub_download(
+                name_or_path, "config.json")).read_text(encoding="utf-8"))
+        except Exception as exc:
+            return [f"model {name_or_path!r}: config.json cannot be read "
+                    f"({type(exc).__name__}); {how_to_supply(name_or_path)}"]
+    problems = _problems_in_files(names, config, name_or_path, trust_remote_code)
+    return [f"{p}; {how_to_supply(name_or_path)}" for p in problems]
 
 
 def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = None

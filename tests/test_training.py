@@ -142,7 +142,11 @@ def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
     local = config.with_overrides(exp, model_path=str(tmp_path), data_dir=str(tmp_path / "no"))
     with pytest.raises(experiment.MissingInputsError) as err:
         experiment.check_full_inputs(local)
-    assert "model " not in str(err.value) and "does not exist" in str(err.value)
+    # a local folder: what it lacks, and which hub repository to download into it
+    assert f"{tmp_path}: no config.json" in str(err.value)
+    assert (f"huggingface-cli download jingyaogong/minimind-v1 --local-dir {tmp_path}"
+            in str(err.value))
+    assert "does not exist" in str(err.value)  # the data folder
     # the command line (single process or torchrun) stops the same way, before any work
     with pytest.raises(experiment.MissingInputsError, match="minimind-v1"):
         experiment.main(["--experiment", "minimind108_10k", "--preset", "full"])
