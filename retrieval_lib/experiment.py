@@ -37,7 +37,8 @@ __all__ = ["MissingInputsError", "hub_has", "check_full_inputs", "prepare_base_m
            "run_experiment", "load_run", "ensure_run", "result_summary", "describe",
            "expansion_parameters", "run_expansion_with_ablation", "untrained_gaps",
            "expansion_comparisons", "expansion_systems", "expansion_histories",
-           "unfreeze_table", "expansion_summary", "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION",
+           "unfreeze_table", "expansion_summary", "run_differences", "differences_note",
+           "unfreeze_plan", "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION",
            "option_variants", "option_systems", "option_comparisons", "REPORT_METRICS"]
 
 
@@ -272,6 +273,58 @@ def describe(exp: ExperimentConfig) -> dict:
             **{f"training.{k}": v for k, v in asdict(exp.training).items()}}
 
 
+#: Settings that name a run rather than change what it computes.
+_LABEL_FIELDS = {"name", "title", "section", "preset", "base_experiment", "model.name"}
+#: Settings that change memory or bookkeeping but not the mathematics of a step.
+_SAME_MATHS = {"training.gradient_checkpointing", "training.grad_cache_chunk_size",
+               "training.checkpoint_steps", "training.keep_checkpoints"}
+
+
+def run_differences(exps: dict[str, ExperimentConfig], expected: tuple[str, ...] = ()):
+    """Every setting in which the runs a notebook compares differ, read from their configs,
+    plus what follows from them: optimizer steps and training samples seen (a pandas table,
+    one column per run). ``expected`` names the settings the comparison is about (e.g.
+    ``("train_records",)``); the table marks the others (settings that save memory without
+    changing the step's mathematics, such as gradient checkpointing, count as intended), so a
+    notebook can say exactly what else differs and by how much."""
+    import pandas as pd
+
+    from .training import steps_per_epoch
+
+    def flat(exp: ExperimentConfig) -> dict:
+        row = {"subset": exp.subset, "train_records": exp.train_size}
+        row.update({f"model.{k}": v for k, v in asdict(exp.model).items()})
+        row.update({f"training.{k}": v for k, v in asdict(exp.training).items()})
+        return {k: (tuple(v) if isinstance(v, list) else v) for k, v in row.items()
+                if k not in _LABEL_FIELDS}
+
+    rows = {label: flat(exp) for label, exp in exps.items()}
+    keys = [k for k in next(iter(rows.values()))
+            if len({repr(r.get(k)) for r in rows.values()}) > 1]
+    table = {label: {k: rows[label][k] for k in keys} for label in rows}
+    for label, exp in exps.items():
+        steps = steps_per_epoch(exp.train_size, exp.training) * exp.training.epochs
+        table[label]["optimizer_steps"] = steps
+        table[label]["samples_seen"] = steps * exp.training.batch_size
+    frame = pd.DataFrame(table)
+    frame.insert(0, "intended", [k in expected or k in _SAME_MATHS
+                                 or k in ("optimizer_steps", "samples_seen")
+                                 for k in frame.index])
+    return frame
+
+
+def differences_note(table, intended: str) -> str:
+    """One Chinese sentence for a :func:`run_differences` table: what besides ``intended``
+    differs between the runs, with the values, or that nothing else does."""
+    others = table[~table["intended"]].drop(columns="intended")
+    steps = " / ".join(f"{v:,}" for v in table.loc["optimizer_steps"].drop("intended"))
+    if others.empty:
+        return (f"这些运行只在{intended}上不同（由此优化器步数为 {steps}）。")
+    parts = [f"{k}（{' / '.join(str(v) for v in row)}）" for k, row in others.iterrows()]
+    return (f"除{intended}外，这些运行还在以下设置上不同：{'；'.join(parts)}；"
+            f"所以优化器步数为 {steps}。比较时要把这些差别算进去。")
+
+
 # ---------------------------------------------------------------------------------------------
 # Expansion studies (the 4.1.2 / 4.2.4 / 4.3 notebooks): the expanded model with the configured
 # initialisation, the same expansion with another one, and the unexpanded base they are held
@@ -290,6 +343,25 @@ def run_expansion_with_ablation(exp: ExperimentConfig, splits: Splits, base_info
         runs[ablation_init] = run_experiment(variant(exp, expansion_init=ablation_init), splits,
                                              base_info, resume=resume)
     return runs
+
+
+def unfreeze_plan(exp: ExperimentConfig, train_records: int | None = None):
+    """The unfreezing schedule of ``exp`` from its config, before training: one row per stage
+    with the new layers that train, the optimizer step and epoch where it starts, and its
+    length (a pandas table). ``train_records`` defaults to the subset's configured size."""
+    import pandas as pd
+
+    from .expansion import UnfreezeSchedule, new_layer_positions
+    from .training import steps_per_epoch
+
+    spe = steps_per_epoch(train_records or exp.train_size, exp.training)
+    new = new_layer_positions(exp.model.num_hidden_layers, exp.model.num_new_layers,
+                              exp.model.expansion_position)
+    plan = UnfreezeSchedule(new, exp.model.unfreeze_every).plan(spe * exp.training.epochs, spe)
+    return pd.DataFrame([{"阶段": r["stage"], "训练中的新层": r["trainable_new_layers"],
+                          "起始步": r["start_step"], "步数": r["steps"],
+                          "起始轮次": round(r["start_epoch"], 2)} for r in plan.stages()]
+                        ).set_index("阶段")
 
 
 def untrained_gaps(base_run: dict | None, runs: dict[str, dict],
