@@ -332,7 +332,6 @@ def convert_checkpoint(source: str | os.PathLike, cache_dir: str | os.PathLike,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config.architectures = ["LlamaModel"]
-    config.torch_dtype = "float32"
     config.save_pretrained(str(tmp))
     save_file({k: v.detach().to(torch.float32).contiguous() for k, v in state.items()},
               str(tmp / "model.safetensors"), metadata={"format": "pt"})

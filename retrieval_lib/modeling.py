@@ -206,7 +206,8 @@ def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = 
             raise OSError(f"cannot download the weights of {name_or_path!r} "
                           f"({type(exc).__name__}); {how_to_supply(name_or_path)}") from exc
     cache = Path(cache_dir) if cache_dir else project_root() / "data_cache" / "models"
-    target, report = convert_checkpoint(folder, cache, label=name_or_path)
+    hub_id = None if os.path.isdir(name_or_path) else name_or_path
+    target, report = convert_checkpoint(folder, cache, label=hub_id)
     return str(target), report
 
 
