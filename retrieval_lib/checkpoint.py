@@ -34,7 +34,7 @@ import torch
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "verify_checkpoint", "list_checkpoints", "remove_partial", "rng_state", "set_rng_state",
-           "atomic_save_model"]
+           "atomic_save_model", "file_sha256"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt or belongs to another training setup."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):
@@ -117,7 +118,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, schedu
     files = {}
     for name in _FILES:
         _fsync(tmp / name)
-        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2),
                                 encoding="utf-8")
     _fsync(tmp / MANIFEST)
@@ -170,7 +171,7 @@ def verify_checkpoint(folder: str | os.PathLike) -> None:
         if size != files[name]["bytes"]:
             raise CheckpointError(f"{path}: {size} bytes, the manifest says "
                                   f"{files[name]['bytes']} (truncated?)")
-        if _sha256(path) != files[name]["sha256"]:
+        if file_sha256(path) != files[name]["sha256"]:
             raise CheckpointError(f"{path}: checksum differs from the manifest (corrupt)")
 
 

@@ -438,9 +438,10 @@ def check_unfreezing(exp: ExperimentConfig) -> None:
     >>> check_unfreezing(get_experiment("minimind186_288k", "full"))  # 0: spread, fine
     >>> exp = get_experiment("minimind186_288k", "full")
     >>> check_unfreezing(replace(exp, model=replace(exp.model, unfreeze_every=2)))
+    ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: minimind186_288k: 12 new layers at one per 2 epochs need more than 24 epochs, but the run has 6; set unfreeze_every=0 to spread the 13 stages over the run
+    ValueError: minimind186_288k: 12 new layers at one per 2 epochs need more than 24 epochs...
     """
     k, every, epochs = exp.model.num_new_layers, exp.model.unfreeze_every, exp.training.epochs
     if k and every > 0 and k * every >= epochs:

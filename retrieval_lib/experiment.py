@@ -17,7 +17,6 @@ From a shell (one process, or several with ``torchrun``)::
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ __all__ = ["MissingInputsError", "hub_has", "check_full_inputs", "prepare_base_m
            "expansion_parameters", "run_expansion_with_ablation", "untrained_gaps",
            "expansion_comparisons", "expansion_systems", "expansion_histories",
            "unfreeze_table", "expansion_summary", "run_differences", "differences_note",
-           "unfreeze_plan", "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION",
+           "unfreeze_plan", "show_plan", "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION",
            "option_variants", "option_systems", "option_comparisons", "REPORT_METRICS"]
 
 
@@ -109,9 +108,10 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
     """The experiment with ``base_model`` pointing at real weights; info on the base LM.
 
     ``full``: unchanged (hub id or local folder); a MiniMind checkpoint in its own format is
-    converted to a ``LlamaModel`` here, once (the info holds the conversion report). ``demo``: a byte-level BPE tokenizer and a
-    causal LM of the demo shape pretrained on the training pool's passages and queries (the
-    validation passages are its held-out set), cached and shared by every notebook.
+    converted to a ``LlamaModel`` here, once (the info holds the conversion report).
+    ``demo``: a byte-level BPE tokenizer and a causal LM of the demo shape pretrained on the
+    training pool's passages and queries (the validation passages are its held-out set), cached
+    and shared by every notebook.
     """
     if exp.preset == "full":
         from .modeling import resolve_base_model
@@ -343,6 +343,22 @@ def run_expansion_with_ablation(exp: ExperimentConfig, splits: Splits, base_info
         runs[ablation_init] = run_experiment(variant(exp, expansion_init=ablation_init), splits,
                                              base_info, resume=resume)
     return runs
+
+
+def show_plan(exp: ExperimentConfig, train_records: int | None = None):
+    """Print what a run will cost before it starts (optimizer steps, tokens per step, the
+    estimated memory of its batch) and return the per-GPU estimate table
+    (:func:`~retrieval_lib.memory.training_plan`; estimates, labelled as such)."""
+    from .memory import CUDA_CONTEXT_GIB, plan_table, training_plan
+
+    plan = training_plan(exp.model, exp.training, train_records or exp.train_size)
+    gib = plan["memory_gib"]
+    print(f"{exp.name}：{plan['total_steps']:,} 个优化器步（每轮 {plan['steps_per_epoch']:,}），"
+          f"每步最多 {plan['tokens_per_step']:,} 个 token；估计显存（bf16，不含约 "
+          f"{CUDA_CONTEXT_GIB} GiB 的 CUDA 上下文）：不用梯度检查点 {gib['plain']:.1f} GiB，"
+          f"用梯度检查点 {gib['checkpointing']:.1f} GiB。下表的小时数由 FLOPs 按峰值算力的 "
+          f"{plan['utilisation']:.0%} 估计，只是估计。")
+    return plan_table(plan)
 
 
 def unfreeze_plan(exp: ExperimentConfig, train_records: int | None = None):

@@ -215,7 +215,8 @@ def plan_table(plan: dict):
     """:func:`training_plan` per GPU as a pandas table with Chinese headers (estimates)."""
     import pandas as pd
 
+    hours = f"估计小时数（利用率 {plan['utilisation']:.0%}）"
     return pd.DataFrame({name: {"显存够（不用检查点）": g["fits_plain"],
                                 "显存够（梯度检查点）": g["fits_checkpointing"],
-                                f"估计小时数（利用率 {plan['utilisation']:.0%}）": round(g["hours"], 2)}
+                                hours: round(g["hours"], 2)}
                          for name, g in plan["gpus"].items()}).T

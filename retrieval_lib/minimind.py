@@ -46,9 +46,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MINIMIND_V1", "MINIMIND2", "V1_ROPE_THETA", "checkpoint_format", "llama_config",
-           "rope_theta_of", "interleaved_to_half", "convert_state_dict", "read_state_dict", "weight_files",
-           "convert_checkpoint", "TOKENIZER_FILES"]
+from .checkpoint import file_sha256
+
+__all__ = ["MINIMIND_V1", "MINIMIND2", "V1_ROPE_THETA", "ConversionError", "checkpoint_format",
+           "llama_config", "rope_theta_of", "interleaved_to_half", "convert_state_dict",
+           "read_state_dict", "weight_files", "convert_checkpoint", "TOKENIZER_FILES"]
 
 MINIMIND_V1 = "minimind-v1"
 MINIMIND2 = "minimind2"
@@ -280,14 +282,6 @@ def _source_fingerprint(folder: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert_checkpoint(source: str | os.PathLike, cache_dir: str | os.PathLike,
                        label: str | None = None) -> tuple[Path, dict]:
     """Convert the MiniMind checkpoint folder ``source`` once; returns the folder of the
@@ -340,7 +334,7 @@ def convert_checkpoint(source: str | os.PathLike, cache_dir: str | os.PathLike,
         shutil.copy2(source / f, tmp / f)
     report = {
         "source": str(label or source), "source_folder": str(source), "format": fmt,
-        "source_files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        "source_files": {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                          for p in weight_files(source)},
         "target": "LlamaModel (safetensors, float32)",
         "rope_theta": rope_theta_of(config), "rms_norm_eps": config.rms_norm_eps,

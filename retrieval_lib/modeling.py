@@ -22,8 +22,8 @@ from torch import nn
 from .config import ModelConfig
 
 __all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "how_to_supply",
-           "check_base_model", "resolve_base_model", "load_encoder", "count_parameters", "parameter_count_from_config", "pool",
-           "DualTowerRetriever"]
+           "check_base_model", "resolve_base_model", "load_encoder", "count_parameters",
+           "parameter_count_from_config", "pool", "DualTowerRetriever"]
 
 POOLINGS = ("mean", "last_token", "cls")
 

@@ -257,7 +257,8 @@ def test_missing_folder_or_source_gives_instructions(tmp_path):
         data.find_source_files(tmp_path / "nowhere", config.BGE_M3_ZH_SOURCES)
     assert "HF_ENDPOINT" in str(err.value) and "data_dir" in str(err.value)
     _write(tmp_path / "d" / "t2ranking_len-0-500.jsonl", [_flag("q", ["p"])])
-    with pytest.raises(DataUnavailableError, match=r"mldr_zh \(pattern \*mldr\*zh\*_len-\*.jsonl\)"):
+    with pytest.raises(DataUnavailableError,
+                       match=r"mldr_zh \(pattern \*mldr\*zh\*_len-\*.jsonl\)"):
         data.find_source_files(tmp_path / "d", config.BGE_M3_ZH_SOURCES)
     # a spelling the pattern does not expect: the near misses are listed by name
     _write(tmp_path / "d" / "LeCaRD_v2" / "lecard-v2_len-7000-inf.jsonl", [_flag("q", ["p"])])
