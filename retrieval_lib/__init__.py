@@ -1,8 +1,41 @@
 """retrieval_lib: turn pretrained Chinese language models into long-text dense retrievers.
 
-The thin shared library behind the course notebooks; one module per stage of the pipeline:
-``config`` (presets), ``data`` (records, loaders, splits, demo corpus), ``tokenizer``,
-``baselines`` (BM25) and ``plotting`` (figures, CJK fonts).
+The thin shared library behind the course notebooks. Modules by stage, in the order of the
+course; a module imports only modules of earlier stages (``tests/test_architecture.py``):
+
+1. Settings and shared helpers
+   ``config`` (presets: every number of the report, once), ``hub`` (hub look-ups),
+   ``checkpoint`` (atomic, checksummed training checkpoints), ``notebook_utils`` (running the
+   notebooks), ``plotting`` (figures, CJK font).
+2. Data
+   ``records`` (the unified record, validation, JSON lines), ``bm25`` (the lexical retriever),
+   ``tokenizer`` (pretrained or demo BPE), ``demo_corpus`` (People's Daily 1998), ``data``
+   (BGE-M3 sources, splits, subsets, statistics).
+3. Evaluation
+   ``evaluation`` (encoding, exact search, metrics, confidence intervals, paired tests).
+4. Losses and model
+   ``losses`` (InfoNCE), ``distributed`` (its cross-device form, DDP helpers), ``gradcache``
+   (large batches in the memory of one chunk), ``m3`` (sparse and multi-vector heads, unified
+   loss), ``mining`` (hard negatives), ``minimind`` (published MiniMind checkpoints converted to
+   Llama), ``modeling`` (base models, pooling, projection, the dual-tower retriever),
+   ``expansion`` (new layers and their unfreezing schedule), ``pretraining`` (the demo LMs).
+5. Training
+   ``training`` (the loop), ``memory`` (memory and time plans of a run).
+6. Results and serving
+   ``results`` (run folders, comparisons, report tables), ``baselines`` (BM25, BGE-M3),
+   ``export`` (sentence-transformers folder), ``index`` (faiss).
+7. Orchestration
+   ``experiment`` (one experiment end to end, studies, the command line).
 """
 
 __version__ = "0.1.0"
+
+#: Modules in stage order: each may import only modules listed before it.
+MODULES = ("config", "hub", "checkpoint", "notebook_utils", "plotting",
+           "records", "bm25", "tokenizer", "demo_corpus", "data",
+           "evaluation",
+           "losses", "distributed", "gradcache", "m3", "mining", "minimind", "modeling",
+           "expansion", "pretraining",
+           "training", "memory",
+           "results", "baselines", "export", "index",
+           "experiment")

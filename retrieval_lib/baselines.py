@@ -1,90 +1,30 @@
 """Baselines on the shared test set: BM25 (jieba + bm25s), the lexical floor of every table, and
 BGE-M3, the state of the art every model is compared with.
 
-BM25 also mines the hard negatives of the offline demo corpus (:mod:`retrieval_lib.data`).
+BM25 itself lives in :mod:`retrieval_lib.bm25` (the demo corpus mines its hard negatives with it).
 """
 
 from __future__ import annotations
 
-import logging
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
+from .bm25 import BM25Retriever
+from .evaluation import qrels_for_split, score_run
+from .hub import hub_has
 from .m3 import MODES, SCORE_WEIGHTS, colbert_score, evaluate_reranked, lexical_score
+from .modeling import count_parameters, load_encoder
+from .results import record_not_run, save_baseline_run
 
-__all__ = ["tokenize_zh", "BM25Retriever", "evaluate_bm25", "BGE_M3", "HYBRID_WEIGHTS",
+__all__ = ["evaluate_bm25", "BGE_M3", "HYBRID_WEIGHTS",
            "BGE_M3_MODES", "lexical_score", "colbert_score", "bge_m3_available",
            "BGEM3Retriever", "evaluate_bge_m3", "bm25_baseline", "bge_m3_baseline"]
-
-_KEEP = re.compile(r"\w", re.UNICODE)
-
-
-def tokenize_zh(text: str) -> list[str]:
-    """Segment Chinese text with jieba (precise mode), dropping punctuation and whitespace.
-
-    Full-width ASCII (e.g. "１９９８") is folded to half-width first so that both spellings match.
-
-    >>> tokenize_zh("北京举行新年音乐会！")
-    ['北京', '举行', '新年', '音乐会']
-    """
-    import jieba
-
-    jieba.setLogLevel(logging.WARNING)
-    text = text.translate(_FULLWIDTH)
-    return [w.lower() for w in jieba.lcut(text) if _KEEP.search(w)]
-
-
-_FULLWIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}
-_FULLWIDTH[0x3000] = 0x20
-
-
-class BM25Retriever:
-    """BM25 over a fixed corpus of texts; ``search`` returns ``(index, score)`` lists.
-
-    Uses ``bm25s`` (Lucene's BM25 variant, k1=1.5, b=0.75) on jieba tokens.
-    """
-
-    def __init__(self, corpus: Sequence[str], k1: float = 1.5, b: float = 0.75,
-                 show_progress: bool = False):
-        import bm25s
-
-        if not corpus:
-            raise ValueError("BM25Retriever needs a non-empty corpus")
-        self.corpus_size = len(corpus)
-        self.show_progress = show_progress
-        self._model = bm25s.BM25(k1=k1, b=b)
-        tokens = [tokenize_zh(t) or ["<empty>"] for t in corpus]
-        self._model.index(tokens, show_progress=show_progress)
-
-    def search(self, queries: Sequence[str], k: int = 10) -> list[list[tuple[int, float]]]:
-        """Top-``k`` corpus indices with their BM25 scores for each query, best first.
-
-        Ties in score are broken by corpus index so that results are deterministic.
-        """
-        k = min(k, self.corpus_size)
-        query_tokens = [tokenize_zh(q) or ["<empty>"] for q in queries]
-        ids, scores = self._model.retrieve(query_tokens, k=k, show_progress=self.show_progress,
-                                           n_threads=1)
-        results = []
-        for row_ids, row_scores in zip(np.asarray(ids), np.asarray(scores), strict=True):
-            order = sorted(range(len(row_ids)), key=lambda j: (-row_scores[j], row_ids[j]))
-            results.append([(int(row_ids[j]), float(row_scores[j])) for j in order])
-        return results
-
-    def scores(self, query: str, indices: Sequence[int]) -> list[float]:
-        """BM25 scores of ``query`` for the corpus texts ``indices``."""
-        full = self._model.get_scores(tokenize_zh(query) or ["<empty>"])
-        return [float(full[i]) for i in indices]
-
 
 def evaluate_bm25(split, ks: Sequence[int] = (5, 10, 100), top_k: int = 100, k1: float = 1.5,
                   b: float = 0.75) -> dict:
     """BM25 over the split's deduplicated passage corpus, scored like the dense retrievers
     (:func:`~retrieval_lib.evaluation.evaluate_retriever`): same queries, corpus and qrels."""
-    from .evaluation import qrels_for_split, score_run
-
     query_ids, queries, qrels, corpus = qrels_for_split(split)
     hits = BM25Retriever(corpus, k1=k1, b=b).search(queries, k=top_k)
     run = {qid: {f"d{j}": score for j, score in row} for qid, row in zip(query_ids, hits,
@@ -113,7 +53,6 @@ def bge_m3_available(name_or_path: str = BGE_M3) -> bool:
 
     if os.path.isdir(name_or_path):
         return True
-    from .experiment import hub_has
 
     return not os.path.isabs(name_or_path) and hub_has(name_or_path, "model")
 
@@ -129,8 +68,6 @@ class BGEM3Retriever:
                  dtype=None, max_length: int = 8192):
         import torch
         from transformers import AutoTokenizer
-
-        from .modeling import load_encoder
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None and self.device.type == "cuda":
@@ -242,8 +179,6 @@ def evaluate_bge_m3(retriever: BGEM3Retriever, split, ks: Sequence[int] = (5, 10
 def bm25_baseline(split, preset: str, k1: float = 1.5, b: float = 0.75,
                   root=None) -> dict:
     """BM25 on ``split``, saved as the baseline run ``runs/<preset>/bm25``; returns its result."""
-    from .results import save_baseline_run
-
     result = evaluate_bm25(split, k1=k1, b=b)
     save_baseline_run("bm25", result, preset,
                       {"title": "BM25（jieba 分词 + bm25s）", "model_name": "BM25",
@@ -261,9 +196,6 @@ def bge_m3_baseline(split, preset: str, name_or_path: str = BGE_M3, run: bool = 
     Returns ``{"status": "done", "results": {mode: score_run}}`` or
     ``{"status": "not run", "reason": ..., "how_to_run": ...}``.
     """
-    from .modeling import count_parameters
-    from .results import record_not_run, save_baseline_run
-
     how = (f"download the model (huggingface-cli download {BGE_M3} --local-dir DIR) on a machine "
            f"with access and pass `-p bge_m3_path DIR`, or set HF_ENDPOINT to a mirror; then run "
            f"notebook 04 again (a GPU is advisable: 568M parameters, texts up to {max_length} "

@@ -105,7 +105,7 @@ class DataConfig:
     )
     num_hard_negatives: int = 7  # hard negatives kept per record after preparation
     strict: bool = True  # True: bad records raise; False: they are counted and reported
-    max_text_chars: int = 100_000  # longer texts are cut (and counted); data.MAX_TEXT_CHARS
+    max_text_chars: int = 100_000  # longer texts are cut (and counted); records.MAX_TEXT_CHARS
     to_simplified: bool = False  # convert Traditional characters (always counted)
     seed: int = SEED
 

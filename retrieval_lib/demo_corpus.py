@@ -14,8 +14,9 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from .bm25 import BM25Retriever
 from .config import DataConfig
-from .data import DataUnavailableError, LoadReport, validate_record
+from .records import DataUnavailableError, LoadReport, validate_record
 
 __all__ = ["people_daily_path", "strip_pos_tags", "parse_people_daily", "build_demo_records",
            "load_demo_records"]
@@ -136,8 +137,6 @@ def build_demo_records(articles: list[dict], num_hard_negatives: int = 7,
     articles under BM25 (jieba + bm25s) for the headline, excluding the positive article itself
     and any article with the same body text.
     """
-    from .baselines import BM25Retriever
-
     report = report if report is not None else LoadReport()
     counts = Counter(a["headline"] for a in articles)
     usable = []

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .data import corpus_of
+
 __all__ = ["REPORT_METRICS", "HEADLINE_METRICS", "rank_documents", "score_run", "aggregate",
            "bootstrap_ci", "paired_test", "summarize_metrics", "summarize_systems",
            "exact_search", "run_from_search", "qrels_for_split", "evaluate_embeddings",
@@ -166,8 +168,6 @@ def qrels_for_split(split) -> tuple[list[str], list[str], dict, list[str]]:
     Returns ``(query_ids, queries, qrels, corpus)``: query ``q{i}`` is row i; document ``d{j}``
     is ``corpus[j]``; each query's positives have grade 1.
     """
-    from .data import corpus_of
-
     corpus = corpus_of(split)
     doc_id = {text: f"d{j}" for j, text in enumerate(corpus)}
     query_ids, queries, qrels = [], [], {}

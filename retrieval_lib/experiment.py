@@ -21,18 +21,37 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .config import ExperimentConfig, cache_path, get_experiment, project_root, variant
-from .data import DataUnavailableError, Splits, find_source_files, prepare_data
+from .config import (
+    EXPERIMENTS,
+    PUBLISHED_BASE_MODELS,
+    ExperimentConfig,
+    cache_path,
+    get_experiment,
+    project_root,
+    variant,
+    with_overrides,
+)
+from .data import Splits, data_config_hash, find_source_files, prepare_data
 from .distributed import is_main, main_first
 from .evaluation import REPORT_METRICS, evaluate_retriever, paired_test
-from .expansion import UnfreezeSchedule, expand_layers
-from .modeling import DualTowerRetriever, count_parameters, parameter_count_from_config
+from .expansion import UnfreezeSchedule, expand_layers, new_layer_positions
+from .hub import hub_has
+from .m3 import evaluate_m3
+from .memory import CUDA_CONTEXT_GIB, plan_table, training_plan
+from .modeling import (
+    DualTowerRetriever,
+    check_base_model,
+    count_parameters,
+    parameter_count_from_config,
+    resolve_base_model,
+)
 from .pretraining import PretrainConfig, pretrain_demo_lm
+from .records import DataUnavailableError
 from .results import environment_info, load_run, metrics_block
 from .tokenizer import tokenizer_for_preset
-from .training import set_seed, train_retriever
+from .training import set_seed, steps_per_epoch, train_retriever
 
-__all__ = ["MissingInputsError", "hub_has", "check_full_inputs", "prepare_base_model", "run_dir",
+__all__ = ["MissingInputsError", "check_full_inputs", "prepare_base_model", "run_dir",
            "run_experiment", "load_run", "ensure_run", "result_summary", "describe",
            "expansion_parameters", "run_expansion_with_ablation", "untrained_gaps",
            "expansion_comparisons", "expansion_systems", "expansion_histories",
@@ -45,24 +64,6 @@ class MissingInputsError(FileNotFoundError):
     """A full-preset run whose weights or data cannot be found; the message lists each."""
 
 
-def hub_has(repo_id: str, repo_type: str) -> bool:
-    """True when ``repo_id`` is in the local hub cache or the hub answers for it."""
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    probe = "config.json" if repo_type == "model" else "README.md"
-    cached = huggingface_hub.try_to_load_from_cache(repo_id, probe, repo_type=repo_type)
-    if isinstance(cached, str):
-        return True
-    if constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        huggingface_hub.HfApi().repo_info(repo_id, repo_type=repo_type, timeout=10)
-        return True
-    except Exception:  # offline, DNS, 404, auth: all mean "not reachable from here"
-        return False
-
-
 def check_full_inputs(exp: ExperimentConfig) -> None:
     """Raise :class:`MissingInputsError` naming every missing model file and data source,
     before anything is downloaded or prepared.
@@ -72,10 +73,6 @@ def check_full_inputs(exp: ExperimentConfig) -> None:
     hub id must be reachable or cached and hold the same. The data: prepared splits exist,
     ``exp.data.data_dir`` holds a file for every source, or the hub dataset is reachable.
     """
-    from .config import PUBLISHED_BASE_MODELS
-    from .data import data_config_hash
-    from .modeling import check_base_model
-
     missing = [f"- model ({exp.model.name}): {problem}" for problem in check_base_model(
         exp.model.base_model, exp.model.trust_remote_code,
         hub_id=PUBLISHED_BASE_MODELS.get(exp.model.name))]
@@ -114,8 +111,6 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
     and shared by every notebook.
     """
     if exp.preset == "full":
-        from .modeling import resolve_base_model
-
         path, conversion = resolve_base_model(exp.model.base_model)
         if conversion:
             print(f"{exp.model.base_model}: {conversion['format']} checkpoint converted to a "
@@ -182,7 +177,6 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
     test = evaluate_retriever(best, splits.test)
     m3 = None
     if best.m3 is not None:  # each score alone and the hybrid rerank of the dense top 100
-        from .m3 import evaluate_m3
 
         m3 = evaluate_m3(best, splits.test, weights=exp.training.m3_score_weights)
     wall = time.perf_counter() - start
@@ -289,8 +283,6 @@ def run_differences(exps: dict[str, ExperimentConfig], expected: tuple[str, ...]
     notebook can say exactly what else differs and by how much."""
     import pandas as pd
 
-    from .training import steps_per_epoch
-
     def flat(exp: ExperimentConfig) -> dict:
         row = {"subset": exp.subset, "train_records": exp.train_size}
         row.update({f"model.{k}": v for k, v in asdict(exp.model).items()})
@@ -349,8 +341,6 @@ def show_plan(exp: ExperimentConfig, train_records: int | None = None):
     """Print what a run will cost before it starts (optimizer steps, tokens per step, the
     estimated memory of its batch) and return the per-GPU estimate table
     (:func:`~retrieval_lib.memory.training_plan`; estimates, labelled as such)."""
-    from .memory import CUDA_CONTEXT_GIB, plan_table, training_plan
-
     plan = training_plan(exp.model, exp.training, train_records or exp.train_size)
     gib = plan["memory_gib"]
     print(f"{exp.name}：{plan['total_steps']:,} 个优化器步（每轮 {plan['steps_per_epoch']:,}），"
@@ -366,9 +356,6 @@ def unfreeze_plan(exp: ExperimentConfig, train_records: int | None = None):
     with the new layers that train, the optimizer step and epoch where it starts, and its
     length (a pandas table). ``train_records`` defaults to the subset's configured size."""
     import pandas as pd
-
-    from .expansion import UnfreezeSchedule, new_layer_positions
-    from .training import steps_per_epoch
 
     spe = steps_per_epoch(train_records or exp.train_size, exp.training)
     new = new_layer_positions(exp.model.num_hidden_layers, exp.model.num_new_layers,
@@ -531,8 +518,6 @@ def option_comparisons(runs: dict[str, dict], metrics=("ndcg@10", "recall@100")
 def main(argv: list[str] | None = None) -> int:
     """Run one experiment of the report from the command line (see the module docstring)."""
     import argparse
-
-    from .config import EXPERIMENTS, with_overrides
 
     parser = argparse.ArgumentParser(description="Train and evaluate one experiment.")
     parser.add_argument("--experiment", required=True, choices=EXPERIMENTS)

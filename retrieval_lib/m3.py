@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .evaluation import exact_search, qrels_for_split, run_from_search, score_run
 from .losses import positive_columns
 
 __all__ = ["SCORE_WEIGHTS", "LOSS_WEIGHTS", "MODES", "M3Heads", "sparse_scores",
@@ -165,8 +166,6 @@ def evaluate_reranked(encode_queries: Callable[[list[str]], dict],
     ``colbert`` (per text a ``(tokens, dim)`` array). Dense searches the whole corpus (exact
     inner product); sparse, ColBERT and hybrid rerank the dense top k. Returns a
     :func:`~retrieval_lib.evaluation.score_run` result per mode."""
-    from .evaluation import exact_search, qrels_for_split, run_from_search, score_run
-
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown mode(s) {sorted(unknown)}; choose from {MODES}")

@@ -26,6 +26,7 @@ import torch
 
 from .config import ModelConfig, TrainingConfig
 from .modeling import build_encoder, parameter_count_from_config
+from .training import steps_per_epoch
 
 __all__ = ["saved_activation_bytes", "activation_bytes_per_token", "static_bytes",
            "training_memory_plan", "largest_batches", "GIB", "CUDA_CONTEXT_GIB", "GPUS",
@@ -189,8 +190,6 @@ def training_plan(cfg: ModelConfig, training: TrainingConfig, train_records: int
     its maximum length: long-text data fills it), the memory plan of its batch with and without
     gradient checkpointing, and for each GPU whether the step fits and an estimate of the hours
     at ``utilisation`` of the GPU's peak. Estimates, not measurements."""
-    from .training import steps_per_epoch
-
     spe = steps_per_epoch(train_records, training)
     total = spe * training.epochs
     rows = training_memory_plan(cfg, training, batch_sizes=(training.batch_size,))

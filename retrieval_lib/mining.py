@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .config import SEED
+from .evaluation import exact_search
 
 __all__ = ["DenseSearcher", "mine_hard_negatives", "RANK_RANGE"]
 
@@ -27,7 +28,7 @@ RANK_RANGE = (10, 210)
 class DenseSearcher:
     """Exact inner-product search of a :class:`~retrieval_lib.modeling.DualTowerRetriever`
     over a fixed corpus, with the interface of
-    :class:`~retrieval_lib.baselines.BM25Retriever` (``search`` and ``scores``)."""
+    :class:`~retrieval_lib.bm25.BM25Retriever` (``search`` and ``scores``)."""
 
     def __init__(self, model, corpus: Sequence[str], batch_size: int = 32):
         self.model = model
@@ -40,8 +41,6 @@ class DenseSearcher:
         return self._queries[query]
 
     def search(self, queries: Sequence[str], k: int = 10) -> list[list[tuple[int, float]]]:
-        from .evaluation import exact_search
-
         embedded = self.model.encode_queries(list(queries))
         self._queries.update(zip(queries, embedded, strict=True))
         scores, indices = exact_search(embedded, self.passages, min(k, len(self.passages)))
@@ -57,7 +56,7 @@ def mine_hard_negatives(records: Sequence[dict], corpus: Sequence[str], searcher
                         margin: float | None = None, seed: int = SEED
                         ) -> tuple[list[dict], dict]:
     """Records with new ``negative_passages`` mined from ``corpus`` by ``searcher`` (a
-    :class:`DenseSearcher` or a :class:`~retrieval_lib.baselines.BM25Retriever`), and the
+    :class:`DenseSearcher` or a :class:`~retrieval_lib.bm25.BM25Retriever`), and the
     report (see the module docstring). Records keep everything else."""
     lo, hi = rank_range
     if not 0 <= lo < hi:

@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, project_root
+from .m3 import M3Heads
+from .minimind import ConversionError, checkpoint_format, convert_checkpoint, llama_config
+from .tokenizer import load_pretrained_tokenizer
 
 __all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "how_to_supply",
            "check_base_model", "resolve_base_model", "load_encoder", "count_parameters",
@@ -106,8 +109,6 @@ _TOKENIZER_NAMES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.tx
 def _problems_in_files(names: set[str], config: dict | None, where: str,
                        trust_remote_code: bool) -> list[str]:
     """What a checkpoint with files ``names`` (and config.json ``config``) lacks."""
-    from .minimind import ConversionError, checkpoint_format, llama_config
-
     problems = []
     if config is None:
         return [f"{where}: no config.json"]
@@ -191,9 +192,6 @@ def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = 
     report says what was converted. Every other model (Qwen2, Llama-format MiniMind2,
     BERT/XLM-R) is returned as given, with ``None``.
     """
-    from .config import project_root
-    from .minimind import checkpoint_format, convert_checkpoint
-
     raw, folder = _read_config(name_or_path)
     if checkpoint_format(raw) is None:
         return name_or_path, None
@@ -317,7 +315,6 @@ class DualTowerRetriever(nn.Module):
         self.query_instruction = query_instruction
         self.m3 = None
         if m3_heads:  # sparse + multi-vector heads (retrieval_lib.m3)
-            from .m3 import M3Heads
 
             self.m3 = M3Heads(hidden, projection_dim, tokenizer.all_special_ids,
                               skip_first_token=pooling == "cls")
@@ -332,8 +329,6 @@ class DualTowerRetriever(nn.Module):
             path, _ = resolve_base_model(cfg.base_model)  # MiniMind: the converted folder
             encoder = load_encoder(path, cfg.trust_remote_code, dtype)
             if tokenizer is None:
-                from .tokenizer import load_pretrained_tokenizer
-
                 tokenizer = load_pretrained_tokenizer(path, cfg.trust_remote_code)
         else:
             if tokenizer is None:

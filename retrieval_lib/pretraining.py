@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import SEED, ModelConfig
+from .modeling import hf_config_from_shape
 
 __all__ = ["PretrainConfig", "token_blocks", "perplexity", "pretrain_demo_lm"]
 
@@ -87,8 +88,6 @@ def pretrain_demo_lm(cfg: ModelConfig, tokenizer, train_texts: Sequence[str],
     """
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
-
-    from .modeling import hf_config_from_shape
 
     pcfg = pcfg or PretrainConfig()
     key = _cache_key(cfg, tokenizer, train_texts, pcfg)

@@ -22,8 +22,15 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from .config import project_root
-from .evaluation import HEADLINE_METRICS
+from .config import EXPERIMENTS, project_root
+from .evaluation import (
+    HEADLINE_METRICS,
+    aggregate,
+    bootstrap_ci,
+    paired_test,
+    summarize_metrics,
+    summarize_systems,
+)
 
 __all__ = ["environment_info", "default_output_dir", "save_summary", "load_summary",
            "metrics_block", "scores_from_block", "load_run", "runs_root", "save_baseline_run",
@@ -143,8 +150,6 @@ def _jsonable(value):
 def metrics_block(result: dict, seed: int = 0) -> dict:
     """A ``score_run`` result as saved in ``metrics.json``: aggregates with bootstrap CIs and
     the per-query values."""
-    from .evaluation import summarize_metrics
-
     table = summarize_metrics(result, seed=seed)
     return {"corpus_size": result.get("corpus_size"),
             "aggregate": table.to_dict(orient="index"),
@@ -153,8 +158,6 @@ def metrics_block(result: dict, seed: int = 0) -> dict:
 
 def scores_from_block(block: dict) -> dict:
     """A ``metrics.json`` block back in :func:`~retrieval_lib.evaluation.score_run`'s shape."""
-    from .evaluation import aggregate
-
     per_query = block["per_query"]
     return {"per_query": per_query,
             "aggregate": {m: aggregate(list(v.values())) for m, v in per_query.items()},
@@ -262,8 +265,6 @@ def collect_runs(preset: str, root: str | os.PathLike | None = None) -> dict[str
 def _course_order(name: str) -> tuple:
     """Experiments in the report's order (an ablation right after its experiment), then the
     baselines (BGE-M3 first), then anything else by name."""
-    from .config import EXPERIMENTS
-
     base, _, variant = name.partition("-")
     if base in EXPERIMENTS:
         return (0, EXPERIMENTS.index(base), variant)
@@ -295,8 +296,6 @@ def report_table(runs: dict[str, dict], metrics=TABLE_METRICS, reference: str | 
     paired randomisation test of ``test_metric`` against the reference; and the published
     number of the report where :data:`PUBLISHED_RESULTS` has it."""
     import pandas as pd
-
-    from .evaluation import bootstrap_ci, paired_test
 
     if not runs:
         raise ValueError("no saved runs: run the 03_* and 04 notebooks of this preset first")
@@ -398,8 +397,6 @@ def write_markdown_report(table, preset: str, root: str | os.PathLike | None = N
 
 def system_summaries(runs: dict[str, dict], metrics=TABLE_METRICS, seed: int = 0) -> dict:
     """``{system: {metric: {mean, std, ci_low, ci_high, n}}}`` of every run that was done."""
-    from .evaluation import summarize_systems
-
     return summarize_systems({name: run["test"] for name, run in runs.items()
                               if run["status"] == "done"}, list(metrics), seed)
 

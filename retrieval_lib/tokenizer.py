@@ -10,6 +10,8 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .config import MINIMIND_108M
+
 __all__ = ["SPECIAL_TOKENS", "train_bpe_tokenizer", "load_pretrained_tokenizer",
            "demo_tokenizer", "count_tokens", "tokenizer_for_preset"]
 
@@ -91,8 +93,6 @@ def tokenizer_for_preset(preset: str, train_split, cache_dir: str | Path,
     ``train_split`` (training data only, so the test set never shapes the vocabulary), cached.
     """
     if preset == "full" or name_or_path:
-        from .config import MINIMIND_108M
-
         return load_pretrained_tokenizer(name_or_path or MINIMIND_108M.base_model,
                                          trust_remote_code=trust_remote_code)
     texts = [row["query"] for row in train_split]

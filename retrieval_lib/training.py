@@ -22,9 +22,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import (
+    CheckpointError,
+    atomic_save_model,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+)
 from .config import TrainingConfig
+from .data import corpus_of
 from .distributed import barrier, cross_device_info_nce, init_from_env, is_main
 from .evaluation import evaluate_retriever
+from .gradcache import cached_contrastive_step
+from .m3 import colbert_scores, sparse_scores, unified_loss
+from .mining import DenseSearcher, mine_hard_negatives
 
 __all__ = ["set_seed", "RetrievalCollator", "LengthGroupedBatchSampler", "steps_per_epoch",
            "make_optimizer",
@@ -204,8 +217,6 @@ def _grad_cache_step(model, step_model, qi, pi, cfg: TrainingConfig, autocast, s
                      world: int) -> torch.Tensor:
     """One GradCache step (:mod:`retrieval_lib.gradcache`); under DDP the gradients are
     averaged over the processes here, as DDP's own hooks do not see the chunked passes."""
-    from .gradcache import cached_contrastive_step
-
     sync_off = step_model.no_sync() if world > 1 else nullcontext()
     with sync_off:
         loss = cached_contrastive_step(
@@ -256,8 +267,6 @@ def _batch_plan(train, cfg: TrainingConfig, rank: int, world: int):
 
 def _unified_step_loss(model, qi: dict, pi: dict, cfg: TrainingConfig):
     """The unified M3 loss of one batch (:func:`retrieval_lib.m3.unified_loss`) and its parts."""
-    from .m3 import colbert_scores, sparse_scores, unified_loss
-
     q = model.embed_m3(qi["input_ids"], qi["attention_mask"], "query")
     p = model.embed_m3(pi["input_ids"], pi["attention_mask"], "passage")
     return unified_loss(q["dense"] @ p["dense"].T, sparse_scores(q["sparse"], p["sparse"]),
@@ -271,9 +280,6 @@ def _remined(model, train, cfg: TrainingConfig, epoch: int, folder: Path, reuse:
     mining report. Mined negatives are saved as corpus indices to ``folder/epoch-<epoch as 3
     digits>.json`` (e.g. ``epoch-002.json``) so that a resumed run trains on the same ones
     (``reuse``: read them when present)."""
-    from .data import corpus_of
-    from .mining import DenseSearcher, mine_hard_negatives
-
     corpus = corpus_of(train)
     path = folder / f"epoch-{epoch:03d}.json"
     if reuse and path.exists():
@@ -304,8 +310,6 @@ def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer
     """Load the newest good checkpoint of ``out`` (None when there is none) and check that it
     was written by this training setup."""
     from dataclasses import asdict
-
-    from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
     folder = latest_checkpoint(out / CHECKPOINTS)
     if folder is None:
@@ -368,8 +372,6 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
-
-    from .checkpoint import atomic_save_model, remove_partial, save_checkpoint
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -582,7 +584,5 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
 
 def _newest_checkpoint(root: Path) -> str:
     """The newest checkpoint folder under ``root`` for messages ("none yet" when none)."""
-    from .checkpoint import list_checkpoints
-
     folders = list_checkpoints(root)
     return str(folders[-1]) if folders else "none yet"

@@ -4,8 +4,8 @@ import tarfile
 
 import pytest
 
-from retrieval_lib import config, data
-from retrieval_lib.data import DataError, DataUnavailableError, LoadReport
+from retrieval_lib import config, data, records
+from retrieval_lib.records import DataError, DataUnavailableError, LoadReport
 
 
 def _write(path, lines, mode="w"):
@@ -66,7 +66,7 @@ BAD_LINES = [
 def test_bad_line_names_file_line_and_field(tmp_path, desc, line, expected):
     path = _write(tmp_path / "bad.jsonl", [json.dumps(GOOD).encode(), line], mode="wb")
     with pytest.raises(DataError) as err:
-        list(data.read_jsonl(path))
+        list(records.read_jsonl(path))
     message = str(err.value)
     assert f"{path}:2:" in message, message
     assert expected in message, message
@@ -76,7 +76,7 @@ def test_lenient_mode_counts_every_bad_line_and_adds_up(tmp_path):
     lines = [json.dumps(GOOD).encode()] + [b[1] for b in BAD_LINES] + [b"", b"   "]
     path = _write(tmp_path / "mixed.jsonl", lines, mode="wb")
     report = LoadReport()
-    kept = list(data.read_jsonl(path, strict=False, report=report))
+    kept = list(records.read_jsonl(path, strict=False, report=report))
     assert len(kept) == 1 and report.kept == 1
     # 17 bad lines: 1 truncated JSON, 1 bad UTF-8, 15 schema errors; blank lines are not records
     assert report.read == 18
@@ -91,7 +91,7 @@ def test_bom_is_ignored_and_repairs_are_counted(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rec).encode() + b"\n")
     report = LoadReport()
-    (out,) = list(data.read_jsonl(path, source="s", report=report))
+    (out,) = list(records.read_jsonl(path, source="s", report=report))
     assert out == {"query": "q", "positive_passages": [{"text": "p"}],
                    "negative_passages": [{"text": "n"}], "source": "s"}
     assert dict(report.repaired) == {"duplicate_positive": 1, "negative_equal_to_positive": 1,
@@ -103,17 +103,17 @@ def test_flag_embedding_conversion_and_negative_limit(tmp_path):
                        "pos_scores": [1.0], "prompt": "Represent this: "}, ensure_ascii=False)
     path = _write(tmp_path / "x.jsonl", [line])
     report = LoadReport()
-    (rec,) = data.read_jsonl(path, source="lecardv2", converter=data.from_flag_embedding,
+    (rec,) = records.read_jsonl(path, source="lecardv2", converter=records.from_flag_embedding,
                              max_negatives=2, report=report)
     assert rec == {"query": "法律问题", "positive_passages": [{"text": "判决书正文"}],
                    "negative_passages": [{"text": "n1"}, {"text": "n2"}], "source": "lecardv2"}
     assert report.repaired["negatives_beyond_limit"] == 1
     bad = _write(tmp_path / "y.jsonl", [json.dumps({"query": "q", "pos": "p"})])
     with pytest.raises(DataError, match=r"y.jsonl:1: field 'pos': expected a list"):
-        list(data.read_jsonl(bad, converter=data.from_flag_embedding))
+        list(records.read_jsonl(bad, converter=records.from_flag_embedding))
     missing = _write(tmp_path / "z.jsonl", [json.dumps({"query": "q"})])
     with pytest.raises(DataError, match=r"z.jsonl:1: field 'pos': missing"):
-        list(data.read_jsonl(missing, converter=data.from_flag_embedding))
+        list(records.read_jsonl(missing, converter=records.from_flag_embedding))
 
 
 @pytest.mark.parametrize("content", [b"", b"\n  \n", b"\xef\xbb\xbf\n"],
@@ -122,9 +122,9 @@ def test_empty_file_is_an_error_or_listed(tmp_path, content):
     path = tmp_path / "empty.jsonl"
     path.write_bytes(content)
     with pytest.raises(DataError, match=rf"{path}: empty file"):
-        list(data.read_jsonl(path))
+        list(records.read_jsonl(path))
     report = LoadReport()
-    assert list(data.read_jsonl(path, strict=False, report=report)) == []
+    assert list(records.read_jsonl(path, strict=False, report=report)) == []
     assert (report.read, report.kept, report.empty_files) == (0, 0, [str(path)])
     assert report.to_dict()["empty_files"] == [str(path)]
 
@@ -135,17 +135,17 @@ def test_five_megabyte_passage_is_cut_and_counted(tmp_path):
            "negative_passages": [{"text": "短"}]}
     path = _write(tmp_path / "long.jsonl", [json.dumps(rec, ensure_ascii=False)])
     report = LoadReport()
-    (out,) = data.read_jsonl(path, report=report, max_chars=1000)
+    (out,) = records.read_jsonl(path, report=report, max_chars=1000)
     assert out["positive_passages"] == [{"text": "长" * 1000}]
     assert out["negative_passages"] == [{"text": "短"}]
     assert dict(report.repaired) == {"text_truncated": 1}
-    (kept,) = data.read_jsonl(path, max_chars=None)
+    (kept,) = records.read_jsonl(path, max_chars=None)
     assert len(kept["positive_passages"][0]["text"]) == 5_000_000
 
 
 def test_positive_equal_to_the_query_is_removed_when_another_remains():
     report = LoadReport()
-    out = data.validate_record({"query": "检索 模型", "positive_passages": [
+    out = records.validate_record({"query": "检索 模型", "positive_passages": [
         {"text": "检索  模型"}, {"text": "正文"}]}, report=report)
     assert out["positive_passages"] == [{"text": "正文"}]
     assert dict(report.repaired) == {"positive_equal_to_query": 1}
@@ -153,25 +153,25 @@ def test_positive_equal_to_the_query_is_removed_when_another_remains():
 
 def test_positive_repeated_as_negative_is_removed_not_trained_against():
     report = LoadReport()
-    out = data.validate_record({"query": "q", "positive_passages": [{"text": "p"}],
+    out = records.validate_record({"query": "q", "positive_passages": [{"text": "p"}],
                                 "negative_passages": [{"text": "p"}]}, report=report)
     assert out["negative_passages"] == []
     assert dict(report.repaired) == {"negative_equal_to_positive": 1}
 
 
 def test_traditional_characters_are_counted_and_optionally_converted(tmp_path):
-    assert data.traditional_characters("檢索與簡體混合") == 4  # 檢 與 簡 體
-    assert data.traditional_characters("检索与简体混合") == 0
+    assert records.traditional_characters("檢索與簡體混合") == 4  # 檢 與 簡 體
+    assert records.traditional_characters("检索与简体混合") == 0
     mixed = {"query": "法律檢索", "positive_passages": [{"text": "判決書的正文"}]}
     plain = {"query": "天气", "positive_passages": [{"text": "今天晴"}]}
     path = _write(tmp_path / "mixed.jsonl", [json.dumps(r, ensure_ascii=False)
                                              for r in (mixed, plain)])
     report = LoadReport()
-    kept = list(data.read_jsonl(path, report=report))
+    kept = list(records.read_jsonl(path, report=report))
     assert kept[0]["query"] == "法律檢索" and report.kept == 2
     assert dict(report.flagged) == {"traditional_characters": 1}
     report = LoadReport()
-    kept = list(data.read_jsonl(path, report=report, simplify=True))
+    kept = list(records.read_jsonl(path, report=report, simplify=True))
     assert (kept[0]["query"], kept[0]["positive_passages"][0]["text"]) == ("法律检索",
                                                                          "判决书的正文")
     assert dict(report.repaired) == {"traditional_characters": 1} and not report.flagged

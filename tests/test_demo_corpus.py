@@ -3,8 +3,8 @@ import math
 import pytest
 
 from retrieval_lib import config, demo_corpus
-from retrieval_lib.baselines import BM25Retriever, tokenize_zh
-from retrieval_lib.data import LoadReport
+from retrieval_lib.bm25 import BM25Retriever, tokenize_zh
+from retrieval_lib.records import LoadReport
 
 TAGGED = [
     "北京/ns  举行/v  新年/t  音乐会/n",

@@ -6,7 +6,7 @@ from datasets import Dataset
 from toy import toy_config, toy_model, toy_records
 
 from retrieval_lib import mining, training
-from retrieval_lib.baselines import BM25Retriever
+from retrieval_lib.bm25 import BM25Retriever
 from retrieval_lib.data import corpus_of
 from retrieval_lib.evaluation import exact_search
 

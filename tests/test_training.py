@@ -155,7 +155,8 @@ def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
 
 
 def _toy_experiment(tok, tmp_path):
-    from retrieval_lib.data import LoadReport, prepare_splits
+    from retrieval_lib.data import prepare_splits
+    from retrieval_lib.records import LoadReport
 
     records = toy_records(90, 9)
     dcfg = replace(config.get_data_config("demo"), val_size=15, test_size=20,
