@@ -279,33 +279,53 @@ def _demo_model(full: ModelConfig, num_new_layers: int) -> ModelConfig:
 # The experiments of the report.
 # ---------------------------------------------------------------------------------------------
 
-# name: (section, title, base model, subset, new layers, full training, base experiment)
-_EXPERIMENTS: dict[str, tuple] = {
-    "minimind27_10k": ("4.1.1", "MiniMind 27M，10K 样本", MINIMIND_27M, "10k", 0,
-                       TrainingConfig(epochs=5, batch_size=32, learning_rate=5e-5), None),
-    "minimind38_96k": ("4.1.2", "MiniMind 38M（27M+4 层），96K 样本", MINIMIND_27M, "96k", 4,
-                       TrainingConfig(epochs=10, batch_size=32, learning_rate=5e-5),
-                       "minimind27_10k"),
-    "minimind108_10k": ("4.2", "MiniMind 108M，10K 样本", MINIMIND_108M, "10k", 0,
-                        TrainingConfig(epochs=5, batch_size=16, learning_rate=3e-5), None),
-    "minimind108_96k": ("4.2", "MiniMind 108M，96K 样本", MINIMIND_108M, "96k", 0,
-                        TrainingConfig(epochs=3, batch_size=16, learning_rate=3e-5), None),
-    "minimind108_288k": ("4.2", "MiniMind 108M，288K 样本", MINIMIND_108M, "288k", 0,
-                         TrainingConfig(epochs=2, batch_size=16, learning_rate=3e-5), None),
-    "minimind186_288k": ("4.2.4", "MiniMind 186M（108M+12 层），288K 样本", MINIMIND_108M,
-                         "288k", 12,
-                         TrainingConfig(epochs=6, batch_size=16, learning_rate=3e-5,
-                                        gradient_checkpointing=True),
-                         "minimind108_288k"),
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """One experiment of the report as the report states it (full preset): only what
+    differs between experiments is named; everything else is the dataclass defaults."""
+
+    section: str  # section of the report
+    title: str  # one line in Chinese for tables and figure titles
+    base_model: ModelConfig  # the pretrained LM it starts from
+    subset: str  # training subset (key of DataConfig.subset_sizes)
+    training: TrainingConfig  # the report's training settings
+    new_layers: int = 0  # transformer layers added by capacity expansion
+    base_experiment: str | None = None  # the experiment whose model this one grows from
+
+
+_EXPERIMENTS: dict[str, ExperimentSpec] = {
+    "minimind27_10k": ExperimentSpec(
+        section="4.1.1", title="MiniMind 27M，10K 样本", base_model=MINIMIND_27M, subset="10k",
+        training=TrainingConfig(epochs=5, batch_size=32, learning_rate=5e-5)),
+    "minimind38_96k": ExperimentSpec(
+        section="4.1.2", title="MiniMind 38M（27M+4 层），96K 样本", base_model=MINIMIND_27M,
+        subset="96k", new_layers=4, base_experiment="minimind27_10k",
+        training=TrainingConfig(epochs=10, batch_size=32, learning_rate=5e-5)),
+    "minimind108_10k": ExperimentSpec(
+        section="4.2", title="MiniMind 108M，10K 样本", base_model=MINIMIND_108M, subset="10k",
+        training=TrainingConfig(epochs=5, batch_size=16, learning_rate=3e-5)),
+    "minimind108_96k": ExperimentSpec(
+        section="4.2", title="MiniMind 108M，96K 样本", base_model=MINIMIND_108M, subset="96k",
+        training=TrainingConfig(epochs=3, batch_size=16, learning_rate=3e-5)),
+    "minimind108_288k": ExperimentSpec(
+        section="4.2", title="MiniMind 108M，288K 样本", base_model=MINIMIND_108M,
+        subset="288k", training=TrainingConfig(epochs=2, batch_size=16, learning_rate=3e-5)),
+    "minimind186_288k": ExperimentSpec(
+        section="4.2.4", title="MiniMind 186M（108M+12 层），288K 样本",
+        base_model=MINIMIND_108M, subset="288k", new_layers=12,
+        base_experiment="minimind108_288k",
+        training=TrainingConfig(epochs=6, batch_size=16, learning_rate=3e-5,
+                                gradient_checkpointing=True)),
     # the unexpanded Qwen2-0.5B: the base that experiment 4.3's expansion is measured against
-    "qwen2_494_288k": ("4.3", "Qwen2-0.5B（494M），288K 样本", QWEN2_05B, "288k", 0,
-                       TrainingConfig(epochs=4, batch_size=8, learning_rate=1e-5,
-                                      gradient_checkpointing=True),
-                       None),
-    "qwen2_613_288k": ("4.3", "Qwen2-0.5B+8 层（613M），288K 样本", QWEN2_05B, "288k", 8,
-                       TrainingConfig(epochs=4, batch_size=8, learning_rate=1e-5,
-                                      gradient_checkpointing=True),
-                       "qwen2_494_288k"),
+    "qwen2_494_288k": ExperimentSpec(
+        section="4.3", title="Qwen2-0.5B（494M），288K 样本", base_model=QWEN2_05B,
+        subset="288k", training=TrainingConfig(epochs=4, batch_size=8, learning_rate=1e-5,
+                                               gradient_checkpointing=True)),
+    "qwen2_613_288k": ExperimentSpec(
+        section="4.3", title="Qwen2-0.5B+8 层（613M），288K 样本", base_model=QWEN2_05B,
+        subset="288k", new_layers=8, base_experiment="qwen2_494_288k",
+        training=TrainingConfig(epochs=4, batch_size=8, learning_rate=1e-5,
+                                gradient_checkpointing=True)),
 }
 
 #: New layers of the demo twins. The full expansions add 50% (27M: 8+4), 75% (108M: 16+12) and
@@ -381,7 +401,8 @@ def get_experiment(name: str, preset: str = "auto") -> ExperimentConfig:
     if name not in _EXPERIMENTS:
         raise KeyError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
     preset = resolve_preset(preset)
-    section, title, model, subset, new_layers, training, base_exp = _EXPERIMENTS[name]
+    spec = _EXPERIMENTS[name]
+    model, training, new_layers = spec.base_model, spec.training, spec.new_layers
     if preset == "demo":
         new_layers = DEMO_NEW_LAYERS.get(name, new_layers)
         model = _demo_model(model, new_layers)
@@ -392,8 +413,8 @@ def get_experiment(name: str, preset: str = "auto") -> ExperimentConfig:
         training = replace(training)
         data = DataConfig()
     return ExperimentConfig(
-        name=name, section=section, title=title, preset=preset, subset=subset, data=data,
-        model=model, training=training, base_experiment=base_exp,
+        name=name, section=spec.section, title=spec.title, preset=preset, subset=spec.subset,
+        data=data, model=model, training=training, base_experiment=spec.base_experiment,
     )
 
 
