@@ -22,7 +22,8 @@ course; a module imports only modules of earlier stages (``tests/test_architectu
 5. Training
    ``training`` (the loop), ``memory`` (memory and time plans of a run).
 6. Results and serving
-   ``results`` (run folders, comparisons, report tables), ``baselines`` (BM25, BGE-M3),
+   ``runs`` (the one owner of a run folder: where it is, what it writes, how it is read),
+   ``results`` (comparisons and report tables over the runs), ``baselines`` (BM25, BGE-M3),
    ``export`` (sentence-transformers folder), ``index`` (faiss).
 7. Orchestration
    ``experiment`` (one experiment end to end, studies, the command line).
@@ -37,5 +38,5 @@ MODULES = ("config", "hub", "checkpoint", "notebook_utils", "plotting",
            "losses", "distributed", "gradcache", "m3", "mining", "minimind", "modeling",
            "expansion", "pretraining",
            "training", "memory",
-           "results", "baselines", "export", "index",
+           "runs", "results", "baselines", "export", "index",
            "experiment")

@@ -15,7 +15,7 @@ from .evaluation import qrels_for_split, score_run
 from .hub import hub_has
 from .m3 import MODES, SCORE_WEIGHTS, colbert_score, evaluate_reranked, lexical_score
 from .modeling import count_parameters, load_encoder
-from .results import record_not_run, save_baseline_run
+from .runs import record_not_run, save_baseline_run
 
 __all__ = ["evaluate_bm25", "BGE_M3", "HYBRID_WEIGHTS",
            "BGE_M3_MODES", "lexical_score", "colbert_score", "bge_m3_available",

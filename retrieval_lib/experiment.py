@@ -27,7 +27,6 @@ from .config import (
     ExperimentConfig,
     cache_path,
     get_experiment,
-    project_root,
     variant,
     with_overrides,
 )
@@ -47,17 +46,17 @@ from .modeling import (
 )
 from .pretraining import PretrainConfig, pretrain_demo_lm
 from .records import DataUnavailableError
-from .results import environment_info, load_run, metrics_block
+from .runs import environment_info, load_run, metrics_block, run_dir, write_run
 from .tokenizer import tokenizer_for_preset
 from .training import set_seed, steps_per_epoch, train_retriever
 
-__all__ = ["MissingInputsError", "check_full_inputs", "prepare_base_model", "run_dir",
-           "run_experiment", "load_run", "ensure_run", "result_summary", "describe",
+__all__ = ["MissingInputsError", "check_full_inputs", "prepare_base_model",
+           "run_experiment", "ensure_run", "result_summary", "describe",
            "expansion_parameters", "run_expansion_with_ablation", "untrained_gaps",
            "expansion_comparisons", "expansion_systems", "expansion_histories",
            "unfreeze_table", "expansion_summary", "run_differences", "differences_note",
            "unfreeze_plan", "show_plan", "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION",
-           "option_variants", "option_systems", "option_comparisons", "REPORT_METRICS"]
+           "option_variants", "option_systems", "option_comparisons"]
 
 
 class MissingInputsError(FileNotFoundError):
@@ -134,11 +133,6 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
     return replace(exp, model=replace(exp.model, base_model=str(path))), info
 
 
-def run_dir(exp: ExperimentConfig, root: str | Path | None = None) -> Path:
-    """``<root>/runs/<preset>/<experiment>``: presets never overwrite each other."""
-    return Path(root or project_root()) / "runs" / exp.preset / exp.name
-
-
 def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None = None,
                    out_dir: str | Path | None = None, show_progress: bool = True,
                    resume: bool = False) -> dict:
@@ -157,7 +151,7 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
     (else None).
     """
     start = time.perf_counter()
-    out = Path(out_dir) if out_dir else run_dir(exp)
+    out = Path(out_dir) if out_dir else run_dir(exp.preset, exp.name)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(exp.training.seed)  # the projection's initialisation, hence the untrained row
     model = DualTowerRetriever.from_config(exp.model)
@@ -196,10 +190,7 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
            "repeat": f"python -m retrieval_lib.experiment --experiment {exp.name} "
                      f"--preset {exp.preset} (with the settings of config.json)"}
     if is_main():  # under torchrun every process evaluates the same model; one writes
-        for name, payload in (("config.json", config), ("metrics.json", metrics),
-                              ("env.json", env)):
-            (out / name).write_text(json.dumps(payload, ensure_ascii=False, indent=2),
-                                    encoding="utf-8")
+        write_run(out, config, metrics, env)
     return {"out_dir": out, "history": history, "untrained": untrained, "test": test,
             "parameters": parameters, "expansion": expansion, "wall_time_s": wall, "m3": m3}
 
@@ -217,7 +208,7 @@ def ensure_run(exp: ExperimentConfig, splits: Splits, base_info: dict | None = N
     """The run of ``exp``: read from its run folder when a finished run with the same model,
     training settings and data is there, else trained now (or ``None`` when
     ``allow_training`` is false; ``resume`` as in :func:`run_experiment`). Says which."""
-    folder = run_dir(exp)
+    folder = run_dir(exp.preset, exp.name)
     if (folder / "metrics.json").exists():
         run = load_run(folder)
         if _same_setup(run["config"], exp, splits):

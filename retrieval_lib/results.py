@@ -1,277 +1,27 @@
-"""Run records: what each notebook and run measured, saved as JSON for later notebooks and tests.
+"""Results: comparisons and the report's tables over the saved runs.
 
-Every notebook ends by writing a summary (``summary.json``) under its output folder, with the
-preset, the seed and the environment, so a table or a test reads measured values, never numbers
-typed by hand.
-
-The run registry: every training run (``runs/<preset>/<experiment>/``, written by
-:func:`~retrieval_lib.experiment.run_experiment`) and every baseline (written by
-:func:`save_baseline_run`, or marked by :func:`record_not_run` when it could not run) is read back
-by :func:`collect_runs`; :func:`report_table` turns them into the report's table, with the
-reference system (BGE-M3, or BM25 where BGE-M3 was not run), each model's gain over its base and
-paired tests, and :func:`markdown_table` writes it for the README.
+The runs of a preset (read by :func:`retrieval_lib.runs.collect_runs`: every training run and
+every baseline, or the mark of one that could not run) go into :func:`report_table`: the
+report's table, with the reference system (BGE-M3, or BM25 where BGE-M3 was not run), each
+model's gain over its base and paired tests, and :func:`markdown_table` writes it for the README.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import sys
-import time
-from importlib import metadata
 from pathlib import Path
 
-from .config import EXPERIMENTS, project_root
-from .evaluation import (
-    HEADLINE_METRICS,
-    aggregate,
-    bootstrap_ci,
-    paired_test,
-    summarize_metrics,
-    summarize_systems,
-)
+from .config import project_root
+from .evaluation import HEADLINE_METRICS, bootstrap_ci, paired_test, summarize_systems
+from .runs import environment_info
 
-__all__ = ["environment_info", "default_output_dir", "save_summary", "load_summary",
-           "metrics_block", "scores_from_block", "load_run", "runs_root", "save_baseline_run",
-           "record_not_run", "collect_runs", "reference_system", "report_table",
-           "markdown_table", "write_markdown_report", "system_summaries", "efficiency_points",
-           "data_scaling_groups", "TABLE_METRICS", "PUBLISHED_RESULTS"]
-
-#: The metrics of the report's tables.
-TABLE_METRICS = HEADLINE_METRICS
+__all__ = ["reference_system", "report_table", "markdown_table", "write_markdown_report",
+           "system_summaries", "efficiency_points", "data_scaling_groups", "PUBLISHED_RESULTS"]
 
 #: Numbers the original report published, ``{experiment: {metric: mean}}``, shown beside the
 #: measured ones and labelled as published. Empty: the report's tables are not in this
 #: repository; add them here from the report (never from a run of this code).
 PUBLISHED_RESULTS: dict[str, dict[str, float]] = {}
-
-_PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "jieba",
-             "bm25s", "faiss-cpu", "matplotlib", "retrieval_lib")
-
-
-def environment_info(preset: str | None = None, seed: int | None = None) -> dict:
-    """Versions, device, preset and seed: what is needed to repeat a run."""
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    device = "cpu"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"cuda ({torch.cuda.get_device_name(0)})"
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    return {
-        "preset": preset,
-        "seed": seed,
-        "git_commit": _git_commit(),
-        "command": " ".join(sys.argv),
-        "torch_threads": _torch_threads(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "device": device,
-        "packages": versions,
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def _git_commit() -> str | None:
-    """The commit of the checkout, with ``+dirty`` when files differ from it; None outside
-    git."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=project_root(), capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _torch_threads() -> int | None:
-    try:
-        import torch
-
-        return torch.get_num_threads()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return None
-
-
-def default_output_dir(notebook: str, preset: str) -> Path:
-    """``<project root>/outputs/<notebook>/<preset>``: presets never overwrite each other."""
-    return project_root() / "outputs" / notebook / preset
-
-
-def save_summary(out_dir: str | os.PathLike, summary: dict, preset: str,
-                 seed: int | None = None) -> Path:
-    """Write ``summary.json`` (the notebook's measured values plus its environment)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"preset": preset, **summary, "env": environment_info(preset, seed)}
-    path = out / "summary.json"
-    path.write_text(json.dumps(payload, ensure_ascii=False, indent=2, default=_jsonable),
-                    encoding="utf-8")
-    return path
-
-
-def load_summary(out_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(out_dir) / "summary.json").read_text(encoding="utf-8"))
-
-
-def _jsonable(value):
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-# ---------------------------------------------------------------------------------------------
-# The run registry
-# ---------------------------------------------------------------------------------------------
-
-
-def metrics_block(result: dict, seed: int = 0) -> dict:
-    """A ``score_run`` result as saved in ``metrics.json``: aggregates with bootstrap CIs and
-    the per-query values."""
-    table = summarize_metrics(result, seed=seed)
-    return {"corpus_size": result.get("corpus_size"),
-            "aggregate": table.to_dict(orient="index"),
-            "per_query": result["per_query"]}
-
-
-def scores_from_block(block: dict) -> dict:
-    """A ``metrics.json`` block back in :func:`~retrieval_lib.evaluation.score_run`'s shape."""
-    per_query = block["per_query"]
-    return {"per_query": per_query,
-            "aggregate": {m: aggregate(list(v.values())) for m, v in per_query.items()},
-            "corpus_size": block.get("corpus_size")}
-
-
-def load_run(path: str | os.PathLike) -> dict:
-    """A saved run folder read back: :func:`~retrieval_lib.experiment.run_experiment`'s return
-    shape (``out_dir``, ``test``, ``untrained``, ``history``, ``parameters``, ``expansion``,
-    ``wall_time_s``, and ``m3`` for a model with M3 heads) plus ``config`` and ``kind``. A
-    training run needs all four files; a baseline (``kind: baseline``) has no history and no
-    untrained row."""
-    out = Path(path)
-
-    def read(name):
-        return json.loads((out / name).read_text(encoding="utf-8"))
-
-    needed = ["config.json", "metrics.json", "env.json"]
-    kind = read("config.json").get("kind", "experiment") if (out / "config.json").exists() \
-        else "experiment"
-    if kind == "experiment":
-        needed.insert(1, "history.json")
-    missing = [n for n in needed if not (out / n).exists()]
-    if missing:
-        raise FileNotFoundError(f"{out} is not a finished run: {', '.join(missing)} missing")
-    config, metrics = read("config.json"), read("metrics.json")
-    run = {"out_dir": out, "config": config, "kind": kind,
-           "test": scores_from_block(metrics["test"]),
-           "parameters": config.get("parameters"), "expansion": config.get("expansion"),
-           "wall_time_s": read("env.json").get("wall_time_s")}
-    if "untrained" in metrics:
-        run["untrained"] = scores_from_block(metrics["untrained"])
-    if "m3" in metrics:  # a model with M3 heads: every retrieval mode
-        run["m3"] = {mode: scores_from_block(block) for mode, block in metrics["m3"].items()}
-    if (out / "history.json").exists():
-        run["history"] = read("history.json")
-    return run
-
-
-def runs_root(preset: str, root: str | os.PathLike | None = None) -> Path:
-    """``<root>/runs/<preset>``: where every run and baseline of a preset is saved."""
-    return Path(root or project_root()) / "runs" / preset
-
-
-def save_baseline_run(name: str, result: dict, preset: str, info: dict,
-                      root: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """Save a baseline's test result like a training run: ``config.json`` (``info`` plus
-    ``kind: baseline``), ``metrics.json`` and ``env.json`` under ``runs/<preset>/<name>``."""
-    out = runs_root(preset, root) / name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "not_run.json").unlink(missing_ok=True)
-    config = {"name": name, "kind": "baseline", "preset": preset, **info}
-    metrics = {"experiment": name, "preset": preset, "kind": "baseline",
-               "test": metrics_block(result, seed)}
-    for filename, payload in (("config.json", config), ("metrics.json", metrics),
-                              ("env.json", environment_info(preset, seed))):
-        (out / filename).write_text(json.dumps(payload, ensure_ascii=False, indent=2,
-                                               default=_jsonable), encoding="utf-8")
-    return out
-
-
-def record_not_run(name: str, preset: str, reason: str, how_to_run: str,
-                   root: str | os.PathLike | None = None) -> Path:
-    """Mark a baseline as not run (no number is written), with why and how to run it."""
-    out = runs_root(preset, root) / name
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", "config.json", "env.json"):
-        (out / stale).unlink(missing_ok=True)
-    path = out / "not_run.json"
-    path.write_text(json.dumps({"name": name, "preset": preset, "status": "not run",
-                                "reason": reason, "how_to_run": how_to_run,
-                                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                               ensure_ascii=False, indent=2), encoding="utf-8")
-    return path
-
-
-def collect_runs(preset: str, root: str | os.PathLike | None = None) -> dict[str, dict]:
-    """Every run and baseline saved for ``preset``, by name (presets are never mixed).
-
-    Each entry has ``name``, ``kind`` (``experiment`` or ``baseline``), ``status`` (``done`` or
-    ``not run``) and, when done, ``title``, ``model``, ``parameters``, ``train_records``,
-    ``base_experiment``, ``test`` (and ``untrained`` / ``history`` for training runs).
-    """
-    folder = runs_root(preset, root)
-    runs = {}
-    paths = [p for p in folder.glob("*") if p.is_dir()] if folder.exists() else []
-    for path in sorted(paths, key=lambda p: _course_order(p.name)):
-        if (path / "metrics.json").exists():
-            run = load_run(path)
-            config, model = run["config"], run["config"].get("model") or {}
-            runs[path.name] = {**run, "name": path.name, "status": "done",
-                               "title": config.get("title", path.name),
-                               "model": model.get("name", config.get("model_name")),
-                               "train_records": config.get("train_records"),
-                               "base_experiment": config.get("base_experiment"),
-                               "num_new_layers": model.get("num_new_layers", 0),
-                               "expansion_init": model.get("expansion_init")}
-        elif (path / "not_run.json").exists():
-            marker = json.loads((path / "not_run.json").read_text(encoding="utf-8"))
-            runs[path.name] = {"name": path.name, "kind": "baseline", "status": "not run",
-                               "reason": marker["reason"], "how_to_run": marker["how_to_run"]}
-    return runs
-
-
-def _course_order(name: str) -> tuple:
-    """Experiments in the report's order (an ablation right after its experiment), then the
-    baselines (BGE-M3 first), then anything else by name."""
-    base, _, variant = name.partition("-")
-    if base in EXPERIMENTS:
-        return (0, EXPERIMENTS.index(base), variant)
-    if base in ("bge_m3", "bm25"):
-        return (1, ("bge_m3", "bm25").index(base), variant)
-    return (2, 0, name)
-
 
 def reference_system(runs: dict[str, dict]) -> str | None:
     """The system every model is compared with: BGE-M3 (dense) when it was run, else BM25."""
@@ -288,7 +38,7 @@ def _base_of(name: str, run: dict, runs: dict[str, dict]) -> str | None:
     return base if base in runs and runs[base]["status"] == "done" else None
 
 
-def report_table(runs: dict[str, dict], metrics=TABLE_METRICS, reference: str | None = None,
+def report_table(runs: dict[str, dict], metrics=HEADLINE_METRICS, reference: str | None = None,
                  test_metric: str = "ndcg@5", seed: int = 0):
     """The report's table, one row per system that was run (not-run baselines are listed with
     their status only): for each metric mean, std, 95% bootstrap CI and % of the reference;
@@ -343,7 +93,7 @@ def report_table(runs: dict[str, dict], metrics=TABLE_METRICS, reference: str | 
     return table
 
 
-def markdown_table(table, metrics=TABLE_METRICS, digits: int = 3) -> str:
+def markdown_table(table, metrics=HEADLINE_METRICS, digits: int = 3) -> str:
     """The report table as GitHub markdown: "mean ± std" per metric, % of the reference, gain
     over the base, p-value against the reference; not-run systems with their reason."""
     reference = table.attrs.get("reference")
@@ -395,7 +145,7 @@ def write_markdown_report(table, preset: str, root: str | os.PathLike | None = N
     return path
 
 
-def system_summaries(runs: dict[str, dict], metrics=TABLE_METRICS, seed: int = 0) -> dict:
+def system_summaries(runs: dict[str, dict], metrics=HEADLINE_METRICS, seed: int = 0) -> dict:
     """``{system: {metric: {mean, std, ci_low, ci_high, n}}}`` of every run that was done."""
     return summarize_systems({name: run["test"] for name, run in runs.items()
                               if run["status"] == "done"}, list(metrics), seed)

@@ -15,6 +15,7 @@ from published_formats import (
 from retrieval_lib import config, data, experiment, memory
 from retrieval_lib.expansion import UnfreezeSchedule, new_layer_positions
 from retrieval_lib.modeling import DualTowerRetriever, check_base_model
+from retrieval_lib.runs import load_run
 from retrieval_lib.training import steps_per_epoch
 
 EXPANSIONS = ("minimind38_96k", "minimind186_288k", "qwen2_613_288k")
@@ -51,7 +52,7 @@ def test_27m_base_and_38m_expansion_run_on_a_minimind_v1_checkpoint(home):
     run = experiment.run_experiment(base, splits, info, show_progress=False)
     saved = json.loads((run["out_dir"] / "metrics.json").read_text())
     assert saved["preset"] == "full" and 0 <= saved["test"]["aggregate"]["ndcg@5"]["mean"] <= 1
-    assert run["parameters"] == experiment.load_run(run["out_dir"])["config"]["parameters"]
+    assert run["parameters"] == load_run(run["out_dir"])["config"]["parameters"]
 
     grown = _full("minimind38_96k", home, home / "minimind-v1-small", epochs=1, batch_size=4)
     grown, info = experiment.prepare_base_model(grown, splits)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval_lib import notebook_utils, results
+from retrieval_lib import notebook_utils, runs
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ALL = notebook_utils.notebook_paths(NOTEBOOKS)
@@ -240,7 +240,7 @@ def home(tmp_path_factory):
 def test_notebook_runs_with_demo_preset(path, home, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_HOME", str(home))
     notebook_utils.run_notebook(path, home / "executed", {"preset": "demo"})
-    summary = results.load_summary(home / "outputs" / path.stem / "demo")
+    summary = runs.load_summary(home / "outputs" / path.stem / "demo")
     assert summary["preset"] == "demo" and summary["env"]["preset"] == "demo"
     figures = CHECKS[path.stem](summary, home)
     written = sorted(p.name for p in (home / "figures").glob(f"{path.stem}_*.png"))

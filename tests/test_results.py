@@ -6,8 +6,17 @@ from pathlib import Path
 import pytest
 
 from retrieval_lib import evaluation, results
+from retrieval_lib.evaluation import HEADLINE_METRICS
+from retrieval_lib.runs import (
+    collect_runs,
+    environment_info,
+    metrics_block,
+    record_not_run,
+    runs_root,
+    save_baseline_run,
+)
 
-METRICS = results.TABLE_METRICS
+METRICS = HEADLINE_METRICS
 
 
 def _scores(values):
@@ -17,13 +26,13 @@ def _scores(values):
 
 
 def _experiment(root, name, test, untrained, base=None, params=1_000_000, records=600):
-    out = results.runs_root("demo", root) / name
+    out = runs_root("demo", root) / name
     out.mkdir(parents=True)
     config = {"name": name, "title": name,
               "model": {"name": "MiniMind", "num_new_layers": 4 if base else 0},
               "parameters": params, "train_records": records, "base_experiment": base}
-    metrics = {"experiment": name, "test": results.metrics_block(_scores(test)),
-               "untrained": results.metrics_block(_scores(untrained))}
+    metrics = {"experiment": name, "test": metrics_block(_scores(test)),
+               "untrained": metrics_block(_scores(untrained))}
     history = {"epochs": [{"epoch": 1, "val_ndcg@10": 0.1, "val_recall@10": 0.2}], "steps": []}
     for filename, payload in (("config.json", config), ("metrics.json", metrics),
                               ("history.json", history), ("env.json", {"wall_time_s": 1.0})):
@@ -32,20 +41,20 @@ def _experiment(root, name, test, untrained, base=None, params=1_000_000, record
 
 @pytest.fixture
 def registry(tmp_path):
-    results.save_baseline_run("bm25", _scores([1, 0, 0, 1]), "demo", {"title": "BM25"},
+    save_baseline_run("bm25", _scores([1, 0, 0, 1]), "demo", {"title": "BM25"},
                               root=tmp_path)
-    results.record_not_run("bge_m3", "demo", "no weights here", "pass -p bge_m3_path",
+    record_not_run("bge_m3", "demo", "no weights here", "pass -p bge_m3_path",
                            root=tmp_path)
     _experiment(tmp_path, "minimind27_10k", [1, 1, 0, 0], [0, 0, 0, 0.5])
     _experiment(tmp_path, "minimind38_96k", [1, 1, 1, 0], [0, 0, 0, 0.5],
                 base="minimind27_10k", records=1200)
     # another preset's run must never appear in the demo table
-    results.save_baseline_run("bm25", _scores([0, 0, 0, 0]), "full", {}, root=tmp_path)
+    save_baseline_run("bm25", _scores([0, 0, 0, 0]), "full", {}, root=tmp_path)
     return tmp_path
 
 
 def test_missing_bge_m3_falls_back_to_bm25_as_the_reference(registry):
-    runs = results.collect_runs("demo", registry)
+    runs = collect_runs("demo", registry)
     # the report's order: experiments as in the course, then the baselines
     assert list(runs) == ["minimind27_10k", "minimind38_96k", "bge_m3", "bm25"]
     assert runs["bge_m3"]["status"] == "not run" and "test" not in runs["bge_m3"]
@@ -73,12 +82,12 @@ def test_missing_bge_m3_falls_back_to_bm25_as_the_reference(registry):
 
 
 def test_bge_m3_becomes_the_reference_once_it_ran(registry):
-    results.save_baseline_run("bge_m3", _scores([1, 1, 1, 1]), "demo", {"title": "BGE-M3",
+    save_baseline_run("bge_m3", _scores([1, 1, 1, 1]), "demo", {"title": "BGE-M3",
                                                                           "parameters": 568e6},
                               root=registry)
-    runs = results.collect_runs("demo", registry)
+    runs = collect_runs("demo", registry)
     assert runs["bge_m3"]["status"] == "done"
-    assert not (results.runs_root("demo", registry) / "bge_m3" / "not_run.json").exists()
+    assert not (runs_root("demo", registry) / "bge_m3" / "not_run.json").exists()
     table = results.report_table(runs)
     assert table.attrs["reference"] == "bge_m3"
     assert table.loc["minimind38_96k", "ndcg@5_pct_of_reference"] == pytest.approx(0.75)
@@ -87,14 +96,14 @@ def test_bge_m3_becomes_the_reference_once_it_ran(registry):
 
 
 def test_collect_runs_of_an_empty_preset_is_empty(tmp_path):
-    assert results.collect_runs("demo", tmp_path) == {}
+    assert collect_runs("demo", tmp_path) == {}
     assert results.reference_system({}) is None
     with pytest.raises(ValueError, match="no saved runs"):
         results.report_table({})
 
 
 def test_markdown_report_says_what_made_it(registry):
-    table = results.report_table(results.collect_runs("demo", registry))
+    table = results.report_table(collect_runs("demo", registry))
     path = results.write_markdown_report(table, "demo", root=registry)
     assert path == registry / "reports" / "results_demo.md"
     text = path.read_text(encoding="utf-8")
@@ -104,7 +113,7 @@ def test_markdown_report_says_what_made_it(registry):
 
 def test_figure_inputs_come_from_the_registry(registry):
     _experiment(registry, "minimind27_96k", [1, 1, 1, 1], [0, 0, 0, 0], records=1200)
-    runs = results.collect_runs("demo", registry)
+    runs = collect_runs("demo", registry)
     summaries = results.system_summaries(runs, ["ndcg@5"])
     assert set(summaries) == {"bm25", "minimind27_10k", "minimind38_96k", "minimind27_96k"}
     assert summaries["minimind38_96k"]["ndcg@5"]["mean"] == pytest.approx(0.75)
@@ -119,7 +128,7 @@ def test_figure_inputs_come_from_the_registry(registry):
 def test_environment_names_the_commit_command_and_versions(monkeypatch):
     import subprocess
 
-    info = results.environment_info("demo", 42)
+    info = environment_info("demo", 42)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=results.project_root(),
                           capture_output=True, text=True).stdout.strip()
     if head:  # a checkout (CI may test an export without .git)
@@ -128,5 +137,5 @@ def test_environment_names_the_commit_command_and_versions(monkeypatch):
         assert info["git_commit"] is None
     assert info["torch_threads"] >= 1 and info["packages"]["torch"]
     assert (info["preset"], info["seed"]) == ("demo", 42) and info["command"]
-    monkeypatch.setattr(results, "project_root", lambda: Path("/"))  # not a checkout
-    assert results.environment_info()["git_commit"] is None
+    monkeypatch.setattr("retrieval_lib.runs.project_root", lambda: Path("/"))  # not a checkout
+    assert environment_info()["git_commit"] is None

@@ -9,6 +9,7 @@ from toy import toy_config, toy_model, toy_records
 
 from retrieval_lib import config, experiment, pretraining, training
 from retrieval_lib.modeling import DualTowerRetriever, load_encoder
+from retrieval_lib.runs import load_run
 
 
 def test_collator_layout_and_negative_fallbacks(tok):
@@ -179,7 +180,7 @@ def test_finished_runs_are_read_back_and_reused_only_with_the_same_setup(tok, tm
     exp, splits = _toy_experiment(tok, tmp_path)
     trained = experiment.ensure_run(exp, splits, show_progress=False)
     assert trained["out_dir"] == tmp_path / "runs" / "demo" / "minimind27_10k"
-    loaded = experiment.load_run(trained["out_dir"])
+    loaded = load_run(trained["out_dir"])
     for part in ("test", "untrained"):
         assert loaded[part]["per_query"] == trained[part]["per_query"]
         for metric, agg in trained[part]["aggregate"].items():
@@ -200,7 +201,7 @@ def test_finished_runs_are_read_back_and_reused_only_with_the_same_setup(tok, tm
     assert "other settings" in capsys.readouterr().out
     (trained["out_dir"] / "env.json").unlink()
     with pytest.raises(FileNotFoundError, match="env.json missing"):
-        experiment.load_run(trained["out_dir"])
+        load_run(trained["out_dir"])
 
 
 def test_run_experiment_writes_the_run_folder(tok, tmp_path):
