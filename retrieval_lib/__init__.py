@@ -14,9 +14,9 @@ course; a module imports only modules of earlier stages (``tests/test_architectu
 3. Evaluation
    ``evaluation`` (encoding, exact search, metrics, confidence intervals, paired tests).
 4. Losses and model
-   ``losses`` (InfoNCE), ``distributed`` (its cross-device form, DDP helpers), ``gradcache``
-   (large batches in the memory of one chunk), ``m3`` (sparse and multi-vector heads, unified
-   loss), ``mining`` (hard negatives), ``minimind`` (published MiniMind checkpoints converted to
+   ``distributed`` (process groups, gathering across devices), ``losses`` (InfoNCE, its
+   cross-device form, and the one call every training loss has), ``gradcache`` (large batches
+   in the memory of one chunk), ``m3`` (sparse and multi-vector heads, the unified loss), ``mining`` (hard negatives), ``minimind`` (published MiniMind checkpoints converted to
    Llama), ``modeling`` (base models, pooling, projection, the dual-tower retriever),
    ``expansion`` (new layers and their unfreezing schedule), ``pretraining`` (the demo LMs).
 5. Training
@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 MODULES = ("config", "hub", "checkpoint", "notebook_utils", "plotting",
            "records", "bm25", "tokenizer", "demo_corpus", "data",
            "evaluation",
-           "losses", "distributed", "gradcache", "m3", "mining", "minimind", "modeling",
+           "distributed", "losses", "gradcache", "m3", "mining", "minimind", "modeling",
            "expansion", "pretraining",
            "training", "memory",
            "runs", "results", "baselines", "export", "index",

@@ -9,8 +9,9 @@ the step equals the single-process step on the global batch of W·N queries:
 
     ∇θ (1/W) Σ_r L_r = ∇θ L_global,   L_r = mean over the local queries of rank r.
 
-Local batches must have equal sizes (``drop_last=True``). Without an initialised process group,
-or with one process, everything reduces to :func:`~retrieval_lib.losses.info_nce`.
+Local batches must have equal sizes (``drop_last=True``). The loss itself is
+:func:`~retrieval_lib.losses.cross_device_info_nce`; without an initialised process group, or
+with one process, it reduces to :func:`~retrieval_lib.losses.info_nce`.
 
 :func:`init_from_env` joins the process group that ``torchrun`` describes in the environment
 (NCCL on GPUs, gloo on CPUs); :func:`~retrieval_lib.training.train_retriever` calls it, so the
@@ -28,12 +29,9 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-
-from .losses import info_nce, positive_columns, similarity_matrix
 
 __all__ = ["is_distributed", "init_from_env", "is_main", "barrier", "main_first",
-           "gather_with_grad", "cross_device_info_nce"]
+           "gather_with_grad"]
 
 T = TypeVar("T")
 
@@ -94,16 +92,3 @@ class _GatherWithGrad(torch.autograd.Function):
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """``x`` of every process, concatenated in rank order; gradients flow back to each."""
     return _GatherWithGrad.apply(x) if is_distributed() else x
-
-
-def cross_device_info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE of the local queries against the passages of every process."""
-    if not is_distributed():
-        return info_nce(q, p, temperature)
-    everything = gather_with_grad(p)
-    n, world = q.shape[0], dist.get_world_size()
-    columns = positive_columns(n * world, everything.shape[0])[dist.get_rank() * n:][:n]
-    scores = similarity_matrix(q, everything)
-    if scores.dtype in (torch.float16, torch.bfloat16):
-        scores = scores.float()
-    return F.cross_entropy(scores / temperature, columns.to(scores.device))

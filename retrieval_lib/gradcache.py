@@ -20,8 +20,11 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["split_inputs", "cached_contrastive_step"]
+from .losses import InfoNCELoss, LossOutput
+
+__all__ = ["split_inputs", "cached_contrastive_step", "GradCacheLoss"]
 
 
 def split_inputs(inputs: dict[str, torch.Tensor], size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -82,3 +85,32 @@ def cached_contrastive_step(model, query_inputs: dict, passage_inputs: dict,
         seen[tower] += 1
     _set_rng_state(after, device)
     return loss.detach()
+
+
+class GradCacheLoss:
+    """A loss (:class:`~retrieval_lib.losses.InfoNCELoss`) over the whole batch, embedded
+    ``chunk_size`` texts at a time: the same loss and gradients in the memory of one chunk.
+    It has the call of every loss and accumulates the gradients itself
+    (``backward_done``); under DDP it averages them over the processes, as DDP's own hooks do
+    not see the chunked passes."""
+
+    def __init__(self, inner: InfoNCELoss, chunk_size: int):
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.inner, self.chunk_size = inner, chunk_size
+
+    def __call__(self, model, query_inputs: dict, passage_inputs: dict, autocast=None,
+                 scale=None) -> LossOutput:
+        ddp = model if hasattr(model, "no_sync") else None
+        module = getattr(model, "module", model)
+        with ddp.no_sync() if ddp is not None else nullcontext():
+            loss = cached_contrastive_step(module, query_inputs, passage_inputs,
+                                           self.inner.scores_loss, self.chunk_size, autocast,
+                                           scale)
+        if ddp is not None and dist.is_initialized():
+            world = dist.get_world_size()
+            for param in module.parameters():
+                if param.grad is not None:
+                    dist.all_reduce(param.grad)
+                    param.grad /= world
+        return LossOutput(loss, backward_done=True)

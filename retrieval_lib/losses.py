@@ -14,11 +14,18 @@ and with ``P_ij = softmax_j(s_ij/τ)`` the gradients with respect to the similar
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["positive_columns", "similarity_matrix", "info_nce", "info_nce_score_gradients",
-           "autograd_score_gradients", "random_batch", "optimise_embeddings"]
+from .distributed import gather_with_grad, is_distributed
+
+__all__ = ["positive_columns", "similarity_matrix", "info_nce", "cross_device_info_nce",
+           "LossOutput", "InfoNCELoss", "info_nce_score_gradients", "autograd_score_gradients",
+           "random_batch", "optimise_embeddings"]
 
 
 def positive_columns(num_queries: int, num_passages: int) -> torch.Tensor:
@@ -47,16 +54,69 @@ def _scaled_scores_from(s: torch.Tensor, temperature: float) -> torch.Tensor:
     return s / temperature
 
 
-def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float, first_query: int = 0,
+             total_queries: int | None = None) -> torch.Tensor:
     """Mean InfoNCE loss over the queries of the batch (see the module docstring).
+
+    ``q`` may be a slice of a larger batch whose passages are all in ``p`` (the queries
+    ``first_query …`` of ``total_queries``, as under torchrun); their positives are found in
+    that batch's layout.
 
     >>> q = torch.tensor([[1.0, 0.0]]); p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     >>> round(info_nce(q, p, 1.0).item(), 6)  # log(1 + e^-1)
     0.313262
     """
     scores = _scaled_scores(q, p, temperature)
-    labels = positive_columns(q.shape[0], p.shape[0]).to(scores.device)
-    return F.cross_entropy(scores, labels)
+    n = q.shape[0]
+    columns = positive_columns(total_queries or n, p.shape[0])[first_query:first_query + n]
+    return F.cross_entropy(scores, columns.to(scores.device))
+
+
+def cross_device_info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of the local queries against the passages of every process (under torchrun;
+    in one process, :func:`info_nce`). Gradients reach every process's passages."""
+    if not is_distributed():
+        return info_nce(q, p, temperature)
+    n, world = q.shape[0], dist.get_world_size()
+    return info_nce(q, gather_with_grad(p), temperature, first_query=dist.get_rank() * n,
+                    total_queries=n * world)
+
+
+@dataclass
+class LossOutput:
+    """What a training loss returns: the loss, its parts for logging, and whether the
+    gradients are already accumulated (GradCache runs its own backward passes)."""
+
+    loss: torch.Tensor
+    parts: dict[str, float] | None = None
+    backward_done: bool = False
+
+
+class InfoNCELoss:
+    """InfoNCE over in-batch and hard negatives as a training loss.
+
+    Every training loss has this call: ``loss(model, query_inputs, passage_inputs,
+    autocast=None, scale=None) -> LossOutput``, where ``model`` is the retriever (possibly
+    wrapped in DDP), ``autocast`` wraps the encoder passes and ``scale`` (a GradScaler's) is
+    for losses that run their own backward. The others: :class:`retrieval_lib.m3.UnifiedM3Loss`
+    and :class:`retrieval_lib.gradcache.GradCacheLoss`. The scores and the loss are computed in
+    float32 outside autocast; under torchrun every query meets the passages of all processes.
+    """
+
+    def __init__(self, temperature: float):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = temperature
+
+    def scores_loss(self, q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The loss of given embeddings (what GradCache differentiates)."""
+        return cross_device_info_nce(q, p, self.temperature)
+
+    def __call__(self, model, query_inputs: dict, passage_inputs: dict, autocast=None,
+                 scale=None) -> LossOutput:
+        with autocast or nullcontext():
+            q, p = model(query_inputs, passage_inputs)
+        return LossOutput(self.scores_loss(q, p))
 
 
 def info_nce_score_gradients(q: torch.Tensor, p: torch.Tensor, temperature: float

@@ -25,6 +25,7 @@ scores rerank its top k, as the BGE-M3 paper does for long documents.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -32,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .evaluation import exact_search, qrels_for_split, run_from_search, score_run
-from .losses import positive_columns
+from .losses import LossOutput, positive_columns
 
 __all__ = ["SCORE_WEIGHTS", "LOSS_WEIGHTS", "MODES", "M3Heads", "sparse_scores",
-           "colbert_scores", "lexical_score", "colbert_score", "unified_loss",
+           "colbert_scores", "lexical_score", "colbert_score", "unified_loss", "UnifiedM3Loss",
            "evaluate_reranked", "evaluate_m3"]
 
 #: w in s_inter = w1·s_dense + w2·s_sparse + w3·s_multi (BGE-M3's defaults).
@@ -154,6 +155,34 @@ def unified_loss(s_dense: torch.Tensor, s_sparse: torch.Tensor, s_multi: torch.T
     parts = {"dense": ce[0].item(), "sparse": ce[1].item(), "multi": ce[2].item(),
              "inter": ce_inter.item(), "distil": loss_distil.item()}
     return (loss + loss_distil) / 2, parts
+
+
+class UnifiedM3Loss:
+    """The unified loss as a training loss, with the call of every loss
+    (:class:`retrieval_lib.losses.InfoNCELoss`): one encoder pass per tower gives the dense,
+    sparse and multi-vector representations (under ``autocast``); the three score matrices and
+    the loss are computed in float32. One process, no GradCache."""
+
+    def __init__(self, temperature: float, score_weights: Sequence[float] = SCORE_WEIGHTS,
+                 loss_weights: Sequence[float] = LOSS_WEIGHTS):
+        self.temperature, self.score_weights, self.loss_weights = (
+            temperature, tuple(score_weights), tuple(loss_weights))
+
+    def __call__(self, model, query_inputs: dict, passage_inputs: dict, autocast=None,
+                 scale=None) -> LossOutput:
+        model = getattr(model, "module", model)  # the retriever inside a wrapper
+        with autocast or nullcontext():
+            q = model.embed_m3(query_inputs["input_ids"], query_inputs["attention_mask"],
+                               "query")
+            p = model.embed_m3(passage_inputs["input_ids"], passage_inputs["attention_mask"],
+                               "passage")
+        q, p = ({k: v.float() if v.is_floating_point() else v for k, v in x.items()}
+                for x in (q, p))
+        loss, parts = unified_loss(
+            q["dense"] @ p["dense"].T, sparse_scores(q["sparse"], p["sparse"]),
+            colbert_scores(q["colbert"], q["colbert_mask"], p["colbert"], p["colbert_mask"]),
+            self.temperature, self.score_weights, self.loss_weights)
+        return LossOutput(loss, parts)
 
 
 def evaluate_reranked(encode_queries: Callable[[list[str]], dict],

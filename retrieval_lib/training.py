@@ -14,13 +14,18 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .checkpoint import (
     CheckpointError,
@@ -33,15 +38,15 @@ from .checkpoint import (
 )
 from .config import TrainingConfig
 from .data import corpus_of
-from .distributed import barrier, cross_device_info_nce, init_from_env, is_main
+from .distributed import barrier, init_from_env, is_main
 from .evaluation import evaluate_retriever
-from .gradcache import cached_contrastive_step
-from .m3 import colbert_scores, sparse_scores, unified_loss
+from .gradcache import GradCacheLoss
+from .losses import InfoNCELoss
+from .m3 import UnifiedM3Loss
 from .mining import DenseSearcher, mine_hard_negatives
 
 __all__ = ["set_seed", "RetrievalCollator", "LengthGroupedBatchSampler", "steps_per_epoch",
-           "make_optimizer",
-           "enable_checkpointing", "train_retriever", "CHECKPOINTS",
+           "make_optimizer", "make_loss", "enable_checkpointing", "train_retriever", "CHECKPOINTS",
            "VALIDATION_METRIC"]
 
 #: The validation metric that picks the best epoch.
@@ -213,26 +218,6 @@ def _file_logger(out_dir: Path) -> logging.Handler:
     return handler
 
 
-def _grad_cache_step(model, step_model, qi, pi, cfg: TrainingConfig, autocast, scaler,
-                     world: int) -> torch.Tensor:
-    """One GradCache step (:mod:`retrieval_lib.gradcache`); under DDP the gradients are
-    averaged over the processes here, as DDP's own hooks do not see the chunked passes."""
-    sync_off = step_model.no_sync() if world > 1 else nullcontext()
-    with sync_off:
-        loss = cached_contrastive_step(
-            model, qi, pi, lambda q, p: cross_device_info_nce(q, p, cfg.temperature),
-            cfg.grad_cache_chunk_size, autocast,
-            scaler.scale if scaler is not None else None)
-    if world > 1:
-        import torch.distributed as dist
-
-        for param in model.parameters():
-            if param.grad is not None:
-                dist.all_reduce(param.grad)
-                param.grad /= world
-    return loss
-
-
 def _batch_plan(train, cfg: TrainingConfig, rank: int, world: int):
     """``batches(epoch)``: the index batches of one epoch, a function of the seed and the epoch
     alone, so a resumed run can skip exactly the batches it has done."""
@@ -263,16 +248,6 @@ def _batch_plan(train, cfg: TrainingConfig, rank: int, world: int):
             return list(BatchSampler(RandomSampler(range(len(train)), generator=generator),
                                      cfg.batch_size, drop_last=drop_last))
     return batches
-
-
-def _unified_step_loss(model, qi: dict, pi: dict, cfg: TrainingConfig):
-    """The unified M3 loss of one batch (:func:`retrieval_lib.m3.unified_loss`) and its parts."""
-    q = model.embed_m3(qi["input_ids"], qi["attention_mask"], "query")
-    p = model.embed_m3(pi["input_ids"], pi["attention_mask"], "passage")
-    return unified_loss(q["dense"] @ p["dense"].T, sparse_scores(q["sparse"], p["sparse"]),
-                        colbert_scores(q["colbert"], q["colbert_mask"], p["colbert"],
-                                       p["colbert_mask"]),
-                        cfg.temperature, cfg.m3_score_weights, cfg.m3_loss_weights)
 
 
 def _remined(model, train, cfg: TrainingConfig, epoch: int, folder: Path, reuse: bool):
@@ -336,6 +311,239 @@ def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer
 CHECKPOINTS = "checkpoints"
 
 
+def make_loss(cfg: TrainingConfig, model, world: int = 1):
+    """The training loss of ``model``: every one is called as ``loss(model, query_inputs,
+    passage_inputs, autocast, scale) -> LossOutput`` (:class:`~retrieval_lib.losses.InfoNCELoss`
+    — cross-device under torchrun —, :class:`~retrieval_lib.m3.UnifiedM3Loss` for a model with
+    M3 heads, wrapped in :class:`~retrieval_lib.gradcache.GradCacheLoss` when
+    ``grad_cache_chunk_size`` is set)."""
+    if getattr(model, "m3", None) is not None:
+        if world > 1 or cfg.grad_cache_chunk_size:
+            raise ValueError("the unified M3 loss is implemented for one process without "
+                             "GradCache; set grad_cache_chunk_size=0 and train on one GPU")
+        return UnifiedM3Loss(cfg.temperature, cfg.m3_score_weights, cfg.m3_loss_weights)
+    loss = InfoNCELoss(cfg.temperature)
+    return GradCacheLoss(loss, cfg.grad_cache_chunk_size) if cfg.grad_cache_chunk_size else loss
+
+
+@dataclass
+class _Run:
+    """Everything one training run carries from step to step (what a checkpoint saves)."""
+
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # the model, or its DDP wrapper
+    cfg: TrainingConfig
+    out: Path
+    device: torch.device
+    autocast: object
+    scaler: object
+    loss_fn: object
+    collator: RetrievalCollator
+    batches_of: object  # epoch -> index batches
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    plan: object  # UnfreezePlan or None
+    history: dict
+    n_train: int
+    main: bool
+    step: int = 0
+    best: float = -math.inf
+    best_step: int | None = None
+    patience_left: int = 0
+
+    def checkpoint(self, epoch: int, batch_in_epoch: int) -> None:
+        """Save a resumable checkpoint (main process only)."""
+        if not self.main:
+            return
+        save_checkpoint(self.out / CHECKPOINTS, self.step, self.model, self.optimizer,
+                        self.schedule, self.scaler, {
+                            "config": asdict(self.cfg), "train_records": self.n_train,
+                            "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.step,
+                            "best": None if self.best == -math.inf else self.best,
+                            "best_step": self.best_step, "patience_left": self.patience_left,
+                            "history": self.history,
+                            "collator": {"rng": list(self.collator.rng.getstate()),
+                                         **{k: getattr(self.collator, k) for k in (
+                                             "short_negatives", "random_negatives", "tokens",
+                                             "pad_tokens")}}},
+                        keep=self.cfg.keep_checkpoints, protect=self.best_step)
+
+
+def _setup(model, train, cfg: TrainingConfig, out: Path, device, unfreeze) -> _Run:
+    """Device, precision, loss, batches, DDP, optimizer and schedule of a fresh run."""
+    from transformers import get_linear_schedule_with_warmup  # heavy: only when training
+
+    rank, world, local_rank = init_from_env()
+    set_seed(cfg.seed)
+    cuda = f"cuda:{local_rank}" if world > 1 else "cuda"
+    device = torch.device(device or (cuda if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model.encoder)
+    autocast, scaler = _autocast(device)
+    loss_fn = make_loss(cfg, model, world)
+    fallback = [p["text"] for row in train for p in row["positive_passages"]]
+    collator = RetrievalCollator(model, cfg.num_hard_negatives, fallback, cfg.seed + rank)
+    batches_of = _batch_plan(train, cfg, rank, world)
+    # under DDP every parameter is registered trainable; layers the schedule freezes later
+    # simply send no gradient
+    step_model = DistributedDataParallel(
+        model, device_ids=[local_rank] if device.type == "cuda" else None,
+        find_unused_parameters=unfreeze is not None) if world > 1 else model
+    per_epoch = len(batches_of(1))
+    total = cfg.epochs * per_epoch
+    plan = unfreeze.plan(total, per_epoch) if unfreeze else None
+    optimizer = make_optimizer(model, cfg)
+    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total),
+                                               total)
+    history = {"steps": [], "epochs": [], "best_epoch": None, "stopped_early": False,
+               "validation_metric": VALIDATION_METRIC, "total_steps": total,
+               "device": str(device), "world_size": world,
+               "global_batch_size": cfg.batch_size * world, "skipped_steps": [],
+               "steps_per_epoch": per_epoch, "unfreeze": plan.stages() if plan else None}
+    return _Run(model, step_model, cfg, out, device, autocast, scaler, loss_fn, collator,
+                batches_of, optimizer, schedule, plan, history, len(train), is_main(),
+                patience_left=cfg.early_stopping_patience)
+
+
+def _resume_or_start(run: _Run, resume: bool, show_progress: bool) -> tuple[int, int, bool]:
+    """Restore the newest good checkpoint when resuming (returns its epoch, the batches of it
+    already done and True), else clear what an earlier run left (``(1, 0, False)``)."""
+    ckpt_root = run.out / CHECKPOINTS
+    state = _resume_state(run.out, run.cfg, run.n_train, run.model, run.optimizer,
+                          run.schedule, run.scaler, run.collator) if resume else None
+    if run.main:
+        removed = remove_partial(ckpt_root)
+        if removed:
+            logger.warning("removed unfinished checkpoint folders %s", removed)
+    first_epoch, skip = 1, 0
+    if state is not None:
+        run.history, run.step = state["history"], state["step"]
+        first_epoch, skip = state["epoch"], state["batch_in_epoch"]
+        run.best = state["best"] if state["best"] is not None else -math.inf
+        run.patience_left, run.best_step = state["patience_left"], state["best_step"]
+        run.history.setdefault("resumed_from", []).append(
+            {"checkpoint": state["folder"], "epoch": first_epoch, "batch_in_epoch": skip,
+             "step": run.step})
+        logger.info("resumed from %s: epoch %d, %d batches done, step %d", state["folder"],
+                    first_epoch, skip, run.step)
+        if show_progress:
+            print(f"resuming from {state['folder']} (epoch {first_epoch}, step {run.step})")
+    else:
+        if resume and show_progress:
+            print(f"no checkpoint in {ckpt_root}; training from the start")
+        for old in (ckpt_root, run.out / "negatives"):  # a fresh run never resumes old state
+            if run.main and old.exists():
+                shutil.rmtree(old)
+    barrier()
+    return first_epoch, skip, state is not None
+
+
+def _epoch_records(run: _Run, train, epoch: int, resuming: bool, skip: int):
+    """Records with negatives mined by the model being trained (ANCE) when this epoch
+    re-mines, or reloaded after a resume (``resuming``); None: keep the current records."""
+    if not run.cfg.remine_every:
+        return None
+    due = [e for e in range(2, epoch + 1) if (e - 1) % run.cfg.remine_every == 0]
+    if not due or not (due[-1] == epoch or resuming):
+        return None
+    rows, report = _remined(run.model, train, run.cfg, due[-1], run.out / "negatives",
+                            reuse=resuming)
+    if due[-1] == epoch and not skip:  # a resumed epoch has its report already
+        run.history.setdefault("mining", []).append({"epoch": epoch, **report})
+        logger.info("epoch %d: negatives re-mined: %s", epoch, report)
+    return rows
+
+
+def _train_step(run: _Run, batch: dict, epoch: int) -> float | None:
+    """One optimizer step on ``batch``; returns its loss, or None for a step the fp16 scaler
+    skipped. A non-finite loss without a scaler stops the run (FloatingPointError)."""
+    qi = {k: v.to(run.device) for k, v in batch["query_inputs"].items()}
+    pi = {k: v.to(run.device) for k, v in batch["passage_inputs"].items()}
+    scaler = run.scaler
+    out = run.loss_fn(run.step_model, qi, pi, autocast=run.autocast,
+                      scale=scaler.scale if scaler is not None else None)
+    run.step += 1
+    if not torch.isfinite(out.loss):
+        last = run.history["steps"][-1]["loss"] if run.history["steps"] else None
+        where = (f"loss is {out.loss.item()} at step {run.step} (epoch {epoch}); last finite "
+                 f"loss: {last}")
+        if scaler is None:
+            raise FloatingPointError(
+                f"{where}. The last good checkpoint, {_newest_checkpoint(run.out / CHECKPOINTS)}"
+                f", is kept: lower the learning rate and continue with resume=True")
+        logger.warning("%s; step skipped (fp16 loss scale %s)", where, scaler.get_scale())
+        run.history["skipped_steps"].append({"step": run.step, "epoch": epoch,
+                                             "loss": out.loss.item()})
+        run.optimizer.zero_grad(set_to_none=True)
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        run.schedule.step()
+        return None
+    if not out.backward_done:
+        (scaler.scale(out.loss) if scaler is not None else out.loss).backward()
+    if scaler is not None:
+        scaler.unscale_(run.optimizer)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
+    if scaler is not None:
+        scaler.step(run.optimizer)
+        scaler.update()
+    else:
+        run.optimizer.step()
+    run.schedule.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.history["steps"].append({"step": run.step, "epoch": epoch, "loss": out.loss.item(),
+                                 "lr": run.schedule.get_last_lr()[0],
+                                 **({"loss_parts": out.parts} if out.parts else {})})
+    return out.loss.item()
+
+
+def _end_epoch(run: _Run, validation, epoch: int, losses: list[float], trainable_new,
+               started: float, train_time: float, eval_batch_size: int,
+               show_progress: bool) -> None:
+    """Validate, keep the best model, count patience (not while new layers still wait) and
+    record the epoch."""
+    val = evaluate_retriever(run.model, validation, ks=(10,), batch_size=eval_batch_size)
+    metrics = {m: val["aggregate"][m]["mean"] for m in ("recall@10", "ndcg@10", "mrr")}
+    improved = metrics[VALIDATION_METRIC] > run.best
+    if improved:
+        run.best, run.patience_left = metrics[VALIDATION_METRIC], run.cfg.early_stopping_patience
+        run.history["best_epoch"], run.best_step = epoch, run.step
+        if run.main:
+            atomic_save_model(run.model, run.out / "best")
+        barrier()
+    elif run.plan is None or run.plan.complete(run.step):
+        run.patience_left -= 1
+    world = run.history["world_size"]
+    record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+              "trainable_new_layers": trainable_new,
+              **{f"val_{k}": v for k, v in metrics.items()},
+              "best": improved, "time_s": time.perf_counter() - started,
+              "train_time_s": train_time,
+              "train_samples": len(losses) * run.cfg.batch_size * world}
+    run.history["epochs"].append(record)
+    logger.info("epoch %d: %s", epoch, record)
+    if show_progress:
+        print(f"epoch {epoch}: train loss {record['train_loss']:.4f}, "
+              f"val recall@10 {metrics['recall@10']:.4f}, ndcg@10 {metrics['ndcg@10']:.4f}"
+              + (" (best)" if improved else ""))
+    if run.patience_left <= 0 and epoch < run.cfg.epochs:
+        run.history["stopped_early"] = True
+        logger.info("early stop after epoch %d", epoch)
+
+
+def _finish(run: _Run) -> dict:
+    """Add the sampling counts to the history and write ``history.json``."""
+    c = run.collator
+    run.history.update(short_negatives=c.short_negatives, random_negatives=c.random_negatives,
+                       pad_fraction=c.pad_fraction,
+                       group_by_length=bool(run.cfg.group_by_length
+                                            and run.history["world_size"] == 1))
+    if run.main:
+        (run.out / "history.json").write_text(json.dumps(run.history, indent=2),
+                                              encoding="utf-8")
+    return run.history
+
+
 def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str | Path,
                     device: str | torch.device | None = None, show_progress: bool = True,
                     eval_batch_size: int = 32, unfreeze=None, resume: bool = False) -> dict:
@@ -360,222 +568,54 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
     checkpoints. A non-finite loss stops the run with the step, the last finite loss and the
     last good checkpoint (under the fp16 scaler the step is skipped and counted instead).
 
-    Under ``torchrun`` every process trains its share of each epoch (``DistributedSampler``,
-    ``batch_size`` queries per process), the model is wrapped in DDP and every query meets the
-    passages of all processes (:func:`~retrieval_lib.distributed.cross_device_info_nce`). Each
-    process validates the same (synchronised) model, so all take the same early-stopping
-    decisions; only the main process writes files and prints.
+    The loss comes from :func:`make_loss`. Under ``torchrun`` every process trains its share of
+    each epoch (``DistributedSampler``, ``batch_size`` queries per process), the model is
+    wrapped in DDP and every query meets the passages of all processes. Each process validates
+    the same (synchronised) model, so all take the same early-stopping decisions; only the main
+    process writes files and prints.
     """
-    import shutil
-    from dataclasses import asdict
-
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rank, world, local_rank = init_from_env()
-    main = is_main()
-    show_progress = show_progress and main
-    handler = _file_logger(out) if main else None
+    init_from_env()
+    show_progress = show_progress and is_main()
+    handler = _file_logger(out) if is_main() else None
     try:
-        set_seed(cfg.seed)
-        cuda = f"cuda:{local_rank}" if world > 1 else "cuda"
-        device = torch.device(device or (cuda if torch.cuda.is_available() else "cpu"))
-        model.to(device)
-        if cfg.gradient_checkpointing:
-            enable_checkpointing(model.encoder)
-        autocast, scaler = _autocast(device)
-        unified = getattr(model, "m3", None) is not None
-        if unified and (world > 1 or cfg.grad_cache_chunk_size):
-            raise ValueError("the unified M3 loss is implemented for one process without "
-                             "GradCache; set grad_cache_chunk_size=0 and train on one GPU")
-        fallback = [p["text"] for row in train for p in row["positive_passages"]]
-        collator = RetrievalCollator(model, cfg.num_hard_negatives, fallback, cfg.seed + rank)
-        batches_of = _batch_plan(train, cfg, rank, world)
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # every parameter is trainable when DDP registers them; layers the schedule
-            # freezes later simply send no gradient
-            step_model = DistributedDataParallel(
-                model, device_ids=[local_rank] if device.type == "cuda" else None,
-                find_unused_parameters=unfreeze is not None)
-        else:
-            step_model = model
-        steps_per_epoch = len(batches_of(1))
-        total_steps = cfg.epochs * steps_per_epoch
-        plan = unfreeze.plan(total_steps, steps_per_epoch) if unfreeze else None
-        optimizer = make_optimizer(model, cfg)
-        schedule = get_linear_schedule_with_warmup(
-            optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-        history = {"steps": [], "epochs": [], "best_epoch": None, "stopped_early": False,
-                   "validation_metric": VALIDATION_METRIC, "total_steps": total_steps,
-                   "device": str(device), "world_size": world,
-                   "global_batch_size": cfg.batch_size * world, "skipped_steps": [],
-                   "steps_per_epoch": steps_per_epoch,
-                   "unfreeze": plan.stages() if plan else None}
-        best, patience_left, step, first_epoch, skip = (-math.inf, cfg.early_stopping_patience,
-                                                        0, 1, 0)
-        best_step = None
-        ckpt_root = out / CHECKPOINTS
-        state = _resume_state(out, cfg, len(train), model, optimizer, schedule, scaler,
-                              collator) if resume else None
-        if main:
-            removed = remove_partial(ckpt_root)
-            if removed:
-                logger.warning("removed unfinished checkpoint folders %s", removed)
-        if state is not None:
-            history, step, first_epoch, skip = (state["history"], state["step"], state["epoch"],
-                                                state["batch_in_epoch"])
-            best = state["best"] if state["best"] is not None else -math.inf
-            patience_left, best_step = state["patience_left"], state["best_step"]
-            history.setdefault("resumed_from", []).append(
-                {"checkpoint": state["folder"], "epoch": first_epoch, "batch_in_epoch": skip,
-                 "step": step})
-            logger.info("resumed from %s: epoch %d, %d batches done, step %d", state["folder"],
-                        first_epoch, skip, step)
-            if show_progress:
-                print(f"resuming from {state['folder']} (epoch {first_epoch}, step {step})")
-        else:
-            if resume and show_progress:
-                print(f"no checkpoint in {ckpt_root}; training from the start")
-            for old in (ckpt_root, out / "negatives"):  # a fresh run never resumes old state
-                if main and old.exists():
-                    shutil.rmtree(old)
-        barrier()
-
-        def checkpoint(epoch: int, batch_in_epoch: int) -> None:
-            if not main:
-                return
-            save_checkpoint(ckpt_root, step, model, optimizer, schedule, scaler, {
-                "config": asdict(cfg), "train_records": len(train), "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "step": step,
-                "best": None if best == -math.inf else best, "best_step": best_step,
-                "patience_left": patience_left, "history": history,
-                "collator": {"rng": list(collator.rng.getstate()),
-                             "short_negatives": collator.short_negatives,
-                             "random_negatives": collator.random_negatives,
-                             "tokens": collator.tokens, "pad_tokens": collator.pad_tokens}},
-                keep=cfg.keep_checkpoints, protect=best_step)
-
-        logger.info("training on %s: %d records, %d steps, %s", device, len(train), total_steps,
-                    cfg)
-        train_rows = train  # records whose negatives the collator draws (re-mined or not)
-        resuming = state is not None
+        run = _setup(model, train, cfg, out, device, unfreeze)
+        first_epoch, skip, resuming = _resume_or_start(run, resume, show_progress)
+        logger.info("training on %s: %d records, %d steps, %s", run.device, len(train),
+                    run.history["total_steps"], cfg)
+        per_epoch, rows = run.history["steps_per_epoch"], train
         for epoch in range(first_epoch, cfg.epochs + 1):
-            if history["stopped_early"]:
+            if run.history["stopped_early"]:
                 break
-            if cfg.remine_every:  # ANCE-style: negatives from the model being trained
-                due = [e for e in range(2, epoch + 1) if (e - 1) % cfg.remine_every == 0]
-                if due and (due[-1] == epoch or resuming):  # mine now, or reload after resume
-                    train_rows, report = _remined(model, train, cfg, due[-1], out / "negatives",
-                                                  reuse=resuming)
-                    if due[-1] == epoch and not skip:
-                        history.setdefault("mining", []).append({"epoch": epoch, **report})
-                        logger.info("epoch %d: negatives re-mined: %s", epoch, report)
+            mined = _epoch_records(run, train, epoch, resuming, skip)
+            rows = rows if mined is None else mined
             model.train()
-            trainable_new = plan.apply(model.encoder, step) if plan else None
-            batches = batches_of(epoch)[skip:]
+            trainable_new = run.plan.apply(model.encoder, run.step) if run.plan else None
             # its own generator: a loader seeds its workers from the global torch RNG otherwise,
             # which would make the dropout of a resumed epoch differ from the uninterrupted one
-            loader = DataLoader(train_rows, batch_sampler=batches, collate_fn=collator,
+            loader = DataLoader(rows, batch_sampler=run.batches_of(epoch)[skip:],
+                                collate_fn=run.collator,
                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            start = time.perf_counter()
-            epoch_losses = [s["loss"] for s in history["steps"] if s["epoch"] == epoch]
-            for batch_in_epoch, batch in enumerate(
-                    tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch,
-                         initial=skip, disable=not show_progress), start=skip + 1):
-                if plan and plan.trainable(step) != trainable_new:  # a new stage starts
-                    trainable_new = plan.apply(model.encoder, step)
-                    logger.info("step %d: new layers %s trainable", step, trainable_new)
-                qi = {k: v.to(device) for k, v in batch["query_inputs"].items()}
-                pi = {k: v.to(device) for k, v in batch["passage_inputs"].items()}
-                parts = None
-                if cfg.grad_cache_chunk_size:
-                    loss = _grad_cache_step(model, step_model, qi, pi, cfg, autocast, scaler,
-                                            world)
-                elif unified:
-                    with autocast:
-                        loss, parts = _unified_step_loss(model, qi, pi, cfg)
-                else:
-                    with autocast:
-                        q, p = step_model(qi, pi)
-                    loss = cross_device_info_nce(q, p, cfg.temperature)
-                step += 1
-                if not torch.isfinite(loss):
-                    last = history["steps"][-1]["loss"] if history["steps"] else None
-                    where = (f"loss is {loss.item()} at step {step} (epoch {epoch}); last "
-                             f"finite loss: {last}")
-                    if scaler is None:
-                        good = _newest_checkpoint(ckpt_root)
-                        raise FloatingPointError(
-                            f"{where}. The last good checkpoint, {good}, is kept: lower the "
-                            f"learning rate and continue with resume=True")
-                    logger.warning("%s; step skipped (fp16 loss scale %s)", where,
-                                   scaler.get_scale())
-                    history["skipped_steps"].append({"step": step, "epoch": epoch,
-                                                     "loss": loss.item()})
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-                    schedule.step()
-                    continue
-                if not cfg.grad_cache_chunk_size:
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                epoch_losses.append(loss.item())
-                history["steps"].append({"step": step, "epoch": epoch, "loss": loss.item(),
-                                         "lr": schedule.get_last_lr()[0],
-                                         **({"loss_parts": parts} if parts else {})})
-                if (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0
-                        and batch_in_epoch < steps_per_epoch):
-                    checkpoint(epoch, batch_in_epoch)
+            started = time.perf_counter()
+            losses = [s["loss"] for s in run.history["steps"] if s["epoch"] == epoch]
+            for done, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}",
+                                              total=per_epoch, initial=skip,
+                                              disable=not show_progress), start=skip + 1):
+                if run.plan and run.plan.trainable(run.step) != trainable_new:  # a new stage
+                    trainable_new = run.plan.apply(model.encoder, run.step)
+                    logger.info("step %d: new layers %s trainable", run.step, trainable_new)
+                loss = _train_step(run, batch, epoch)
+                if loss is not None:
+                    losses.append(loss)
+                    if cfg.checkpoint_steps and run.step % cfg.checkpoint_steps == 0 \
+                            and done < per_epoch:
+                        run.checkpoint(epoch, done)
             skip, resuming = 0, False
-            train_time = time.perf_counter() - start
-            val = evaluate_retriever(model, validation, ks=(10,), batch_size=eval_batch_size)
-            metrics = {m: val["aggregate"][m]["mean"] for m in ("recall@10", "ndcg@10", "mrr")}
-            improved = metrics[VALIDATION_METRIC] > best
-            if improved:
-                best, patience_left = metrics[VALIDATION_METRIC], cfg.early_stopping_patience
-                history["best_epoch"], best_step = epoch, step
-                if main:
-                    atomic_save_model(model, out / "best")
-                barrier()
-            elif plan is None or plan.complete(step):  # not while new layers still wait
-                patience_left -= 1
-            record = {"epoch": epoch, "train_loss": float(np.mean(epoch_losses)),
-                      "trainable_new_layers": trainable_new,
-                      **{f"val_{k}": v for k, v in metrics.items()},
-                      "best": improved, "time_s": time.perf_counter() - start,
-                      "train_time_s": train_time,
-                      "train_samples": len(epoch_losses) * cfg.batch_size * world}
-            history["epochs"].append(record)
-            logger.info("epoch %d: %s", epoch, record)
-            if show_progress:
-                print(f"epoch {epoch}: train loss {record['train_loss']:.4f}, "
-                      f"val recall@10 {metrics['recall@10']:.4f}, ndcg@10 {metrics['ndcg@10']:.4f}"
-                      + (" (best)" if improved else ""))
-            if patience_left <= 0 and epoch < cfg.epochs:
-                history["stopped_early"] = True
-                logger.info("early stop after epoch %d", epoch)
-            checkpoint(epoch + 1, 0)
-        history["short_negatives"] = collator.short_negatives
-        history["random_negatives"] = collator.random_negatives
-        history["pad_fraction"] = collator.pad_fraction
-        history["group_by_length"] = bool(cfg.group_by_length and world == 1)
-        if main:
-            (out / "history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
-        return history
+            _end_epoch(run, validation, epoch, losses, trainable_new, started,
+                       time.perf_counter() - started, eval_batch_size, show_progress)
+            run.checkpoint(epoch + 1, 0)
+        return _finish(run)
     finally:
         if handler is not None:
             logger.removeHandler(handler)

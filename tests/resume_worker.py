@@ -16,7 +16,7 @@ def main(records_file: str, out_dir: str, resume: str, seconds_per_step: str) ->
     from safetensors.torch import save_model
     from toy import worker_model  # this script's folder is on sys.path
 
-    from retrieval_lib import config, training
+    from retrieval_lib import config, losses, training
     from retrieval_lib.evaluation import evaluate_retriever
     from retrieval_lib.expansion import UnfreezeSchedule, expand_layers
     from retrieval_lib.modeling import DualTowerRetriever
@@ -28,13 +28,13 @@ def main(records_file: str, out_dir: str, resume: str, seconds_per_step: str) ->
         layer.self_attn.attention_dropout = 0.2
     delay = float(seconds_per_step)
     if delay:  # slow every step down so that the test can kill the process mid-epoch
-        loss_fn = training.cross_device_info_nce
+        loss_fn = losses.cross_device_info_nce
 
         def slow_loss(*args, **kwargs):
             time.sleep(delay)
             return loss_fn(*args, **kwargs)
 
-        training.cross_device_info_nce = slow_loss
+        losses.cross_device_info_nce = slow_loss
     train, validation = Dataset.from_list(records[:32]), Dataset.from_list(records[32:])
     tcfg = config.TrainingConfig(epochs=3, batch_size=4, learning_rate=2e-3,
                                  num_hard_negatives=1, early_stopping_patience=5,

@@ -13,6 +13,7 @@ from datasets import Dataset
 from toy import toy_config, toy_model, toy_records
 
 from retrieval_lib import checkpoint, training
+from retrieval_lib import losses as retrieval_losses
 from retrieval_lib.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,14 +186,14 @@ def test_no_good_checkpoint_means_none(tmp_path):
 
 def _nan_at(monkeypatch, bad_step):
     """Make the training loss NaN at one step; returns the list of the real losses."""
-    real, losses = training.cross_device_info_nce, []
+    real, losses = retrieval_losses.cross_device_info_nce, []
 
     def loss_fn(q, p, temperature):
         loss = real(q, p, temperature)
         losses.append(loss.item())
         return loss * float("nan") if len(losses) == bad_step else loss
 
-    monkeypatch.setattr(training, "cross_device_info_nce", loss_fn)
+    monkeypatch.setattr(retrieval_losses, "cross_device_info_nce", loss_fn)
     return losses
 
 

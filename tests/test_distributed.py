@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from retrieval_lib import distributed
-from retrieval_lib.losses import info_nce
+from retrieval_lib.losses import cross_device_info_nce, info_nce
 
 N, K, DIM, TAU = 3, 2, 8, 0.05  # local queries per process, hard negatives, width, temperature
 
@@ -40,7 +40,7 @@ def _worker(rank, world, init_file, out_file):
         queries, passages = _global_batch()
         q = queries[rank * N:(rank + 1) * N]  # the local share of the global batch
         p = passages[rank * N * (1 + K):(rank + 1) * N * (1 + K)]
-        loss = distributed.cross_device_info_nce(_embed(model, q), _embed(model, p), TAU)
+        loss = cross_device_info_nce(_embed(model, q), _embed(model, p), TAU)
         loss.backward()  # DDP averages the parameter gradients over the 2 processes
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
@@ -68,7 +68,7 @@ def test_without_a_process_group_it_is_plain_info_nce():
     q, p = torch.randn(2, 4), torch.randn(6, 4)
     assert not distributed.is_distributed()
     assert distributed.gather_with_grad(p) is p
-    assert torch.equal(distributed.cross_device_info_nce(q, p, TAU), info_nce(q, p, TAU))
+    assert torch.equal(cross_device_info_nce(q, p, TAU), info_nce(q, p, TAU))
 
 
 def _free_port():

@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 from toy import toy_config, toy_model, toy_records
 
-from retrieval_lib import config, experiment, pretraining, training
+from retrieval_lib import config, experiment, losses, pretraining, training
 from retrieval_lib.modeling import DualTowerRetriever, load_encoder
 from retrieval_lib.runs import load_run
 
@@ -93,7 +93,7 @@ def test_grad_cache_changes_memory_not_results(tok, tmp_path):
 
 def test_non_finite_loss_stops_with_the_step(tok, tmp_path, monkeypatch):
     train, val = Dataset.from_list(toy_records(16, 6)), Dataset.from_list(toy_records(8, 7))
-    monkeypatch.setattr(training, "cross_device_info_nce",
+    monkeypatch.setattr(losses, "cross_device_info_nce",
                         lambda q, p, t: (q.sum() + p.sum()) * float("nan"))
     with pytest.raises(FloatingPointError, match="at step 1 "):
         training.train_retriever(toy_model(tok), train, val,
