@@ -16,7 +16,8 @@ course; a module imports only modules of earlier stages (``tests/test_architectu
 4. Losses and model
    ``distributed`` (process groups, gathering across devices), ``losses`` (InfoNCE, its
    cross-device form, and the one call every training loss has), ``gradcache`` (large batches
-   in the memory of one chunk), ``m3`` (sparse and multi-vector heads, the unified loss), ``mining`` (hard negatives), ``minimind`` (published MiniMind checkpoints converted to
+   in the memory of one chunk), ``m3`` (sparse and multi-vector heads, the unified loss),
+   ``mining`` (hard negatives), ``minimind`` (published MiniMind checkpoints converted to
    Llama), ``modeling`` (base models, pooling, projection, the dual-tower retriever),
    ``expansion`` (new layers and their unfreezing schedule), ``pretraining`` (the demo LMs).
 5. Training
@@ -26,7 +27,8 @@ course; a module imports only modules of earlier stages (``tests/test_architectu
    ``results`` (comparisons and report tables over the runs), ``baselines`` (BM25, BGE-M3),
    ``export`` (sentence-transformers folder), ``index`` (faiss).
 7. Orchestration
-   ``experiment`` (one experiment end to end, studies, the command line).
+   ``experiment`` (one experiment end to end: input checks, base model, train, evaluate, the
+   command line), ``studies`` (what the notebooks compare, with their tables and figures).
 """
 
 __version__ = "0.1.0"
@@ -39,4 +41,4 @@ MODULES = ("config", "hub", "checkpoint", "notebook_utils", "plotting",
            "expansion", "pretraining",
            "training", "memory",
            "runs", "results", "baselines", "export", "index",
-           "experiment")
+           "experiment", "studies")

@@ -12,7 +12,7 @@ from published_formats import (
     write_qwen2,
 )
 
-from retrieval_lib import config, data, experiment, memory
+from retrieval_lib import config, data, experiment, memory, studies
 from retrieval_lib.expansion import UnfreezeSchedule, new_layer_positions
 from retrieval_lib.modeling import DualTowerRetriever, check_base_model
 from retrieval_lib.runs import load_run
@@ -62,7 +62,7 @@ def test_27m_base_and_38m_expansion_run_on_a_minimind_v1_checkpoint(home):
     assert run["expansion"]["new_layers"] == [2, 3, 4, 5]
     assert [s["start_step"] for s in history["unfreeze"]] == [0, 2, 4, 6, 8]
     assert history["epochs"][-1]["trainable_new_layers"] == [2, 3, 4, 5]
-    table = experiment.unfreeze_plan(grown, train_records=len(splits.subset("96k")))
+    table = studies.unfreeze_plan(grown, train_records=len(splits.subset("96k")))
     assert list(table["起始步"]) == [0, 2, 4, 6, 8]
 
 
@@ -151,13 +151,13 @@ def test_the_plan_before_training_has_steps_tokens_memory_and_hours():
 
 def test_compared_runs_say_what_else_differs():
     exps = {s: config.get_experiment(f"minimind108_{s}", "full") for s in ("10k", "96k", "288k")}
-    table = experiment.run_differences(exps, ("subset", "train_records"))
+    table = studies.run_differences(exps, ("subset", "train_records"))
     assert list(table.loc["training.epochs"])[1:] == [5, 3, 2]
     assert list(table.loc["optimizer_steps"])[1:] == [625 * 5, 6000 * 3, 18000 * 2]
-    note = experiment.differences_note(table, "训练数据量")
+    note = studies.differences_note(table, "训练数据量")
     assert "training.epochs（5 / 3 / 2）" in note and "3,125 / 18,000 / 36,000" in note
     pair = {"108M": config.get_experiment("minimind108_288k", "full"),
             "186M": config.get_experiment("minimind186_288k", "full")}
-    table = experiment.run_differences(pair, ("model.num_new_layers",))
+    table = studies.run_differences(pair, ("model.num_new_layers",))
     assert bool(table.loc["training.gradient_checkpointing", "intended"])  # same maths
-    assert "gradient_checkpointing" not in experiment.differences_note(table, "新增层数")
+    assert "gradient_checkpointing" not in studies.differences_note(table, "新增层数")

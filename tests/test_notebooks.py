@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval_lib import notebook_utils, runs
+from retrieval_lib import notebook_utils, runs, studies
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ALL = notebook_utils.notebook_paths(NOTEBOOKS)
@@ -180,11 +180,12 @@ def check_03_beyond_the_report(summary, home):
     for run in runs.values():
         _learned(run)
         _run_folder_complete(run["run_dir"])
-    unified = list(runs)[1]
+    assert list(runs) == list(studies.OPTION_LABELS)  # keyed by what each option changes
     modes = {label.rsplit(" · ", 1)[-1] for label in summary["systems"] if " · " in label}
     assert modes == {"sparse", "colbert", "hybrid"}
-    assert summary["systems"][unified]["ndcg@5"] == runs[unified]["trained"]["ndcg@5"]
-    metrics = json.loads((Path(runs[unified]["run_dir"]) / "metrics.json").read_text())
+    unified = studies.OPTION_LABELS["m3"]
+    assert summary["systems"][unified]["ndcg@5"] == runs["m3"]["trained"]["ndcg@5"]
+    metrics = json.loads((Path(runs["m3"]["run_dir"]) / "metrics.json").read_text())
     assert set(metrics["m3"]) == {"dense", "sparse", "colbert", "hybrid"}
     assert [m["epoch"] for m in summary["mining"]] == [2, 3, 4][: len(summary["mining"])]
     assert summary["mining"] and all(0 <= m["false_negative_rate"] <= 1
@@ -202,7 +203,7 @@ def check_05(summary, home):
     assert set(summary["ndcg@5"]) == saved - {"bge_m3"}
     # the options of 03_beyond_the_report: 5 runs, and the sparse/ColBERT/hybrid rows of one
     assert len(summary["options"]) == 5 + 3
-    assert summary["options"]["稠密（基线）"] == summary["ndcg@5"]["minimind27_10k"]
+    assert summary["options"][studies.OPTION_LABELS["dense"]] == summary["ndcg@5"]["minimind27_10k"]
     assert summary["data_scaling"] == {"MiniMind-108M (demo)": {
         "minimind108_10k": 600, "minimind108_96k": 1200, "minimind108_288k": 1800}}
     report = Path(summary["report"])

@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 from toy import toy_config, toy_model, toy_records
 
-from retrieval_lib import config, experiment, losses, pretraining, training
+from retrieval_lib import config, experiment, losses, pretraining, studies, training
 from retrieval_lib.modeling import DualTowerRetriever, load_encoder
 from retrieval_lib.runs import load_run
 
@@ -292,14 +292,14 @@ def test_expansion_gaps_and_comparisons_by_hand():
     base = run({"q0": 0.5, "q1": 1.0}, {"q0": 0.5, "q1": 0.5})
     runs = {"random": run({"q0": 0.4, "q1": 1.0}, {"q0": 1.0, "q1": 0.5}),
             "identity": run({"q0": 0.5, "q1": 1.0}, {"q0": 1.0, "q1": 1.0})}
-    gaps = experiment.untrained_gaps(base, runs)
+    gaps = studies.untrained_gaps(base, runs)
     assert gaps["identity"] == 0.0 and gaps["random"] == pytest.approx(0.1)
-    assert experiment.untrained_gaps(None, runs) == {}
-    tests = experiment.expansion_comparisons(base, runs)
+    assert studies.untrained_gaps(None, runs) == {}
+    tests = studies.expansion_comparisons(base, runs)
     assert tests["扩容（random）− 对照 · ndcg@10"]["mean_difference"] == pytest.approx(0.25)
     assert tests["扩容（identity）− 对照 · recall@100"]["mean_difference"] == pytest.approx(0.5)
     assert tests["identity − random · ndcg@10"]["mean_difference"] == pytest.approx(0.25)
-    assert set(experiment.expansion_comparisons(None, runs)) == {
+    assert set(studies.expansion_comparisons(None, runs)) == {
         "identity − random · ndcg@10", "identity − random · recall@100"}
 
 
