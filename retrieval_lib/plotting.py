@@ -15,7 +15,8 @@ from .config import project_root
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CJK_FONTS", "setup_cjk_font", "figures_dir", "save_figure", "plot_length_distributions",
+__all__ = ["bundled_cjk_font", "CJK_FONTS", "setup_cjk_font", "figures_dir", "save_figure",
+           "plot_length_distributions",
            "plot_split_counts", "plot_temperature_softmax", "plot_negative_gradients",
            "plot_optimisation_history", "plot_training_curves", "plot_metric_bars",
            "plot_metrics_vs_data_size", "unfreeze_epochs", "plot_unfreeze_schedule",
@@ -27,9 +28,23 @@ CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han
              "WenQuanYi Micro Hei", "WenQuanYi Zen Hei", "PingFang SC", "Heiti SC",
              "Microsoft YaHei", "SimHei", "Arial Unicode MS")
 _FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", str(Path.home() / ".fonts"))
-_INSTALL_HINT = ("no CJK font found, Chinese labels would render as boxes. Install one: "
-                 "Debian/Ubuntu/Colab `apt-get install -y fonts-noto-cjk` (or fonts-wqy-microhei), "
-                 "macOS and Windows ship one already; then restart the kernel.")
+_INSTALL_HINT = ("no CJK font found, Chinese labels would render as boxes. `pip install mplfonts` "
+                 "(a requirement of this project: it ships Noto Sans CJK SC), or install a system "
+                 "font (Debian/Ubuntu `apt-get install -y fonts-noto-cjk`); then restart the "
+                 "kernel.")
+#: The font file that the PyPI package ``mplfonts`` ships, used when the system has no CJK font.
+BUNDLED_FONT = "NotoSansCJKsc-Regular.otf"
+
+
+def bundled_cjk_font() -> Path | None:
+    """Path of Noto Sans CJK SC as installed by the ``mplfonts`` package (None without it)."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("mplfonts") / "fonts" / BUNDLED_FONT))
+    except ModuleNotFoundError:
+        return None
+    return path if path.exists() else None
 
 _chosen_font: str | None = None
 
@@ -37,9 +52,11 @@ _chosen_font: str | None = None
 def setup_cjk_font(strict: bool = False) -> str | None:
     """Make matplotlib draw Chinese: pick the first installed font of :data:`CJK_FONTS`.
 
-    Fonts installed after matplotlib built its cache (e.g. ``apt-get`` in Colab) are found by
-    scanning the system font folders. Sets ``axes.unicode_minus=False`` so minus signs render.
-    Returns the font name, or ``None`` with a warning (an error when ``strict``) if none exists.
+    A system font is preferred; fonts installed after matplotlib built its cache are found by
+    scanning the system font folders; without any, the Noto Sans CJK SC file of the ``mplfonts``
+    requirement is registered, so the Python requirements alone give readable figures (Colab
+    included). Sets ``axes.unicode_minus=False`` so minus signs render. Returns the font name,
+    or ``None`` with a warning (an error when ``strict``) if none exists.
     """
     global _chosen_font
     import matplotlib
@@ -58,6 +75,9 @@ def setup_cjk_font(strict: bool = False) -> str | None:
                         font_manager.fontManager.addfont(str(path))
                     except (OSError, RuntimeError):  # unreadable font file: skip it
                         continue
+        available = {f.name for f in font_manager.fontManager.ttflist}
+    if not any(name in available for name in CJK_FONTS) and bundled_cjk_font() is not None:
+        font_manager.fontManager.addfont(str(bundled_cjk_font()))
         available = {f.name for f in font_manager.fontManager.ttflist}
     chosen = next((name for name in CJK_FONTS if name in available), None)
     matplotlib.rcParams["axes.unicode_minus"] = False

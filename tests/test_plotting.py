@@ -21,10 +21,48 @@ def test_unfreeze_epochs_are_the_epochs_where_a_layer_joins():
     assert plotting.unfreeze_epochs({"epochs": [{"epoch": 1, "trainable_new_layers": None}]}) == []
 
 
+def _has_glyphs(font_path, text: str) -> bool:
+    from matplotlib.ft2font import FT2Font
+
+    font = FT2Font(str(font_path))
+    return all(font.get_char_index(ord(ch)) != 0 for ch in text)
+
+
+def test_the_pip_installed_font_has_the_glyphs_of_the_labels():
+    """The requirements alone give Chinese figures: mplfonts ships Noto Sans CJK SC, and its
+    file holds the glyphs of the course's labels (a Latin-only font does not)."""
+    from matplotlib import font_manager
+
+    path = plotting.bundled_cjk_font()
+    assert path is not None and path.name == plotting.BUNDLED_FONT
+    labels = "逐步解冻：每轮训练哪些层 训练曲线 测试集指标 长度分布（字符）"
+    assert _has_glyphs(path, labels.replace(" ", ""))
+    assert not _has_glyphs(font_manager.findfont("DejaVu Sans"), "检索")
+
+
+def test_without_a_system_font_the_bundled_one_is_registered(monkeypatch):
+    from matplotlib import font_manager
+
+    system = [f for f in font_manager.fontManager.ttflist if f.name not in plotting.CJK_FONTS]
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", system)  # no CJK font at all
+    monkeypatch.setattr(plotting, "_FONT_DIRS", ())
+    monkeypatch.setattr(plotting, "_chosen_font", None)
+    assert plotting.setup_cjk_font(strict=True) == "Noto Sans CJK SC"
+    registered = [f.fname for f in font_manager.fontManager.ttflist
+                  if f.name == "Noto Sans CJK SC"]
+    assert registered == [str(plotting.bundled_cjk_font())]
+    monkeypatch.setattr(plotting, "_chosen_font", None)  # the next test picks again
+
+
 def test_chinese_labels_render_without_missing_glyphs(tmp_path):
     history = _expansion_history()
     font = plotting.setup_cjk_font(strict=True)
     assert font in plotting.CJK_FONTS
+    from matplotlib import font_manager
+
+    chosen = font_manager.findfont(font_manager.FontProperties(family=font),
+                                   fallback_to_default=False)
+    assert _has_glyphs(chosen, "逐步解冻时间表训练曲线")  # the chosen file really draws Chinese
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fig = plotting.plot_length_distributions(
