@@ -215,20 +215,9 @@ MINIMIND_27M = ModelConfig(
     rms_norm_eps=1e-5,
     max_position_embeddings=512,  # LMConfig.max_seq_len
 )
-MINIMIND_108M = ModelConfig(
-    name="MiniMind-108M",
-    base_model="jingyaogong/minimind-v1",
-    architecture="llama",
-    hidden_size=768,
-    num_hidden_layers=16,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    intermediate_size=2048,
-    vocab_size=6400,
-    rope_theta=10_000.0,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=512,
-)
+#: The same v1 architecture (heads, vocabulary, theta, epsilon, positions), wider and deeper.
+MINIMIND_108M = replace(MINIMIND_27M, name="MiniMind-108M", base_model="jingyaogong/minimind-v1",
+                        hidden_size=768, num_hidden_layers=16, intermediate_size=2048)
 QWEN2_05B = ModelConfig(
     name="Qwen2-0.5B",
     base_model="Qwen/Qwen2-0.5B",

@@ -13,7 +13,7 @@ Training memory has two parts:
   activations while it is recomputed.
 
 The plan is a lower bound: the CUDA context (~0.5 GB), allocator fragmentation and temporary
-buffers come on top. It has not yet been compared with measured GPU peaks (issue #7).
+buffers come on top. It has not yet been compared with peaks measured on a GPU.
 """
 
 from __future__ import annotations
