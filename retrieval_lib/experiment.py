@@ -45,7 +45,7 @@ from .pretraining import PretrainConfig, pretrain_demo_lm
 from .records import DataUnavailableError
 from .runs import environment_info, load_run, metrics_block, run_dir, write_run
 from .tokenizer import tokenizer_for_preset
-from .training import set_seed, train_retriever
+from .training import set_seed, train_retriever, training_device
 
 __all__ = ["MissingInputsError", "check_full_inputs", "prepare_base_model",
            "run_experiment", "ensure_run", "result_summary", "describe", "main"]
@@ -127,11 +127,13 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
 
 def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None = None,
                    out_dir: str | Path | None = None, show_progress: bool = True,
-                   resume: bool = False) -> dict:
+                   resume: bool = False, device=None) -> dict:
     """Untrained evaluation, training, test evaluation of the best epoch; writes the run folder.
 
     ``resume=True`` continues an interrupted training from its newest good checkpoint (see
-    :func:`~retrieval_lib.training.train_retriever`).
+    :func:`~retrieval_lib.training.train_retriever`). ``device`` (default: the GPU when there
+    is one, :func:`~retrieval_lib.training.training_device`) holds the model before its first
+    encoding, so the untrained evaluation runs there too, not on the CPU.
 
     ``exp.model.base_model`` must point at loadable weights (see :func:`prepare_base_model`).
     When ``exp.model.num_new_layers`` > 0 the base model is first expanded
@@ -155,9 +157,11 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
             position=exp.model.expansion_position, seed=exp.training.seed)
         schedule = UnfreezeSchedule(expansion["new_layers"], exp.model.unfreeze_every)
     parameters = count_parameters(model)
+    device = training_device(device)
+    model.to(device)  # every encoding of the run, the untrained one too, on the chosen device
     untrained = evaluate_retriever(model, splits.test)
     train = splits.subset(exp.subset)
-    history = train_retriever(model, train, splits.validation, exp.training, out,
+    history = train_retriever(model, train, splits.validation, exp.training, out, device=device,
                               show_progress=show_progress, unfreeze=schedule, resume=resume)
     best = DualTowerRetriever.load(out / "best", device=next(model.parameters()).device)
     test = evaluate_retriever(best, splits.test)

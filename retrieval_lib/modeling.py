@@ -25,8 +25,8 @@ from .minimind import ConversionError, checkpoint_format, convert_checkpoint, ll
 from .tokenizer import load_pretrained_tokenizer
 
 __all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "how_to_supply",
-           "check_base_model", "resolve_base_model", "load_encoder", "count_parameters",
-           "parameter_count_from_config", "pool", "DualTowerRetriever"]
+           "check_base_model", "resolve_base_model", "dtype_kwarg", "load_encoder",
+           "count_parameters", "parameter_count_from_config", "pool", "DualTowerRetriever"]
 
 POOLINGS = ("mean", "last_token", "cls")
 
@@ -209,9 +209,23 @@ def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = 
     return str(target), report
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s keyword for the weights' dtype: ``dtype`` from transformers 4.56
+    on, ``torch_dtype`` before (the declared lower bound, 4.45, knows only that one)."""
+    from importlib.metadata import version
+
+    major, minor = (int(x) for x in version("transformers").split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
+
+
 def load_encoder(name_or_path: str, trust_remote_code: bool = False,
-                 dtype: torch.dtype | None = None) -> nn.Module:
+                 dtype: torch.dtype | None = torch.float32) -> nn.Module:
     """The pretrained base model (no LM head) from a hub id or a local folder.
+
+    The weights are loaded in ``dtype``, float32 by default, whatever dtype the checkpoint was
+    saved in (Qwen2-0.5B is saved in bf16, and transformers 5 would keep that): training keeps
+    float32 master weights and computes in half precision under autocast; AdamW on bf16 weights
+    would round most updates of a 1e-5 learning rate away. ``None`` keeps the saved dtype.
 
     MiniMind checkpoints in their own format are converted to ``LlamaModel`` first
     (:func:`resolve_base_model`), so ``trust_remote_code`` is never needed for them; other
@@ -224,7 +238,7 @@ def load_encoder(name_or_path: str, trust_remote_code: bool = False,
     try:
         kwargs = {"trust_remote_code": trust_remote_code}
         if dtype is not None:
-            kwargs["dtype"] = dtype
+            kwargs.update(dtype_kwarg(dtype))
         return AutoModel.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -315,15 +329,15 @@ class DualTowerRetriever(nn.Module):
         self.query_instruction = query_instruction
         self.m3 = None
         if m3_heads:  # sparse + multi-vector heads (retrieval_lib.m3)
-
             self.m3 = M3Heads(hidden, projection_dim, tokenizer.all_special_ids,
                               skip_first_token=pooling == "cls")
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, tokenizer=None, pretrained: bool = True,
-                    dtype: torch.dtype | None = None) -> DualTowerRetriever:
-        """Build the retriever of ``cfg``: pretrained weights (``pretrained``) or a fresh model
-        of the configured shape (demo twins, tests); the tokenizer defaults to the model's own.
+                    dtype: torch.dtype | None = torch.float32) -> DualTowerRetriever:
+        """Build the retriever of ``cfg``: pretrained weights (``pretrained``, in ``dtype``:
+        float32 master weights by default, see :func:`load_encoder`) or a fresh model of the
+        configured shape (demo twins, tests); the tokenizer defaults to the model's own.
         """
         if pretrained:
             path, _ = resolve_base_model(cfg.base_model)  # MiniMind: the converted folder

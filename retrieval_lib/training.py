@@ -46,8 +46,8 @@ from .m3 import UnifiedM3Loss
 from .mining import DenseSearcher, mine_hard_negatives
 
 __all__ = ["set_seed", "RetrievalCollator", "LengthGroupedBatchSampler", "steps_per_epoch",
-           "make_optimizer", "make_loss", "enable_checkpointing", "train_retriever", "CHECKPOINTS",
-           "VALIDATION_METRIC"]
+           "make_optimizer", "make_loss", "training_device", "PRECISIONS", "mixed_precision",
+           "enable_checkpointing", "train_retriever", "CHECKPOINTS", "VALIDATION_METRIC"]
 
 #: The validation metric that picks the best epoch.
 VALIDATION_METRIC = "ndcg@10"
@@ -196,18 +196,58 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.O
 
 
 def enable_checkpointing(encoder) -> None:
-    """Recompute activations in the backward pass (transformers 5 name, or the 4.x one)."""
+    """Recompute activations in the backward pass (transformers 5 name, or the 4.x one), with
+    non-reentrant checkpointing asked for explicitly: the reentrant kind (4.x's default) fails
+    under DDP when the shared encoder runs twice per step ("Expected to mark a variable ready
+    only once")."""
+    kwargs = {"use_reentrant": False}
     enable = getattr(encoder, "activation_checkpointing_enable", None)
-    (enable or encoder.gradient_checkpointing_enable)()
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _autocast(device: torch.device):
-    """Mixed precision on CUDA: bf16 where supported, else fp16 (needs the scaler)."""
-    if device.type != "cuda":
-        return nullcontext(), None
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+def training_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, else this process's GPU (``cuda:<local rank>`` under torchrun) when there is
+    one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    _, world, local_rank = init_from_env()
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{local_rank}" if world > 1 else "cuda")
+
+
+#: Precisions a run can train in: ``auto`` (CUDA: bf16 where the GPU has it natively, else
+#: fp16 with a gradient scaler; CPU: fp32), or one of them by name (on any device).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def mixed_precision(device: torch.device, precision: str = "auto") -> tuple:
+    """``(autocast context, GradScaler or None, precision, why)`` for training on ``device``.
+
+    ``auto`` on CUDA asks for bf16 only on GPUs that compute it natively (compute capability
+    8.0 and up: A100, RTX 30/40); ``torch.cuda.is_bf16_supported()`` also counts emulation and
+    would choose bf16 on a T4, which then runs far slower than fp16. fp16 gets a GradScaler on
+    any device (CPU included, so the scaler path runs in the tests).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    why = f"asked for {precision}"
+    if precision == "auto":
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            precision = "bf16" if major >= 8 else "fp16"
+            why = (f"compute capability {major}.{minor}: "
+                   + ("native bf16" if major >= 8 else "no native bf16, fp16 with loss scaling"))
+        else:
+            precision, why = "fp32", f"{device.type}: full precision by default"
+    if precision == "fp32":
+        return nullcontext(), None, precision, why
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    return torch.autocast(device.type, dtype=dtype), scaler, precision, why
 
 
 def _file_logger(out_dir: Path) -> logging.Handler:
@@ -276,8 +316,11 @@ def _remined(model, train, cfg: TrainingConfig, epoch: int, folder: Path, reuse:
     return rows, report
 
 
-#: Settings that may change between an interrupted run and its resumption.
-_RESUMABLE_CHANGES = ("checkpoint_steps", "keep_checkpoints")
+#: Settings that may change between an interrupted run and its resumption: they change memory
+#: or bookkeeping, not the mathematics of a step (e.g. turning on gradient checkpointing or
+#: GradCache after an out-of-memory error). A change is recorded in ``history["resumed_from"]``.
+_RESUMABLE_CHANGES = ("checkpoint_steps", "keep_checkpoints", "gradient_checkpointing",
+                      "grad_cache_chunk_size")
 
 
 def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer, schedule,
@@ -299,6 +342,8 @@ def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer
         raise CheckpointError(
             f"{folder} was written by another training setup ({'; '.join(changes)}); resume "
             f"with the same settings or start again with resume=False")
+    state["changed"] = {k: [saved.get(k), current[k]] for k in _RESUMABLE_CHANGES
+                        if saved.get(k) != current[k]}
     collator.rng.setstate((state["collator"]["rng"][0], tuple(state["collator"]["rng"][1]),
                            state["collator"]["rng"][2]))
     for key in ("short_negatives", "random_negatives", "tokens", "pad_tokens"):
@@ -369,18 +414,18 @@ class _Run:
                         keep=self.cfg.keep_checkpoints, protect=self.best_step)
 
 
-def _setup(model, train, cfg: TrainingConfig, out: Path, device, unfreeze) -> _Run:
+def _setup(model, train, cfg: TrainingConfig, out: Path, device, unfreeze,
+           precision: str = "auto") -> _Run:
     """Device, precision, loss, batches, DDP, optimizer and schedule of a fresh run."""
     from transformers import get_linear_schedule_with_warmup  # heavy: only when training
 
     rank, world, local_rank = init_from_env()
     set_seed(cfg.seed)
-    cuda = f"cuda:{local_rank}" if world > 1 else "cuda"
-    device = torch.device(device or (cuda if torch.cuda.is_available() else "cpu"))
+    device = training_device(device)
     model.to(device)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model.encoder)
-    autocast, scaler = _autocast(device)
+    autocast, scaler, chosen, why = mixed_precision(device, precision)
     loss_fn = make_loss(cfg, model, world)
     fallback = [p["text"] for row in train for p in row["positive_passages"]]
     collator = RetrievalCollator(model, cfg.num_hard_negatives, fallback, cfg.seed + rank)
@@ -400,7 +445,8 @@ def _setup(model, train, cfg: TrainingConfig, out: Path, device, unfreeze) -> _R
                "validation_metric": VALIDATION_METRIC, "total_steps": total,
                "device": str(device), "world_size": world,
                "global_batch_size": cfg.batch_size * world, "skipped_steps": [],
-               "steps_per_epoch": per_epoch, "unfreeze": plan.stages() if plan else None}
+               "steps_per_epoch": per_epoch, "unfreeze": plan.stages() if plan else None,
+               "precision": chosen, "precision_reason": why}
     return _Run(model, step_model, cfg, out, device, autocast, scaler, loss_fn, collator,
                 batches_of, optimizer, schedule, plan, history, len(train), is_main(),
                 patience_left=cfg.early_stopping_patience)
@@ -424,7 +470,8 @@ def _resume_or_start(run: _Run, resume: bool, show_progress: bool) -> tuple[int,
         run.patience_left, run.best_step = state["patience_left"], state["best_step"]
         run.history.setdefault("resumed_from", []).append(
             {"checkpoint": state["folder"], "epoch": first_epoch, "batch_in_epoch": skip,
-             "step": run.step})
+             "step": run.step,
+             **({"changed_settings": state["changed"]} if state["changed"] else {})})
         logger.info("resumed from %s: epoch %d, %d batches done, step %d", state["folder"],
                     first_epoch, skip, run.step)
         if show_progress:
@@ -472,11 +519,16 @@ def _train_step(run: _Run, batch: dict, epoch: int) -> float | None:
             raise FloatingPointError(
                 f"{where}. The last good checkpoint, {_newest_checkpoint(run.out / CHECKPOINTS)}"
                 f", is kept: lower the learning rate and continue with resume=True")
+        # the scaler sees the non-finite gradients, skips the optimizer step and backs its scale
+        # off (on the first step too, before any scale exists, where a manual update() fails)
         logger.warning("%s; step skipped (fp16 loss scale %s)", where, scaler.get_scale())
         run.history["skipped_steps"].append({"step": run.step, "epoch": epoch,
                                              "loss": out.loss.item()})
+        if not out.backward_done:
+            scaler.scale(out.loss).backward()
+        scaler.step(run.optimizer)
+        scaler.update()
         run.optimizer.zero_grad(set_to_none=True)
-        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
         run.schedule.step()
         return None
     if not out.backward_done:
@@ -546,7 +598,8 @@ def _finish(run: _Run) -> dict:
 
 def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str | Path,
                     device: str | torch.device | None = None, show_progress: bool = True,
-                    eval_batch_size: int = 32, unfreeze=None, resume: bool = False) -> dict:
+                    eval_batch_size: int = 32, unfreeze=None, resume: bool = False,
+                    precision: str = "auto") -> dict:
     """Train ``model`` on ``train`` (records), validate on ``validation`` each epoch.
 
     ``unfreeze`` (an :class:`~retrieval_lib.expansion.UnfreezeSchedule`) sets which new layers
@@ -568,11 +621,12 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
     checkpoints. A non-finite loss stops the run with the step, the last finite loss and the
     last good checkpoint (under the fp16 scaler the step is skipped and counted instead).
 
-    The loss comes from :func:`make_loss`. Under ``torchrun`` every process trains its share of
-    each epoch (``DistributedSampler``, ``batch_size`` queries per process), the model is
-    wrapped in DDP and every query meets the passages of all processes. Each process validates
-    the same (synchronised) model, so all take the same early-stopping decisions; only the main
-    process writes files and prints.
+    ``precision`` (:data:`PRECISIONS`, :func:`mixed_precision`) is recorded in the history with
+    the reason it was chosen. The loss comes from :func:`make_loss`. Under ``torchrun`` every
+    process trains its share of each epoch (``DistributedSampler``, ``batch_size`` queries per
+    process), the model is wrapped in DDP and every query meets the passages of all processes.
+    Each process validates the same (synchronised) model, so all take the same early-stopping
+    decisions; only the main process writes files and prints.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -580,7 +634,7 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
     show_progress = show_progress and is_main()
     handler = _file_logger(out) if is_main() else None
     try:
-        run = _setup(model, train, cfg, out, device, unfreeze)
+        run = _setup(model, train, cfg, out, device, unfreeze, precision)
         first_epoch, skip, resuming = _resume_or_start(run, resume, show_progress)
         logger.info("training on %s: %d records, %d steps, %s", run.device, len(train),
                     run.history["total_steps"], cfg)

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shutil
 import signal
@@ -122,10 +123,15 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tok, data, tmp_path):
         training.train_retriever(toy_model(tok), train, val,
                                  toy_config(epochs=1, batch_size=8, learning_rate=1e-3), tmp_path,
                                  show_progress=False, resume=True)
-    # how often to checkpoint may change
-    training.train_retriever(toy_model(tok), train, val, toy_config(epochs=1, batch_size=8,
-                                                           checkpoint_steps=1),
-                             tmp_path, show_progress=False, resume=True)
+    # how often to checkpoint may change, and so may what saves memory without changing the
+    # mathematics of a step (what a user reaches for after an out-of-memory error); recorded
+    history = training.train_retriever(
+        toy_model(tok), train, val,
+        toy_config(epochs=1, batch_size=8, checkpoint_steps=1, gradient_checkpointing=True,
+                   grad_cache_chunk_size=4), tmp_path, show_progress=False, resume=True)
+    assert history["resumed_from"][-1]["changed_settings"] == {
+        "checkpoint_steps": [500, 1], "gradient_checkpointing": [False, True],
+        "grad_cache_chunk_size": [0, 4]}
 
 
 def _two_checkpoints(tok, data, tmp_path):
@@ -219,7 +225,8 @@ def test_nan_loss_under_the_fp16_scaler_skips_the_step(tok, data, tmp_path, monk
     from contextlib import nullcontext
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    monkeypatch.setattr(training, "_autocast", lambda device: (nullcontext(), scaler))
+    monkeypatch.setattr(training, "mixed_precision",
+                        lambda device, precision: (nullcontext(), scaler, "fp16", "test"))
     _nan_at(monkeypatch, 3)
     train, val = data
     history = training.train_retriever(toy_model(tok), train, val,
@@ -228,6 +235,22 @@ def test_nan_loss_under_the_fp16_scaler_skips_the_step(tok, data, tmp_path, monk
     assert [s["step"] for s in history["skipped_steps"]] == [3]
     assert [s["step"] for s in history["steps"]] == [1, 2, 4, 5]
     assert scaler.get_scale() == 1024.0 * 0.5  # backed off once, no overflow otherwise
+
+
+def test_nan_at_the_first_step_under_real_fp16_autocast_skips_it(tok, data, tmp_path,
+                                                                 monkeypatch):
+    """fp16 autocast and a GradScaler on the CPU, as on a T4: a non-finite loss at step 1,
+    before the scaler has any scale, is skipped and backs the scale off (a manual update()
+    there used to fail)."""
+    _nan_at(monkeypatch, 1)
+    train, val = data
+    history = training.train_retriever(toy_model(tok), train, val,
+                                       toy_config(epochs=1, batch_size=8), tmp_path,
+                                       show_progress=False, precision="fp16")
+    assert history["precision"] == "fp16"
+    assert [s["step"] for s in history["skipped_steps"]] == [1]
+    assert [s["step"] for s in history["steps"]] == [2, 3, 4, 5]
+    assert all(math.isfinite(s["loss"]) for s in history["steps"])
 
 
 def _mid_epoch_checkpoint(root: Path, epoch: int):

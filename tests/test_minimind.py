@@ -166,3 +166,30 @@ def test_configs_carry_the_checkpoints_theta_and_epsilon(tmp_path):
     for preset in ("full", "demo"):
         hf = modeling.hf_config_from_shape(config.get_experiment("qwen2_613_288k", preset).model)
         assert (minimind.rope_theta_of(hf), hf.rms_norm_eps) == (1e6, 1e-6)
+
+
+def test_a_bf16_saved_checkpoint_trains_with_float32_master_weights(tmp_path):
+    """Qwen2-0.5B is published in bf16 and transformers 5 loads checkpoints in their saved
+    dtype; the retriever must still get float32 weights (its projection is float32, and AdamW
+    on bf16 weights would round small updates away) and encode end to end."""
+    import json as _json
+
+    write_qwen2(tmp_path / "q")
+    cfg = _json.loads((tmp_path / "q" / "config.json").read_text())
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(str(tmp_path / "q"), **modeling.dtype_kwarg(torch.bfloat16)
+                              ).save_pretrained(str(tmp_path / "bf16"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bf16" / name).write_bytes((tmp_path / "q" / name).read_bytes())
+    saved = _json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert "bfloat16" in (str(saved.get("dtype")), str(saved.get("torch_dtype")))
+    mcfg = config.ModelConfig(name="q", base_model=str(tmp_path / "bf16"), architecture="qwen2",
+                              hidden_size=cfg["hidden_size"], num_hidden_layers=2,
+                              num_attention_heads=7, num_key_value_heads=1,
+                              intermediate_size=152, vocab_size=cfg["vocab_size"],
+                              pooling="last_token", projection_dim=8)
+    model = DualTowerRetriever.from_config(mcfg)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    vectors = model.encode_queries(TEXTS)
+    assert vectors.shape == (len(TEXTS), 8)

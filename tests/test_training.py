@@ -91,6 +91,39 @@ def test_grad_cache_changes_memory_not_results(tok, tmp_path):
         cached["epochs"][0]["val_ndcg@10"], abs=1e-6)
 
 
+@pytest.mark.parametrize("capability,expected", [((7, 5), ("fp16", True)),   # T4
+                                                 ((8, 6), ("bf16", False)),  # RTX 3060
+                                                 ((8, 0), ("bf16", False))])  # A100
+def test_auto_precision_uses_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability,
+                                                                    expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation too
+    _, scaler, precision, why = training.mixed_precision(torch.device("cuda"), "auto")
+    assert (precision, scaler is not None) == expected
+    assert f"{capability[0]}.{capability[1]}" in why
+    assert training.mixed_precision(torch.device("cpu"))[2] == "fp32"
+    with pytest.raises(ValueError, match="unknown precision"):
+        training.mixed_precision(torch.device("cpu"), "fp8")
+
+
+def test_checkpointing_is_non_reentrant(tok):
+    """Reentrant checkpointing (transformers 4.x's default) breaks DDP with the shared encoder
+    run twice per step; the kind used is asked for explicitly."""
+    model = toy_model(tok)
+    training.enable_checkpointing(model.encoder)
+    funcs = [m._gradient_checkpointing_func for m in model.encoder.modules()
+             if getattr(m, "_gradient_checkpointing_func", None) is not None]
+    assert funcs and all(f.keywords == {"use_reentrant": False} for f in funcs)
+
+
+def test_bf16_autocast_trains_on_the_cpu(tok, tmp_path):
+    train, val = Dataset.from_list(toy_records(16, 6)), Dataset.from_list(toy_records(8, 7))
+    history = training.train_retriever(toy_model(tok), train, val, toy_config(epochs=1),
+                                       tmp_path, show_progress=False, precision="bf16")
+    assert (history["precision"], history["precision_reason"]) == ("bf16", "asked for bf16")
+    assert all(s["loss"] == s["loss"] for s in history["steps"])  # finite, not NaN
+
+
 def test_non_finite_loss_stops_with_the_step(tok, tmp_path, monkeypatch):
     train, val = Dataset.from_list(toy_records(16, 6)), Dataset.from_list(toy_records(8, 7))
     monkeypatch.setattr(losses, "cross_device_info_nce",
@@ -202,6 +235,29 @@ def test_finished_runs_are_read_back_and_reused_only_with_the_same_setup(tok, tm
     (trained["out_dir"] / "env.json").unlink()
     with pytest.raises(FileNotFoundError, match="env.json missing"):
         load_run(trained["out_dir"])
+
+
+def test_the_untrained_evaluation_runs_on_the_chosen_device(tok, tmp_path, monkeypatch):
+    """The model is on the training device before its first encoding (on a GPU machine the
+    untrained evaluation of a full run used to encode the whole test corpus on the CPU)."""
+    exp, splits = _toy_experiment(tok, tmp_path)
+    events = []
+    real_to, real_eval = DualTowerRetriever.to, experiment.evaluate_retriever
+
+    def to(self, *args, **kwargs):
+        events.append(("to", str(args[0]) if args else str(kwargs.get("device"))))
+        return real_to(self, *args, **kwargs)
+
+    def evaluate(model, *args, **kwargs):
+        events.append(("evaluate", str(next(model.parameters()).device)))
+        return real_eval(model, *args, **kwargs)
+
+    monkeypatch.setattr(DualTowerRetriever, "to", to)
+    monkeypatch.setattr(experiment, "evaluate_retriever", evaluate)
+    experiment.run_experiment(replace(exp, training=toy_config(epochs=1)), splits,
+                              out_dir=tmp_path / "run", show_progress=False, device="cpu")
+    first_eval = events.index(next(e for e in events if e[0] == "evaluate"))
+    assert ("to", "cpu") in events[:first_eval]
 
 
 def test_run_experiment_writes_the_run_folder(tok, tmp_path):
