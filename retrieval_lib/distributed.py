@@ -65,7 +65,12 @@ def barrier() -> None:
 
 
 def main_first(fn: Callable[[], T]) -> T:
-    """Run ``fn`` in the main process first (it fills caches), then in the others."""
+    """Run ``fn`` in the main process first (it fills caches), then in the others.
+
+    Joins the process group ``torchrun`` describes first (:func:`init_from_env`): before it
+    exists every process would count as the main one and all would write the same caches at
+    once."""
+    init_from_env()
     if is_main():
         result = fn()
         barrier()

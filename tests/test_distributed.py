@@ -108,3 +108,17 @@ def test_train_retriever_under_torchrun_keeps_the_processes_in_step(tmp_path, gr
     assert history["epochs"][1]["train_loss"] < history["epochs"][0]["train_loss"]
     assert (run / "best" / "head.safetensors").exists()
     assert (run / "train.log").read_text().count("training on") == 1  # one process logs
+
+
+def test_main_first_under_torchrun_runs_the_main_process_alone_and_first(tmp_path):
+    """``main_first`` is called before anything joined the process group (as in
+    ``retrieval_lib.experiment.main``): rank 0 fills the caches alone, then rank 1 follows."""
+    worker = Path(__file__).with_name("main_first_worker.py")
+    log = tmp_path / "log.txt"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), str(worker), str(log)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert log.read_text().splitlines() == ["start 0 main=True", "end 0",
+                                            "start 1 main=False", "end 1"]
