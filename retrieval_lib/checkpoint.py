@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_optimizer_state",
+           "latest_checkpoint",
            "verify_checkpoint", "list_checkpoints", "remove_partial", "rng_state", "set_rng_state",
            "atomic_save_model", "file_sha256"]
 
@@ -190,6 +191,16 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return None
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, file: str | os.PathLike) -> None:
+    """Restore ``optimizer`` from ``file`` with its state where a fresh optimizer keeps it.
+
+    The file is read onto the CPU and ``load_state_dict`` moves each moment to its parameter's
+    device; AdamW's step counters stay on the CPU, as in a fresh optimizer. (Reading the file
+    straight onto the GPU would leave the counters there: a device sync per parameter and
+    step.)"""
+    optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+
+
 def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, scaler) -> dict:
     """Restore model, optimizer, schedule, scaler and every RNG from ``folder`` (verified
     first); return the trainer state."""
@@ -203,8 +214,7 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, scal
     if missing or unexpected:
         raise CheckpointError(f"{folder}/model.safetensors does not fit this model: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device,
-                                         weights_only=True))
+    load_optimizer_state(optimizer, folder / "optimizer.pt")
     state = torch.load(folder / "state.pt", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:

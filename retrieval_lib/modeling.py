@@ -26,9 +26,45 @@ from .tokenizer import load_pretrained_tokenizer
 
 __all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "how_to_supply",
            "check_base_model", "resolve_base_model", "dtype_kwarg", "load_encoder",
-           "count_parameters", "parameter_count_from_config", "pool", "DualTowerRetriever"]
+           "count_parameters", "parameter_count_from_config", "pool", "PRECISIONS",
+           "choose_precision", "autocast_for", "DualTowerRetriever"]
 
 POOLINGS = ("mean", "last_token", "cls")
+
+#: Precisions a model can train and encode in: ``auto`` (CUDA: bf16 where the GPU has it
+#: natively, else fp16; CPU: fp32), or one of them by name (on any device).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def choose_precision(device: torch.device, precision: str = "auto") -> tuple[str, str]:
+    """``(precision, why)`` for computing on ``device``.
+
+    ``auto`` on CUDA asks for bf16 only on GPUs that compute it natively (compute capability
+    8.0 and up: A100, RTX 30/40); ``torch.cuda.is_bf16_supported()`` also counts emulation and
+    would choose bf16 on a T4, which then runs far slower than fp16. On the CPU ``auto`` is
+    fp32; bf16 and fp16 can be asked for there too (autocast runs them), so every path runs in
+    the tests.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision, f"asked for {precision}"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return ("bf16" if major >= 8 else "fp16"), (
+            f"compute capability {major}.{minor}: "
+            + ("native bf16" if major >= 8 else "no native bf16, fp16 with loss scaling"))
+    return "fp32", f"{device.type}: full precision by default"
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The autocast context of a chosen precision (``fp32``: none) on ``device``."""
+    from contextlib import nullcontext
+
+    if precision == "fp32":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def hf_config_from_shape(cfg: ModelConfig, num_layers: int | None = None):
@@ -327,6 +363,9 @@ class DualTowerRetriever(nn.Module):
         if tokenizer.pad_token is None:  # decoder tokenizers often have none
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         self.query_instruction = query_instruction
+        #: precision of encode_* (:func:`choose_precision`): ``auto`` encodes as training
+        #: computes, half precision on a GPU and fp32 on the CPU
+        self.precision = "auto"
         self.m3 = None
         if m3_heads:  # sparse + multi-vector heads (retrieval_lib.m3)
             self.m3 = M3Heads(hidden, projection_dim, tokenizer.all_special_ids,
@@ -437,12 +476,18 @@ class DualTowerRetriever(nn.Module):
         finally:
             self.train(was_training)
 
+    def _autocast(self):
+        """The autocast of :attr:`precision` on the model's device (encoding)."""
+        device = next(self.parameters()).device
+        return autocast_for(device, choose_precision(device, self.precision)[0])
+
     @torch.no_grad()
     def _encode(self, texts: Sequence[str], tower: str, batch_size: int,
                 show_progress: bool | None) -> np.ndarray:
         out = np.zeros((len(texts), self.projection_dim), dtype=np.float32)
         for idx, ids, mask in self._batches(texts, tower, batch_size, show_progress):
-            out[idx] = self.embed(ids, mask, tower).float().cpu().numpy()
+            with self._autocast():
+                out[idx] = self.embed(ids, mask, tower).float().cpu().numpy()
         return out
 
     @torch.no_grad()
@@ -454,15 +499,16 @@ class DualTowerRetriever(nn.Module):
         dense = np.zeros((len(texts), self.projection_dim), dtype=np.float32)
         sparse, colbert = [None] * len(texts), [None] * len(texts)
         for idx, ids, mask in self._batches(texts, tower, batch_size):
-            out = self.embed_m3(ids, mask, tower)
+            with self._autocast():
+                out = self.embed_m3(ids, mask, tower)
             dense[idx] = out["dense"].cpu().numpy()
-            weights = out["sparse"].cpu()
+            weights = out["sparse"].float().cpu()
             for row, i in enumerate(idx):
                 nonzero = weights[row].nonzero().squeeze(-1)
                 sparse[i] = dict(zip(nonzero.tolist(), weights[row, nonzero].tolist(),
                                      strict=True))
                 keep = out["colbert_mask"][row].cpu()
-                colbert[i] = out["colbert"][row].cpu()[keep].numpy()
+                colbert[i] = out["colbert"][row].float().cpu()[keep].numpy()
         return {"dense": dense, "sparse": sparse, "colbert": colbert}
 
     def encode_queries(self, texts: Sequence[str], batch_size: int = 64,

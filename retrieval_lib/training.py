@@ -17,7 +17,6 @@ import random
 import shutil
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from .gradcache import GradCacheLoss
 from .losses import InfoNCELoss
 from .m3 import UnifiedM3Loss
 from .mining import DenseSearcher, mine_hard_negatives
+from .modeling import PRECISIONS, autocast_for, choose_precision
 
 __all__ = ["set_seed", "RetrievalCollator", "LengthGroupedBatchSampler", "steps_per_epoch",
            "make_optimizer", "make_loss", "training_device", "PRECISIONS", "mixed_precision",
@@ -219,35 +219,13 @@ def training_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(f"cuda:{local_rank}" if world > 1 else "cuda")
 
 
-#: Precisions a run can train in: ``auto`` (CUDA: bf16 where the GPU has it natively, else
-#: fp16 with a gradient scaler; CPU: fp32), or one of them by name (on any device).
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
 def mixed_precision(device: torch.device, precision: str = "auto") -> tuple:
-    """``(autocast context, GradScaler or None, precision, why)`` for training on ``device``.
-
-    ``auto`` on CUDA asks for bf16 only on GPUs that compute it natively (compute capability
-    8.0 and up: A100, RTX 30/40); ``torch.cuda.is_bf16_supported()`` also counts emulation and
-    would choose bf16 on a T4, which then runs far slower than fp16. fp16 gets a GradScaler on
-    any device (CPU included, so the scaler path runs in the tests).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    why = f"asked for {precision}"
-    if precision == "auto":
-        if device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(device)
-            precision = "bf16" if major >= 8 else "fp16"
-            why = (f"compute capability {major}.{minor}: "
-                   + ("native bf16" if major >= 8 else "no native bf16, fp16 with loss scaling"))
-        else:
-            precision, why = "fp32", f"{device.type}: full precision by default"
-    if precision == "fp32":
-        return nullcontext(), None, precision, why
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    """``(autocast context, GradScaler or None, precision, why)`` for training on ``device``
+    (the choice: :func:`~retrieval_lib.modeling.choose_precision`). fp16 gets a GradScaler on
+    any device (CPU included, so the scaler path runs in the tests)."""
+    precision, why = choose_precision(device, precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    return torch.autocast(device.type, dtype=dtype), scaler, precision, why
+    return autocast_for(device, precision), scaler, precision, why
 
 
 def _file_logger(out_dir: Path) -> logging.Handler:

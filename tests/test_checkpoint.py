@@ -322,3 +322,30 @@ def test_the_best_model_is_swapped_in_whole_or_not_at_all(tmp_path):
     checkpoint.atomic_save_model(Saver("new"), target)
     assert (target / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # nothing left over
+
+
+def test_resumed_optimizer_state_sits_where_a_fresh_optimizer_puts_it(tmp_path):
+    """A checkpoint resumed on a GPU: the moments follow the parameters, AdamW's step counters
+    stay on the CPU as in a fresh optimizer. The meta device stands in for the GPU."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    on_gpu = torch.nn.Linear(3, 2, device="meta")
+    resumed = torch.optim.AdamW(on_gpu.parameters(), lr=0.1)
+    checkpoint.load_optimizer_state(resumed, tmp_path / "optimizer.pt")
+    fresh_model = torch.nn.Linear(3, 2, device="meta")
+    fresh = torch.optim.AdamW(fresh_model.parameters(), lr=0.1)
+    for param in fresh_model.parameters():
+        param.grad = torch.zeros_like(param)
+    fresh.step()
+    placement = [(s["step"].device, s["exp_avg"].device) for s in fresh.state.values()]
+    assert placement == [(torch.device("cpu"), torch.device("meta"))] * 2
+    assert [(s["step"].device, s["exp_avg"].device) for s in resumed.state.values()] == placement
+    states = list(resumed.state.values())
+    assert len(states) == 2
+    for state in states:
+        assert state["exp_avg"].device.type == "meta"
+        assert state["exp_avg_sq"].device.type == "meta"
+        assert state["step"].device.type == "cpu" and state["step"].item() == 1

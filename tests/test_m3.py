@@ -181,3 +181,21 @@ def test_query_instruction_is_prepended_to_queries_only_and_saved(tok, tmp_path)
     assert torch.equal(p, plain.tokenize(["长江新闻"], "passage")["input_ids"])
     instructed.save(tmp_path / "m")
     assert DualTowerRetriever.load(tmp_path / "m").query_instruction == prefix
+
+
+def test_encode_m3_in_bf16_returns_float32_close_to_fp32(tok):
+    """Encoding in the training precision of a GPU (here bf16 autocast on the CPU): the sparse
+    and multi-vector outputs come back as float32 numbers next to the fp32 ones."""
+    model = _m3_model(tok).eval()
+    texts = ["长江新闻", "黄河与足球。今天本报记者报道"]
+    full = model.encode_m3(texts, "passage")
+    model.precision = "bf16"
+    half = model.encode_m3(texts, "passage")
+    assert not np.array_equal(half["dense"], full["dense"])  # autocast did run
+    assert np.abs(half["dense"] - full["dense"]).max() < 0.02
+    for i in range(2):
+        assert half["colbert"][i].dtype == np.float32
+        assert np.abs(half["colbert"][i] - full["colbert"][i]).max() < 0.02
+        tokens = set(half["sparse"][i]) | set(full["sparse"][i])
+        assert max(abs(half["sparse"][i].get(t, 0.0) - full["sparse"][i].get(t, 0.0))
+                   for t in tokens) < 0.02
