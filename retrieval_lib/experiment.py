@@ -21,10 +21,13 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
+
 from .config import (
     EXPERIMENTS,
     PUBLISHED_BASE_MODELS,
     ExperimentConfig,
+    TrainingConfig,
     cache_path,
     get_experiment,
     with_overrides,
@@ -35,9 +38,12 @@ from .evaluation import REPORT_METRICS, evaluate_retriever, paired_test
 from .expansion import UnfreezeSchedule, expand_layers
 from .hub import hub_has
 from .m3 import evaluate_m3
+from .memory import GIB, fit_step
 from .modeling import (
+    PRECISIONS,
     DualTowerRetriever,
     check_base_model,
+    choose_precision,
     count_parameters,
     resolve_base_model,
 )
@@ -47,7 +53,7 @@ from .runs import environment_info, load_run, metrics_block, run_dir, write_run
 from .tokenizer import tokenizer_for_preset
 from .training import set_seed, train_retriever, training_device
 
-__all__ = ["MissingInputsError", "check_full_inputs", "prepare_base_model",
+__all__ = ["MissingInputsError", "check_full_inputs", "prepare_base_model", "fit_to_device",
            "run_experiment", "ensure_run", "result_summary", "describe", "main"]
 
 
@@ -125,15 +131,46 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
     return replace(exp, model=replace(exp.model, base_model=str(path))), info
 
 
+def fit_to_device(exp: ExperimentConfig, device: torch.device, precision: str = "auto",
+                  memory_gib: float | None = None) -> tuple[TrainingConfig, dict]:
+    """The training settings ``exp`` runs with on ``device``, and why.
+
+    The precision comes from :func:`~retrieval_lib.modeling.choose_precision`. On a GPU the
+    free memory is read (``memory_gib`` overrides it, and applies the fit on the CPU too) and
+    :func:`~retrieval_lib.memory.fit_step` turns on the gradient checkpointing and/or GradCache
+    chunks one step of the configured batch needs there: the batch, its in-batch negatives and
+    the mathematics of the step stay those of ``exp``. Returns the fitted training settings and
+    a record (device, precision, batch plan, each with its reason) for ``env.json``.
+    """
+    precision, why = choose_precision(device, precision)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    info = {"device": str(device), "device_name": name, "precision": precision,
+            "precision_reason": why}
+    if memory_gib is None and device.type == "cuda":
+        memory_gib = torch.cuda.mem_get_info(device)[0] / GIB
+    training = exp.training
+    if memory_gib is None:
+        info["batch_plan"] = {"why": f"batch {training.batch_size} as configured: no memory "
+                                     f"limit is applied on the {device.type}"}
+    else:
+        training, fit = fit_step(exp.model, training, memory_gib,
+                                 grad_cache=not exp.model.m3_heads)
+        info["batch_plan"] = fit
+    return training, info
+
+
 def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None = None,
                    out_dir: str | Path | None = None, show_progress: bool = True,
-                   resume: bool = False, device=None) -> dict:
+                   resume: bool = False, device=None, precision: str = "auto",
+                   memory_gib: float | None = None) -> dict:
     """Untrained evaluation, training, test evaluation of the best epoch; writes the run folder.
 
     ``resume=True`` continues an interrupted training from its newest good checkpoint (see
     :func:`~retrieval_lib.training.train_retriever`). ``device`` (default: the GPU when there
     is one, :func:`~retrieval_lib.training.training_device`) holds the model before its first
-    encoding, so the untrained evaluation runs there too, not on the CPU.
+    encoding, so the untrained evaluation runs there too, not on the CPU. Before anything
+    runs, :func:`fit_to_device` chooses the precision (``precision``) and the memory savers
+    for the free GPU memory (or ``memory_gib``) and says so.
 
     ``exp.model.base_model`` must point at loadable weights (see :func:`prepare_base_model`).
     When ``exp.model.num_new_layers`` > 0 the base model is first expanded
@@ -158,12 +195,19 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
         schedule = UnfreezeSchedule(expansion["new_layers"], exp.model.unfreeze_every)
     parameters = count_parameters(model)
     device = training_device(device)
+    training, fitted = fit_to_device(exp, device, precision, memory_gib)  # before the model
+    if is_main():                                                          # takes memory
+        print(f"{exp.name}: {fitted['device_name']}, {fitted['precision']} "
+              f"({fitted['precision_reason']}); {fitted['batch_plan']['why']}")
     model.to(device)  # every encoding of the run, the untrained one too, on the chosen device
+    model.precision = precision
     untrained = evaluate_retriever(model, splits.test)
     train = splits.subset(exp.subset)
-    history = train_retriever(model, train, splits.validation, exp.training, out, device=device,
-                              show_progress=show_progress, unfreeze=schedule, resume=resume)
+    history = train_retriever(model, train, splits.validation, training, out, device=device,
+                              show_progress=show_progress, unfreeze=schedule, resume=resume,
+                              precision=precision)
     best = DualTowerRetriever.load(out / "best", device=next(model.parameters()).device)
+    best.precision = precision
     test = evaluate_retriever(best, splits.test)
     m3 = None
     if best.m3 is not None:  # each score alone and the hybrid rerank of the dense top 100
@@ -180,7 +224,7 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
                "test": metrics_block(test, seed), "untrained": metrics_block(untrained, seed)}
     if m3 is not None:
         metrics["m3"] = {mode: metrics_block(result, seed) for mode, result in m3.items()}
-    env = {**environment_info(exp.preset, seed), "wall_time_s": wall,
+    env = {**environment_info(exp.preset, seed), "wall_time_s": wall, "fitted_to_device": fitted,
            "world_size": history["world_size"],
            "resumed_from": history.get("resumed_from", []),
            "repeat": f"python -m retrieval_lib.experiment --experiment {exp.name} "
@@ -259,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
     parser.add_argument("--grad-cache-chunk-size", type=int,
                         help="GradCache: embed this many texts at a time (large batches)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 on GPUs that have it natively, else fp16; fp32 on the CPU")
     parser.add_argument("--trust-remote-code", action="store_true", default=None,
                         help="let a checkpoint that ships its own model code run it (MiniMind "
                              "never needs this: it is converted to a Llama model)")
@@ -277,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = main_first(lambda: prepare_data(exp.data))
     exp, base_info = main_first(lambda: prepare_base_model(exp, splits))
     result = run_experiment(exp, splits, base_info, show_progress=is_main(),
-                            resume=args.resume)
+                            resume=args.resume, precision=args.precision)
     if is_main():
         print(json.dumps(result_summary(result), indent=2, default=str))
     return 0

@@ -24,13 +24,14 @@ from dataclasses import replace
 
 import torch
 
-from .config import ModelConfig, TrainingConfig
+from .config import EXPERIMENTS, ModelConfig, TrainingConfig, get_experiment
 from .modeling import build_encoder, parameter_count_from_config
 from .training import steps_per_epoch
 
 __all__ = ["saved_activation_bytes", "activation_bytes_per_token", "static_bytes",
-           "training_memory_plan", "largest_batches", "GIB", "CUDA_CONTEXT_GIB", "GPUS",
-           "UTILISATION", "training_flops", "training_plan", "plan_table"]
+           "step_activation_bytes", "training_memory_plan", "fit_step", "largest_batches", "GIB",
+           "CUDA_CONTEXT_GIB", "GPUS", "UTILISATION", "training_flops", "training_plan",
+           "plan_table"]
 
 GIB = 1024**3
 #: Memory the CUDA context and kernels take before the first tensor (a rule of thumb).
@@ -108,35 +109,110 @@ def static_bytes(parameters: int, trainable: int | None = None, autocast: bool =
     return {**parts, "total": sum(parts.values())}
 
 
+def step_activation_bytes(cfg: ModelConfig, training: TrainingConfig, per: dict, batch: int,
+                          gradient_checkpointing: bool, chunk: int = 0,
+                          seq_len: int | None = None) -> float:
+    """Activation bytes one training step keeps for its backward pass (``per``: from
+    :func:`activation_bytes_per_token`).
+
+    Without GradCache (``chunk`` 0) both forward passes of the batch (``batch`` queries of
+    ``max_query_length`` tokens, ``batch·(1+K)`` passages of ``seq_len``) stay alive. With
+    GradCache only one chunk of ``chunk`` texts has a graph at a time; the largest is a chunk of
+    passages. Gradient checkpointing keeps each block's input, plus the activations of the
+    block being recomputed for the largest forward pass.
+    """
+    seq_len = seq_len or cfg.max_passage_length
+    layers = cfg.num_hidden_layers + cfg.num_new_layers
+    passages = batch * (1 + training.num_hard_negatives)
+    if chunk:
+        tokens = passage_tokens = min(chunk, passages) * seq_len
+    else:
+        passage_tokens = passages * seq_len
+        tokens = batch * cfg.max_query_length + passage_tokens
+    if not gradient_checkpointing:
+        return tokens * (per["per_layer"] * layers + per["outside_layers"])
+    return tokens * (per["hidden_state"] * layers + per["outside_layers"]) \
+        + passage_tokens * per["per_layer"]
+
+
 def training_memory_plan(cfg: ModelConfig, training: TrainingConfig,
                          batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
                          seq_len: int | None = None, measure_seq_len: int = 512) -> list[dict]:
     """GPU memory estimate (GiB) of one training step of the expanded retriever for each batch
-    size, with and without gradient checkpointing, under bf16 autocast.
-
-    A step encodes ``B`` queries of ``max_query_length`` tokens and ``B·(1+K)`` passages of
-    ``seq_len`` (default ``max_passage_length``) tokens; both forward passes stay alive until
-    the backward pass. Long-text passages fill their maximum length, so padding is not modelled.
+    size, with and without gradient checkpointing, under bf16 autocast
+    (:func:`step_activation_bytes`). Long-text passages fill their maximum length, so padding
+    is not modelled.
     """
     seq_len = seq_len or cfg.max_passage_length
     per = activation_bytes_per_token(cfg, seq_len=min(seq_len, measure_seq_len))
-    layers = cfg.num_hidden_layers + cfg.num_new_layers
     static = static_bytes(parameter_count_from_config(cfg))
     rows = []
     for batch in batch_sizes:
-        passage_tokens = batch * (1 + training.num_hard_negatives) * seq_len
-        tokens = batch * cfg.max_query_length + passage_tokens
-        full = tokens * (per["per_layer"] * layers + per["outside_layers"])
-        # checkpointing keeps each block's input; the block being recomputed holds its own
-        # activations for the largest forward pass (the passages)
-        checkpointed = tokens * (per["hidden_state"] * layers + per["outside_layers"]) \
-            + passage_tokens * per["per_layer"]
-        for ckpt, act in ((False, full), (True, checkpointed)):
+        tokens = batch * cfg.max_query_length + batch * (1 + training.num_hard_negatives) * seq_len
+        for ckpt in (False, True):
+            act = step_activation_bytes(cfg, training, per, batch, ckpt, seq_len=seq_len)
             rows.append({"batch_size": batch, "tokens_per_step": tokens,
                          "gradient_checkpointing": ckpt, "static_gib": static["total"] / GIB,
                          "activations_gib": act / GIB,
                          "total_gib": (static["total"] + act) / GIB})
     return rows
+
+
+def fit_step(cfg: ModelConfig, training: TrainingConfig, memory_gib: float,
+             reserve_gib: float = CUDA_CONTEXT_GIB, per: dict | None = None,
+             grad_cache: bool = True) -> tuple[TrainingConfig, dict]:
+    """``training`` with the memory savers that let one step fit ``memory_gib`` (free GPU
+    memory), and what was chosen and why.
+
+    The batch is never changed, so the in-batch negatives and the mathematics of the step stay
+    those of the report; only how the step is computed changes. Tried in order of extra
+    compute, keeping what ``training`` already turns on: as configured; gradient checkpointing
+    (one more forward pass); GradCache (:mod:`retrieval_lib.gradcache`) with the largest
+    power-of-two chunk that fits (one more forward pass, without a graph); both.
+    ``grad_cache=False`` (the unified M3 loss has no GradCache) leaves checkpointing only.
+    Raises ``MemoryError`` naming the figures when even the smallest step does not fit.
+    The plan is a lower bound (:mod:`retrieval_lib.memory`), hence ``reserve_gib`` kept free.
+    """
+    per = per or activation_bytes_per_token(cfg, seq_len=min(cfg.max_passage_length, 512))
+    static = static_bytes(parameter_count_from_config(cfg))["total"]
+    budget = memory_gib - reserve_gib
+    passages = training.batch_size * (1 + training.num_hard_negatives)
+    chunks = [2**k for k in range(passages.bit_length() - 1, -1, -1) if 2**k < passages]
+    if training.grad_cache_chunk_size:
+        chunks = [c for c in chunks if c < training.grad_cache_chunk_size]
+    ckpt_options = [True] if training.gradient_checkpointing else [False, True]
+    options = [(ckpt, training.grad_cache_chunk_size) for ckpt in ckpt_options]
+    if grad_cache:
+        options += [(ckpt, c) for ckpt in ckpt_options for c in chunks]
+
+    def need(ckpt, chunk):
+        act = step_activation_bytes(cfg, training, per, training.batch_size, ckpt, chunk)
+        return (static + act) / GIB
+
+    for ckpt, chunk in options:
+        if need(ckpt, chunk) <= budget:
+            break
+    else:
+        ckpt, chunk = options[-1]
+        smallest = f" and GradCache chunks of {chunk}" if chunk else ""
+        raise MemoryError(
+            f"one step of batch {training.batch_size} does not fit {memory_gib:.1f} GiB even "
+            f"with gradient checkpointing{smallest}: the plan needs {need(ckpt, chunk):.1f} GiB "
+            f"plus {reserve_gib} GiB kept free "
+            f"(weights, gradients and AdamW alone: {static / GIB:.1f} GiB); use a GPU with more "
+            f"memory or train on several (torchrun)")
+    fitted = replace(training, gradient_checkpointing=ckpt, grad_cache_chunk_size=chunk)
+    changed = [k for k in ("gradient_checkpointing", "grad_cache_chunk_size")
+               if getattr(fitted, k) != getattr(training, k)]
+    savers = ([["gradient checkpointing"], []][not ckpt]
+              + ([f"GradCache chunks of {chunk} texts"] if chunk else []))
+    why = (f"batch {training.batch_size} ({passages} passages of up to "
+           f"{cfg.max_passage_length} tokens) with {' and '.join(savers) or 'no memory savers'}: "
+           f"plan {need(ckpt, chunk):.3g} GiB of {memory_gib:.3g} GiB"
+           + (f" ({need(*options[0]):.3g} GiB as configured)" if changed else ""))
+    return fitted, {"memory_gib": memory_gib, "reserve_gib": reserve_gib,
+                    "plan_gib": need(ckpt, chunk), "gradient_checkpointing": ckpt,
+                    "grad_cache_chunk_size": chunk, "changed": changed, "why": why}
 
 
 def largest_batches(plan: Sequence[dict], gpus: dict[str, float],
@@ -164,10 +240,11 @@ UTILISATION = 0.35
 
 
 def training_flops(cfg: ModelConfig, tokens: int, seq_len: int,
-                   gradient_checkpointing: bool) -> float:
+                   gradient_checkpointing: bool, grad_cache: bool = False) -> float:
     """FLOPs of one training step over ``tokens`` tokens: 6 per non-embedding parameter and
-    token (forward 2, backward 4; 8 with checkpointing, which repeats the forward) plus the
-    attention scores, 12·layers·width·seq_len per token (16 with checkpointing).
+    token (forward 2, backward 4; +2 with checkpointing, which repeats the forward, and +2 with
+    GradCache, whose first pass embeds without a graph) plus the attention scores,
+    2·factor·layers·width·seq_len per token.
 
     MiniMind-27M: 26,944,128 parameters - 3,276,800 embedding = 23,667,328; per token
     6·23,667,328 + 12·8·512·512 = 167,169,792, so 1,000 tokens:
@@ -179,7 +256,7 @@ def training_flops(cfg: ModelConfig, tokens: int, seq_len: int,
     layers = cfg.num_hidden_layers + cfg.num_new_layers
     embedding = cfg.vocab_size * cfg.hidden_size
     dense = parameter_count_from_config(replace(cfg, m3_heads=False)) - embedding
-    factor = 8 if gradient_checkpointing else 6
+    factor = 6 + 2 * gradient_checkpointing + 2 * grad_cache
     attention = (factor * 2) * layers * cfg.hidden_size * seq_len
     return tokens * (factor * dense + attention)
 
@@ -188,24 +265,32 @@ def training_plan(cfg: ModelConfig, training: TrainingConfig, train_records: int
                   gpus: dict | None = None, utilisation: float = UTILISATION) -> dict:
     """What a run will cost before it starts: optimizer steps, tokens per step (every text at
     its maximum length: long-text data fills it), the memory plan of its batch with and without
-    gradient checkpointing, and for each GPU whether the step fits and an estimate of the hours
-    at ``utilisation`` of the GPU's peak. Estimates, not measurements."""
+    gradient checkpointing, and for each GPU the memory savers :func:`fit_step` chooses there
+    (None: it does not fit) and an estimate of the hours at ``utilisation`` of the GPU's peak.
+    Estimates, not measurements."""
     spe = steps_per_epoch(train_records, training)
     total = spe * training.epochs
     rows = training_memory_plan(cfg, training, batch_sizes=(training.batch_size,))
-    seq = cfg.max_passage_length
+    per = activation_bytes_per_token(cfg, seq_len=min(cfg.max_passage_length, 512))
     tokens = rows[0]["tokens_per_step"]
     out = {"steps_per_epoch": spe, "total_steps": total, "tokens_per_step": tokens,
            "memory_gib": {("checkpointing" if r["gradient_checkpointing"] else "plain"):
                           r["total_gib"] for r in rows},
            "utilisation": utilisation, "gpus": {}}
     for name, spec in (gpus or GPUS).items():
-        fits = {mode: gib + CUDA_CONTEXT_GIB <= spec["memory_gib"]
-                for mode, gib in out["memory_gib"].items()}
-        ckpt = training.gradient_checkpointing or not fits["plain"]
-        flops = training_flops(cfg, tokens, seq, ckpt) * total
-        out["gpus"][name] = {"fits_plain": fits["plain"], "fits_checkpointing":
-                             fits["checkpointing"], "uses_checkpointing": ckpt,
+        try:
+            fitted, fit = fit_step(cfg, training, spec["memory_gib"], per=per,
+                                   grad_cache=not cfg.m3_heads)
+        except MemoryError:
+            out["gpus"][name] = {"fits": False, "gradient_checkpointing": None,
+                                 "grad_cache_chunk_size": None, "hours": None}
+            continue
+        flops = training_flops(cfg, tokens, cfg.max_passage_length,
+                               fitted.gradient_checkpointing,
+                               bool(fitted.grad_cache_chunk_size)) * total
+        out["gpus"][name] = {"fits": True, "plan_gib": fit["plan_gib"],
+                             "gradient_checkpointing": fitted.gradient_checkpointing,
+                             "grad_cache_chunk_size": fitted.grad_cache_chunk_size,
                              "hours": flops / (spec["peak_tflops"] * 1e12 * utilisation) / 3600}
     return out
 
@@ -215,7 +300,34 @@ def plan_table(plan: dict):
     import pandas as pd
 
     hours = f"估计小时数（利用率 {plan['utilisation']:.0%}）"
-    return pd.DataFrame({name: {"显存够（不用检查点）": g["fits_plain"],
-                                "显存够（梯度检查点）": g["fits_checkpointing"],
-                                hours: round(g["hours"], 2)}
+
+    def savers(g):
+        if not g["fits"]:
+            return "放不下"
+        parts = (["梯度检查点"] if g["gradient_checkpointing"] else []) + (
+            [f"GradCache 每块 {g['grad_cache_chunk_size']} 条"] if g["grad_cache_chunk_size"]
+            else [])
+        return "、".join(parts) or "不需要"
+
+    return pd.DataFrame({name: {"为放进显存选用": savers(g),
+                                "估计显存 GiB": round(g["plan_gib"], 1) if g["fits"] else None,
+                                hours: round(g["hours"], 2) if g["fits"] else None}
                          for name, g in plan["gpus"].items()}).T
+
+
+def main() -> None:
+    """Print, for every experiment of the full preset, its memory plan on each GPU of
+    :data:`GPUS`: ``python -m retrieval_lib.memory``."""
+    import pandas as pd
+
+    pd.set_option("display.width", 200)
+    for name in EXPERIMENTS:
+        exp = get_experiment(name, "full")
+        plan = training_plan(exp.model, exp.training, exp.train_size)
+        print(f"\n{name}: batch {exp.training.batch_size}, {plan['total_steps']:,} steps, "
+              f"{plan['memory_gib']['plain']:.1f} GiB as configured (plan, bf16)")
+        print(plan_table(plan).to_string())
+
+
+if __name__ == "__main__":
+    main()

@@ -424,7 +424,9 @@ def _setup(model, train, cfg: TrainingConfig, out: Path, device, unfreeze,
                "device": str(device), "world_size": world,
                "global_batch_size": cfg.batch_size * world, "skipped_steps": [],
                "steps_per_epoch": per_epoch, "unfreeze": plan.stages() if plan else None,
-               "precision": chosen, "precision_reason": why}
+               "precision": chosen, "precision_reason": why,
+               "gradient_checkpointing": cfg.gradient_checkpointing,
+               "grad_cache_chunk_size": cfg.grad_cache_chunk_size}
     return _Run(model, step_model, cfg, out, device, autocast, scaler, loss_fn, collator,
                 batches_of, optimizer, schedule, plan, history, len(train), is_main(),
                 patience_left=cfg.early_stopping_patience)

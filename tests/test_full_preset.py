@@ -144,7 +144,8 @@ def test_the_plan_before_training_has_steps_tokens_memory_and_hours():
     t4, a100 = plan["gpus"]["T4 (16 GB, Colab)"], plan["gpus"]["A100 (40 GB, Colab)"]
     # the step needs checkpointing on the T4 (14.7 GiB + context > 15) and not on the A100, so
     # the T4 also repeats the forward: 8 instead of 6 FLOPs per parameter and token
-    assert (t4["uses_checkpointing"], a100["uses_checkpointing"]) == (True, False)
+    assert (t4["gradient_checkpointing"], a100["gradient_checkpointing"]) == (True, False)
+    assert t4["grad_cache_chunk_size"] == a100["grad_cache_chunk_size"] == 0
     assert t4["hours"] / a100["hours"] == pytest.approx(312 / 65 * 8 / 6)
     assert plan["memory_gib"]["checkpointing"] < plan["memory_gib"]["plain"]
 

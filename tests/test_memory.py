@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -55,3 +57,57 @@ def test_largest_batches_reads_the_plan():
     fits = memory.largest_batches(plan, {"small": 2.0, "big": 12.5}, reserve_gib=0.5)
     assert fits == {"small": {"plain": 0, "checkpointing": 1},
                     "big": {"plain": 4, "checkpointing": 4}}
+
+
+# activation bytes per token chosen by hand, so every option's need can be worked out below
+PER = {"per_layer": 100, "outside_layers": 10, "hidden_state": 8}
+
+
+def _budget(cfg, activation_bytes):
+    """Free memory (GiB) that holds the static part and exactly ``activation_bytes`` more."""
+    static = memory.static_bytes(modeling.parameter_count_from_config(cfg))["total"]
+    return (static + activation_bytes) / memory.GIB
+
+
+def test_fit_step_keeps_the_batch_and_picks_the_cheapest_saver_that_fits():
+    """Tiny shape: 3 blocks (2 + 1 new), queries of 8 tokens, passages of 32; batch 2 with 3
+    hard negatives, so 8 passages a step. Activation bytes of each option by hand:
+    plain (2·8 + 8·32)·(100·3 + 10) = 84,320; checkpointing 272·(8·3 + 10) + 256·100 = 34,848;
+    GradCache chunks of 4 / 2 / 1 passages: 128·310 = 39,680 / 19,840 / 9,920;
+    checkpointing with chunks of 1: 32·34 + 32·100 = 4,288."""
+    cfg = _tiny()
+    training = config.TrainingConfig(1, 2, 1e-4, num_hard_negatives=3)
+
+    def fit(activation_bytes, train=training, **kw):
+        return memory.fit_step(cfg, train, _budget(cfg, activation_bytes), reserve_gib=0,
+                               per=PER, **kw)
+
+    fitted, info = fit(84_320)
+    assert (fitted, info["changed"]) == (training, [])
+    fitted, info = fit(84_319)  # one byte short: checkpointing (34,848) is the next cheapest
+    assert (fitted.gradient_checkpointing, fitted.grad_cache_chunk_size) == (True, 0)
+    assert info["plan_gib"] * memory.GIB == pytest.approx(_budget(cfg, 34_848) * memory.GIB)
+    fitted, info = fit(30_000)  # checkpointing 34,848 and chunks of 4 (39,680) are too much
+    assert (fitted.gradient_checkpointing, fitted.grad_cache_chunk_size) == (False, 2)
+    assert info["changed"] == ["grad_cache_chunk_size"] and "GradCache chunks of 2" in info["why"]
+    assert fitted.batch_size == 2 and fitted.num_hard_negatives == 3
+    fitted, _ = fit(5_000)
+    assert (fitted.gradient_checkpointing, fitted.grad_cache_chunk_size) == (True, 1)
+    with pytest.raises(MemoryError, match="does not fit"):
+        fit(4_000)
+    with pytest.raises(MemoryError):  # without GradCache (the M3 loss) checkpointing is all
+        fit(30_000, grad_cache=False)
+    # what the configuration turns on stays on: checkpointing asked for, then chunks of 2
+    fitted, _ = fit(84_320, replace(training, gradient_checkpointing=True))
+    assert (fitted.gradient_checkpointing, fitted.grad_cache_chunk_size) == (True, 0)
+    fitted, _ = fit(10_000, replace(training, gradient_checkpointing=True))
+    assert fitted.grad_cache_chunk_size == 2  # 64·34 + 64·100 = 8,576
+
+
+def test_the_full_presets_fit_a_12_gb_gpu_by_the_plan():
+    """The report's batches on an RTX 3060: the plan of every full experiment fits with the
+    savers chosen for it, and the 27M step needs them (14.7 GiB as configured)."""
+    exp = config.get_experiment("minimind27_10k", "full")
+    fitted, info = memory.fit_step(exp.model, exp.training, 12.0)
+    assert info["changed"] and info["plan_gib"] + memory.CUDA_CONTEXT_GIB <= 12.0
+    assert fitted.batch_size == exp.training.batch_size == 32

@@ -260,6 +260,29 @@ def test_the_untrained_evaluation_runs_on_the_chosen_device(tok, tmp_path, monke
     assert ("to", "cpu") in events[:first_eval]
 
 
+def test_the_step_is_fitted_to_the_memory_and_said_before_training(tok, tmp_path, capsys):
+    """Given less memory than the configured step needs, the run turns on checkpointing (same
+    batch), says so with the device and the precision before training, and records it; the run
+    folder keeps the settings asked for, so a finished run is still reused on another GPU."""
+    from retrieval_lib import memory
+
+    exp, splits = _toy_experiment(tok, tmp_path)
+    exp = replace(exp, training=toy_config(epochs=1))
+    as_configured = memory.fit_step(exp.model, exp.training, 1e6)[1]["plan_gib"]
+    result = experiment.run_experiment(exp, splits, out_dir=tmp_path / "run", show_progress=False,
+                                       device="cpu",
+                                       memory_gib=as_configured + memory.CUDA_CONTEXT_GIB - 1e-6)
+    said = capsys.readouterr().out
+    assert "cpu, fp32 (cpu: full precision by default); batch 8 (24 passages" in said
+    assert "with gradient checkpointing: plan" in said
+    assert result["history"]["gradient_checkpointing"] is True
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["fitted_to_device"]["batch_plan"]["changed"] == ["gradient_checkpointing"]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["training"]["gradient_checkpointing"] is False
+    assert saved["training"]["batch_size"] == result["history"]["global_batch_size"] == 8
+
+
 def test_run_experiment_writes_the_run_folder(tok, tmp_path):
     exp, splits = _toy_experiment(tok, tmp_path)
     result = experiment.run_experiment(exp, splits, {"note": "toy"}, out_dir=tmp_path / "run",
