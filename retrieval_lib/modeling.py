@@ -395,25 +395,61 @@ class DualTowerRetriever(nn.Module):
 
     # -- tokenisation ---------------------------------------------------------------------------
 
+    #: Texts whose token ids a retriever keeps (see :meth:`tokenize`); beyond it the cache
+    #: starts again empty, so memory stays bounded on large training sets.
+    TOKEN_CACHE_SIZE = 200_000
+
     def tokenize(self, texts: Sequence[str], tower: str = "query",
                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
         """Tokenise with truncation, padding to the longest text (rounded up to
-        ``pad_to_multiple_of``); for ``last_token`` pooling every text ends with EOS. Queries
-        get ``query_instruction`` in front (its tokens count towards the query length)."""
+        ``pad_to_multiple_of``) on the tokenizer's padding side; for ``last_token`` pooling
+        every text ends with EOS. Queries get ``query_instruction`` in front (its tokens count
+        towards the query length).
+
+        The truncated ids of each text are kept (:data:`TOKEN_CACHE_SIZE` texts): evaluation
+        encodes the same corpus every epoch and training sees its texts every epoch, and
+        tokenising long texts costs more than the small models' forward pass on the CPU."""
         max_length = self.max_query_length if tower == "query" else self.max_passage_length
+        signature = (id(self.tokenizer), self.max_query_length, self.max_passage_length,
+                     self.query_instruction, self.pooling)
+        cache = getattr(self, "_token_cache", None)
+        if cache is None or cache[0] != signature or len(cache[1]) > self.TOKEN_CACHE_SIZE:
+            cache = self._token_cache = (signature, {})
+        known = cache[1]
+        missing = list(dict.fromkeys(t for t in texts if (tower, t) not in known))
+        if missing:
+            for text, ids in zip(missing, self._token_ids(missing, tower, max_length),
+                                 strict=True):
+                known[tower, text] = ids
+        return self._pad([known[tower, t] for t in texts], pad_to_multiple_of)
+
+    def _token_ids(self, texts: list[str], tower: str, max_length: int) -> list[list[int]]:
+        tok = self.tokenizer
         if tower == "query" and self.query_instruction:
             texts = [self.query_instruction + t for t in texts]
-        tok = self.tokenizer
         if self.pooling != "last_token":
-            ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
-        else:
-            if tok.eos_token_id is None:
-                raise ValueError("last_token pooling needs a tokenizer with an EOS token")
-            enc = tok(list(texts), truncation=True, max_length=max_length - 1)
-            ids = [x if x and x[-1] == tok.eos_token_id else x + [tok.eos_token_id]
-                   for x in enc["input_ids"]]
-        return tok.pad({"input_ids": ids}, padding=True, pad_to_multiple_of=pad_to_multiple_of,
-                       return_tensors="pt")
+            return tok(texts, truncation=True, max_length=max_length)["input_ids"]
+        if tok.eos_token_id is None:
+            raise ValueError("last_token pooling needs a tokenizer with an EOS token")
+        enc = tok(texts, truncation=True, max_length=max_length - 1)
+        return [x if x and x[-1] == tok.eos_token_id else x + [tok.eos_token_id]
+                for x in enc["input_ids"]]
+
+    def _pad(self, ids: list[list[int]], pad_to_multiple_of: int | None
+             ) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` as the tokenizer's ``pad`` makes them."""
+        longest = max((len(x) for x in ids), default=0)
+        if pad_to_multiple_of:
+            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        input_ids = torch.full((len(ids), longest), self.tokenizer.pad_token_id,
+                               dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        left = self.tokenizer.padding_side == "left"
+        for row, x in enumerate(ids):
+            span = slice(longest - len(x), longest) if left else slice(0, len(x))
+            input_ids[row, span] = torch.tensor(x, dtype=torch.long)
+            mask[row, span] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
 
     # -- forward --------------------------------------------------------------------------------
 

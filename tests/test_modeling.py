@@ -156,3 +156,37 @@ def test_encoding_in_half_precision_stays_close_to_fp32(tok, precision):
     assert not np.array_equal(half, full)  # autocast did run
     cosine = (half * full).sum(axis=1)
     assert 1 - cosine.min() < 1e-4
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("arch,pooling", [("llama", "mean"), ("qwen2", "last_token")])
+def test_tokenize_equals_the_tokenizers_own_padding_and_tokenises_each_text_once(
+        tok, side, arch, pooling, monkeypatch):
+    model = _retriever(arch, tok, pooling=pooling, max_passage_length=12)
+    model.tokenizer.padding_side = side
+    model.query_instruction = "查询："
+    texts = TEXTS + [TEXTS[1]]
+    for tower, multiple in (("passage", 8), ("query", None)):
+        got = model.tokenize(texts, tower, pad_to_multiple_of=multiple)
+        # the reference: the tokenizer's own truncation and pad, as tokenize did before caching
+        shown = [model.query_instruction + t for t in texts] if tower == "query" else texts
+        limit = model.max_query_length if tower == "query" else 12
+        if pooling == "last_token":
+            ids = [x + [tok.eos_token_id] for x in
+                   tok(shown, truncation=True, max_length=limit - 1)["input_ids"]]
+        else:
+            ids = tok(shown, truncation=True, max_length=limit)["input_ids"]
+        want = tok.pad({"input_ids": ids}, padding=True, pad_to_multiple_of=multiple,
+                       return_tensors="pt")
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert torch.equal(got["attention_mask"], want["attention_mask"])
+    calls = []
+    real = type(model.tokenizer).__call__
+    monkeypatch.setattr(type(model.tokenizer), "__call__",
+                        lambda self, batch, **kw: calls.append(list(batch)) or real(self, batch,
+                                                                                    **kw))
+    model.tokenize(texts + ["新的文本"], "passage")
+    assert calls == [["新的文本"]]  # the others were tokenised above, once
+    model.max_passage_length = 10  # another truncation: the kept ids no longer apply
+    assert model.tokenize(["新的文本"], "passage")["input_ids"].shape[1] <= 10
+    assert len(calls) == 2
