@@ -25,7 +25,9 @@ def _max_error(encoder, tokenizer, reference) -> float:
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     assert batch["attention_mask"].sum(1).min() < batch["attention_mask"].shape[1]  # padding
     with torch.no_grad():
-        hidden = encoder(**batch).last_hidden_state
+        # the two inputs by name: transformers 4.x tokenizers also return token_type_ids
+        hidden = encoder(input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"]).last_hidden_state
     worst = 0.0
     for row, ids in enumerate(tokenizer(TEXTS)["input_ids"]):
         expected = reference(ids)
