@@ -1,12 +1,19 @@
 """Training and encoding throughput of this library against sentence-transformers, same run.
 
-    python benchmarks/throughput.py                 # both benchmarks, demo corpus, CPU or GPU
+    python benchmarks/throughput.py                 # one shape and precision, CPU or GPU
+    python benchmarks/throughput.py --matrix        # both shapes x both precisions, saved to
+                                                    # benchmarks/results.json, README table
     python benchmarks/throughput.py --smoke         # seconds: what CI runs
 
-Every contender starts from the same randomly initialised MiniMind-shaped retriever (the 27M
-demo twin unless ``--model`` says otherwise), the same People's Daily records, batch size, hard
-negatives, maximum lengths and temperature, and runs in its own child process, so its peak
-memory (``ru_maxrss``, or ``torch.cuda.max_memory_allocated`` on a GPU) is its own:
+Every contender starts from the same randomly initialised MiniMind-shaped retriever, the same
+People's Daily records, batch size, hard negatives, maximum lengths, temperature and precision,
+and runs in its own child process, so its peak memory (``ru_maxrss``, or
+``torch.cuda.max_memory_allocated`` on a GPU) is its own. Two shapes (``--shape``): ``demo``,
+the 27M demo twin the notebooks train (0.5M parameters, passages of 128 tokens), and ``real``,
+MiniMind-27M's real shape (8 layers x 512, random weights, passages of 256 tokens), so a ratio is
+not an artefact of a tiny model. Two precisions (``--precision``): fp32, and bf16 autocast, which
+each contender gets its own way (this library's ``precision="bf16"``; the peer's Trainer
+``bf16=True``, and a bf16 copy of the model for its ``encode``):
 
 * training: ``train_retriever`` (one epoch, the time of the training loop) against
   ``SentenceTransformerTrainer`` with ``MultipleNegativesRankingLoss(scale=1/τ)`` and with
@@ -27,9 +34,16 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 MODELS = {"minimind27": "minimind27_10k", "minimind108": "minimind108_10k",
           "qwen2": "qwen2_494_288k"}
+
+
+#: The real shapes: the full preset's model with random weights and these passage lengths.
+REAL_PASSAGE_LENGTH = 256
+RESULTS = Path(__file__).with_name("results.json")
+TABLE_START, TABLE_END = "<!-- throughput table: start -->", "<!-- throughput table: end -->"
 
 
 def _setup(args):
@@ -44,7 +58,11 @@ def _setup(args):
     texts = [r["query"] for r in records] + [p["text"] for r in records
                                              for p in r["positive_passages"]]
     tok = tokenizer.train_bpe_tokenizer(texts, vocab_size=args.vocab)
-    cfg = replace(exp.model, vocab_size=len(tok))
+    cfg = exp.model
+    if args.shape == "real":
+        full = config.get_experiment(MODELS[args.model], "full").model
+        cfg = replace(full, max_passage_length=REAL_PASSAGE_LENGTH, num_new_layers=0)
+    cfg = replace(cfg, vocab_size=len(tok))
     torch.manual_seed(0)
     model = DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False)
     training = replace(exp.training, epochs=1, batch_size=args.batch_size,
@@ -99,10 +117,13 @@ def run_contender(args) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.contender == "ours":
             model.to(device)
+            model.precision = args.precision
             encode = lambda: model.encode_passages(passages, batch_size=args.batch_size)  # noqa: E731
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 st = _st_model(model, tmp)
+            if args.precision == "bf16":
+                st = st.to(torch.bfloat16)
             encode = lambda: st.encode_document(passages, batch_size=args.batch_size)  # noqa: E731
         encode()  # warm-up
         start = time.perf_counter()
@@ -117,7 +138,7 @@ def run_contender(args) -> dict:
 
         with tempfile.TemporaryDirectory() as tmp:
             history = train_retriever(model, train, Dataset.from_list(records[-8:]), training,
-                                      tmp, show_progress=False)
+                                      tmp, show_progress=False, precision=args.precision)
         epoch = history["epochs"][0]
         seconds, samples = epoch["train_time_s"], epoch["train_samples"]
     else:
@@ -143,7 +164,8 @@ def run_contender(args) -> dict:
                 output_dir=tmp, per_device_train_batch_size=args.batch_size, num_train_epochs=1,
                 learning_rate=training.learning_rate, warmup_ratio=0.0, report_to=[],
                 save_strategy="no", logging_steps=10_000, dataloader_drop_last=True,
-                disable_tqdm=True, seed=training.seed)
+                disable_tqdm=True, seed=training.seed, bf16=args.precision == "bf16",
+                use_cpu=not torch.cuda.is_available())
             clock = _StepClock()
             trainer = SentenceTransformerTrainer(model=st, args=targs,
                                                  train_dataset=Dataset.from_dict(rows), loss=loss,
@@ -157,13 +179,102 @@ def run_contender(args) -> dict:
             "peak_memory_mb": _peak_memory_mb()}
 
 
+def _run_one(args) -> dict:
+    """Every contender of the chosen benchmarks at one shape and precision, each in a child."""
+    peers = {"train": ("ours", "st", "st-cached"), "encode": ("ours", "st")}
+    whats = ("train", "encode") if args.what == "all" else (args.what,)
+    forwarded = ["--model", args.model, "--batch-size", str(args.batch_size),
+                 "--hard-negatives", str(args.hard_negatives), "--steps", str(args.steps),
+                 "--passages", str(args.passages), "--records", str(args.records),
+                 "--vocab", str(args.vocab), "--shape", args.shape,
+                 "--precision", args.precision]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    report = {}
+    for what in whats:
+        results = {}
+        for contender in peers[what]:
+            out = subprocess.run([sys.executable, __file__, *forwarded, "--what", what,
+                                  "--contender", contender], capture_output=True, text=True,
+                                 env=env)
+            if out.returncode != 0:
+                raise RuntimeError(f"{contender} {what} failed:\n{out.stderr[-4000:]}")
+            results[contender] = json.loads(out.stdout.strip().splitlines()[-1])
+        unit = "samples/s" if what == "train" else "passages/s"
+        print(f"\n{what} ({args.model}, {args.shape} shape, {args.precision}, batch "
+              f"{args.batch_size}, {args.hard_negatives} hard negatives"
+              f"{', smoke' if args.smoke else ''}):")
+        for contender, r in results.items():
+            ratio = results["ours"]["per_second"] / r["per_second"]
+            peak = r["peak_memory_mb"]
+            print(f"  {contender:10s} {r['per_second']:9.1f} {unit}  peak {peak:8.0f} MB"
+                  + ("" if contender == "ours" else f"  ours/this = {ratio:.2f}x"))
+        report[what] = results
+    return report
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    from retrieval_lib.modeling import cpu_has_native_bf16
+
+    return {"cpu_cores": os.cpu_count(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "native_bf16_on_cpu": cpu_has_native_bf16(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+PEER_NAMES = {"st": "`SentenceTransformerTrainer` + `MultipleNegativesRankingLoss`",
+              "st-cached": "`SentenceTransformerTrainer` + `CachedMultipleNegativesRankingLoss`",
+              "st-encode": "`SentenceTransformer.encode_document`"}
+
+
+def render_table(saved: dict) -> str:
+    """The README's throughput table, from the saved results of ``--matrix``."""
+    machine = saved["machine"]
+    lines = [f"Measured {machine['date']} on {machine['cpu_cores']} CPU cores"
+             f"{', GPU ' + machine['gpu'] if machine['gpu'] else ', no GPU'}, torch "
+             f"{machine['torch']} (native bf16 on this CPU: "
+             f"{'yes' if machine['native_bf16_on_cpu'] else 'no'}); "
+             f"`python benchmarks/throughput.py --matrix` wrote `benchmarks/results.json`, and "
+             f"this table is rendered from it.", "",
+             "| shape | precision | benchmark | this library | peer | peer's figure | ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run in saved["runs"]:
+        shape, precision = run["shape"], run["precision"]
+        for what, unit in (("train", "samples/s"), ("encode", "passages/s")):
+            results = run["report"][what]
+            ours = results["ours"]["per_second"]
+            for peer, r in results.items():
+                if peer == "ours":
+                    continue
+                name = PEER_NAMES["st-encode" if what == "encode" else peer]
+                lines.append(f"| {shape} | {precision} | {what}, {unit} | {ours:.1f} | {name} | "
+                             f"{r['per_second']:.1f} | {ours / r['per_second']:.2f}× |")
+    return "\n".join(lines)
+
+
+def write_readme_table(saved: dict, readme: Path) -> None:
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    readme.write_text(text[:start] + "\n" + render_table(saved) + "\n" + text[end:],
+                      encoding="utf-8")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--what", choices=("train", "encode", "all"), default="all")
     parser.add_argument("--model", choices=tuple(MODELS), default="minimind27")
+    parser.add_argument("--shape", choices=("demo", "real"), default="demo")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--matrix", action="store_true",
+                        help="both shapes and precisions; save results.json, update the README")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--hard-negatives", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40, help="training steps per contender")
+    parser.add_argument("--real-steps", type=int, default=8,
+                        help="training steps per contender at the real shape (--matrix)")
     parser.add_argument("--passages", type=int, default=1024, help="passages to encode")
     parser.add_argument("--records", type=int, default=2400)
     parser.add_argument("--vocab", type=int, default=6400)
@@ -176,35 +287,30 @@ def main(argv=None) -> int:
     if args.contender:  # child process
         print(json.dumps(run_contender(args)))
         return 0
-    peers = {"train": ("ours", "st", "st-cached"), "encode": ("ours", "st")}
-    whats = ("train", "encode") if args.what == "all" else (args.what,)
-    forwarded = ["--model", args.model, "--batch-size", str(args.batch_size),
-                 "--hard-negatives", str(args.hard_negatives), "--steps", str(args.steps),
-                 "--passages", str(args.passages), "--records", str(args.records),
-                 "--vocab", str(args.vocab)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    report = {}
-    for what in whats:
-        results = {}
-        for contender in peers[what]:
-            out = subprocess.run([sys.executable, __file__, *forwarded, "--what", what,
-                                  "--contender", contender], capture_output=True, text=True,
-                                 env=env)
-            if out.returncode != 0:
-                print(out.stderr[-4000:], file=sys.stderr)
-                return out.returncode
-            results[contender] = json.loads(out.stdout.strip().splitlines()[-1])
-        unit = "samples/s" if what == "train" else "passages/s"
-        print(f"\n{what} ({args.model} demo shape, batch {args.batch_size}, "
-              f"{args.hard_negatives} hard negatives{', smoke' if args.smoke else ''}):")
-        for contender, r in results.items():
-            ratio = results["ours"]["per_second"] / r["per_second"]
-            peak = r["peak_memory_mb"]
-            print(f"  {contender:10s} {r['per_second']:9.1f} {unit}  peak {peak:8.0f} MB"
-                  + ("" if contender == "ours" else f"  ours/this = {ratio:.2f}x"))
-        report[what] = results
-    print(json.dumps(report))
+    if not args.matrix:
+        print(json.dumps(_run_one(args)))
+        return 0
+    runs = []
+    for shape in ("demo", "real"):
+        for precision in ("fp32", "bf16"):
+            steps = args.steps if shape == "demo" or args.smoke else args.real_steps
+            passages = args.passages if shape == "demo" or args.smoke else args.passages // 4
+            one = replace_args(args, shape=shape, precision=precision, steps=steps,
+                               passages=passages)
+            runs.append({"shape": shape, "precision": precision, "steps": steps,
+                         "passages": passages, "report": _run_one(one)})
+    saved = {"machine": _machine(), "batch_size": args.batch_size,
+             "hard_negatives": args.hard_negatives, "smoke": args.smoke, "runs": runs}
+    if not args.smoke:
+        RESULTS.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+        write_readme_table(saved, Path(__file__).resolve().parents[1] / "README.md")
+    print(render_table(saved))
+    print(json.dumps(saved))
     return 0
+
+
+def replace_args(args, **changes):
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .tokenizer import load_pretrained_tokenizer
 __all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "how_to_supply",
            "check_base_model", "resolve_base_model", "dtype_kwarg", "load_encoder",
            "count_parameters", "parameter_count_from_config", "pool", "PRECISIONS",
-           "choose_precision", "autocast_for", "DualTowerRetriever"]
+           "cpu_has_native_bf16", "choose_precision", "autocast_for", "DualTowerRetriever"]
 
 POOLINGS = ("mean", "last_token", "cls")
 
@@ -36,14 +36,26 @@ POOLINGS = ("mean", "last_token", "cls")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 matrix products natively (AVX-512 BF16 or AMX tiles),
+    as PyTorch detects it; False where the check is missing."""
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, name, None)
+        if check is not None and check():
+            return True
+    return False
+
+
 def choose_precision(device: torch.device, precision: str = "auto") -> tuple[str, str]:
     """``(precision, why)`` for computing on ``device``.
 
     ``auto`` on CUDA asks for bf16 only on GPUs that compute it natively (compute capability
     8.0 and up: A100, RTX 30/40); ``torch.cuda.is_bf16_supported()`` also counts emulation and
     would choose bf16 on a T4, which then runs far slower than fp16. On the CPU ``auto`` is
-    fp32; bf16 and fp16 can be asked for there too (autocast runs them), so every path runs in
-    the tests.
+    fp32 even where the CPU has native bf16 (:func:`cpu_has_native_bf16`): the demo's tiny
+    models run no faster in bf16 (its matrices are too small), while real-size models do (see
+    ``benchmarks/throughput.py``), so ``auto`` says when asking for bf16 would pay. bf16 and fp16
+    can be asked for on any device (autocast runs them), so every path runs in the tests.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -54,7 +66,9 @@ def choose_precision(device: torch.device, precision: str = "auto") -> tuple[str
         return ("bf16" if major >= 8 else "fp16"), (
             f"compute capability {major}.{minor}: "
             + ("native bf16" if major >= 8 else "no native bf16, fp16 with loss scaling"))
-    return "fp32", f"{device.type}: full precision by default"
+    hint = (" (this CPU has native bf16: precision='bf16' trains real-size models faster)"
+            if device.type == "cpu" and cpu_has_native_bf16() else "")
+    return "fp32", f"{device.type}: full precision by default{hint}"
 
 
 def autocast_for(device: torch.device, precision: str):

@@ -27,7 +27,10 @@ def notebook_paths(folder: str | Path | None = None) -> list[Path]:
     """The numbered notebooks in course order: by number, and the ``03_*`` experiments in
     :data:`COURSE_ORDER` (27M -> 38M -> 108M -> 186M -> 613M, then the options beyond the
     report) rather than alphabetically."""
-    folder = Path(folder) if folder is not None else project_root() / "notebooks"
+    # the checkout's notebooks, also when RETRIEVAL_HOME puts caches and runs elsewhere
+    if folder is None:
+        folder = Path(__file__).resolve().parents[1] / "notebooks"
+    folder = Path(folder)
 
     def key(path: Path):
         rank = COURSE_ORDER.index(path.stem) if path.stem in COURSE_ORDER else len(COURSE_ORDER)
@@ -65,11 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         print("no notebooks found", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else project_root() / "outputs" / "notebooks" / args.preset
-    for path in paths:
+    walls = {}
+    for i, path in enumerate(paths, 1):
         start = time.perf_counter()
-        print(f"running {path.name} with preset={args.preset} ...", flush=True)
+        print(f"[{i}/{len(paths)}] running {path.name} with preset={args.preset} ...", flush=True)
         target = run_notebook(path, out, {"preset": args.preset})
-        print(f"  done in {time.perf_counter() - start:.1f} s -> {target}", flush=True)
+        walls[path.stem] = time.perf_counter() - start
+        print(f"  done in {walls[path.stem]:.1f} s -> {target}", flush=True)
+    print(f"\nwall time per notebook (preset {args.preset}):")
+    for name, seconds in walls.items():
+        print(f"  {name:28s} {seconds:7.1f} s")
+    print(f"  {'total':28s} {sum(walls.values()):7.1f} s")
     return 0
 
 

@@ -1,18 +1,29 @@
 """The benchmark scripts run end to end in their smoke mode (seconds): CI keeps them working.
-Their numbers are not asserted: speed targets live in the scripts' printed ratios."""
+Their numbers are not asserted: speed targets live in the scripts' printed ratios. The README's
+throughput table is the one the saved results render."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 
-def test_throughput_benchmark_smoke():
+def _throughput_module():
+    spec = importlib.util.spec_from_file_location("throughput", BENCHMARKS / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_benchmark_smoke_at_the_real_shape_in_bf16():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "throughput.py"), "--smoke"],
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "throughput.py"), "--smoke",
+                          "--shape", "real", "--precision", "bf16"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -22,4 +33,18 @@ def test_throughput_benchmark_smoke():
     for results in report.values():
         for r in results.values():
             assert r["items"] > 0 and r["per_second"] > 0 and r["peak_memory_mb"] > 0
-    assert "ours/this" in out.stdout
+    assert "real shape, bf16" in out.stdout and "ours/this" in out.stdout
+
+
+def test_the_readme_table_is_rendered_from_the_saved_results():
+    module = _throughput_module()
+    saved = json.loads((BENCHMARKS / "results.json").read_text(encoding="utf-8"))
+    assert {(r["shape"], r["precision"]) for r in saved["runs"]} == {
+        (s, p) for s in ("demo", "real") for p in ("fp32", "bf16")}
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
+                   readme.index(module.TABLE_END)]
+    assert block.strip() == module.render_table(saved).strip()
+    run = saved["runs"][0]["report"]["train"]
+    ratio = run["ours"]["per_second"] / run["st"]["per_second"]
+    assert f"{ratio:.2f}×" in block
