@@ -213,16 +213,17 @@ def _run_one(args) -> dict:
 
 
 def _machine() -> dict:
-    import platform
-
+    """Where and with what the results were measured (commit, versions, CPU, GPU, date)."""
     import torch
 
     from retrieval_lib.modeling import cpu_has_native_bf16
+    from retrieval_lib.runs import environment_info
 
+    env = environment_info()
     return {"cpu_cores": os.cpu_count(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "native_bf16_on_cpu": cpu_has_native_bf16(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d")}
+            "native_bf16_on_cpu": cpu_has_native_bf16(), "commit": env["git_commit"],
+            "packages": env["packages"], "date": time.strftime("%Y-%m-%d")}
 
 
 PEER_NAMES = {"st": "`SentenceTransformerTrainer` + `MultipleNegativesRankingLoss`",
@@ -236,9 +237,9 @@ def render_table(saved: dict) -> str:
     lines = [f"Measured {machine['date']} on {machine['cpu_cores']} CPU cores"
              f"{', GPU ' + machine['gpu'] if machine['gpu'] else ', no GPU'}, torch "
              f"{machine['torch']} (native bf16 on this CPU: "
-             f"{'yes' if machine['native_bf16_on_cpu'] else 'no'}); "
-             f"`python benchmarks/throughput.py --matrix` wrote `benchmarks/results.json`, and "
-             f"this table is rendered from it.", "",
+             f"{'yes' if machine['native_bf16_on_cpu'] else 'no'}), commit "
+             f"`{machine['commit']}`; `python benchmarks/throughput.py --matrix` wrote "
+             f"`benchmarks/results.json`, and this table is rendered from it.", "",
              "| shape | precision | benchmark | this library | peer | peer's figure | ratio |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for run in saved["runs"]:

@@ -130,12 +130,12 @@ def write_markdown_report(table, preset: str, root: str | os.PathLike | None = N
     reference = table.attrs.get("reference") or "none"
     lines = [f"# Results: `{preset}` preset", "",
              f"Built by `05_results_and_plots.ipynb` from the saved runs in `runs/{preset}/` on "
-             f"{env['time_utc']} ({env['device']}, {env['cpu_count']} CPUs, torch "
-             f"{env['packages'].get('torch')}). Each cell is the mean ± sample std over the test "
-             f"queries; `% of {reference}` and `p vs {reference}` compare "
-             f"{table.attrs.get('test_metric', 'ndcg@5')} with the reference system (a paired "
-             f"randomisation test over the same queries); Δ vs base is the gain over the model "
-             f"an expansion grew from.", ""]
+             f"{env['time_utc']} at commit `{env['git_commit']}` ({env['device']}, "
+             f"{env['cpu_count']} CPUs, torch {env['packages'].get('torch')}). Each cell is the "
+             f"mean ± sample std over the test queries; `% of {reference}` and "
+             f"`p vs {reference}` compare {table.attrs.get('test_metric', 'ndcg@5')} with the "
+             f"reference system (a paired randomisation test over the same queries); Δ vs base "
+             f"is the gain over the model an expansion grew from.", ""]
     if preset == "demo":
         lines += ["The demo preset uses tiny models and the People's Daily 1998 corpus: these "
                   "numbers show that the pipeline works, not how the real models compare.", ""]
