@@ -26,7 +26,7 @@ from .data import corpus_of
 __all__ = ["REPORT_METRICS", "HEADLINE_METRICS", "rank_documents", "score_run", "aggregate",
            "bootstrap_ci", "paired_test", "summarize_metrics", "summarize_systems",
            "exact_search", "run_from_search", "qrels_for_split", "evaluate_embeddings",
-           "evaluate_retriever", "metrics_table"]
+           "evaluate_retriever", "metrics_table", "two_valued_std", "std_from_mean_table"]
 
 #: The metrics of the report's tables, in its order; the first four head every table and figure.
 REPORT_METRICS = ("recall@5", "precision@5", "ndcg@5", "mrr", "recall@10", "ndcg@10",
@@ -224,3 +224,44 @@ def metrics_table(results: Mapping[str, dict], metrics: Sequence[str], seed: int
                            f"[{low:.{digits}f}, {high:.{digits}f}]")
         rows[label] = row
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def two_valued_std(values: Sequence[float]) -> float | None:
+    """The sample std that the mean alone fixes when every value is 0 or one constant c.
+
+    With one relevant passage per query, Recall@k is 0 or 1 and Precision@k is 0 or 1/k for
+    every query: for values in {0, c} with mean m, the sample standard deviation is
+    √(m(c − m) · n/(n − 1)), so a lower std says nothing beyond a lower (or higher) mean.
+    None when the values take more than one non-zero value (NDCG, MRR).
+
+    >>> round(two_valued_std([0, 1, 1, 0, 0]), 4), round(two_valued_std([0, 0.2, 0, 0]), 4)
+    (0.5477, 0.1)
+    >>> two_valued_std([0, 0.5, 1]) is None
+    True
+    """
+    v = np.asarray(values, dtype=float)
+    nonzero = set(v[v != 0].tolist())
+    if len(nonzero) > 1 or len(v) < 2:
+        return None
+    c = nonzero.pop() if nonzero else 0.0
+    m = float(v.mean())
+    return float(np.sqrt(max(m * (c - m), 0.0) * len(v) / (len(v) - 1)))
+
+
+def std_from_mean_table(results: Mapping[str, dict], metrics: Sequence[str]):
+    """For each system and metric: the mean, the observed sample std and, for a two-valued
+    metric, the std its mean alone implies (:func:`two_valued_std`); a table for the notebooks.
+    """
+    import pandas as pd
+
+    rows = []
+    for label, result in results.items():
+        per_query = result.get("per_query", result)
+        for metric in metrics:
+            values = list(per_query[metric].values())
+            agg = aggregate(values)
+            implied = two_valued_std(values)
+            rows.append({"system": label, "metric": metric, "mean": agg["mean"],
+                         "std": agg["std"],
+                         "std_from_mean": implied if implied is not None else float("nan")})
+    return pd.DataFrame(rows).set_index(["system", "metric"])

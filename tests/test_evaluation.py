@@ -113,3 +113,28 @@ def test_qrels_for_split_uses_the_deduplicated_corpus():
     emb_q = np.array([[1, 0], [0, 1]], dtype=np.float32)
     r = evaluation.evaluate_embeddings(emb_q, np.eye(2, dtype=np.float32), qids, qrels, [1])
     assert r["aggregate"]["recall@1"]["mean"] == 1.0 and r["aggregate"]["mrr"]["mean"] == 1.0
+
+
+def test_the_std_of_a_two_valued_metric_follows_from_its_mean():
+    """One relevant passage per query: per-query Recall@5 is 0 or 1, Precision@5 0 or 0.2, so
+    their sample std is √(m(c − m)·n/(n − 1)); NDCG@5 takes other values and has no such std."""
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(7)}
+    # the relevant document at rank 1, 3, 9 (outside the top 5) or missing
+    ranks = [1, 3, 9, 1, None, 2, 7]
+    run = {}
+    for i, rank in enumerate(ranks):
+        docs = [f"x{j}" for j in range(10)]
+        if rank is not None:
+            docs[rank - 1] = f"d{i}"
+        run[f"q{i}"] = {d: 10.0 - j for j, d in enumerate(docs)}
+    result = evaluation.score_run(qrels, run, ks=(5,))
+    table = evaluation.std_from_mean_table({"sys": result}, ["recall@5", "precision@5", "ndcg@5"])
+    m = 4 / 7  # ranks 1, 3, 1, 2 are inside the top 5
+    recall = table.loc[("sys", "recall@5")]
+    assert recall["mean"] == pytest.approx(m)
+    assert recall["std"] == pytest.approx(math.sqrt(m * (1 - m) * 7 / 6), abs=1e-12)
+    assert recall["std_from_mean"] == pytest.approx(recall["std"], abs=1e-12)
+    precision = table.loc[("sys", "precision@5")]
+    assert precision["std_from_mean"] == pytest.approx(precision["std"], abs=1e-12)
+    assert precision["std"] == pytest.approx(math.sqrt(m / 5 * (0.2 - m / 5) * 7 / 6))
+    assert math.isnan(table.loc[("sys", "ndcg@5")]["std_from_mean"])
