@@ -26,7 +26,8 @@ from .data import corpus_of
 __all__ = ["REPORT_METRICS", "HEADLINE_METRICS", "rank_documents", "score_run", "aggregate",
            "bootstrap_ci", "paired_test", "summarize_metrics", "summarize_systems",
            "exact_search", "run_from_search", "qrels_for_split", "evaluate_embeddings",
-           "evaluate_retriever", "metrics_table", "two_valued_std", "std_from_mean_table"]
+           "evaluate_retriever", "metrics_table", "two_valued_std", "std_from_mean_table",
+           "comparison_sentence"]
 
 #: The metrics of the report's tables, in its order; the first four head every table and figure.
 REPORT_METRICS = ("recall@5", "precision@5", "ndcg@5", "mrr", "recall@10", "ndcg@10",
@@ -115,6 +116,23 @@ def paired_test(a: Mapping[str, float], b: Mapping[str, float], n_resamples: int
     low, high = bootstrap_ci(d, seed=seed)
     return {"mean_difference": float(d.mean()), "ci_low": low, "ci_high": high,
             "p_value": (extreme + 1) / (n_resamples + 1), "n": len(d)}
+
+
+def comparison_sentence(a: str, b: str, test: Mapping[str, float], metric: str,
+                        alpha: float = 0.05) -> str:
+    """A sentence (Chinese, for the notebooks) that says what a :func:`paired_test` of ``a``
+    minus ``b`` on ``metric`` found, with its figures: ``a`` is better or worse when p < alpha
+    and the 95% CI of the difference excludes 0, else no difference shows on this test set.
+    """
+    d, low, high, p = (test["mean_difference"], test["ci_low"], test["ci_high"],
+                       test["p_value"])
+    figures = f"（95% 置信区间 [{low:.4f}, {high:.4f}]，p = {p:.3g}）"
+    where = f"在 {test['n']} 个测试查询上，" if "n" in test else ""
+    if p < alpha and (low > 0 or high < 0):
+        word, verdict = ("高", f"差异显著，{a}更好") if d > 0 else ("低", f"差异显著，{a}更差")
+        return f"{where}{a}的 {metric} 比{b}{word} {abs(d):.4f}{figures}：{verdict}。"
+    return (f"{where}{a}与{b}的 {metric} 之差为 {d:+.4f}{figures}：在这个测试集上看不出"
+            f"两者有差异。")
 
 
 def summarize_metrics(result: dict, metrics: Sequence[str] | None = None, seed: int = 0):

@@ -138,3 +138,23 @@ def test_the_std_of_a_two_valued_metric_follows_from_its_mean():
     assert precision["std_from_mean"] == pytest.approx(precision["std"], abs=1e-12)
     assert precision["std"] == pytest.approx(math.sqrt(m / 5 * (0.2 - m / 5) * 7 / 6))
     assert math.isnan(table.loc[("sys", "ndcg@5")]["std_from_mean"])
+
+
+def test_the_comparison_sentence_says_what_the_paired_test_found():
+    better = {"mean_difference": 0.031, "ci_low": 0.012, "ci_high": 0.05, "p_value": 0.002,
+              "n": 300}
+    assert evaluation.comparison_sentence("训练后", "训练前", better, "ndcg@10") == (
+        "在 300 个测试查询上，训练后的 ndcg@10 比训练前高 0.0310（95% 置信区间 [0.0120, 0.0500]，"
+        "p = 0.002）：差异显著，训练后更好。")
+    worse = {**better, "mean_difference": -0.031, "ci_low": -0.05, "ci_high": -0.012}
+    assert evaluation.comparison_sentence("A", "B", worse, "mrr").endswith(
+        "A的 mrr 比B低 0.0310（95% 置信区间 [-0.0500, -0.0120]，p = 0.002）：差异显著，A更差。")
+    # p below alpha but the interval touches 0, or p above alpha: no difference is claimed
+    for unclear in ({**better, "ci_low": -0.001}, {**better, "p_value": 0.2}):
+        assert evaluation.comparison_sentence("A", "B", unclear, "mrr").endswith(
+            "在这个测试集上看不出两者有差异。")
+    # from a real test: two systems that differ on every query
+    a = {f"q{i}": 1.0 for i in range(20)}
+    b = {f"q{i}": 0.0 for i in range(20)}
+    assert "差异显著，A更好" in evaluation.comparison_sentence(
+        "A", "B", evaluation.paired_test(a, b), "recall@5")
