@@ -10,9 +10,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# torch first, from the CPU wheel: an unpinned torch would pull several GB of CUDA packages
+# torch first, from PyTorch's CPU wheel index: on Linux the plain pin would pull the CUDA build
+# and several GB of CUDA packages. Where that index cannot be reached, the plain pin (a machine
+# whose pip already offers the CPU wheel, as CI's does). For a CUDA build see the README.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 install: $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH_CPU)"
+	$(BIN)/pip install -q --retries 1 --timeout 20 --index-url "$(TORCH_INDEX)" "$(TORCH_CPU)" \
+		|| $(BIN)/pip install -q "$(TORCH_CPU)"
 	$(BIN)/pip install -q -r requirements.txt "$(TORCH_CPU)"
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null

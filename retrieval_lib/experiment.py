@@ -143,7 +143,9 @@ def fit_to_device(exp: ExperimentConfig, device: torch.device, precision: str = 
     a record (device, precision, batch plan, each with its reason) for ``env.json``.
     """
     precision, why = choose_precision(device, precision)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    name = (f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA "
+            f"{torch.version.cuda})" if device.type == "cuda"
+            else f"{device.type} (torch {torch.__version__})")
     info = {"device": str(device), "device_name": name, "precision": precision,
             "precision_reason": why}
     if memory_gib is None and device.type == "cuda":

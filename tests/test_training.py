@@ -273,7 +273,7 @@ def test_the_step_is_fitted_to_the_memory_and_said_before_training(tok, tmp_path
                                        device="cpu",
                                        memory_gib=as_configured + memory.CUDA_CONTEXT_GIB - 1e-6)
     said = capsys.readouterr().out
-    assert "cpu, fp32 (cpu: full precision by default" in said
+    assert f"cpu (torch {torch.__version__}), fp32 (cpu: full precision by default" in said
     assert "; batch 8 (24 passages" in said
     assert "with gradient checkpointing: plan" in said
     assert result["history"]["gradient_checkpointing"] is True
