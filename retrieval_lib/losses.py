@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .distributed import gather_with_grad, is_distributed
 
 __all__ = ["positive_columns", "similarity_matrix", "info_nce", "cross_device_info_nce",
+           "normalisation_backward", "info_nce_embedding_gradients",
            "LossOutput", "InfoNCELoss", "info_nce_score_gradients", "autograd_score_gradients",
            "random_batch", "optimise_embeddings"]
 
@@ -128,6 +129,25 @@ def info_nce_score_gradients(q: torch.Tensor, p: torch.Tensor, temperature: floa
     cols = positive_columns(n, p.shape[0]).to(grad.device)
     grad[torch.arange(n, device=grad.device), cols] -= 1.0 / (n * temperature)
     return grad
+
+
+def normalisation_backward(u: torch.Tensor, grad_unit: torch.Tensor) -> torch.Tensor:
+    """Chain rule through L2 normalisation, row by row: for ``û = u/‖u‖``,
+    ``∂L/∂u = (I − û ûᵀ) ∂L/∂û / ‖u‖`` (the part along ``û`` is removed: scaling a vector does
+    not change its direction)."""
+    norm = u.norm(dim=-1, keepdim=True)
+    unit = u / norm
+    return (grad_unit - (grad_unit * unit).sum(-1, keepdim=True) * unit) / norm
+
+
+def info_nce_embedding_gradients(u_q: torch.Tensor, u_p: torch.Tensor, temperature: float
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Analytic ``∂L/∂u_q`` and ``∂L/∂u_p`` for the vectors *before* the retriever's L2
+    normalisation (the projection's outputs): ``∂L/∂q̂ = G p̂``, ``∂L/∂p̂ = Gᵀ q̂`` with
+    ``G = ∂L/∂s`` (:func:`info_nce_score_gradients`), then :func:`normalisation_backward`."""
+    q, p = F.normalize(u_q, dim=-1), F.normalize(u_p, dim=-1)
+    grad = info_nce_score_gradients(q, p, temperature)
+    return normalisation_backward(u_q, grad @ p), normalisation_backward(u_p, grad.T @ q)
 
 
 def autograd_score_gradients(q: torch.Tensor, p: torch.Tensor, temperature: float

@@ -479,7 +479,10 @@ class DualTowerRetriever(nn.Module):
                tower: str) -> torch.Tensor:
         pooled = pool(hidden, attention_mask, self.pooling)
         projection = self.query_projection if tower == "query" else self.passage_projection
-        return nn.functional.normalize(projection(pooled).float(), dim=-1)
+        out = projection(pooled)
+        if out.dtype in (torch.float16, torch.bfloat16):  # normalise at least in fp32
+            out = out.float()
+        return nn.functional.normalize(out, dim=-1)
 
     def embed_m3(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  tower: str = "query") -> dict[str, torch.Tensor]:

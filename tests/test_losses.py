@@ -108,3 +108,40 @@ def test_random_batch_layout_and_closeness():
         assert pos > hard.min() and hard.min() > others.abs().max()
     q2, p2 = losses.random_batch(3, 2, 64, seed=0)
     assert torch.equal(q, q2) and (q2 @ p2.T).abs().max() < 0.6
+
+
+def test_gradients_through_the_retrievers_normalisation_equal_autograd(tok):
+    """∂L/∂u for the projection outputs u of a real DualTowerRetriever (float64), through its
+    L2 normalisation: the analytic chain rule equals autograd, for queries and passages."""
+    from toy import toy_model
+
+    model = toy_model(tok).double().eval()
+    n, k, tau = 3, 2, 0.05
+    queries = [f"长江新闻{i}" for i in range(n)]
+    passages = [f"黄河报道{i}，足球。" for i in range(n * (1 + k))]
+    encoded = {t: model.tokenize(texts, t) for t, texts in (("query", queries),
+                                                          ("passage", passages))}
+    outputs = {}
+
+    def keep(tower):
+        def hook(module, args, out):
+            out.retain_grad()
+            outputs[tower] = out
+        return hook
+
+    # the projection's outputs are the vectors before the normalisation inside model.embed
+    handle = model.query_projection.register_forward_hook(keep("query"))
+    q = model.embed(encoded["query"]["input_ids"], encoded["query"]["attention_mask"], "query")
+    handle.remove()
+    handle = model.passage_projection.register_forward_hook(keep("passage"))
+    p = model.embed(encoded["passage"]["input_ids"], encoded["passage"]["attention_mask"],
+                    "passage")
+    handle.remove()
+    assert q.dtype == torch.float64  # the head keeps the model's precision here
+    losses.info_nce(q, p, tau).backward()
+    analytic_q, analytic_p = losses.info_nce_embedding_gradients(
+        outputs["query"].detach(), outputs["passage"].detach(), tau)
+    torch.testing.assert_close(analytic_q, outputs["query"].grad, atol=1e-10, rtol=0)
+    torch.testing.assert_close(analytic_p, outputs["passage"].grad, atol=1e-10, rtol=0)
+    # the normalisation removes the radial part: each gradient is orthogonal to its vector
+    assert (analytic_q * outputs["query"].detach()).sum(-1).abs().max() < 1e-12

@@ -50,6 +50,8 @@ def check_01(summary, home):
 
 def check_02(summary, home):
     assert summary["max_abs_gradient_error"] < 1e-10 and summary["chain_rule_error"] < 1e-10
+    assert summary["passage_gradient_error"] < 1e-10
+    assert summary["normalisation_gradient_error"] < 1e-10
     probs = summary["positive_probability_by_tau"]
     assert probs["1.0"] < probs["0.1"] < probs["0.05"] < probs["0.01"]
     share = summary["hard_negative_gradient_share"]
