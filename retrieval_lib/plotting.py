@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,8 @@ from .config import project_root
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bundled_cjk_font", "CJK_FONTS", "setup_cjk_font", "figures_dir", "save_figure",
+__all__ = ["bundled_cjk_font", "CJK_FONTS", "setup_cjk_font", "figures_dir", "figure_title",
+           "file_slug", "save_figure",
            "plot_length_distributions",
            "plot_split_counts", "plot_temperature_softmax", "plot_negative_gradients",
            "plot_optimisation_history", "plot_training_curves", "plot_metric_bars",
@@ -108,12 +110,30 @@ def figures_dir() -> Path:
     return path
 
 
+def figure_title(fig) -> str:
+    """The figure's title (its suptitle, else the first axes title), as a reader sees it."""
+    if fig._suptitle is not None and fig._suptitle.get_text():
+        return fig._suptitle.get_text()
+    return next((ax.get_title() for ax in fig.axes if ax.get_title()), "")
+
+
+def file_slug(text: str) -> str:
+    """``text`` as a file-name part: lower case, runs of other characters as one ``-``.
+
+    >>> file_slug("MiniMind-108M (demo)")
+    'minimind-108m-demo'
+    """
+    return re.sub(r"[^0-9a-z]+", "-", text.lower()).strip("-")
+
+
 def save_figure(fig, notebook: str, name: str, folder: str | Path | None = None) -> Path:
-    """Save ``fig`` as ``<folder>/<notebook>_<name>.png`` (folder defaults to ``figures/``)."""
+    """Save ``fig`` as ``<folder>/<notebook>_<name>.png`` (folder defaults to ``figures/``),
+    with the figure's title in the PNG's ``Title`` field, so a file can be checked against
+    what its name says."""
     out = Path(folder) if folder is not None else figures_dir()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{notebook}_{name}.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Title": figure_title(fig)})
     return path
 
 

@@ -208,12 +208,26 @@ def check_05(summary, home):
     assert summary["options"][studies.OPTION_LABELS["dense"]] == summary["ndcg@5"]["minimind27_10k"]
     assert summary["data_scaling"] == {"MiniMind-108M (demo)": {
         "minimind108_10k": 600, "minimind108_96k": 1200, "minimind108_288k": 1800}}
+    # Recall@5 and Precision@5 take two values: their std is fixed by the mean (an identity)
+    assert summary["std_identity_error"] < 1e-9
     report = Path(summary["report"])
     assert report == home / "reports" / "results_demo.md"
     text = report.read_text(encoding="utf-8")
     assert all(f"| {name} |" in text for name in saved)
-    return ["data_scaling", "efficiency_frontier", "metric_bars", "per_query_distributions",
-            "training_curves"]
+    # each file holds the figure its name says: the title saved in the PNG
+    titles = {"data_scaling_minimind-108m-demo": "MiniMind-108M (demo)：指标随训练数据量的变化",
+              "efficiency_frontier": "参数量与 NDCG@5", "metric_bars": "所有运行的测试集指标",
+              "per_query_distributions": "逐查询 NDCG@5 的分布", "training_curves": "所有训练运行"}
+    for name, title in titles.items():
+        assert _png_title(home / "figures" / f"05_results_and_plots_{name}.png").startswith(title)
+    return sorted(titles)
+
+
+def _png_title(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.text.get("Title", "")
 
 
 CHECKS = {"01_data_preprocessing": check_01, "02_loss_and_gradients": check_02,
@@ -248,3 +262,4 @@ def test_notebook_runs_with_demo_preset(path, home, monkeypatch):
     figures = CHECKS[path.stem](summary, home)
     written = sorted(p.name for p in (home / "figures").glob(f"{path.stem}_*.png"))
     assert written == [f"{path.stem}_{name}.png" for name in figures]
+    assert all(_png_title(home / "figures" / name) for name in written)  # every figure titled
