@@ -153,6 +153,11 @@ def _check_text(value, where: str, field_name: str) -> str:
                         f"{type(value).__name__}")
     if "\x00" in value:
         raise DataError(f"{where}: field '{field_name}': contains a NUL byte")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a "\ud800" escape
+        raise DataError(f"{where}: field '{field_name}': character {exc.start + 1} is a lone "
+                        f"surrogate ({value[exc.start]!r}), not text") from None
     if not value.strip():
         raise DataError(f"{where}: field '{field_name}': empty or whitespace-only text")
     return value
@@ -328,6 +333,9 @@ def read_jsonl(path: str | os.PathLike, *, source: str | None = None,
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{where}: invalid JSON ({exc.msg} at column "
                                     f"{exc.colno})") from None
+                except RecursionError:  # e.g. a line of 200,000 nested "["
+                    raise DataError(f"{where}: invalid JSON (nested too deeply to "
+                                    f"parse)") from None
                 if converter is not None:
                     obj = converter(obj, where)
                 record = validate_record(obj, where, source=source, report=report,

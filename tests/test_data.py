@@ -56,6 +56,10 @@ BAD_LINES = [
      "undecodable byte at column 12"),
     ("source not a string", json.dumps({"query": "q", "positive_passages": [{"text": "p"}],
                                         "source": 1}).encode(), "'source'"),
+    ("lone surrogate", b'{"query": "\\ud800\u67e5\u8be2", "positive_passages": [{"text": "p"}]}',
+     "'query': character 1 is a lone surrogate"),
+    ("nested too deeply", b'{"query": "q", "positive_passages": [{"text": "p"}], "neg": '
+     + b"[" * 200_000, "invalid JSON (nested too deeply"),
     ("query equal to its only positive",
      json.dumps({"query": "同一句话", "positive_passages": [{"text": " 同一句话 "}]}).encode(),
      "'positive_passages[0].text': identical to the query"),
@@ -398,3 +402,14 @@ def test_collect_lengths_in_characters():
                                            "t": {"query": [1], "passage": [4, 1]}}
     table = data.summarize_lengths(data.collect_lengths(split))
     assert table.loc[("t", "passage"), "mean"] == 2.5
+
+
+def test_lenient_mode_counts_surrogates_and_deep_nesting_instead_of_crashing(tmp_path):
+    lines = [json.dumps(GOOD).encode(),
+             b'{"query": "\\ud800x", "positive_passages": [{"text": "p"}]}',
+             b'{"query": "q", "positive_passages": [{"text": "p"}], "neg": ' + b"[" * 200_000]
+    path = _write(tmp_path / "bad.jsonl", lines, mode="wb")
+    report = LoadReport()
+    kept = list(records.read_jsonl(path, strict=False, report=report))
+    assert len(kept) == 1 and report.read == 3
+    assert report.dropped == {"invalid_record": 1, "invalid_json": 1}
