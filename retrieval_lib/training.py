@@ -34,6 +34,7 @@ from .checkpoint import (
     load_checkpoint,
     remove_partial,
     save_checkpoint,
+    verify_checkpoint,
 )
 from .config import TrainingConfig
 from .data import corpus_of
@@ -46,7 +47,8 @@ from .mining import DenseSearcher, mine_hard_negatives
 from .modeling import PRECISIONS, autocast_for, choose_precision
 
 __all__ = ["set_seed", "RetrievalCollator", "LengthGroupedBatchSampler", "steps_per_epoch",
-           "make_optimizer", "make_loss", "training_device", "PRECISIONS", "mixed_precision",
+           "make_optimizer", "make_loss", "training_device", "data_fingerprint", "PRECISIONS",
+           "mixed_precision",
            "enable_checkpointing", "train_retriever", "CHECKPOINTS", "VALIDATION_METRIC"]
 
 #: The validation metric that picks the best epoch.
@@ -301,14 +303,42 @@ _RESUMABLE_CHANGES = ("checkpoint_steps", "keep_checkpoints", "gradient_checkpoi
                       "grad_cache_chunk_size")
 
 
+def data_fingerprint(train) -> str:
+    """SHA-256 (16 hex digits) of the training records' texts, in order: resuming on other data
+    of the same size is refused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for row in train:
+        for text in [row["query"], *(p["text"] for p in row["positive_passages"]),
+                     *(p["text"] for p in row["negative_passages"])]:
+            h.update(text.encode("utf-8"))
+            h.update(b"\x00")
+        h.update(b"\x01")
+    return h.hexdigest()[:16]
+
+
 def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer, schedule,
-                  scaler, collator) -> dict | None:
+                  scaler, collator, fingerprint: str, world: int) -> dict | None:
     """Load the newest good checkpoint of ``out`` (None when there is none) and check that it
     was written by this training setup."""
     from dataclasses import asdict
 
     folder = latest_checkpoint(out / CHECKPOINTS)
     if folder is None:
+        unreadable = list_checkpoints(out / CHECKPOINTS)
+        if unreadable:  # never start over on top of checkpoints that could not be read
+            faults = []
+            for broken in unreadable:
+                try:
+                    verify_checkpoint(broken)
+                except CheckpointError as exc:
+                    faults.append(f"  {exc}")
+            raise CheckpointError(
+                f"resume=True, but none of the {len(unreadable)} checkpoints in "
+                f"{out / CHECKPOINTS} can be verified; nothing was deleted:\n"
+                + "\n".join(faults) + "\nRepair or move them away, or start again with "
+                "resume=False (which deletes them)")
         return None
     state = load_checkpoint(folder, model, optimizer, schedule, scaler)
     saved, current = state["config"], json.loads(json.dumps(asdict(cfg)))  # tuples -> lists
@@ -316,6 +346,13 @@ def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer
     changes = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differs]
     if state["train_records"] != n_train:
         changes.append(f"training records: {state['train_records']} -> {n_train}")
+    elif state.get("train_fingerprint", fingerprint) != fingerprint:
+        changes.append(f"training data: {n_train} records, but not the same ones (fingerprint "
+                       f"{state['train_fingerprint']} -> {fingerprint})")
+    saved_world = state["history"].get("world_size", world)
+    if saved_world != world:
+        changes.append(f"processes (world size): {saved_world} -> {world}, which changes every "
+                       f"batch")
     if changes:
         raise CheckpointError(
             f"{folder} was written by another training setup ({'; '.join(changes)}); resume "
@@ -369,6 +406,7 @@ class _Run:
     history: dict
     n_train: int
     main: bool
+    fingerprint: str = ""
     step: int = 0
     best: float = -math.inf
     best_step: int | None = None
@@ -381,6 +419,7 @@ class _Run:
         save_checkpoint(self.out / CHECKPOINTS, self.step, self.model, self.optimizer,
                         self.schedule, self.scaler, {
                             "config": asdict(self.cfg), "train_records": self.n_train,
+                            "train_fingerprint": self.fingerprint,
                             "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": self.step,
                             "best": None if self.best == -math.inf else self.best,
                             "best_step": self.best_step, "patience_left": self.patience_left,
@@ -429,7 +468,7 @@ def _setup(model, train, cfg: TrainingConfig, out: Path, device, unfreeze,
                "grad_cache_chunk_size": cfg.grad_cache_chunk_size}
     return _Run(model, step_model, cfg, out, device, autocast, scaler, loss_fn, collator,
                 batches_of, optimizer, schedule, plan, history, len(train), is_main(),
-                patience_left=cfg.early_stopping_patience)
+                fingerprint=data_fingerprint(train), patience_left=cfg.early_stopping_patience)
 
 
 def _resume_or_start(run: _Run, resume: bool, show_progress: bool) -> tuple[int, int, bool]:
@@ -437,7 +476,8 @@ def _resume_or_start(run: _Run, resume: bool, show_progress: bool) -> tuple[int,
     already done and True), else clear what an earlier run left (``(1, 0, False)``)."""
     ckpt_root = run.out / CHECKPOINTS
     state = _resume_state(run.out, run.cfg, run.n_train, run.model, run.optimizer,
-                          run.schedule, run.scaler, run.collator) if resume else None
+                          run.schedule, run.scaler, run.collator, run.fingerprint,
+                          run.history["world_size"]) if resume else None
     if run.main:
         removed = remove_partial(ckpt_root)
         if removed:

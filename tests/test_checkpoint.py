@@ -134,6 +134,36 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tok, data, tmp_path):
         "grad_cache_chunk_size": [0, 4]}
 
 
+def test_resume_refuses_other_training_data_of_the_same_size(tok, data, tmp_path):
+    train, val = data
+    training.train_retriever(toy_model(tok), train, val, toy_config(epochs=1, batch_size=8),
+                             tmp_path, show_progress=False)
+    other = Dataset.from_list(toy_records(40, 99))  # 40 records as before, other texts
+    with pytest.raises(CheckpointError, match=r"training data: 40 records, but not the same"):
+        training.train_retriever(toy_model(tok), other, val, toy_config(epochs=1, batch_size=8),
+                                 tmp_path, show_progress=False, resume=True)
+    assert training.data_fingerprint(train) == training.data_fingerprint(list(train))
+    assert training.data_fingerprint(train) != training.data_fingerprint(other)
+
+
+def test_resume_never_deletes_checkpoints_it_cannot_read(tok, data, tmp_path):
+    """Every checkpoint unreadable (no manifest): resume stops, names each folder and its fault,
+    and leaves them all in place instead of starting over on top of them."""
+    folders = _two_checkpoints(tok, data, tmp_path)
+    for folder in folders:
+        (folder / checkpoint.MANIFEST).unlink()
+    before = sorted(p.name for f in folders for p in f.iterdir())
+    train, val = data
+    with pytest.raises(CheckpointError) as err:
+        training.train_retriever(toy_model(tok), train, val,
+                                 toy_config(epochs=1, batch_size=8, checkpoint_steps=2), tmp_path,
+                                 show_progress=False, resume=True)
+    message = str(err.value)
+    assert "nothing was deleted" in message
+    assert all(f"{folder}: no {checkpoint.MANIFEST}" in message for folder in folders)
+    assert sorted(p.name for f in folders for p in f.iterdir()) == before
+
+
 def _two_checkpoints(tok, data, tmp_path):
     train, val = data
     training.train_retriever(toy_model(tok), train, val,
