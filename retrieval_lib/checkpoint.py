@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -32,10 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_optimizer_state",
-           "latest_checkpoint",
-           "verify_checkpoint", "list_checkpoints", "remove_partial", "rng_state", "set_rng_state",
-           "atomic_save_model", "file_sha256"]
+__all__ = ["CheckpointError", "WEIGHT_LIMIT", "save_checkpoint", "load_checkpoint",
+           "load_optimizer_state", "latest_checkpoint", "verify_checkpoint", "list_checkpoints",
+           "remove_partial", "rng_state", "set_rng_state", "atomic_save_model", "file_sha256"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ _NAME = re.compile(r"^step-(\d{8})$")
 def _folder_name(step: int) -> str:
     return f"step-{step:08d}"
 _FILES = ("model.safetensors", "optimizer.pt", "state.pt", "trainer_state.json")
+
+#: A checkpoint whose largest weight (in absolute value) is above this, or not finite, is not a
+#: good one to continue from: pretrained transformers keep their weights far below 100, and a
+#: run that diverged (e.g. to 4.6e13 before its loss became NaN) would only diverge again.
+WEIGHT_LIMIT = 1e4
 
 
 class CheckpointError(RuntimeError):
@@ -120,7 +125,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, schedu
     for name in _FILES:
         _fsync(tmp / name)
         files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2),
+    largest = max((p.detach().abs().max().item() for p in model.parameters() if p.numel()),
+                  default=0.0)
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files,
+                                            "max_abs_weight": largest}, indent=2),
                                 encoding="utf-8")
     _fsync(tmp / MANIFEST)
     if final.exists():  # the same step saved again after a resume: replace it
@@ -152,7 +160,7 @@ def _prune(root: Path, keep: int, protect: int | None) -> None:
 
 def verify_checkpoint(folder: str | os.PathLike) -> None:
     """Raise :class:`CheckpointError` unless every file of the manifest is there with its
-    size and checksum."""
+    size and checksum, and the weights it holds are finite and at most :data:`WEIGHT_LIMIT`."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.exists():
@@ -174,6 +182,10 @@ def verify_checkpoint(folder: str | os.PathLike) -> None:
                                   f"{files[name]['bytes']} (truncated?)")
         if file_sha256(path) != files[name]["sha256"]:
             raise CheckpointError(f"{path}: checksum differs from the manifest (corrupt)")
+    largest = manifest.get("max_abs_weight", 0.0)  # older checkpoints do not record it
+    if not math.isfinite(largest) or largest > WEIGHT_LIMIT:
+        raise CheckpointError(f"{folder}: the weights diverged (largest |w| = {largest:.3g}, "
+                              f"above {WEIGHT_LIMIT:g}); not a good checkpoint to continue from")
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:

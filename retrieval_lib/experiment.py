@@ -164,15 +164,16 @@ def fit_to_device(exp: ExperimentConfig, device: torch.device, precision: str = 
 def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None = None,
                    out_dir: str | Path | None = None, show_progress: bool = True,
                    resume: bool = False, device=None, precision: str = "auto",
-                   memory_gib: float | None = None) -> dict:
+                   memory_gib: float | None = None, resume_overrides=()) -> dict:
     """Untrained evaluation, training, test evaluation of the best epoch; writes the run folder.
 
-    ``resume=True`` continues an interrupted training from its newest good checkpoint (see
-    :func:`~retrieval_lib.training.train_retriever`). ``device`` (default: the GPU when there
-    is one, :func:`~retrieval_lib.training.training_device`) holds the model before its first
-    encoding, so the untrained evaluation runs there too, not on the CPU. Before anything
-    runs, :func:`fit_to_device` chooses the precision (``precision``) and the memory savers
-    for the free GPU memory (or ``memory_gib``) and says so.
+    ``resume=True`` continues an interrupted training from its newest good checkpoint, with
+    ``resume_overrides`` as in :func:`~retrieval_lib.training.train_retriever`. ``device``
+    (default: the GPU when there is one, :func:`~retrieval_lib.training.training_device`)
+    holds the model before its first encoding, so the untrained evaluation runs there too, not
+    on the CPU. Before anything runs, :func:`fit_to_device` chooses the precision
+    (``precision``) and the memory savers for the free GPU memory (or ``memory_gib``) and says
+    so.
 
     ``exp.model.base_model`` must point at loadable weights (see :func:`prepare_base_model`).
     When ``exp.model.num_new_layers`` > 0 the base model is first expanded
@@ -207,7 +208,7 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
     train = splits.subset(exp.subset)
     history = train_retriever(model, train, splits.validation, training, out, device=device,
                               show_progress=show_progress, unfreeze=schedule, resume=resume,
-                              precision=precision)
+                              precision=precision, resume_overrides=resume_overrides)
     best = DualTowerRetriever.load(out / "best", device=next(model.parameters()).device)
     best.precision = precision
     test = evaluate_retriever(best, splits.test)
@@ -312,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                              "never needs this: it is converted to a Llama model)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest good checkpoint of the run folder")
+    parser.add_argument("--resume-override", action="append", default=[], metavar="SETTING",
+                        help="with --resume: a training setting that may differ from the "
+                             "checkpoint's (e.g. learning_rate after a divergence); recorded")
     args = parser.parse_args(argv)
     exp = with_overrides(get_experiment(args.experiment, args.preset), data_dir=args.data_dir,
                          model_path=args.model_path, epochs=args.epochs,
@@ -325,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     splits = main_first(lambda: prepare_data(exp.data))
     exp, base_info = main_first(lambda: prepare_base_model(exp, splits))
     result = run_experiment(exp, splits, base_info, show_progress=is_main(),
-                            resume=args.resume, precision=args.precision)
+                            resume=args.resume, precision=args.precision,
+                            resume_overrides=tuple(args.resume_override))
     if is_main():
         print(json.dumps(result_summary(result), indent=2, default=str))
     return 0

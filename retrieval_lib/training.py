@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import (
+    WEIGHT_LIMIT,
     CheckpointError,
     atomic_save_model,
     latest_checkpoint,
@@ -319,7 +320,8 @@ def data_fingerprint(train) -> str:
 
 
 def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer, schedule,
-                  scaler, collator, fingerprint: str, world: int) -> dict | None:
+                  scaler, collator, fingerprint: str, world: int,
+                  overrides: Sequence[str] = ()) -> dict | None:
     """Load the newest good checkpoint of ``out`` (None when there is none) and check that it
     was written by this training setup."""
     from dataclasses import asdict
@@ -342,7 +344,11 @@ def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer
         return None
     state = load_checkpoint(folder, model, optimizer, schedule, scaler)
     saved, current = state["config"], json.loads(json.dumps(asdict(cfg)))  # tuples -> lists
-    differs = [k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    unknown = sorted(set(overrides) - set(current))
+    if unknown:
+        raise ValueError(f"resume_overrides names no training setting: {', '.join(unknown)}")
+    allowed = set(_RESUMABLE_CHANGES) | set(overrides)
+    differs = [k for k in current if k not in allowed and saved.get(k) != current[k]]
     changes = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in differs]
     if state["train_records"] != n_train:
         changes.append(f"training records: {state['train_records']} -> {n_train}")
@@ -357,8 +363,8 @@ def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer
         raise CheckpointError(
             f"{folder} was written by another training setup ({'; '.join(changes)}); resume "
             f"with the same settings or start again with resume=False")
-    state["changed"] = {k: [saved.get(k), current[k]] for k in _RESUMABLE_CHANGES
-                        if saved.get(k) != current[k]}
+    state["changed"] = {k: [saved.get(k), current[k]] for k in current
+                        if k in allowed and saved.get(k) != current[k]}
     collator.rng.setstate((state["collator"]["rng"][0], tuple(state["collator"]["rng"][1]),
                            state["collator"]["rng"][2]))
     for key in ("short_negatives", "random_negatives", "tokens", "pad_tokens"):
@@ -471,13 +477,14 @@ def _setup(model, train, cfg: TrainingConfig, out: Path, device, unfreeze,
                 fingerprint=data_fingerprint(train), patience_left=cfg.early_stopping_patience)
 
 
-def _resume_or_start(run: _Run, resume: bool, show_progress: bool) -> tuple[int, int, bool]:
+def _resume_or_start(run: _Run, resume: bool, show_progress: bool,
+                     overrides: Sequence[str] = ()) -> tuple[int, int, bool]:
     """Restore the newest good checkpoint when resuming (returns its epoch, the batches of it
     already done and True), else clear what an earlier run left (``(1, 0, False)``)."""
     ckpt_root = run.out / CHECKPOINTS
     state = _resume_state(run.out, run.cfg, run.n_train, run.model, run.optimizer,
                           run.schedule, run.scaler, run.collator, run.fingerprint,
-                          run.history["world_size"]) if resume else None
+                          run.history["world_size"], overrides) if resume else None
     if run.main:
         removed = remove_partial(ckpt_root)
         if removed:
@@ -536,9 +543,13 @@ def _train_step(run: _Run, batch: dict, epoch: int) -> float | None:
         where = (f"loss is {out.loss.item()} at step {run.step} (epoch {epoch}); last finite "
                  f"loss: {last}")
         if scaler is None:
+            good = latest_checkpoint(run.out / CHECKPOINTS)
             raise FloatingPointError(
-                f"{where}. The last good checkpoint, {_newest_checkpoint(run.out / CHECKPOINTS)}"
-                f", is kept: lower the learning rate and continue with resume=True")
+                f"{where}. The last good checkpoint (verified, finite weights of at most "
+                f"{WEIGHT_LIMIT:g}) is {good or 'none yet'}: lower the learning rate and "
+                f"continue from it with resume=True, resume_overrides=('learning_rate',) "
+                f"(shell: --resume --resume-override learning_rate); the change is recorded "
+                f"in the history")
         # the scaler sees the non-finite gradients, skips the optimizer step and backs its scale
         # off (on the first step too, before any scale exists, where a manual update() fails)
         logger.warning("%s; step skipped (fp16 loss scale %s)", where, scaler.get_scale())
@@ -619,7 +630,7 @@ def _finish(run: _Run) -> dict:
 def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str | Path,
                     device: str | torch.device | None = None, show_progress: bool = True,
                     eval_batch_size: int = 32, unfreeze=None, resume: bool = False,
-                    precision: str = "auto") -> dict:
+                    precision: str = "auto", resume_overrides: Sequence[str] = ()) -> dict:
     """Train ``model`` on ``train`` (records), validate on ``validation`` each epoch.
 
     ``unfreeze`` (an :class:`~retrieval_lib.expansion.UnfreezeSchedule`) sets which new layers
@@ -637,9 +648,13 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
     ``cfg.checkpoint_steps`` steps and after every epoch. ``resume=True`` continues from the
     newest good one (model, optimizer, schedule, scaler, RNG states, position in the epoch,
     early-stopping state and history), so that a killed run ends as an uninterrupted one
-    would; without a checkpoint it starts from the beginning. ``resume=False`` deletes old
-    checkpoints. A non-finite loss stops the run with the step, the last finite loss and the
-    last good checkpoint (under the fp16 scaler the step is skipped and counted instead).
+    would; without a checkpoint it starts from the beginning, and with checkpoints none of
+    which verifies it stops and deletes nothing. A resume refuses other settings, data or
+    world size, except memory savers and the settings named in ``resume_overrides`` (e.g.
+    ``("learning_rate",)`` after a divergence); each change is recorded in the history.
+    ``resume=False`` deletes old checkpoints. A non-finite loss stops the run with the step,
+    the last finite loss and the last good checkpoint (under the fp16 scaler the step is
+    skipped and counted instead).
 
     ``precision`` (:data:`PRECISIONS`, :func:`mixed_precision`) is recorded in the history with
     the reason it was chosen. The loss comes from :func:`make_loss`. Under ``torchrun`` every
@@ -655,7 +670,8 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
     handler = _file_logger(out) if is_main() else None
     try:
         run = _setup(model, train, cfg, out, device, unfreeze, precision)
-        first_epoch, skip, resuming = _resume_or_start(run, resume, show_progress)
+        first_epoch, skip, resuming = _resume_or_start(run, resume, show_progress,
+                                                       resume_overrides)
         logger.info("training on %s: %d records, %d steps, %s", run.device, len(train),
                     run.history["total_steps"], cfg)
         per_epoch, rows = run.history["steps_per_epoch"], train
@@ -694,9 +710,3 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
         if handler is not None:
             logger.removeHandler(handler)
             handler.close()
-
-
-def _newest_checkpoint(root: Path) -> str:
-    """The newest checkpoint folder under ``root`` for messages ("none yet" when none)."""
-    folders = list_checkpoints(root)
-    return str(folders[-1]) if folders else "none yet"

@@ -245,10 +245,54 @@ def test_nan_loss_stops_with_step_last_loss_and_keeps_the_checkpoint(tok, data, 
     assert "loss is nan at step 4 (epoch 1)" in message
     assert f"last finite loss: {losses[2]}" in message  # the loss of step 3
     good = tmp_path / "checkpoints" / "step-00000002"
-    assert str(good) in message and "resume=True" in message
+    assert str(good) in message and "resume_overrides=('learning_rate',)" in message
     checkpoint.verify_checkpoint(good)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "checkpoints")] == [good.name]
     assert not (tmp_path / "history.json").exists()
+
+
+def test_the_nan_advice_can_be_followed_and_the_change_is_recorded(tok, data, tmp_path,
+                                                                  monkeypatch):
+    """After a NaN stop the advice is to lower the learning rate and resume: that resume is
+    allowed only when asked for by name, and the changed value goes into the history."""
+    _nan_at(monkeypatch, 4)
+    train, val = data
+    with pytest.raises(FloatingPointError):
+        training.train_retriever(toy_model(tok), train, val,
+                                 toy_config(epochs=1, batch_size=8, checkpoint_steps=2), tmp_path,
+                                 show_progress=False)
+    monkeypatch.undo()
+    lower = toy_config(epochs=1, batch_size=8, checkpoint_steps=2, learning_rate=1e-4)
+    with pytest.raises(CheckpointError, match="learning_rate"):
+        training.train_retriever(toy_model(tok), train, val, lower, tmp_path,
+                                 show_progress=False, resume=True)
+    with pytest.raises(ValueError, match="names no training setting: learning_rat"):
+        training.train_retriever(toy_model(tok), train, val, lower, tmp_path,
+                                 show_progress=False, resume=True,
+                                 resume_overrides=("learning_rat",))
+    history = training.train_retriever(toy_model(tok), train, val, lower, tmp_path,
+                                       show_progress=False, resume=True,
+                                       resume_overrides=("learning_rate",))
+    assert history["resumed_from"][-1]["step"] == 2
+    assert history["resumed_from"][-1]["changed_settings"] == {"learning_rate": [0.003, 1e-4]}
+    assert len(history["steps"]) == 5
+
+
+def test_a_checkpoint_with_diverged_weights_is_not_good(tok, data, tmp_path):
+    """Weights of 4.6e13 (a run about to produce NaN) verify as files but are not a good place
+    to continue from: the previous checkpoint is used, and the message says why."""
+    model = toy_model(tok)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    root = tmp_path / "checkpoints"
+    checkpoint.save_checkpoint(root, 1, model, optimizer, schedule, None, {"step": 1})
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = 4.6e13
+    diverged = checkpoint.save_checkpoint(root, 2, model, optimizer, schedule, None, {"step": 2})
+    with pytest.raises(CheckpointError, match=r"weights diverged \(largest \|w\| = 4.6e\+13"):
+        checkpoint.verify_checkpoint(diverged)
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint step-00000002"):
+        assert checkpoint.latest_checkpoint(root).name == "step-00000001"
 
 
 def test_nan_loss_under_the_fp16_scaler_skips_the_step(tok, data, tmp_path, monkeypatch):
