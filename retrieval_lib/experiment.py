@@ -149,6 +149,7 @@ def fit_to_device(exp: ExperimentConfig, device: torch.device, precision: str = 
     info = {"device": str(device), "device_name": name, "precision": precision,
             "precision_reason": why}
     if memory_gib is None and device.type == "cuda":
+        torch.cuda.empty_cache()  # what an earlier run of this process left cached is free too
         memory_gib = torch.cuda.mem_get_info(device)[0] / GIB
     training = exp.training
     if memory_gib is None:
