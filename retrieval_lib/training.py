@@ -49,8 +49,8 @@ from .modeling import PRECISIONS, autocast_for, choose_precision
 
 __all__ = ["set_seed", "RetrievalCollator", "LengthGroupedBatchSampler", "steps_per_epoch",
            "make_optimizer", "make_loss", "training_device", "data_fingerprint", "PRECISIONS",
-           "mixed_precision",
-           "enable_checkpointing", "train_retriever", "CHECKPOINTS", "VALIDATION_METRIC"]
+           "mixed_precision", "enable_checkpointing", "train_retriever", "CHECKPOINTS",
+           "VALIDATION_METRIC"]
 
 #: The validation metric that picks the best epoch.
 VALIDATION_METRIC = "ndcg@10"
