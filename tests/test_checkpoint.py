@@ -423,3 +423,21 @@ def test_resumed_optimizer_state_sits_where_a_fresh_optimizer_puts_it(tmp_path):
         assert state["exp_avg"].device.type == "meta"
         assert state["exp_avg_sq"].device.type == "meta"
         assert state["step"].device.type == "cpu" and state["step"].item() == 1
+
+
+def test_the_fp16_loss_scale_survives_a_checkpoint(tok, tmp_path):
+    """Resuming under fp16 continues with the loss scale the run had reached (and its growth
+    counter), not a fresh scale of 65536."""
+    model = toy_model(tok)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    scaler.scale(torch.ones(1))  # the scale exists from the first scale() on
+    scaler.update(new_scale=77.0)
+    saved = scaler.state_dict()
+    folder = checkpoint.save_checkpoint(tmp_path, 1, model, optimizer, schedule, scaler,
+                                        {"step": 1})
+    fresh = torch.amp.GradScaler("cpu", growth_interval=3)
+    checkpoint.load_checkpoint(folder, toy_model(tok), torch.optim.AdamW(model.parameters()),
+                               torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), fresh)
+    assert fresh.get_scale() == 77.0 and fresh.state_dict() == saved

@@ -413,3 +413,23 @@ def test_lenient_mode_counts_surrogates_and_deep_nesting_instead_of_crashing(tmp
     kept = list(records.read_jsonl(path, strict=False, report=report))
     assert len(kept) == 1 and report.read == 3
     assert report.dropped == {"invalid_record": 1, "invalid_json": 1}
+
+
+def test_check_splits_catches_a_test_query_leaking_into_training():
+    """The guard every experiment relies on: a query in two splits (up to whitespace and
+    width, as normalise_text compares them) is an error naming the two splits."""
+    from datasets import Dataset
+
+    def rows(queries):
+        return Dataset.from_list([{"query": q} for q in queries])
+
+    manifest = {"splits": {"train": 3, "validation": 1, "test": 2}, "subset_sizes": {"a": 2}}
+    clean = data.Splits(rows(["甲", "乙", "丙"]), rows(["丁"]), rows(["戊", "己"]), manifest)
+    assert data.check_splits(clean)["disjoint"]
+    leaked = data.Splits(rows(["甲", " 戊 ", "丙"]), rows(["丁"]), rows(["戊", "己"]), manifest)
+    with pytest.raises(AssertionError, match="1 queries are in both train and test"):
+        data.check_splits(leaked)
+    miscounted = data.Splits(rows(["甲", "乙", "丙"]), rows(["丁"]), rows(["戊", "己"]),
+                             {**manifest, "splits": {"train": 4, "validation": 1, "test": 2}})
+    with pytest.raises(AssertionError, match="train: 3 rows, manifest says otherwise"):
+        data.check_splits(miscounted)

@@ -199,3 +199,25 @@ def test_encode_m3_in_bf16_returns_float32_close_to_fp32(tok):
         tokens = set(half["sparse"][i]) | set(full["sparse"][i])
         assert max(abs(half["sparse"][i].get(t, 0.0) - full["sparse"][i].get(t, 0.0))
                    for t in tokens) < 0.02
+
+
+@pytest.mark.parametrize("pooling,skips", [("cls", True), ("mean", False)])
+def test_with_cls_pooling_the_first_token_is_the_dense_vector_not_a_sparse_or_colbert_token(
+        tok, pooling, skips):
+    """BGE-M3 takes the dense vector from [CLS] and leaves that position out of the sparse and
+    multi-vector scores; with mean pooling every non-special token counts."""
+    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                  vocab_size=len(tok), projection_dim=16, m3_heads=True, pooling=pooling)
+    model = DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False)
+    assert model.m3.skip_first_token is skips
+    enc = model.tokenize(["长江新闻", "黄河"], "passage")
+    mask = model.m3.token_mask(enc["input_ids"], enc["attention_mask"])
+    # the toy tokenizer adds no special token, so position 0 is an ordinary token
+    assert not torch.isin(enc["input_ids"][:, 0], torch.tensor(tok.all_special_ids)).any()
+    assert (mask[:, 0] == (not skips)).all()
+    out = model.encode_m3(["长江新闻"], "passage")
+    first, rest = enc["input_ids"][0, 0].item(), enc["input_ids"][0, 1:].tolist()
+    if skips and first not in rest:
+        assert first not in out["sparse"][0]
+    assert len(out["colbert"][0]) == int(mask[0].sum())

@@ -418,3 +418,20 @@ def test_collator_pads_to_a_multiple_of_eight_and_counts_padding(tok):
     total = sum(m.numel() for m in masks)
     assert collator.pad_fraction == pytest.approx(sum(int((m == 0).sum()) for m in masks) / total)
     assert 0 < collator.pad_fraction < 1
+
+
+def test_weight_decay_applies_to_matrices_only(tok):
+    """AdamW's groups: every parameter of two or more dimensions decays, biases and norm
+    weights (one dimension) do not; together they are all the parameters, each once."""
+    model = toy_model(tok)
+    optimizer = training.make_optimizer(model, toy_config(weight_decay=0.01))
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1
+                                                            for p in no_decay["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} >= {"encoder.norm.weight",
+                                                          "query_projection.bias"}
+    assert "query_projection.weight" in {names[id(p)] for p in decay["params"]}
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
