@@ -137,14 +137,15 @@ def step_activation_bytes(cfg: ModelConfig, training: TrainingConfig, per: dict,
 
 def training_memory_plan(cfg: ModelConfig, training: TrainingConfig,
                          batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32),
-                         seq_len: int | None = None, measure_seq_len: int = 512) -> list[dict]:
+                         seq_len: int | None = None, measure_seq_len: int = 512,
+                         per: dict | None = None) -> list[dict]:
     """GPU memory estimate (GiB) of one training step of the expanded retriever for each batch
     size, with and without gradient checkpointing, under bf16 autocast
-    (:func:`step_activation_bytes`). Long-text passages fill their maximum length, so padding
-    is not modelled.
+    (:func:`step_activation_bytes`; ``per``: a measurement to reuse). Long-text passages fill
+    their maximum length, so padding is not modelled.
     """
     seq_len = seq_len or cfg.max_passage_length
-    per = activation_bytes_per_token(cfg, seq_len=min(seq_len, measure_seq_len))
+    per = per or activation_bytes_per_token(cfg, seq_len=min(seq_len, measure_seq_len))
     static = static_bytes(parameter_count_from_config(cfg))
     rows = []
     for batch in batch_sizes:
@@ -270,8 +271,8 @@ def training_plan(cfg: ModelConfig, training: TrainingConfig, train_records: int
     Estimates, not measurements."""
     spe = steps_per_epoch(train_records, training)
     total = spe * training.epochs
-    rows = training_memory_plan(cfg, training, batch_sizes=(training.batch_size,))
     per = activation_bytes_per_token(cfg, seq_len=min(cfg.max_passage_length, 512))
+    rows = training_memory_plan(cfg, training, batch_sizes=(training.batch_size,), per=per)
     tokens = rows[0]["tokens_per_step"]
     out = {"steps_per_epoch": spe, "total_steps": total, "tokens_per_step": tokens,
            "memory_gib": {("checkpointing" if r["gradient_checkpointing"] else "plain"):
