@@ -82,9 +82,10 @@ def test_lenient_mode_counts_every_bad_line_and_adds_up(tmp_path):
     report = LoadReport()
     kept = list(records.read_jsonl(path, strict=False, report=report))
     assert len(kept) == 1 and report.kept == 1
-    # 17 bad lines: 1 truncated JSON, 1 bad UTF-8, 15 schema errors; blank lines are not records
-    assert report.read == 18
-    assert dict(report.dropped) == {"invalid_json": 1, "invalid_utf8": 1, "invalid_record": 15}
+    # 19 bad lines: 2 invalid JSON (truncated, nested too deeply), 1 bad UTF-8, 16 schema
+    # errors (the lone surrogate among them); blank lines are not records
+    assert report.read == 20
+    assert dict(report.dropped) == {"invalid_json": 2, "invalid_utf8": 1, "invalid_record": 16}
     report.check()
     assert report.examples[0].startswith(f"{path}:2:")
 
