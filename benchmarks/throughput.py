@@ -182,7 +182,8 @@ def run_contender(args) -> dict:
 
 
 def _run_one(args) -> dict:
-    """Every contender of the chosen benchmarks at one shape and precision, each in a child."""
+    """Every contender of the chosen benchmarks at one shape and precision, each in a child
+    process (its peak memory its own), or all in this one for ``--smoke``."""
     peers = {"train": ("ours", "st", "st-cached"), "encode": ("ours", "st")}
     whats = ("train", "encode") if args.what == "all" else (args.what,)
     forwarded = ["--model", args.model, "--batch-size", str(args.batch_size),
@@ -195,6 +196,10 @@ def _run_one(args) -> dict:
     for what in whats:
         results = {}
         for contender in peers[what]:
+            if args.smoke:  # nothing is recorded: one process, no start-up per contender
+                results[contender] = run_contender(replace_args(args, what=what,
+                                                                contender=contender))
+                continue
             out = subprocess.run([sys.executable, __file__, *forwarded, "--what", what,
                                   "--contender", contender], capture_output=True, text=True,
                                  env=env)

@@ -56,7 +56,7 @@ BAD_LINES = [
      "undecodable byte at column 12"),
     ("source not a string", json.dumps({"query": "q", "positive_passages": [{"text": "p"}],
                                         "source": 1}).encode(), "'source'"),
-    ("lone surrogate", b'{"query": "\\ud800\u67e5\u8be2", "positive_passages": [{"text": "p"}]}',
+    ("lone surrogate", b'{"query": "\\ud800\\u67e5\\u8be2", "positive_passages": [{"text": "p"}]}',
      "'query': character 1 is a lone surrogate"),
     ("nested too deeply", b'{"query": "q", "positive_passages": [{"text": "p"}], "neg": '
      + b"[" * 200_000, "invalid JSON (nested too deeply"),

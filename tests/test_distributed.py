@@ -9,58 +9,33 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_step_worker import TAU, embed, global_batch, model  # this folder is on sys.path
 
 from retrieval_lib import distributed
 from retrieval_lib.losses import cross_device_info_nce, info_nce
 
-N, K, DIM, TAU = 3, 2, 8, 0.05  # local queries per process, hard negatives, width, temperature
 
-
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(DIM, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6))
-
-
-def _embed(model, x):
-    return torch.nn.functional.normalize(model(x), dim=-1)
-
-
-def _global_batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(2 * N, DIM, generator=g), torch.randn(2 * N * (1 + K), DIM, generator=g)
-
-
-def _worker(rank, world, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        model = torch.nn.parallel.DistributedDataParallel(_model())
-        queries, passages = _global_batch()
-        q = queries[rank * N:(rank + 1) * N]  # the local share of the global batch
-        p = passages[rank * N * (1 + K):(rank + 1) * N * (1 + K)]
-        loss = cross_device_info_nce(_embed(model, q), _embed(model, p), TAU)
-        loss.backward()  # DDP averages the parameter gradients over the 2 processes
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        if rank == 0:
-            torch.save({"loss": mean_loss / world,
-                        "grads": [p.grad for p in model.module.parameters()]}, out_file)
-    finally:
-        dist.destroy_process_group()
+def _torchrun(worker: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``tests/<worker>`` under torchrun with 2 CPU processes (gloo)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), str(Path(__file__).with_name(worker)), *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=timeout)
 
 
 def test_two_process_step_equals_the_single_process_global_step(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "out.pt")),
-             nprocs=2, join=True)
+    """Launched as users launch it (torchrun; an mp.spawn version aborted now and then inside
+    gloo): loss and DDP-averaged gradients of 2 processes equal one process on both shares."""
+    done = _torchrun("ddp_step_worker.py", str(tmp_path / "out.pt"))
+    assert done.returncode == 0, done.stderr[-3000:]
     result = torch.load(tmp_path / "out.pt", weights_only=True)
-    model = _model()
-    queries, passages = _global_batch()
-    loss = info_nce(_embed(model, queries), _embed(model, passages), TAU)
+    net = model()
+    queries, passages = global_batch()
+    loss = info_nce(embed(net, queries), embed(net, passages), TAU)
     loss.backward()
     assert torch.allclose(result["loss"], loss.detach(), atol=1e-6)
-    for got, want in zip(result["grads"], [p.grad for p in model.parameters()], strict=True):
+    for got, want in zip(result["grads"], [p.grad for p in net.parameters()], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -86,13 +61,8 @@ def test_train_retriever_under_torchrun_keeps_the_processes_in_step(tmp_path, gr
                 "positive_passages": [{"text": f"{topics[i % 10]}新闻，{topics[(i * 3) % 10]}。"}],
                 "negative_passages": [{"text": f"{topics[(i + 1) % 10]}报道"}]} for i in range(40)]
     (tmp_path / "records.json").write_text(json.dumps(records, ensure_ascii=False))
-    worker = Path(__file__).with_name("ddp_train_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(_free_port()), str(worker), str(tmp_path / "records.json"),
-         str(tmp_path / "run"), str(grad_cache)], env=env, capture_output=True, text=True,
-        timeout=300)
+    done = _torchrun("ddp_train_worker.py", str(tmp_path / "records.json"),
+                     str(tmp_path / "run"), str(grad_cache))
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     history = json.loads((run / "history.json").read_text())
@@ -113,12 +83,8 @@ def test_train_retriever_under_torchrun_keeps_the_processes_in_step(tmp_path, gr
 def test_main_first_under_torchrun_runs_the_main_process_alone_and_first(tmp_path):
     """``main_first`` is called before anything joined the process group (as in
     ``retrieval_lib.experiment.main``): rank 0 fills the caches alone, then rank 1 follows."""
-    worker = Path(__file__).with_name("main_first_worker.py")
     log = tmp_path / "log.txt"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(_free_port()), str(worker), str(log)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    done = _torchrun("main_first_worker.py", str(log), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert log.read_text().splitlines() == ["start 0 main=True", "end 0",
                                             "start 1 main=False", "end 1"]
