@@ -61,13 +61,19 @@ def environment_info(preset: str | None = None, seed: int | None = None) -> dict
     }
 
 
+def _checkout() -> Path:
+    """The folder the library's code lives in (a git checkout when installed with ``-e``),
+    wherever ``RETRIEVAL_HOME`` puts the runs."""
+    return Path(__file__).resolve().parents[1]
+
+
 def _git_commit() -> str | None:
-    """The commit of the checkout, with ``+dirty`` when files differ from it; None outside
-    git."""
+    """The commit of the library's checkout, with ``+dirty`` when files differ from it; None
+    outside git."""
     import subprocess
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=project_root(), capture_output=True,
+        return subprocess.run(["git", *args], cwd=_checkout(), capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
 
     try:

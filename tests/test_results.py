@@ -125,11 +125,16 @@ def test_figure_inputs_come_from_the_registry(registry):
         "minimind27_10k": 600, "minimind27_96k": 1200}}
 
 
-def test_environment_names_the_commit_command_and_versions(monkeypatch):
+def test_environment_names_the_commit_command_and_versions(monkeypatch, tmp_path):
+    """The commit is the library checkout's, also when RETRIEVAL_HOME keeps the runs elsewhere
+    (the demo run of the notebooks recorded None there)."""
     import subprocess
 
+    from retrieval_lib import runs
+
+    monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
     info = environment_info("demo", 42)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=results.project_root(),
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(runs.__file__).parents[1],
                           capture_output=True, text=True).stdout.strip()
     if head:  # a checkout (CI may test an export without .git)
         assert info["git_commit"].split("+")[0] == head
@@ -137,5 +142,5 @@ def test_environment_names_the_commit_command_and_versions(monkeypatch):
         assert info["git_commit"] is None
     assert info["torch_threads"] >= 1 and info["packages"]["torch"]
     assert (info["preset"], info["seed"]) == ("demo", 42) and info["command"]
-    monkeypatch.setattr("retrieval_lib.runs.project_root", lambda: Path("/"))  # not a checkout
+    monkeypatch.setattr("retrieval_lib.runs._checkout", lambda: Path("/"))  # not a checkout
     assert environment_info()["git_commit"] is None
