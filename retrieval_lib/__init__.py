@@ -4,7 +4,8 @@ The thin shared library behind the course notebooks. Modules by stage, in the or
 course; a module imports only modules of earlier stages (``tests/test_architecture.py``):
 
 1. Settings and shared helpers
-   ``config`` (presets: every number of the report, once), ``hub`` (hub look-ups),
+   ``config`` (presets: every number of the report, once), ``allocator`` (freed CPU memory
+   kept for reuse), ``hub`` (hub look-ups),
    ``checkpoint`` (atomic, checksummed training checkpoints), ``notebook_utils`` (running the
    notebooks), ``plotting`` (figures, CJK font).
 2. Data
@@ -34,7 +35,7 @@ course; a module imports only modules of earlier stages (``tests/test_architectu
 __version__ = "0.1.0"
 
 #: Modules in stage order: each may import only modules listed before it.
-MODULES = ("config", "hub", "checkpoint", "notebook_utils", "plotting",
+MODULES = ("config", "allocator", "hub", "checkpoint", "notebook_utils", "plotting",
            "records", "bm25", "tokenizer", "demo_corpus", "data",
            "evaluation",
            "distributed", "losses", "gradcache", "m3", "mining", "minimind", "modeling",

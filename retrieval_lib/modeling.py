@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .allocator import keep_freed_memory
 from .config import ModelConfig, project_root
 from .m3 import M3Heads
 from .minimind import ConversionError, checkpoint_format, convert_checkpoint, llama_config
@@ -517,6 +518,8 @@ class DualTowerRetriever(nn.Module):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
+        if device.type == "cpu":
+            keep_freed_memory()  # large activations reuse mapped pages (see allocator)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         if show_progress is None:
             show_progress = len(texts) > 10 * batch_size

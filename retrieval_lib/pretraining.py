@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import keep_freed_memory
 from .config import SEED, ModelConfig
 from .modeling import hf_config_from_shape
 
@@ -94,6 +95,7 @@ def pretrain_demo_lm(cfg: ModelConfig, tokenizer, train_texts: Sequence[str],
     path = Path(cache_dir) / f"demo-lm-{cfg.architecture}-{cfg.hidden_size}-{key}"
     if (path / "pretrain.json").exists():
         return path
+    allocator = keep_freed_memory()  # the logits are larger than malloc's mmap threshold
     torch.manual_seed(pcfg.seed)
     hf_cfg = hf_config_from_shape(cfg)
     hf_cfg.vocab_size = len(tokenizer)
@@ -126,6 +128,7 @@ def pretrain_demo_lm(cfg: ModelConfig, tokenizer, train_texts: Sequence[str],
               "train_blocks": len(train), "heldout_blocks": len(heldout),
               "heldout_perplexity_before": ppl_before, "heldout_perplexity_after": ppl_after,
               "loss_curve": losses, "wall_time_s": time.perf_counter() - start,
+              "cpu_allocator": allocator,
               "config": pcfg.__dict__}
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))

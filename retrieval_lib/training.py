@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .allocator import keep_freed_memory
 from .checkpoint import (
     WEIGHT_LIMIT,
     CheckpointError,
@@ -445,6 +446,7 @@ def _setup(model, train, cfg: TrainingConfig, out: Path, device, unfreeze,
     rank, world, local_rank = init_from_env()
     set_seed(cfg.seed)
     device = training_device(device)
+    allocator = keep_freed_memory() if device.type == "cpu" else None  # see allocator
     model.to(device)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model.encoder)
@@ -466,7 +468,7 @@ def _setup(model, train, cfg: TrainingConfig, out: Path, device, unfreeze,
                                                total)
     history = {"steps": [], "epochs": [], "best_epoch": None, "stopped_early": False,
                "validation_metric": VALIDATION_METRIC, "total_steps": total,
-               "device": str(device), "world_size": world,
+               "device": str(device), "cpu_allocator": allocator, "world_size": world,
                "global_batch_size": cfg.batch_size * world, "skipped_steps": [],
                "steps_per_epoch": per_epoch, "unfreeze": plan.stages() if plan else None,
                "precision": chosen, "precision_reason": why,
