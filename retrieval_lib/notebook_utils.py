@@ -2,13 +2,18 @@
 
 ``python -m retrieval_lib.notebook_utils --preset demo`` executes every notebook of
 ``notebooks/`` into ``outputs/notebooks/<preset>/`` (executed copies never go back into
-``notebooks/``, which stays free of outputs). ``make demo`` and CI call it; the notebook tests
-call :func:`run_notebook` and then read the summary each notebook writes.
+``notebooks/``, which stays free of outputs). ``make demo`` calls it: what the notebooks print
+(devices, epochs, reused runs) streams to the terminal as they run, with the training progress
+bars and their ETA where the terminal shows them; each notebook's line gives the wall time of
+its last run here as an estimate; at the end come the wall time per notebook, where the figures
+and the results table are, and the table itself. The notebook tests call :func:`run_notebook`
+and then read the summary each notebook writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -40,11 +45,12 @@ def notebook_paths(folder: str | Path | None = None) -> list[Path]:
 
 
 def run_notebook(path: str | Path, out_dir: str | Path, parameters: dict | None = None,
-                 kernel_name: str | None = None) -> Path:
+                 kernel_name: str | None = None, stdout=None, stderr=None) -> Path:
     """Execute one notebook with papermill; returns the executed copy's path.
 
     Runs with the notebook's folder as working directory, so it behaves as when opened in
-    Jupyter. Raises papermill's ``PapermillExecutionError`` naming the failing cell.
+    Jupyter; what its cells print goes to the ``stdout`` / ``stderr`` streams as it comes, where
+    given. Raises papermill's ``PapermillExecutionError`` naming the failing cell.
     """
     import papermill as pm
 
@@ -53,7 +59,8 @@ def run_notebook(path: str | Path, out_dir: str | Path, parameters: dict | None 
     out.mkdir(parents=True, exist_ok=True)
     target = out / path.name
     pm.execute_notebook(str(path), str(target), parameters=parameters or {},
-                        cwd=str(path.parent), kernel_name=kernel_name, progress_bar=False)
+                        cwd=str(path.parent), kernel_name=kernel_name, progress_bar=False,
+                        stdout_file=stdout, stderr_file=stderr)
     return target
 
 
@@ -61,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="demo", choices=["demo", "full", "auto"])
     parser.add_argument("--out", default=None, help="folder for executed copies")
+    parser.add_argument("--quiet", action="store_true", help="do not stream the cells' output")
     parser.add_argument("notebooks", nargs="*", help="notebook paths (default: all, in order)")
     args = parser.parse_args(argv)
     paths = [Path(p) for p in args.notebooks] or notebook_paths()
@@ -68,18 +76,46 @@ def main(argv: list[str] | None = None) -> int:
         print("no notebooks found", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else project_root() / "outputs" / "notebooks" / args.preset
-    walls = {}
+    record = out / WALL_TIMES
+    last = json.loads(record.read_text(encoding="utf-8")) if record.exists() else {}
+    started, walls = time.time(), {}
+    # progress bars (carriage returns) only where a terminal draws them, not into a log file
+    stderr = None if args.quiet or not sys.stderr.isatty() else sys.stderr
     for i, path in enumerate(paths, 1):
         start = time.perf_counter()
-        print(f"[{i}/{len(paths)}] running {path.name} with preset={args.preset} ...", flush=True)
-        target = run_notebook(path, out, {"preset": args.preset})
+        estimate = (f"; {last[path.stem]:.0f} s last time here" if path.stem in last else "")
+        print(f"[{i}/{len(paths)}] running {path.name} with preset={args.preset}{estimate} ...",
+              flush=True)
+        target = run_notebook(path, out, {"preset": args.preset},
+                              stdout=None if args.quiet else sys.stdout, stderr=stderr)
         walls[path.stem] = time.perf_counter() - start
         print(f"  done in {walls[path.stem]:.1f} s -> {target}", flush=True)
+        record.write_text(json.dumps({**last, **walls}, indent=2), encoding="utf-8")
     print(f"\nwall time per notebook (preset {args.preset}):")
     for name, seconds in walls.items():
         print(f"  {name:28s} {seconds:7.1f} s")
     print(f"  {'total':28s} {sum(walls.values()):7.1f} s")
+    print(where_results_are(args.preset, started))
     return 0
+
+
+#: Wall time of each notebook's last run, in the folder of the executed copies.
+WALL_TIMES = "wall_times.json"
+
+
+def where_results_are(preset: str, since: float) -> str:
+    """Where the figures and the results table are (what changed since ``since``, a
+    ``time.time()``), followed by the table itself."""
+    root = project_root()
+    figures = sorted(p for p in (root / "figures").glob("*.png") if p.stat().st_mtime >= since)
+    table = root / "reports" / f"results_{preset}.md"
+    lines = [f"\nfigures: {len(figures)} written to {root / 'figures'}"]
+    if table.exists() and table.stat().st_mtime >= since:
+        lines += [f"results table: {table}", "", table.read_text(encoding="utf-8")]
+    else:
+        lines.append(f"results table: not written by this run ({table} is made by "
+                     f"05_results_and_plots)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
