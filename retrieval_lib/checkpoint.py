@@ -15,6 +15,11 @@ writing leaves either the previous checkpoints or a complete new one. :func:`lat
 verifies the manifest and falls back to the newest older checkpoint that verifies, with a
 warning naming what was wrong. The last ``keep`` checkpoints and the one of the best epoch are
 kept; older ones are deleted.
+
+The same two guarantees serve every other folder the library writes (saved retrievers,
+sentence-transformers exports, faiss indexes): :func:`atomic_folder` writes into a hidden folder
+beside the target and swaps it in whole, and :func:`write_checksums` / :func:`verify_checksums`
+record and check the size and SHA-256 of every file in it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +42,8 @@ import torch
 
 __all__ = ["CheckpointError", "WEIGHT_LIMIT", "save_checkpoint", "load_checkpoint",
            "load_optimizer_state", "latest_checkpoint", "verify_checkpoint", "list_checkpoints",
-           "remove_partial", "rng_state", "set_rng_state", "atomic_save_model", "file_sha256"]
+           "remove_partial", "rng_state", "set_rng_state", "atomic_folder", "write_checksums",
+           "verify_checksums", "CHECKSUMS", "file_sha256"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,17 +179,9 @@ def verify_checkpoint(folder: str | os.PathLike) -> None:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{folder}/{MANIFEST}: unreadable ({exc})") from None
     for name in _FILES:
-        path = folder / name
         if name not in files:
             raise CheckpointError(f"{folder}/{MANIFEST}: no entry for {name}")
-        if not path.exists():
-            raise CheckpointError(f"{path}: missing")
-        size = path.stat().st_size
-        if size != files[name]["bytes"]:
-            raise CheckpointError(f"{path}: {size} bytes, the manifest says "
-                                  f"{files[name]['bytes']} (truncated?)")
-        if file_sha256(path) != files[name]["sha256"]:
-            raise CheckpointError(f"{path}: checksum differs from the manifest (corrupt)")
+        _check_file(folder / name, files[name]["bytes"], files[name]["sha256"], MANIFEST)
     largest = manifest.get("max_abs_weight", 0.0)  # older checkpoints do not record it
     if not math.isfinite(largest) or largest > WEIGHT_LIMIT:
         raise CheckpointError(f"{folder}: the weights diverged (largest |w| = {largest:.3g}, "
@@ -237,18 +237,70 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, scal
     return trainer_state
 
 
-def atomic_save_model(model, target: str | os.PathLike) -> Path:
-    """``model.save`` into a temporary folder, then swapped in for ``target``: a kill leaves
-    the old or the new model, never half of one."""
+@contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a folder whole or not at all: yields an empty hidden folder beside ``target``; when
+    the block ends, it replaces ``target``. An exception (disk full, a bug, Ctrl-C) removes it
+    and leaves ``target`` as it was; a killed process leaves the old folder or the new one, never
+    a mix (or, killed between the two renames, ``.old-<name>-<pid>`` holding the old one)."""
     target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     old = target.with_name(f".old-{target.name}-{os.getpid()}")
     for leftover in (tmp, old):
         if leftover.exists():
             shutil.rmtree(leftover)
-    model.save(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
-    return target
+
+
+#: Size and SHA-256 of every other file of a saved folder (retriever, export, index).
+CHECKSUMS = "checksums.json"
+
+
+def write_checksums(folder: str | os.PathLike) -> Path:
+    """Record the size and SHA-256 of every file under ``folder`` in ``CHECKSUMS``."""
+    folder = Path(folder)
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        _fsync(path)
+        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size,
+                                                      "sha256": file_sha256(path)}
+    (folder / CHECKSUMS).write_text(json.dumps({"files": files}, indent=2), encoding="utf-8")
+    return folder / CHECKSUMS
+
+
+def verify_checksums(folder: str | os.PathLike) -> bool:
+    """Check every file ``CHECKSUMS`` lists: raise :class:`CheckpointError` naming the first
+    file that is missing, of another size or another checksum. ``False`` when the folder has no
+    ``CHECKSUMS`` (written before the library recorded them: nothing to check), else ``True``."""
+    folder = Path(folder)
+    record = folder / CHECKSUMS
+    if not record.exists():
+        return False
+    try:
+        files = json.loads(record.read_text(encoding="utf-8"))["files"]
+        expected = {name: (int(f["bytes"]), str(f["sha256"])) for name, f in files.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{record}: unreadable ({type(exc).__name__}: {exc})") from None
+    for name, (size, sha) in expected.items():
+        _check_file(folder / name, size, sha, CHECKSUMS)
+    return True
+
+
+def _check_file(path: Path, size: int, sha256: str, record: str) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing ({record} lists it)")
+    if path.stat().st_size != size:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, {record} says {size} "
+                              f"(truncated or replaced?)")
+    if file_sha256(path) != sha256:
+        raise CheckpointError(f"{path}: checksum differs from {record} (corrupt or edited)")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_folder, write_checksums
 from .modeling import DualTowerRetriever
 
 __all__ = ["ST_POOLING", "to_sentence_transformer", "export_sentence_transformer"]
@@ -92,10 +93,13 @@ def to_sentence_transformer(model: DualTowerRetriever, workdir: str | Path):
 
 
 def export_sentence_transformer(model: DualTowerRetriever, path: str | Path) -> Path:
-    """Write ``model`` as a sentence-transformers folder at ``path``; returns ``path``."""
+    """Write ``model`` as a sentence-transformers folder at ``path``; returns ``path``. The
+    folder is written whole or not at all (a failed re-export leaves the previous one), with
+    ``checksums.json`` recording each file."""
     import tempfile
 
     path = Path(path)
-    with tempfile.TemporaryDirectory() as workdir:
-        to_sentence_transformer(model, workdir).save(str(path))
+    with tempfile.TemporaryDirectory() as workdir, atomic_folder(path) as tmp:
+        to_sentence_transformer(model, workdir).save(str(tmp))
+        write_checksums(tmp)
     return path

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import atomic_folder, verify_checksums, write_checksums
+
 __all__ = ["INDEX_KINDS", "PassageIndex", "recall_against_exact"]
 
 INDEX_KINDS = ("flat", "hnsw", "ivf")
@@ -42,7 +44,13 @@ class PassageIndex:
     """A faiss inner-product index and the passage ids of its rows."""
 
     def __init__(self, index, ids: Sequence[str], kind: str, settings: dict):
-        self.index, self.ids, self.kind, self.settings = index, list(ids), kind, dict(settings)
+        ids = list(ids)
+        if len(set(ids)) != len(ids):
+            seen: set = set()
+            repeated = next(i for i in ids if i in seen or seen.add(i))
+            raise ValueError(f"passage ids must be unique; {len(ids) - len(set(ids))} repeat "
+                             f"(first: {repeated!r})")
+        self.index, self.ids, self.kind, self.settings = index, ids, kind, dict(settings)
 
     @classmethod
     def build(cls, embeddings, ids: Sequence[str], kind: str = "flat", hnsw_m: int = 32,
@@ -57,8 +65,6 @@ class PassageIndex:
         ids = [str(i) for i in ids]
         if len(ids) != len(matrix):
             raise ValueError(f"{len(ids)} ids for {len(matrix)} embeddings")
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"passage ids must be unique; {len(ids) - len(set(ids))} repeat")
         dim = matrix.shape[1]
         if kind == "flat":
             index, settings = faiss.IndexFlatIP(dim), {}
@@ -89,27 +95,34 @@ class PassageIndex:
         return hits, np.where(rows >= 0, scores, -np.inf)
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``index.faiss`` and ``ids.json`` into ``folder``."""
+        """Write ``index.faiss``, ``ids.json`` and ``checksums.json`` as ``folder``, whole or
+        not at all (a failed save leaves the previous index there)."""
         import faiss
 
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(out / "index.faiss"))
-        meta = {"kind": self.kind, "settings": self.settings, "dim": self.index.d,
-                "count": len(self), "ids": self.ids}
-        (out / "ids.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        return out
+        with atomic_folder(folder) as out:
+            faiss.write_index(self.index, str(out / "index.faiss"))
+            meta = {"kind": self.kind, "settings": self.settings, "dim": self.index.d,
+                    "count": len(self), "ids": self.ids}
+            (out / "ids.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+            write_checksums(out)
+        return Path(folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> PassageIndex:
-        """Read an index saved by :meth:`save`, checking the ids match the index rows."""
+        """Read an index saved by :meth:`save`: its files must match their checksums (a
+        :class:`CheckpointError` names the one that does not), the ids be unique and as many
+        as the index's rows."""
         import faiss
 
         folder = Path(folder)
         for name in ("index.faiss", "ids.json"):
             if not (folder / name).exists():
                 raise FileNotFoundError(f"{folder / name} is missing: not a saved PassageIndex")
-        meta = json.loads((folder / "ids.json").read_text(encoding="utf-8"))
+        verify_checksums(folder)
+        try:
+            meta = json.loads((folder / "ids.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{folder / 'ids.json'}: not valid JSON ({exc})") from None
         index = faiss.read_index(str(folder / "index.faiss"))
         if index.ntotal != len(meta["ids"]) or index.ntotal != meta["count"]:
             raise ValueError(f"{folder / 'ids.json'}: {len(meta['ids'])} ids (count "

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .allocator import keep_freed_memory
+from .checkpoint import atomic_folder, verify_checksums, write_checksums
 from .config import ModelConfig, project_root
 from .m3 import M3Heads
 from .minimind import ConversionError, checkpoint_format, convert_checkpoint, llama_config
@@ -591,11 +592,18 @@ class DualTowerRetriever(nn.Module):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``encoder/`` (weights as safetensors, config, tokenizer), ``head.safetensors``
-        (the projection) and ``retriever_config.json``."""
+        (the projection), ``retriever_config.json`` and ``checksums.json`` (size and SHA-256 of
+        each, checked by :meth:`load`). The folder is written whole or not at all: a save that
+        fails part-way leaves the previous one at ``path`` as it was."""
+        path = Path(path)
+        with atomic_folder(path) as tmp:
+            self._write(tmp)
+            write_checksums(tmp)
+        return path
+
+    def _write(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(str(path / "encoder"), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path / "encoder"))
         head = {f"query_projection.{k}": v.detach().cpu().contiguous()
@@ -609,12 +617,13 @@ class DualTowerRetriever(nn.Module):
         save_file(head, str(path / "head.safetensors"))
         (path / "retriever_config.json").write_text(
             json.dumps(self.retriever_config(), indent=2), encoding="utf-8")
-        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
              trust_remote_code: bool = False) -> DualTowerRetriever:
-        """Load a retriever written by :meth:`save` (safetensors only, no pickle)."""
+        """Load a retriever written by :meth:`save` (safetensors only, no pickle), after
+        checking every file against its ``checksums.json`` (:class:`CheckpointError` names a
+        truncated, edited or missing file; folders saved before checksums load unchecked)."""
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
 
@@ -622,6 +631,7 @@ class DualTowerRetriever(nn.Module):
         config_path = path / "retriever_config.json"
         if not config_path.exists():
             raise FileNotFoundError(f"{path} is not a saved retriever (no retriever_config.json)")
+        verify_checksums(path)
         rc = json.loads(config_path.read_text(encoding="utf-8"))
         encoder = AutoModel.from_pretrained(str(path / "encoder"),
                                             trust_remote_code=trust_remote_code)

@@ -95,7 +95,8 @@ def report_table(runs: dict[str, dict], metrics=HEADLINE_METRICS, reference: str
 
 def markdown_table(table, metrics=HEADLINE_METRICS, digits: int = 3) -> str:
     """The report table as GitHub markdown: "mean ± std" per metric, % of the reference, gain
-    over the base, p-value against the reference; not-run systems with their reason."""
+    over the base, p-value against the reference; systems not run (or whose saved run is broken)
+    marked so."""
     reference = table.attrs.get("reference")
     test_metric = table.attrs.get("test_metric", "ndcg@5")
     header = (["system", "params", "train"] + [m for m in metrics]
@@ -104,7 +105,7 @@ def markdown_table(table, metrics=HEADLINE_METRICS, digits: int = 3) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in table.iterrows():
         if row["status"] != "done":
-            cells = [name, "", ""] + ["not run"] * len(metrics) + ["", "", ""]
+            cells = [name, "", ""] + [row["status"]] * len(metrics) + ["", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
             continue
         params = row.get("parameters")

@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .config import EXPERIMENTS, project_root
 from .evaluation import aggregate, summarize_metrics
 
 __all__ = ["environment_info", "default_output_dir", "save_summary", "load_summary",
-           "metrics_block", "scores_from_block", "run_dir", "write_run", "load_run",
+           "metrics_block", "scores_from_block", "run_dir", "write_run", "load_run", "RunError",
            "runs_root", "save_baseline_run", "record_not_run", "collect_runs"]
 
 _PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "jieba",
@@ -145,16 +146,27 @@ def scores_from_block(block: dict) -> dict:
             "corpus_size": block.get("corpus_size")}
 
 
+class RunError(ValueError):
+    """A saved run folder that cannot be read: names the file and what is wrong with it."""
+
+
 def load_run(path: str | os.PathLike) -> dict:
     """A saved run folder read back: :func:`~retrieval_lib.experiment.run_experiment`'s return
     shape (``out_dir``, ``test``, ``untrained``, ``history``, ``parameters``, ``expansion``,
     ``wall_time_s``, and ``m3`` for a model with M3 heads) plus ``config`` and ``kind``. A
     training run needs all four files; a baseline (``kind: baseline``) has no history and no
-    untrained row."""
+    untrained row. A cut or edited file raises :class:`RunError` naming it."""
     out = Path(path)
 
     def read(name):
-        return json.loads((out / name).read_text(encoding="utf-8"))
+        try:
+            payload = json.loads((out / name).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RunError(f"{out / name}: not valid JSON ({exc}); the write was cut or the "
+                           f"file edited") from None
+        if not isinstance(payload, dict):
+            raise RunError(f"{out / name}: a JSON {type(payload).__name__}, not an object")
+        return payload
 
     needed = ["config.json", "metrics.json", "env.json"]
     kind = read("config.json").get("kind", "experiment") if (out / "config.json").exists() \
@@ -165,14 +177,23 @@ def load_run(path: str | os.PathLike) -> dict:
     if missing:
         raise FileNotFoundError(f"{out} is not a finished run: {', '.join(missing)} missing")
     config, metrics = read("config.json"), read("metrics.json")
-    run = {"out_dir": out, "config": config, "kind": kind,
-           "test": scores_from_block(metrics["test"]),
-           "parameters": config.get("parameters"), "expansion": config.get("expansion"),
-           "wall_time_s": read("env.json").get("wall_time_s")}
-    if "untrained" in metrics:
-        run["untrained"] = scores_from_block(metrics["untrained"])
-    if "m3" in metrics:  # a model with M3 heads: every retrieval mode
-        run["m3"] = {mode: scores_from_block(block) for mode, block in metrics["m3"].items()}
+    block = "test"
+    try:
+        run = {"out_dir": out, "config": config, "kind": kind,
+               "test": scores_from_block(metrics["test"]),
+               "parameters": config.get("parameters"), "expansion": config.get("expansion"),
+               "wall_time_s": read("env.json").get("wall_time_s")}
+        if "untrained" in metrics:
+            block = "untrained"
+            run["untrained"] = scores_from_block(metrics["untrained"])
+        if "m3" in metrics:  # a model with M3 heads: every retrieval mode
+            block = "m3"
+            run["m3"] = {mode: scores_from_block(b) for mode, b in metrics["m3"].items()}
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        if isinstance(exc, RunError):
+            raise
+        raise RunError(f"{out / 'metrics.json'}: block {block!r} is incomplete "
+                       f"({type(exc).__name__}: {exc})") from None
     if (out / "history.json").exists():
         run["history"] = read("history.json")
     return run
@@ -189,9 +210,12 @@ def run_dir(preset: str, name: str, root: str | os.PathLike | None = None) -> Pa
 
 
 def _write_json(out: Path, files: dict[str, dict]) -> None:
+    """Each file written beside its place and renamed into it: a kill never leaves a cut one."""
     for filename, payload in files.items():
-        (out / filename).write_text(json.dumps(payload, ensure_ascii=False, indent=2,
-                                               default=_jsonable), encoding="utf-8")
+        tmp = out / f".tmp-{filename}-{os.getpid()}"
+        tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2, default=_jsonable),
+                       encoding="utf-8")
+        os.replace(tmp, out / filename)
 
 
 def write_run(out: str | os.PathLike, config: dict, metrics: dict, env: dict) -> Path:
@@ -199,7 +223,8 @@ def write_run(out: str | os.PathLike, config: dict, metrics: dict, env: dict) ->
     itself writes ``history.json`` and the checkpoints)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out, {"config.json": config, "metrics.json": metrics, "env.json": env})
+    # metrics.json last: it is what marks a run finished (collect_runs)
+    _write_json(out, {"config.json": config, "env.json": env, "metrics.json": metrics})
     return out
 
 
@@ -213,8 +238,8 @@ def save_baseline_run(name: str, result: dict, preset: str, info: dict,
     config = {"name": name, "kind": "baseline", "preset": preset, **info}
     metrics = {"experiment": name, "preset": preset, "kind": "baseline",
                "test": metrics_block(result, seed)}
-    _write_json(out, {"config.json": config, "metrics.json": metrics,
-                      "env.json": environment_info(preset, seed)})
+    _write_json(out, {"config.json": config, "env.json": environment_info(preset, seed),
+                      "metrics.json": metrics})
     return out
 
 
@@ -245,7 +270,15 @@ def collect_runs(preset: str, root: str | os.PathLike | None = None) -> dict[str
     paths = [p for p in folder.glob("*") if p.is_dir()] if folder.exists() else []
     for path in sorted(paths, key=lambda p: _course_order(p.name)):
         if (path / "metrics.json").exists():
-            run = load_run(path)
+            try:
+                run = load_run(path)
+            except (RunError, FileNotFoundError) as exc:  # the other runs still load
+                warnings.warn(f"skipping the broken run {path.name}: {exc}", RuntimeWarning,
+                              stacklevel=2)
+                runs[path.name] = {"name": path.name, "kind": "experiment", "status": "broken",
+                                   "reason": str(exc),
+                                   "how_to_run": f"delete {path} and run its notebook again"}
+                continue
             config, model = run["config"], run["config"].get("model") or {}
             runs[path.name] = {**run, "name": path.name, "status": "done",
                                "title": config.get("title", path.name),

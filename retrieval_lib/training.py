@@ -30,7 +30,6 @@ from .allocator import keep_freed_memory
 from .checkpoint import (
     WEIGHT_LIMIT,
     CheckpointError,
-    atomic_save_model,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -594,7 +593,7 @@ def _end_epoch(run: _Run, validation, epoch: int, losses: list[float], trainable
         run.best, run.patience_left = metrics[VALIDATION_METRIC], run.cfg.early_stopping_patience
         run.history["best_epoch"], run.best_step = epoch, run.step
         if run.main:
-            atomic_save_model(run.model, run.out / "best")
+            run.model.save(run.out / "best")  # swapped in whole
         barrier()
     elif run.plan is None or run.plan.complete(run.step):
         run.patience_left -= 1

@@ -181,7 +181,7 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tok, data, t
     if damage == "truncated weights":
         path = newest / "model.safetensors"
         path.write_bytes(path.read_bytes()[:-100])
-        expected = "bytes, the manifest says"
+        expected = "bytes, manifest.json says"
     elif damage == "flipped byte":
         path = newest / "optimizer.pt"
         raw = bytearray(path.read_bytes())
@@ -377,23 +377,19 @@ def test_a_killed_training_process_resumes_to_the_uninterrupted_result(tmp_path)
         _assert_same_weights(a, b)
 
 
-def test_the_best_model_is_swapped_in_whole_or_not_at_all(tmp_path):
-    class Saver:
-        def __init__(self, text, fail=False):
-            self.text, self.fail = text, fail
-
-        def save(self, path):
-            path.mkdir(parents=True)
-            (path / "weights").write_text(self.text)
-            if self.fail:
+def test_a_folder_is_swapped_in_whole_or_not_at_all(tmp_path):
+    def write(text, fail=False):
+        with checkpoint.atomic_folder(target) as folder:
+            (folder / "weights").write_text(text)
+            if fail:
                 raise OSError("disk full")
 
     target = tmp_path / "best"
-    checkpoint.atomic_save_model(Saver("old"), target)
+    write("old")
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.atomic_save_model(Saver("half", fail=True), target)
+        write("half", fail=True)
     assert (target / "weights").read_text() == "old"  # a failed save leaves the old model
-    checkpoint.atomic_save_model(Saver("new"), target)
+    write("new")
     assert (target / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # nothing left over
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from retrieval_lib.checkpoint import CheckpointError
 from retrieval_lib.evaluation import exact_search
 from retrieval_lib.index import PassageIndex, recall_against_exact
 
@@ -69,6 +70,9 @@ def test_bad_input_and_damaged_files_are_named(corpus, tmp_path):
     meta = json.loads((folder / "ids.json").read_text())
     meta["ids"] = meta["ids"][:9]
     (folder / "ids.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"ids.json: \d+ bytes, checksums.json says"):
+        PassageIndex.load(folder)
+    (folder / "checksums.json").unlink()  # an index saved before checksums: counts still checked
     with pytest.raises(ValueError, match=r"ids.json: 9 ids \(count 10\) for an index of 10"):
         PassageIndex.load(folder)
     (folder / "index.faiss").unlink()
