@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import SEED, DataConfig, cache_path
-from .demo_corpus import load_demo_records
+from .demo_corpus import load_demo_records, people_daily_path
 from .records import (
     DataUnavailableError,
     LoadReport,
@@ -448,12 +448,19 @@ def prepare_data(cfg: DataConfig, out_dir: str | os.PathLike | None = None,
 
     The prepared splits live in ``out_dir`` (default ``<cache>/prepared-<kind>-<hash>``); when
     they exist already they are loaded instead of rebuilt, so every notebook shares the same
-    test set. ``rebuild=True`` prepares them again.
+    test set, unless a source file changed since (size or modification time, recorded in the
+    manifest): then they are prepared again, and the changed files are named.
+    ``rebuild=True`` prepares them again in any case.
     """
     out = Path(out_dir) if out_dir else (
         cache_path(cfg) / f"prepared-{cfg.kind}-{data_config_hash(cfg)}")
+    before = None
     if (out / "manifest.json").exists() and not rebuild:
-        return load_splits(out)
+        changed, before = _changed_sources(cfg, out / "manifest.json")
+        if not changed:
+            return load_splits(out)
+        print(f"the source files changed since {out} was prepared ({'; '.join(changed)}): "
+              f"preparing the splits again")
     if cfg.kind == "demo":
         records, report, stats = load_demo_records(cfg)
         reports, extra = {"people_daily_1998": report}, {"demo_parse": stats}
@@ -463,7 +470,47 @@ def prepare_data(cfg: DataConfig, out_dir: str | os.PathLike | None = None,
     else:
         raise ValueError(f"unknown data kind {cfg.kind!r}; expected 'bge_m3_zh' or 'demo'")
     extra["config_hash"] = data_config_hash(cfg)
-    return prepare_splits(records, cfg, reports, out, extra)
+    extra["source_files"] = source_files_state(cfg)
+    splits = prepare_splits(records, cfg, reports, out, extra)
+    if before is not None:
+        print("the records are the same as before: the splits did not change"
+              if splits.manifest["fingerprint"] == before else
+              "the records differ from before: runs trained on the old splits are not "
+              "comparable with new ones; train them again")
+    return splits
+
+
+def source_files_state(cfg: DataConfig) -> dict[str, list[int]] | None:
+    """``{file: [bytes, mtime_ns]}`` of every file the data of ``cfg`` is read from, relative
+    to its folder; ``None`` while the files are not on this machine (before a download)."""
+    if cfg.kind == "demo":
+        path = people_daily_path()
+        root, paths = path.parent, [path]
+    else:
+        root = Path(cfg.data_dir) if cfg.data_dir else cache_path(cfg) / "extracted"
+        try:
+            paths = [p for found in find_source_files(root, cfg.sources).values() for p in found]
+        except DataUnavailableError:
+            return None
+    return {p.relative_to(root).as_posix(): [p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(paths)}
+
+
+def _changed_sources(cfg: DataConfig, manifest_path: Path) -> tuple[list[str], str | None]:
+    """What differs between the source files now and when the splits were prepared (nothing
+    when either side is unknown: prepared before this was recorded, or files not here), and
+    the records' fingerprint then."""
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"{manifest_path} is not valid JSON ({exc})"], None
+    then, now = manifest.get("source_files"), source_files_state(cfg)
+    if then is None or now is None:
+        return [], manifest.get("fingerprint")
+    changed = [f"{name}: {'new' if name not in then else 'size or time changed'}"
+               for name, state in now.items() if then.get(name) != state]
+    return changed + [f"{name}: gone" for name in then if name not in now], \
+        manifest.get("fingerprint")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import tarfile
 
 import pytest
@@ -304,6 +305,32 @@ def test_prepare_full_preset_from_local_directory(tmp_path):
     again = data.prepare_data(cfg)
     assert again.test["query"] == splits.test["query"]
     assert again.subset("10k")["query"] == splits.train["query"][:10]
+
+
+def test_prepared_splits_follow_their_source_files(tmp_path, capsys):
+    root = tmp_path / "bge-m3-data"
+    _write_fake_bge_m3(root)
+    cfg = _full_cfg(tmp_path)
+    first = data.prepare_data(cfg)
+    assert set(first.manifest["source_files"]) == {f for fs in SOURCE_FILES.values() for f in fs}
+    # touched, same content: prepared again, and said to be the same splits
+    dureader = root / SOURCE_FILES["dureader"][0]
+    os.utime(dureader, ns=(0, 0))
+    capsys.readouterr()
+    again = data.prepare_data(cfg)
+    printed = capsys.readouterr().out
+    assert "zh/DuReader/dureader_len-500-1000.jsonl: size or time changed" in printed
+    assert "the records are the same as before" in printed
+    assert again.test["query"] == first.test["query"]
+    # new records in a source: prepared again, and said to differ
+    with open(dureader, "a", encoding="utf-8") as fh:
+        fh.write(_flag("新增的查询", ["新增的正文"]) + "\n")
+    changed = data.prepare_data(cfg)
+    assert "the records differ from before" in capsys.readouterr().out
+    assert changed.manifest["records_after_dedup"] == first.manifest["records_after_dedup"] + 1
+    # unchanged since: loaded from the cache, nothing printed
+    data.prepare_data(cfg)
+    assert capsys.readouterr().out == ""
 
 
 def test_every_bad_input_in_the_data_folder_is_accounted_for_in_the_manifest(tmp_path):
