@@ -13,15 +13,18 @@ the seed, saved with ``datasets`` (Arrow) plus a ``manifest.json`` of counts.
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import hashlib
 import json
 import os
 import re
+import shutil
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -169,15 +172,22 @@ def download_bge_m3_zh(repo: str, sources: dict[str, str], cache_dir: str | os.P
     The archive (about 24 GB) holds every language; it is downloaded to ``download_dir``
     (default: this machine's Hugging Face cache, so on Colab the runtime's local disk and not
     Drive), its members are streamed and only those whose file name matches a source pattern
-    are written under ``cache_dir/extracted``. Raises :class:`DataUnavailableError` with
-    instructions when the hub cannot be reached.
+    are written under ``cache_dir/extracted`` (at their path in the archive, so equal names in
+    two folders stay apart). Raises :class:`DataUnavailableError` with instructions when the
+    hub cannot be reached, and naming the archive and the member when it is cut or damaged.
+    The extraction is marked complete, with every file's size, only when the archive ended as a
+    tar archive ends and every source had a file; a marked extraction whose files changed is
+    extracted again.
     """
     from huggingface_hub import hf_hub_download
 
     target = Path(cache_dir) / "extracted"
     marker = target / ".complete"
     if marker.exists():
-        return target
+        problem = _extraction_problem(target, marker)
+        if problem is None:
+            return target
+        print(f"extracting again: {problem}")
     try:
         archive = hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset",
                                   cache_dir=str(download_dir) if download_dir else None)
@@ -186,20 +196,101 @@ def download_bge_m3_zh(repo: str, sources: dict[str, str], cache_dir: str | os.P
             f"could not download {filename} from the hub dataset {repo} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).\n"
             + _HOW_TO_SUPPLY.format(repo=repo, patterns=", ".join(sources.values()))) from exc
-    patterns = [p.lower() for p in sources.values()]
-    target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, mode="r|*") as tar:
-        for member in tar:
-            name = Path(member.name).name
-            if member.isfile() and any(fnmatch.fnmatch(name.lower(), p) for p in patterns):
-                fh = tar.extractfile(member)
-                with open(target / name, "wb") as out:
-                    while chunk := fh.read(1 << 20):
-                        out.write(chunk)
-    marker.touch()
-    print(f"extracted the Chinese files to {target}; the archive stays at {archive} "
-          f"(delete it to free {Path(archive).stat().st_size / 1e9:.1f} GB)")
+    marker.unlink(missing_ok=True)
+    extracted, skipped = extract_matching(Path(archive), target, sources)
+    marker.write_text(json.dumps({"archive": str(archive), "files": extracted,
+                                  "skipped": skipped}, indent=2), encoding="utf-8")
+    print(f"extracted {len(extracted)} Chinese files to {target}"
+          + (f"; skipped {len(skipped)}: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())
+             if skipped else "")
+          + f"; the archive stays at {archive} (delete it to free "
+            f"{Path(archive).stat().st_size / 1e9:.1f} GB)")
     return target
+
+
+def extract_matching(archive: Path, target: Path, sources: dict[str, str]
+                     ) -> tuple[dict[str, int], dict[str, str]]:
+    """Stream ``archive`` and write each member whose file name matches a pattern of
+    ``sources`` under ``target``; returns ``({path: bytes} extracted, {path: reason} skipped)``.
+
+    A member is written to a partial file and renamed once all its bytes arrived. Matching
+    members with an unsafe path (absolute, ``..``) or that are not files are skipped and
+    reported; a hard link to a file already extracted is extracted as a copy of it. Raises
+    :class:`DataUnavailableError` when the archive is cut (inside a member, or at a member
+    boundary, before tar's end-of-archive blocks) or damaged, or holds no file for a source.
+    """
+    patterns = {source: p.lower() for source, p in sources.items()}
+    extracted: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    last, partial = "(none)", None
+    with open(archive, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    # gzip's own reader checks the stream's end, CRC and length (tarfile's stream does not)
+    raw = gzip.open(archive, "rb") if gzipped else open(archive, "rb")  # noqa: SIM115
+    try:
+        with raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            for member in tar:
+                last = member.name
+                path = PurePosixPath(member.name)
+                if not any(fnmatch.fnmatch(path.name.lower(), p) for p in patterns.values()):
+                    continue
+                if path.is_absolute() or ".." in path.parts:
+                    skipped[member.name] = "unsafe path"
+                    continue
+                out = target.joinpath(*path.parts)
+                link = PurePosixPath(member.linkname).as_posix() if member.islnk() else None
+                if link in extracted:
+                    shutil.copyfile(target.joinpath(*PurePosixPath(link).parts), out)
+                    extracted[path.as_posix()] = extracted[link]
+                    continue
+                if not member.isfile():
+                    skipped[member.name] = (f"a link to {member.linkname}" if member.issym()
+                                            or member.islnk() else "not a regular file")
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                partial = out.with_name(f".part-{out.name}")
+                written, fh = 0, tar.extractfile(member)
+                with open(partial, "wb") as dst:
+                    while chunk := fh.read(1 << 20):
+                        dst.write(chunk)
+                        written += len(chunk)
+                if written != member.size:
+                    raise tarfile.ReadError(f"{written} of {member.size} bytes")
+                os.replace(partial, out)
+                partial = None
+                extracted[path.as_posix()] = written
+            # an end-of-archive block was read after the last member, not the end of the file
+            ended = tar.fileobj.pos > tar.offset
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        raise DataUnavailableError(
+            f"{archive} is cut or damaged ({type(exc).__name__}: {exc}; last member read: "
+            f"{last}). Delete it and download it again.") from None
+    if not ended:
+        raise DataUnavailableError(
+            f"{archive} ends after the member {last} without tar's end-of-archive blocks: the "
+            f"archive is cut. Delete it and download it again.")
+    empty = [s for s, p in patterns.items()
+             if not any(fnmatch.fnmatch(PurePosixPath(f).name.lower(), p) for f in extracted)]
+    if empty:
+        raise DataUnavailableError(f"{archive} holds no file for: " + ", ".join(
+            f"{s} ({sources[s]})" for s in empty))
+    return extracted, skipped
+
+
+def _extraction_problem(target: Path, marker: Path) -> str | None:
+    """Why a marked extraction cannot be used as it is (None when every file is there with
+    its size)."""
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        return f"{marker} does not list the extracted files"
+    for name, size in files.items():
+        path = target.joinpath(*PurePosixPath(name).parts)
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{path} is missing or not {size} bytes"
+    return None
 
 
 def load_bge_m3_zh(cfg: DataConfig, reports: dict[str, LoadReport] | None = None

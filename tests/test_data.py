@@ -397,9 +397,91 @@ def test_hub_download_extracts_only_the_chinese_sources(tmp_path, monkeypatch):
     cfg = _full_cfg(tmp_path, data_dir=None)
     splits = data.prepare_data(cfg)
     assert calls == [("Shitao/bge-m3-data", "bge-m3-data.tar.gz", "dataset")]
-    extracted = sorted(p.name for p in (tmp_path / "cache" / "extracted").glob("*.jsonl"))
-    assert extracted == sorted(f.split("/")[-1] for fs in SOURCE_FILES.values() for f in fs)
+    root = tmp_path / "cache" / "extracted"
+    extracted = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jsonl"))
+    assert extracted == sorted(f"bge-m3-data/{f}" for fs in SOURCE_FILES.values() for f in fs)
     assert splits.manifest["records_after_dedup"] == 72
+
+
+def _tar_members(members, end=True):
+    """An uncompressed tar of ``(name, bytes | ("link", target) | ("symlink", target))``;
+    without ``end`` it stops after the last member, before tar's end-of-archive blocks."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(content, tuple):
+                info.type = tarfile.LNKTYPE if content[0] == "link" else tarfile.SYMTYPE
+                info.linkname = content[1]
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+        last = tar.offset
+    return buf.getvalue() if end else buf.getvalue()[:last]
+
+
+SOURCES = {"mldr_zh": "*mldr*zh*_len-*.jsonl", "dureader": "*dureader*_len-*.jsonl"}
+MLDR, DUREADER = b'{"query": "q"}\n' * 50, b'{"query": "d"}\n' * 30
+
+
+def test_archive_extraction_keeps_folders_copies_hard_links_and_reports_skips(tmp_path):
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(_tar_members([
+        ("d/zh/mldr-zh_len-0-500.jsonl", MLDR),
+        ("d/other/mldr-zh_len-0-500.jsonl", MLDR[:15]),  # the same name in another folder
+        ("d/zh/dureader_len-0-500.jsonl", ("link", "d/zh/mldr-zh_len-0-500.jsonl")),
+        ("d/zh/mldr-zh_len-500-1000.jsonl", ("symlink", "/etc/passwd")),
+        ("../mldr-zh_len-9-9.jsonl", MLDR),
+        ("d/en/msmarco_len-0-500.jsonl", b"not Chinese")]))
+    extracted, skipped = data.extract_matching(archive, tmp_path / "out", SOURCES)
+    assert extracted == {"d/zh/mldr-zh_len-0-500.jsonl": len(MLDR),
+                         "d/other/mldr-zh_len-0-500.jsonl": 15,
+                         "d/zh/dureader_len-0-500.jsonl": len(MLDR)}
+    assert skipped == {"d/zh/mldr-zh_len-500-1000.jsonl": "a link to /etc/passwd",
+                       "../mldr-zh_len-9-9.jsonl": "unsafe path"}
+    assert (tmp_path / "out/d/zh/dureader_len-0-500.jsonl").read_bytes() == MLDR
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "out"]
+
+
+@pytest.mark.parametrize("cut", ["inside a member", "at a member boundary", "gzip stream"])
+def test_a_cut_archive_is_named_and_never_marked_complete(tmp_path, cut):
+    import gzip
+
+    whole = _tar_members([("d/mldr-zh_len-0-500.jsonl", MLDR),
+                          ("d/dureader_len-0-500.jsonl", DUREADER)])
+    archive = tmp_path / "a.tar.gz"
+    if cut == "inside a member":
+        archive.write_bytes(whole[:512 + 300])
+    elif cut == "at a member boundary":
+        archive.write_bytes(gzip.compress(_tar_members(
+            [("d/mldr-zh_len-0-500.jsonl", MLDR), ("d/dureader_len-0-500.jsonl", DUREADER)],
+            end=False)))
+    else:
+        compressed = gzip.compress(whole)
+        archive.write_bytes(compressed[: len(compressed) - 40])
+    with pytest.raises(DataUnavailableError, match=r"a\.tar\.gz (is cut or damaged|ends after "
+                                                   r"the member d/dureader).*download it again"):
+        data.extract_matching(archive, tmp_path / "out", SOURCES)
+    assert not list((tmp_path / "out").rglob(".part-*")), "no partial file left"
+
+
+def test_a_marked_extraction_whose_file_changed_is_extracted_again(tmp_path, monkeypatch,
+                                                                   capsys):
+    import huggingface_hub
+
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(_tar_members([("d/mldr-zh_len-0-500.jsonl", MLDR),
+                                      ("d/dureader_len-0-500.jsonl", DUREADER)]))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **kw: str(archive))
+    target = data.download_bge_m3_zh("r", SOURCES, tmp_path / "cache")
+    assert "extracted 2 Chinese files" in capsys.readouterr().out
+    (target / "d/dureader_len-0-500.jsonl").write_bytes(DUREADER[:10])  # cut, e.g. by a kill
+    data.download_bge_m3_zh("r", SOURCES, tmp_path / "cache")
+    assert "extracting again: " in capsys.readouterr().out
+    assert (target / "d/dureader_len-0-500.jsonl").read_bytes() == DUREADER
+    data.download_bge_m3_zh("r", SOURCES, tmp_path / "cache")
+    assert capsys.readouterr().out == ""  # complete: used as it is
 
 
 def test_unreachable_hub_says_what_is_missing(tmp_path, monkeypatch):
