@@ -220,6 +220,7 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, scal
 
     folder = Path(folder)
     verify_checkpoint(folder)
+    _check_shapes(folder / "model.safetensors", model)
     device = next(model.parameters()).device
     missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False,
                                      device=str(device))
@@ -235,6 +236,23 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, scal
     set_rng_state({**trainer_state.pop("rng"), "torch": state["torch_rng"],
                    "cuda": state["cuda_rng"]})
     return trainer_state
+
+
+def _check_shapes(file: Path, model) -> None:
+    """A checkpoint written for a model of another shape (width, depth, vocabulary) is named
+    with the first tensor that differs, before torch's size-mismatch error could be raised."""
+    from safetensors import safe_open
+
+    here = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safe_open(str(file), framework="pt") as fh:
+        differ = [(k, tuple(fh.get_slice(k).get_shape()), here[k]) for k in fh.keys()
+                  if k in here and tuple(fh.get_slice(k).get_shape()) != here[k]]
+    if differ:
+        name, there, ours = differ[0]
+        raise CheckpointError(
+            f"{file} was written for a model of another shape: {name} is {there} there and "
+            f"{ours} in this model ({len(differ)} tensors differ). Resume with the settings the "
+            f"run was started with, or train from the start without resume")
 
 
 @contextmanager

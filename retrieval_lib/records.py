@@ -94,14 +94,19 @@ class LoadReport:
 # ---------------------------------------------------------------------------------------------
 
 
-def normalise_text(text: str) -> str:
-    """Whitespace runs collapsed to one space, ends stripped: the form in which texts are
-    compared (duplicates, a positive equal to its query).
+#: Characters that show nothing: zero-width space, non-joiner and joiner, word joiner, BOM.
+_INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
 
-    >>> normalise_text("  北京 \t  上海  ")
+
+def normalise_text(text: str) -> str:
+    """Invisible characters removed, whitespace runs collapsed to one space, ends stripped: the
+    form in which texts are compared (duplicates, a positive equal to its query, a negative
+    equal to a positive).
+
+    >>> normalise_text("  北京 \t \u200b 上海  ")
     '北京 上海'
     """
-    return re.sub(r"\s+", " ", text).strip()
+    return re.sub(r"\s+", " ", _INVISIBLE.sub("", text)).strip()
 
 
 #: Longest text kept, in characters; longer ones are cut and counted (``text_truncated``).
@@ -158,8 +163,9 @@ def _check_text(value, where: str, field_name: str) -> str:
     except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a "\ud800" escape
         raise DataError(f"{where}: field '{field_name}': character {exc.start + 1} is a lone "
                         f"surrogate ({value[exc.start]!r}), not text") from None
-    if not value.strip():
-        raise DataError(f"{where}: field '{field_name}': empty or whitespace-only text")
+    if not normalise_text(value):
+        raise DataError(f"{where}: field '{field_name}': empty, or only whitespace and "
+                        f"invisible characters")
     return value
 
 
@@ -209,17 +215,20 @@ def validate_record(obj, where: str = "<record>", source: str | None = None,
         if p["text"] not in seen:
             seen.add(p["text"])
             unique_pos.append(p)
+    # a negative that is a positive up to whitespace would teach the model to push the answer away
+    positive_forms = {normalise_text(t) for t in seen}
     clean_neg, neg_seen = [], set()
     for n in negatives:
-        if n["text"] in seen:
+        form = normalise_text(n["text"])
+        if form in positive_forms:
             if report is not None:
                 report.repaired["negative_equal_to_positive"] += 1
             continue
-        if n["text"] in neg_seen:
+        if form in neg_seen:
             if report is not None:
                 report.repaired["duplicate_negative"] += 1
             continue
-        neg_seen.add(n["text"])
+        neg_seen.add(form)
         clean_neg.append(n)
     if report is not None and len(unique_pos) < len(positives):
         report.repaired["duplicate_positive"] += len(positives) - len(unique_pos)

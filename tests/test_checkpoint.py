@@ -146,6 +146,18 @@ def test_resume_refuses_other_training_data_of_the_same_size(tok, data, tmp_path
     assert training.data_fingerprint(train) != training.data_fingerprint(other)
 
 
+def test_resume_into_a_model_of_another_width_names_the_tensor(tok, data, tmp_path):
+    train, val = data
+    training.train_retriever(toy_model(tok), train, val, toy_config(epochs=1, batch_size=8),
+                             tmp_path, show_progress=False)
+    wider = toy_model(tok, hidden_size=48)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors was written for a model of "
+                                              r"another shape: .* is \(\d+, 32\) there and "
+                                              r"\(\d+, 48\) in this model"):
+        training.train_retriever(wider, train, val, toy_config(epochs=1, batch_size=8),
+                                 tmp_path, show_progress=False, resume=True)
+
+
 def test_resume_never_deletes_checkpoints_it_cannot_read(tok, data, tmp_path):
     """Every checkpoint unreadable (no manifest): resume stops, names each folder and its fault,
     and leaves them all in place instead of starting over on top of them."""

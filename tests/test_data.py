@@ -61,6 +61,8 @@ BAD_LINES = [
      "'query': character 1 is a lone surrogate"),
     ("nested too deeply", b'{"query": "q", "positive_passages": [{"text": "p"}], "neg": '
      + b"[" * 200_000, "invalid JSON (nested too deeply"),
+    ("zero-width query", json.dumps({"query": "\u200b\u200d\ufeff", "positive_passages": [
+        {"text": "p"}]}).encode(), "'query': empty, or only whitespace and invisible"),
     ("query equal to its only positive",
      json.dumps({"query": "同一句话", "positive_passages": [{"text": " 同一句话 "}]}).encode(),
      "'positive_passages[0].text': identical to the query"),
@@ -83,10 +85,10 @@ def test_lenient_mode_counts_every_bad_line_and_adds_up(tmp_path):
     report = LoadReport()
     kept = list(records.read_jsonl(path, strict=False, report=report))
     assert len(kept) == 1 and report.kept == 1
-    # 19 bad lines: 2 invalid JSON (truncated, nested too deeply), 1 bad UTF-8, 16 schema
+    # 20 bad lines: 2 invalid JSON (truncated, nested too deeply), 1 bad UTF-8, 17 schema
     # errors (the lone surrogate among them); blank lines are not records
-    assert report.read == 20
-    assert dict(report.dropped) == {"invalid_json": 2, "invalid_utf8": 1, "invalid_record": 16}
+    assert report.read == 21
+    assert dict(report.dropped) == {"invalid_json": 2, "invalid_utf8": 1, "invalid_record": 17}
     report.check()
     assert report.examples[0].startswith(f"{path}:2:")
 
@@ -102,6 +104,16 @@ def test_bom_is_ignored_and_repairs_are_counted(tmp_path):
                    "negative_passages": [{"text": "n"}], "source": "s"}
     assert dict(report.repaired) == {"duplicate_positive": 1, "negative_equal_to_positive": 1,
                                      "duplicate_negative": 1}
+
+
+def test_a_negative_equal_to_a_positive_up_to_whitespace_is_no_negative():
+    report = LoadReport()
+    rec = records.validate_record(
+        {"query": "问题", "positive_passages": [{"text": "北京 上海"}],
+         "negative_passages": [{"text": " 北京\t\u200b上海 "}, {"text": "广州"},
+                               {"text": "广州 "}]}, report=report)
+    assert rec["negative_passages"] == [{"text": "广州"}]
+    assert dict(report.repaired) == {"negative_equal_to_positive": 1, "duplicate_negative": 1}
 
 
 def test_flag_embedding_conversion_and_negative_limit(tmp_path):

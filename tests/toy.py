@@ -31,10 +31,11 @@ def toy_tokenizer():
     return tokenizer.train_bpe_tokenizer(texts, vocab_size=500)
 
 
-def toy_model(tok, seed=0):
-    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, intermediate_size=64, vocab_size=len(tok),
-                  max_query_length=16, max_passage_length=48, projection_dim=16)
+def toy_model(tok, seed=0, hidden_size=32):
+    cfg = replace(config.MINIMIND_27M, hidden_size=hidden_size, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                  vocab_size=len(tok), max_query_length=16, max_passage_length=48,
+                  projection_dim=16)
     torch.manual_seed(seed)
     return DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False)
 
