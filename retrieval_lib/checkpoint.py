@@ -43,7 +43,7 @@ import torch
 __all__ = ["CheckpointError", "WEIGHT_LIMIT", "save_checkpoint", "load_checkpoint",
            "load_optimizer_state", "latest_checkpoint", "verify_checkpoint", "list_checkpoints",
            "remove_partial", "rng_state", "set_rng_state", "atomic_folder", "write_checksums",
-           "verify_checksums", "CHECKSUMS", "file_sha256"]
+           "verify_checksums", "CHECKSUMS", "file_sha256", "unreadable_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -312,6 +312,31 @@ def verify_checksums(folder: str | os.PathLike) -> bool:
     for name, (size, sha) in expected.items():
         _check_file(folder / name, size, sha, CHECKSUMS)
     return True
+
+
+def unreadable_files(folder: str | os.PathLike) -> list[str]:
+    """``"<file>: <fault>"`` for each JSON file of ``folder`` that does not parse and each
+    safetensors file whose header cannot be read (cut or not safetensors): what to name when a
+    library's own error names no file. Empty for a missing folder (a hub id, say)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    faults = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            faults.append(f"{path}: not valid JSON ({exc}); cut or edited")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own error type for a bad header
+            faults.append(f"{path}: not a readable safetensors file ({exc}); cut or "
+                          f"corrupt, download it again")
+    return faults
 
 
 def _check_file(path: Path, size: int, sha256: str, record: str) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .allocator import keep_freed_memory
-from .checkpoint import atomic_folder, verify_checksums, write_checksums
+from .checkpoint import atomic_folder, unreadable_files, verify_checksums, write_checksums
 from .config import ModelConfig, project_root
 from .m3 import M3Heads
 from .minimind import ConversionError, checkpoint_format, convert_checkpoint, llama_config
@@ -137,20 +137,29 @@ def how_to_supply(name_or_path: str, hub_id: str | None = None) -> str:
 
 def _read_config(name_or_path: str) -> tuple[dict, Path | None]:
     """The raw ``config.json`` of a local folder or hub id, and the local folder (or None)."""
+    folder = None
     if os.path.isdir(name_or_path):
-        path = Path(name_or_path) / "config.json"
+        folder = Path(name_or_path)
+        path = folder / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"{name_or_path}: no config.json; "
                                     f"{how_to_supply(name_or_path)}")
-        return json.loads(path.read_text(encoding="utf-8")), Path(name_or_path)
-    from huggingface_hub import hf_hub_download
+    else:
+        from huggingface_hub import hf_hub_download
 
+        try:
+            path = Path(hf_hub_download(name_or_path, "config.json"))
+        except Exception as exc:  # offline, no such repo, auth
+            raise OSError(f"cannot read config.json of {name_or_path!r} "
+                          f"({type(exc).__name__}); {how_to_supply(name_or_path)}") from exc
     try:
-        path = hf_hub_download(name_or_path, "config.json")
-    except Exception as exc:  # offline, no such repo, auth
-        raise OSError(f"cannot read config.json of {name_or_path!r} "
-                      f"({type(exc).__name__}); {how_to_supply(name_or_path)}") from exc
-    return json.loads(Path(path).read_text(encoding="utf-8")), None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OSError(f"{path}: not valid JSON ({exc}); cut or edited. "
+                      f"{how_to_supply(name_or_path)}") from None
+    if not isinstance(config, dict):
+        raise OSError(f"{path}: a JSON {type(config).__name__}, not a model configuration")
+    return config, folder
 
 
 #: File names that hold a tokenizer (any one is enough).
@@ -292,7 +301,13 @@ def load_encoder(name_or_path: str, trust_remote_code: bool = False,
         if dtype is not None:
             kwargs.update(dtype_kwarg(dtype))
         return AutoModel.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        broken = unreadable_files(path)
+        if broken:  # a cut file: name it (the library's own error does not)
+            raise OSError(f"cannot load the base model {name_or_path!r}: "
+                          + "; ".join(broken)) from exc
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         hint = ("" if trust_remote_code or "trust_remote_code" not in str(exc) else
                 " This checkpoint ships its own model code: pass trust_remote_code=True "

@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .checkpoint import unreadable_files
 from .config import MINIMIND_108M
 
 __all__ = ["SPECIAL_TOKENS", "train_bpe_tokenizer", "load_pretrained_tokenizer",
@@ -52,8 +53,16 @@ def load_pretrained_tokenizer(name_or_path: str, trust_remote_code: bool = False
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        folder = Path(name_or_path)
+        broken = unreadable_files(folder)
+        if folder.is_dir() and not broken:
+            present = sorted(p.name for p in folder.iterdir() if "token" in p.name
+                             or p.suffix in (".model", ".txt"))
+            broken = [f"{folder} holds {', '.join(present) or 'no tokenizer file'}; a fast "
+                      f"tokenizer needs tokenizer.json (or the files it is built from)"]
         raise OSError(
-            f"cannot load the tokenizer of {name_or_path!r}: {str(exc).splitlines()[0]}\n"
+            f"cannot load the tokenizer of {name_or_path!r}: "
+            f"{'; '.join(broken) if broken else str(exc).splitlines()[0]}\n"
             f"Download the model (huggingface-cli download {name_or_path} --local-dir DIR) and "
             f"pass DIR as the model path, or set HF_ENDPOINT to a reachable mirror."
         ) from exc

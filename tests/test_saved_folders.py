@@ -171,3 +171,41 @@ def test_run_files_are_written_by_rename_metrics_last(tmp_path, monkeypatch):
     assert order == ["config.json", "env.json", "metrics.json"]
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "env.json",
                                                         "metrics.json"]
+
+
+@pytest.fixture()
+def base_folder(tok, tmp_path):
+    """A local base-model folder as a user downloads one: weights, config, tokenizer."""
+    model = toy.toy_model(tok)
+    model.encoder.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+@pytest.mark.parametrize("fault,expected", [
+    ("cut weights", r"model\.safetensors: not a readable safetensors file \(.*\); cut or "
+                    r"corrupt"),
+    ("cut config", r"config\.json: not valid JSON \(.*\); cut or edited"),
+])
+def test_a_cut_file_of_a_base_model_folder_is_named(base_folder, fault, expected):
+    from retrieval_lib.modeling import load_encoder
+
+    name = "model.safetensors" if fault == "cut weights" else "config.json"
+    path = base_folder / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(OSError, match=expected):
+        load_encoder(str(base_folder))
+
+
+def test_a_missing_or_cut_tokenizer_is_named(base_folder):
+    from retrieval_lib.tokenizer import load_pretrained_tokenizer
+
+    tokenizer_json = base_folder / "tokenizer.json"
+    text = tokenizer_json.read_text(encoding="utf-8")
+    tokenizer_json.write_text(text[:100], encoding="utf-8")
+    with pytest.raises(OSError, match=r"tokenizer\.json: not valid JSON"):
+        load_pretrained_tokenizer(str(base_folder))
+    tokenizer_json.unlink()
+    with pytest.raises(OSError, match=r"holds tokenizer_config\.json; a fast tokenizer needs "
+                                      r"tokenizer\.json"):
+        load_pretrained_tokenizer(str(base_folder))
