@@ -38,3 +38,13 @@ def test_the_search_example_runs_as_written(tok, tmp_path, monkeypatch, capsys):
     recall = float(out.split("HNSW recall@10 against exact search:")[1])
     assert 0.9 <= recall <= 1.0  # 20 queries over a small corpus: HNSW is as good as exact
     assert (tmp_path / "my_index" / "index.faiss").exists()
+
+
+def test_every_test_the_reliability_table_names_exists():
+    """The table cannot name a test that was renamed or removed."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## What survives faults"):text.index("## Performance")]
+    named = set(re.findall(r"`(test_\w+)`", section))
+    defined = {m for path in README.parent.glob("tests/test_*.py")
+               for m in re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), re.M)}
+    assert len(named) >= 20 and named <= defined, sorted(named - defined)
