@@ -80,17 +80,30 @@ def test_bge_m3_modes_rerank_the_dense_candidates(tiny_m3):
     results = baselines.evaluate_bge_m3(m3, split, ks=(1, 5), top_k=3)
     assert set(results) == set(baselines.BGE_M3_MODES)
     assert all(r["corpus_size"] == 6 for r in results.values())
-    # the hybrid score of the first query's candidates, by hand from the encoded vectors
+    # every query's hybrid ranking of its dense top 3, by hand from the encoded vectors (the
+    # dense score as a float64 inner product), scored by the same trec-checked metrics
     query_ids, queries, qrels, corpus = evaluation.qrels_for_split(split)
-    q = m3.encode(queries[:1], sparse=True, colbert=True)
+    q = m3.encode(queries, sparse=True, colbert=True)
     p = m3.encode(corpus, sparse=True, colbert=True)
-    scores, indices = evaluation.exact_search(q["dense"], p["dense"], 3)
-    w = baselines.HYBRID_WEIGHTS
-    hybrid = {f"d{j}": w[0] * s + w[1] * baselines.lexical_score(q["sparse"][0], p["sparse"][j])
-              + w[2] * baselines.colbert_score(q["colbert"][0], p["colbert"][j])
-              for s, j in zip(scores[0], indices[0], strict=True)}
-    best = max(hybrid, key=hybrid.get)
-    assert results["hybrid"]["per_query"]["recall@1"]["q0"] == (1.0 if best in qrels["q0"] else 0.0)
+    dense = q["dense"].astype(np.float64) @ p["dense"].astype(np.float64).T
+    # weights that let the sparse score reorder: the hybrid mode must differ from dense here
+    w = (0.05, 1.0, 0.05)
+    results["hybrid"] = baselines.evaluate_bge_m3(m3, split, ks=(1, 5), top_k=3,
+                                                  modes=("hybrid",), weights=w)["hybrid"]
+    run = {}
+    for i, qid in enumerate(query_ids):
+        top = np.argsort(-dense[i], kind="stable")[:3]
+        run[qid] = {f"d{j}": w[0] * dense[i, j]
+                    + w[1] * baselines.lexical_score(q["sparse"][i], p["sparse"][j])
+                    + w[2] * baselines.colbert_score(q["colbert"][i], p["colbert"][j])
+                    for j in top}
+    by_hand = evaluation.score_run(qrels, run, ks=(1, 5))["per_query"]
+    for metric in ("recall@1", "mrr", "ndcg@5"):
+        assert results["hybrid"]["per_query"][metric] == pytest.approx(by_hand[metric]), metric
+    # the reranking matters here: hybrid and dense order some query's top 3 differently
+    assert any(sorted(run[qid], key=run[qid].get, reverse=True)
+               != [f"d{j}" for j in np.argsort(-dense[i], kind="stable")[:3]]
+               for i, qid in enumerate(query_ids))
     # reranking only reorders the dense top-k: recall at k=top_k is the same in every mode
     dense_r3 = baselines.evaluate_bge_m3(m3, split, ks=(3,), top_k=3)
     for mode in ("sparse", "colbert", "hybrid"):

@@ -221,3 +221,36 @@ def test_with_cls_pooling_the_first_token_is_the_dense_vector_not_a_sparse_or_co
     if skips and first not in rest:
         assert first not in out["sparse"][0]
     assert len(out["colbert"][0]) == int(mask[0].sum())
+
+
+def test_every_mode_reranks_as_worked_out_by_hand():
+    """One query, three passages (A relevant); dense, sparse and ColBERT each order them
+    differently, and the hybrid weights decide where A lands. Worked out by hand:
+
+    | passage | dense q·p | sparse | ColBERT | hybrid (0.4, 0.2, 0.4) |
+    | A       | 0.6       | 1.0    | 0.0     | 0.24 + 0.2 + 0   = 0.44 |
+    | B       | 0.8       | 0.0    | 1.0     | 0.32 + 0   + 0.4 = 0.72 |
+    | C       | 1.0       | 0.0    | 0.5     | 0.40 + 0   + 0.2 = 0.60 |
+
+    A's rank: dense 3, sparse 1, ColBERT 3, hybrid 3; with the weights (0.4, 0.4, 0.2), where a
+    swap of the sparse and ColBERT weights would land: 0.64, 0.52, 0.50, A first."""
+    split = Dataset.from_list([{"query": "q", "source": "toy", "positive_passages": [
+        {"text": "A"}], "negative_passages": [{"text": "B"}, {"text": "C"}]}])
+    vectors = {"q": ([1.0, 0.0], {1: 1.0}, [[1.0, 0.0]]),
+               "A": ([0.6, 0.8], {1: 1.0}, [[0.0, 1.0]]),
+               "B": ([0.8, 0.6], {}, [[1.0, 0.0]]),
+               "C": ([1.0, 0.0], {}, [[0.5, 0.8660254]])}
+
+    def encode(texts):
+        return {"dense": np.array([vectors[t][0] for t in texts]),
+                "sparse": [vectors[t][1] for t in texts],
+                "colbert": [np.array(vectors[t][2]) for t in texts]}
+
+    mrr = {mode: r["per_query"]["mrr"]["q0"]
+           for mode, r in m3.evaluate_reranked(encode, encode, split, ks=(1,), top_k=3,
+                                               weights=(0.4, 0.2, 0.4)).items()}
+    assert mrr == pytest.approx({"dense": 1 / 3, "sparse": 1.0, "colbert": 1 / 3,
+                                 "hybrid": 1 / 3})
+    swapped = m3.evaluate_reranked(encode, encode, split, ks=(1,), top_k=3, modes=("hybrid",),
+                                   weights=(0.4, 0.4, 0.2))
+    assert swapped["hybrid"]["per_query"]["mrr"]["q0"] == 1.0

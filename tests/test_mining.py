@@ -8,7 +8,6 @@ from toy import toy_config, toy_model, toy_records
 from retrieval_lib import mining, training
 from retrieval_lib.bm25 import BM25Retriever
 from retrieval_lib.data import corpus_of
-from retrieval_lib.evaluation import exact_search
 
 
 class ListSearcher:
@@ -66,7 +65,31 @@ def test_bm25_mining_on_real_text_respects_ranks(tok):
         texts = [n["text"] for n in rec["negative_passages"]]
         assert set(texts) <= allowed
         assert rec["positive_passages"][0]["text"] not in texts
-    assert report["records"] == 30 and 0 <= report["false_negative_rate"] <= 1
+    assert report["records"] == 30
+    # BM25 ranks each toy positive (it repeats the query's words) above every candidate
+    assert report["false_negative_rate"] == 0 and report["candidates"] > 0
+
+
+def test_the_false_negative_rate_recounts_by_hand(tok):
+    """Of the candidates in the rank range (positives excluded), the share scoring above the
+    record's positive, recounted from an independent float64 score matrix; an untrained model
+    ranks positives anywhere, so the share is neither 0 nor 1."""
+    model, records = toy_model(tok), toy_records(30, 4)
+    corpus = corpus_of(records)
+    _, report = mining.mine_hard_negatives(records, corpus, mining.DenseSearcher(model, corpus),
+                                           num_negatives=3, rank_range=(2, 12), seed=1)
+    sims = model.encode_queries([r["query"] for r in records]).astype(np.float64) @ \
+        model.encode_passages(corpus).astype(np.float64).T
+    outrank = candidates = 0
+    for row, rec in zip(sims, records, strict=True):
+        positive = corpus.index(rec["positive_passages"][0]["text"])
+        for rank, j in enumerate(np.argsort(-row, kind="stable")[:13]):
+            if j != positive and 2 <= rank < 12:
+                candidates += 1
+                outrank += row[j] > row[positive]
+    assert report["candidates"] == candidates
+    assert 0 < outrank < candidates
+    assert report["false_negative_rate"] == pytest.approx(outrank / candidates)
 
 
 def test_dense_searcher_is_exact_search(tok):
@@ -76,11 +99,14 @@ def test_dense_searcher_is_exact_search(tok):
     searcher = mining.DenseSearcher(model, corpus)
     queries = [r["query"] for r in records[:3]]
     hits = searcher.search(queries, k=4)
-    scores, indices = exact_search(model.encode_queries(queries), model.encode_passages(corpus), 4)
+    # an independent brute force in float64: every inner product, sorted
+    sims = model.encode_queries(queries).astype(np.float64) @ \
+        model.encode_passages(corpus).astype(np.float64).T
+    indices = np.argsort(-sims, axis=1, kind="stable")[:, :4]
     assert [[j for j, _ in row] for row in hits] == indices.tolist()
-    assert np.allclose([[s for _, s in row] for row in hits], scores, atol=1e-6)
-    assert searcher.scores(queries[0], [indices[0][0]]) == pytest.approx([scores[0][0]],
-                                                                          abs=1e-6)
+    assert np.allclose([[s for _, s in row] for row in hits],
+                       np.take_along_axis(sims, indices, axis=1), atol=1e-6)
+    assert searcher.scores(queries[0], [3, 0]) == pytest.approx(sims[0, [3, 0]], abs=1e-6)
 
 
 def test_dynamic_mining_re_mines_with_the_trained_model_and_logs_it(tok, tmp_path):

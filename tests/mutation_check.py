@@ -1,0 +1,249 @@
+"""A mutation check of the test suite: do the tests fail when the core is plausibly wrong?
+
+    .venv/bin/python tests/mutation_check.py            # every mutation (about 10 minutes)
+    .venv/bin/python tests/mutation_check.py --only 3   # one, by number
+    .venv/bin/python tests/mutation_check.py --readme   # also rewrite the README's table
+
+Each mutation below is a small, plausible bug in the library (an off-by-one, a sign, a
+dropped mask, a forgotten state): it is applied to a temporary copy of the repository, the test
+files that cover that code run there (``-x``, no notebooks), and the mutation counts as caught
+when they fail. The table of caught and missed mutations is printed, saved to
+``tests/mutation_results.json`` and, with ``--readme``, rendered into the README between the
+``mutation table`` markers. It is run on demand, not in CI (it runs the suite ~35 times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).with_name("mutation_results.json")
+TABLE_START, TABLE_END = "<!-- mutation table: start -->", "<!-- mutation table: end -->"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    area: str
+    what: str  # the bug, in words
+    file: str  # under retrieval_lib/
+    find: str  # must occur exactly once in the file
+    replace: str
+    tests: tuple[str, ...]  # test files that should catch it
+
+
+MUTATIONS = [
+    # metrics
+    Mutation("metrics", "precision@k divides by k+1", "evaluation.py",
+             'out[f"precision@{k}"] = hits / k', 'out[f"precision@{k}"] = hits / (k + 1)',
+             ("tests/test_evaluation.py",)),
+    Mutation("metrics", "recall@k counts one rank too many", "evaluation.py",
+             "hits = sum(1 for d in ranking[:k] if d in relevant)",
+             "hits = sum(1 for d in ranking[:k + 1] if d in relevant)",
+             ("tests/test_evaluation.py",)),
+    Mutation("metrics", "NDCG discount log2(i+1) instead of log2(i+2)", "evaluation.py",
+             "dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains[:k]) if g)",
+             "dcg = sum(g / math.log2(i + 1.5) for i, g in enumerate(gains[:k]) if g)",
+             ("tests/test_evaluation.py",)),
+    Mutation("metrics", "MRR of the first relevant document off by one", "evaluation.py",
+             'out = {"mrr": 0.0 if first is None else 1.0 / (first + 1)}',
+             'out = {"mrr": 0.0 if first is None else 1.0 / (first + 2)}',
+             ("tests/test_evaluation.py",)),
+    Mutation("metrics", "mrr@k keeps a first hit at rank k+1", "evaluation.py",
+             'out[f"mrr@{k}"] = out["mrr"] if first is not None and first < k else 0.0',
+             'out[f"mrr@{k}"] = out["mrr"] if first is not None and first <= k else 0.0',
+             ("tests/test_evaluation.py",)),
+    # losses
+    Mutation("losses", "temperature applied twice", "losses.py",
+             "    return s / temperature\n", "    return s / temperature / temperature\n",
+             ("tests/test_losses.py",)),
+    Mutation("losses", "positive column of query i is i (ignores the hard negatives)",
+             "losses.py", "return torch.arange(num_queries) * (num_passages // num_queries)",
+             "return torch.arange(num_queries)", ("tests/test_losses.py",)),
+    Mutation("losses", "GradCache replays the gradients without the loss scale", "gradcache.py",
+             "(scale(loss) if scale is not None else loss).backward()", "loss.backward()",
+             ("tests/test_gradcache.py", "tests/test_training.py")),
+    # pooling and model
+    Mutation("pooling", "mean pooling counts padding", "modeling.py",
+             "return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)",
+             "return hidden.mean(1)", ("tests/test_modeling.py",)),
+    Mutation("pooling", "last-token pooling takes the last position, padding or not",
+             "modeling.py", "last = (attention_mask.long() * positions).argmax(dim=1)",
+             "last = torch.full_like(attention_mask[:, 0], attention_mask.shape[1] - 1).long()",
+             ("tests/test_modeling.py",)),
+    Mutation("model", "embeddings not L2-normalised", "modeling.py",
+             "        return nn.functional.normalize(out, dim=-1)\n", "        return out\n",
+             ("tests/test_modeling.py",)),
+    Mutation("model", "passages encoded by the query projection", "modeling.py",
+             'projection = self.query_projection if tower == "query" else '
+             'self.passage_projection',
+             "projection = self.query_projection", ("tests/test_modeling.py",
+                                                    "tests/test_export.py")),
+    # expansion and unfreezing
+    Mutation("expansion", "identity init leaves down_proj random", "expansion.py",
+             "for module in (layer.self_attn.o_proj, layer.mlp.down_proj):",
+             "for module in (layer.self_attn.o_proj,):", ("tests/test_expansion.py",)),
+    Mutation("unfreezing", "an unfreeze that never freezes", "expansion.py",
+             "p.requires_grad_(index in trainable)", "p.requires_grad_(True)",
+             ("tests/test_expansion.py",)),
+    Mutation("unfreezing", "stages start one step late", "expansion.py",
+             "if step >= start]", "if step > start]", ("tests/test_expansion.py",)),
+    Mutation("unfreezing", "a schedule that cannot complete is accepted", "expansion.py",
+             "if starts and starts[-1] >= total_steps:", "if starts and starts[-1] > total_steps:",
+             ("tests/test_expansion.py",)),
+    # optimizer and training
+    Mutation("optimizer", "weight decay on biases and norms instead of matrices", "training.py",
+             "(no_decay if p.ndim < 2 else decay).append(p)",
+             "(decay if p.ndim < 2 else no_decay).append(p)", ("tests/test_training.py",)),
+    Mutation("training", "gradients never clipped", "training.py",
+             "    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)\n",
+             "", ("tests/test_training.py",)),
+    Mutation("training", "collator samples negatives with an unseeded generator", "training.py",
+             "self.rng = random.Random(seed)", "self.rng = random.Random()",
+             ("tests/test_training.py", "tests/test_checkpoint.py")),
+    # checkpoint and resume
+    Mutation("checkpoint", "fp16 loss scale not saved", "checkpoint.py",
+             '"scaler": scaler.state_dict() if scaler is not None else None,',
+             '"scaler": None,', ("tests/test_checkpoint.py",)),
+    Mutation("checkpoint", "checksums not compared", "checkpoint.py",
+             "    if file_sha256(path) != sha256:\n", "    if False:\n",
+             ("tests/test_checkpoint.py", "tests/test_saved_folders.py")),
+    Mutation("checkpoint", "diverged weights count as a good checkpoint", "checkpoint.py",
+             "if not math.isfinite(largest) or largest > WEIGHT_LIMIT:",
+             "if not math.isfinite(largest):", ("tests/test_checkpoint.py",)),
+    Mutation("checkpoint", "a failed folder write still swaps in", "checkpoint.py",
+             "        shutil.rmtree(tmp, ignore_errors=True)\n        raise\n",
+             "        pass\n", ("tests/test_checkpoint.py", "tests/test_saved_folders.py")),
+    # data validation and splits
+    Mutation("data", "negatives equal to a positive kept", "records.py",
+             "        if form in positive_forms:\n", "        if False:\n",
+             ("tests/test_data.py",)),
+    Mutation("data", "lone surrogates pass validation", "records.py",
+             '        value.encode("utf-8")\n', '        value.encode("utf-8", "surrogatepass")\n',
+             ("tests/test_data.py",)),
+    Mutation("splits", "validation overlaps the test set by one record", "data.py",
+             "val = order[test_size:test_size + val_size]",
+             "val = order[test_size - 1:test_size - 1 + val_size]", ("tests/test_data.py",)),
+    Mutation("splits", "split-overlap guard disabled", "data.py",
+             'assert not overlap, f"{len(overlap)} queries are in both {a} and {b}"',
+             "pass", ("tests/test_data.py",)),
+    Mutation("data", "deduplication by exact query instead of normalised", "data.py",
+             '        key = normalise_text(r["query"])\n', '        key = r["query"]\n',
+             ("tests/test_data.py",)),
+    # M3 heads
+    Mutation("m3", "sparse weights summed over repeated tokens instead of the max", "m3.py",
+             'reduce="amax"', 'reduce="sum"', ("tests/test_m3.py",)),
+    Mutation("m3", "ColBERT scores include padded passage tokens", "m3.py",
+             '    sim = sim.masked_fill(~p_mask.bool()[None, :, None, :], float("-inf"))\n', "",
+             ("tests/test_m3.py",)),
+    Mutation("m3", "skip_first_token ignored", "m3.py",
+             "        if self.skip_first_token:\n", "        if False:\n",
+             ("tests/test_m3.py",)),
+    Mutation("m3", "hybrid score swaps the sparse and ColBERT weights", "m3.py",
+             "(weights[0] * float(dense) + weights[1] * s\n"
+             "                                                   + weights[2] * c)",
+             "(weights[0] * float(dense) + weights[2] * s\n"
+             "                                                   + weights[1] * c)",
+             ("tests/test_m3.py", "tests/test_baselines.py")),
+    # mining
+    Mutation("mining", "a positive can be mined as a negative", "mining.py",
+             "            if corpus[j] in positives:\n", "            if False:\n",
+             ("tests/test_mining.py",)),
+    Mutation("mining", "rank range shifted by one", "mining.py",
+             "if rank < lo or rank >= hi:", "if rank <= lo or rank > hi:",
+             ("tests/test_mining.py",)),
+    Mutation("mining", "false-negative rate over all hits instead of candidates", "mining.py",
+             'report["false_negative_rate"] = (report["outrank_positive"] / report["candidates"]',
+             'report["false_negative_rate"] = (report["outrank_positive"] / (report["candidates"]'
+             ' + report["positives_excluded"])', ("tests/test_mining.py",)),
+    # index
+    Mutation("index", "search returns the ids of the next rows", "index.py",
+             "hits = [[self.ids[j] for j in row if j >= 0] for row in rows]",
+             "hits = [[self.ids[(j + 1) % len(self.ids)] for j in row if j >= 0] for row in rows]",
+             ("tests/test_index.py",)),
+    # BM25
+    Mutation("bm25", "BM25 without length normalisation", "bm25.py",
+             "self._model = bm25s.BM25(k1=k1, b=b)", "self._model = bm25s.BM25(k1=k1, b=0.0)",
+             ("tests/test_baselines.py", "tests/test_mining.py", "tests/test_demo_corpus.py")),
+]
+
+
+def run_one(index: int, mutation: Mutation, python: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
+            ".venv", ".git", "runs", "data_cache", "figures", "outputs", "__pycache__",
+            ".pytest_cache", "*.egg-info"))
+        target = copy / "retrieval_lib" / mutation.file
+        source = target.read_text(encoding="utf-8")
+        if source.count(mutation.find) != 1:
+            raise SystemExit(f"mutation {index} ({mutation.what}): the text to replace occurs "
+                             f"{source.count(mutation.find)} times in {mutation.file}")
+        target.write_text(source.replace(mutation.find, mutation.replace), encoding="utf-8")
+        tests = [t for t in mutation.tests if (copy / t).exists()]
+        start = time.perf_counter()
+        # the copy's library comes first on the path: the installed one must not be tested
+        out = subprocess.run([python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                              "-m", "not notebook", "-o", "addopts=", *tests],
+                             cwd=copy, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(copy),
+                                  "RETRIEVAL_HOME": str(copy)})
+        failed = [line.split(" ")[1] for line in out.stdout.splitlines()
+                  if line.startswith("FAILED ") or line.startswith("ERROR ")]
+        return {"number": index, "area": mutation.area, "what": mutation.what,
+                "file": mutation.file, "tests": list(tests),
+                "caught": out.returncode != 0, "by": failed[:1],
+                "seconds": round(time.perf_counter() - start, 1)}
+
+
+def render_table(saved: dict) -> str:
+    rows = saved["results"]
+    caught = sum(r["caught"] for r in rows)
+    lines = [f"{caught} of {len(rows)} mutations caught ({caught / len(rows):.0%}), measured "
+             f"{saved['date']} at commit `{saved['commit']}` by `tests/mutation_check.py`.", "",
+             "| # | area | mutation | caught by |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        by = f"`{r['by'][0].split('::')[-1]}`" if r["by"] else ("yes" if r["caught"] else
+                                                                 "**missed**")
+        lines.append(f"| {r['number']} | {r['area']} | {r['what']} | {by} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", type=int, nargs="*", help="mutation numbers to run")
+    parser.add_argument("--readme", action="store_true", help="rewrite the README's table")
+    args = parser.parse_args(argv)
+    chosen = args.only or range(1, len(MUTATIONS) + 1)
+    results = []
+    for index in chosen:
+        result = run_one(index, MUTATIONS[index - 1], sys.executable)
+        results.append(result)
+        print(f"{index:3d} {'caught' if result['caught'] else 'MISSED':6s} "
+              f"{result['seconds']:6.1f} s  {result['area']}: {result['what']}", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    saved = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "results": results}
+    print("\n" + render_table(saved))
+    if args.only:
+        return 0
+    RESULTS.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+    if args.readme:
+        readme = ROOT / "README.md"
+        text = readme.read_text(encoding="utf-8")
+        start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+        readme.write_text(text[:start] + "\n" + render_table(saved) + "\n" + text[end:],
+                          encoding="utf-8")
+    return 0 if all(r["caught"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
