@@ -176,30 +176,48 @@ MUTATIONS = [
 ]
 
 
-def run_one(index: int, mutation: Mutation, python: str) -> dict:
+def _pytest(copy: Path, tests, python: str) -> subprocess.CompletedProcess:
+    # the copy's library comes first on the path: the installed one must not be tested
+    return subprocess.run([python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "-m", "not notebook", "-o", "addopts=", "-rfE", *tests],
+                          cwd=copy, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(copy), "RETRIEVAL_HOME": str(copy)})
+
+
+def snapshot(into: Path) -> Path:
+    """The repository as it is now, once: later edits do not leak into the mutants."""
+    copy = into / "snapshot"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "data_cache", "figures", "outputs", "__pycache__",
+        ".pytest_cache", "*.egg-info"))
+    return copy
+
+
+def control(base: Path, python: str) -> None:
+    """Every test file of the list passes on the unmutated copy, or no result means anything."""
+    tests = sorted({t for m in MUTATIONS for t in m.tests})
+    out = _pytest(base, tests, python)
+    if out.returncode != 0:
+        raise SystemExit("the unmutated copy fails its tests; fix that first:\n"
+                         + out.stdout[-3000:])
+
+
+def run_one(index: int, mutation: Mutation, base: Path, python: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "repo"
-        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
-            ".venv", ".git", "runs", "data_cache", "figures", "outputs", "__pycache__",
-            ".pytest_cache", "*.egg-info"))
+        shutil.copytree(base, copy)
         target = copy / "retrieval_lib" / mutation.file
         source = target.read_text(encoding="utf-8")
         if source.count(mutation.find) != 1:
             raise SystemExit(f"mutation {index} ({mutation.what}): the text to replace occurs "
                              f"{source.count(mutation.find)} times in {mutation.file}")
         target.write_text(source.replace(mutation.find, mutation.replace), encoding="utf-8")
-        tests = [t for t in mutation.tests if (copy / t).exists()]
         start = time.perf_counter()
-        # the copy's library comes first on the path: the installed one must not be tested
-        out = subprocess.run([python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                              "-m", "not notebook", "-o", "addopts=", *tests],
-                             cwd=copy, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(copy),
-                                  "RETRIEVAL_HOME": str(copy)})
+        out = _pytest(copy, mutation.tests, python)
         failed = [line.split(" ")[1] for line in out.stdout.splitlines()
-                  if line.startswith("FAILED ") or line.startswith("ERROR ")]
+                  if line.startswith(("FAILED ", "ERROR "))]
         return {"number": index, "area": mutation.area, "what": mutation.what,
-                "file": mutation.file, "tests": list(tests),
+                "file": mutation.file, "tests": list(mutation.tests),
                 "caught": out.returncode != 0, "by": failed[:1],
                 "seconds": round(time.perf_counter() - start, 1)}
 
@@ -224,8 +242,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     chosen = args.only or range(1, len(MUTATIONS) + 1)
     results = []
+    workdir = tempfile.TemporaryDirectory()
+    base = snapshot(Path(workdir.name))
+    if not args.only:
+        control(base, sys.executable)
+        print("control: every listed test file passes on the unmutated copy", flush=True)
     for index in chosen:
-        result = run_one(index, MUTATIONS[index - 1], sys.executable)
+        result = run_one(index, MUTATIONS[index - 1], base, sys.executable)
         results.append(result)
         print(f"{index:3d} {'caught' if result['caught'] else 'MISSED':6s} "
               f"{result['seconds']:6.1f} s  {result['area']}: {result['what']}", flush=True)

@@ -435,3 +435,32 @@ def test_weight_decay_applies_to_matrices_only(tok):
     assert "query_projection.weight" in {names[id(p)] for p in decay["params"]}
     grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+
+
+@pytest.mark.parametrize("limit", [0.01, 1e9])
+def test_the_optimizer_sees_gradients_clipped_to_max_grad_norm(tok, tmp_path, limit):
+    """Every optimizer step's gradient norm, read in a step pre-hook: at most ``max_grad_norm``
+    when that binds (0.01 here), the raw norms (above 0.01) when it does not."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        training.train_retriever(toy_model(tok), Dataset.from_list(toy_records(24, 1)),
+                                 Dataset.from_list(toy_records(8, 2)),
+                                 toy_config(epochs=1, batch_size=8, max_grad_norm=limit),
+                                 tmp_path, show_progress=False)
+    finally:
+        handle.remove()
+    assert len(norms) == 3
+    if limit < 1:
+        assert max(norms) <= limit * (1 + 1e-5), norms
+    else:
+        assert min(norms) > 0.01, norms  # so the 0.01 limit really binds
