@@ -214,7 +214,7 @@ def run_one(index: int, mutation: Mutation, base: Path, python: str) -> dict:
         target.write_text(source.replace(mutation.find, mutation.replace), encoding="utf-8")
         start = time.perf_counter()
         out = _pytest(copy, mutation.tests, python)
-        failed = [line.split(" ")[1] for line in out.stdout.splitlines()
+        failed = [line.split(" ", 1)[1].split(" - ")[0] for line in out.stdout.splitlines()
                   if line.startswith(("FAILED ", "ERROR "))]
         return {"number": index, "area": mutation.area, "what": mutation.what,
                 "file": mutation.file, "tests": list(mutation.tests),
