@@ -48,3 +48,17 @@ def test_every_test_the_reliability_table_names_exists():
     defined = {m for path in README.parent.glob("tests/test_*.py")
                for m in re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), re.M)}
     assert len(named) >= 20 and named <= defined, sorted(named - defined)
+
+
+def test_the_mutation_table_is_rendered_from_the_saved_results():
+    import json
+
+    import mutation_check
+
+    saved = json.loads(mutation_check.RESULTS.read_text(encoding="utf-8"))
+    text = README.read_text(encoding="utf-8")
+    block = text[text.index(mutation_check.TABLE_START) + len(mutation_check.TABLE_START):
+                 text.index(mutation_check.TABLE_END)]
+    assert block.strip() == mutation_check.render_table(saved).strip()
+    assert [r["what"] for r in saved["results"]] == [m.what for m in mutation_check.MUTATIONS]
+    assert sum(r["caught"] for r in saved["results"]) >= 0.9 * len(saved["results"])
