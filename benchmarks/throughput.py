@@ -282,7 +282,25 @@ def render_table(saved: dict) -> str:
                     ", freed memory kept" if peer.endswith(KEPT) else "")
                 lines.append(f"| {shape} | {precision} | {what}, {unit} | {ours:.1f} | {name} | "
                              f"{r['per_second']:.1f} | {ours / r['per_second']:.2f}× |")
+    lines += ["", target_summary(saved)]
     return "\n".join(lines)
+
+
+def target_summary(saved: dict, target: float = 1.5) -> str:
+    """One sentence per benchmark: the ratio to the peer at its best (its fastest variant,
+    freed memory kept or not) at each shape and precision, against the target."""
+    parts = []
+    for what, name in (("train", "Training"), ("encode", "Encoding")):
+        ratios = []
+        for run in saved["runs"]:
+            results = run["report"][what]
+            best = max(r["per_second"] for peer, r in results.items() if peer != "ours")
+            ratios.append(f"{run['shape']} {run['precision']} "
+                          f"{results['ours']['per_second'] / best:.2f}×")
+        met = sum(float(r.split()[-1][:-1]) >= target for r in ratios)
+        parts.append(f"{name} against the peer at its best: {', '.join(ratios)} "
+                     f"(target ≥ {target}×: met in {met} of {len(ratios)}).")
+    return " ".join(parts)
 
 
 def write_readme_table(saved: dict, readme: Path) -> None:
