@@ -42,6 +42,22 @@ def test_agrees_with_trec_eval(seed):
     assert any(ours["recall@10"][q] == 0 for q in qrels)  # the case is covered
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mrr_at_k_agrees_with_trec_eval_on_the_run_cut_at_k(seed):
+    """trec_eval has no cut-off for the reciprocal rank: its recip_rank over each query's first
+    k documents (in trec_eval's own order: score, then id, both descending) is MRR@k."""
+    qrels, run = _random_case(seed)
+    ours = evaluation.score_run(qrels, run, KS)["per_query"]
+    for k in KS:
+        cut = {qid: dict(sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:k])
+               for qid, docs in run.items()}
+        reference = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+        for qid, ref in reference.items():
+            assert ours[f"mrr@{k}"][qid] == pytest.approx(ref["recip_rank"], abs=1e-9), (qid, k)
+        # some query has its first relevant document beyond k, so the cut-off matters
+        assert k == KS[-1] or any(0 < ours["mrr"][q] < 1 / k for q in qrels)
+
+
 def test_hand_worked_query_with_ties_and_grades():
     qrels = {"q": {"d1": 1, "d2": 0, "d3": 2}}
     run = {"q": {"d1": 0.5, "d2": 0.5, "d3": 0.1, "d4": 0.5}}

@@ -190,3 +190,44 @@ def test_tokenize_equals_the_tokenizers_own_padding_and_tokenises_each_text_once
     model.max_passage_length = 10  # another truncation: the kept ids no longer apply
     assert model.tokenize(["新的文本"], "passage")["input_ids"].shape[1] <= 10
     assert len(calls) == 2
+
+
+@pytest.fixture(scope="module")
+def bert_tok():
+    """A BERT-style WordPiece tokenizer built here (no download): every text becomes
+    ``[CLS] characters [SEP]``, as BERT's and XLM-R's do, so the CLS paths see a real CLS."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    chars = sorted({c for t in TEXTS for c in t})
+    vocab = {w: i for i, w in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(handle_chinese_chars=True, lowercase=False)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, cls_token="[CLS]",
+                                   sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta"])
+def test_cls_pooling_takes_the_real_cls_state_and_m3_heads_leave_out_cls_and_sep(bert_tok,
+                                                                                  arch):
+    model = _retriever(arch, bert_tok, vocab_size=len(bert_tok), pooling="cls", m3_heads=True,
+                       max_passage_length=8).eval()
+    texts = TEXTS[:3]
+    enc = model.tokenize(texts, "passage")
+    cls, sep = bert_tok.cls_token_id, bert_tok.sep_token_id
+    lengths = enc["attention_mask"].sum(1)
+    assert (enc["input_ids"][:, 0] == cls).all()
+    assert enc["input_ids"][torch.arange(3), lengths - 1].tolist() == [sep] * 3
+    assert lengths.tolist() == [8, 8, 8]  # cut at 8 with [SEP] kept last, by the tokenizer
+    with torch.no_grad():
+        hidden = model.encoder(**enc).last_hidden_state
+        expected = torch.nn.functional.normalize(model.passage_projection(hidden[:, 0]), dim=-1)
+    assert torch.allclose(torch.from_numpy(model.encode_passages(texts)), expected, atol=1e-6)
+    out = model.encode_m3(texts, "passage")
+    for row, ids in enumerate(enc["input_ids"].tolist()):
+        assert not {cls, sep} & set(out["sparse"][row])
+        assert len(out["colbert"][row]) == len(ids) - 2  # every token but [CLS] and [SEP]

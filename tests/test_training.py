@@ -464,3 +464,19 @@ def test_the_optimizer_sees_gradients_clipped_to_max_grad_norm(tok, tmp_path, li
         assert max(norms) <= limit * (1 + 1e-5), norms
     else:
         assert min(norms) > 0.01, norms  # so the 0.01 limit really binds
+
+
+def test_without_length_grouping_an_epoch_is_a_seeded_permutation_cut_into_batches():
+    """``group_by_length=False``: epoch e is torch's permutation from seed·1000003 + e, cut into
+    batches (the last short one dropped), a function of seed and epoch alone (resume relies
+    on it); it trains end to end."""
+    rows = toy_records(30, 5)
+    cfg = toy_config(batch_size=8, group_by_length=False)
+    batches = training._batch_plan(rows, cfg, rank=0, world=1)
+    for epoch in (1, 2):
+        order = torch.randperm(30, generator=torch.Generator().manual_seed(
+            cfg.seed * 1_000_003 + epoch)).tolist()
+        assert batches(epoch) == [order[i:i + 8] for i in (0, 8, 16)]  # 30 = 3·8 + 6 dropped
+    assert batches(1) != batches(2) and batches(1) == training._batch_plan(rows, cfg, 0, 1)(1)
+    grouped = training._batch_plan(rows, replace(cfg, group_by_length=True), 0, 1)(1)
+    assert grouped != batches(1)  # the other policy really is another one
