@@ -95,7 +95,7 @@ def to_sentence_transformer(model: DualTowerRetriever, workdir: str | Path):
 def export_sentence_transformer(model: DualTowerRetriever, path: str | Path) -> Path:
     """Write ``model`` as a sentence-transformers folder at ``path``; returns ``path``. The
     folder is written whole or not at all (a failed re-export leaves the previous one), with
-    ``checksums.json`` recording each file."""
+    ``checksums.json`` recording each file; ``path`` is replaced whole (a folder of its own)."""
     import tempfile
 
     path = Path(path)

@@ -96,7 +96,8 @@ class PassageIndex:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``index.faiss``, ``ids.json`` and ``checksums.json`` as ``folder``, whole or
-        not at all (a failed save leaves the previous index there)."""
+        not at all (a failed save leaves the previous index there); ``folder`` is replaced
+        whole, so give the index a folder of its own."""
         import faiss
 
         with atomic_folder(folder) as out:

@@ -609,7 +609,8 @@ class DualTowerRetriever(nn.Module):
         """Write ``encoder/`` (weights as safetensors, config, tokenizer), ``head.safetensors``
         (the projection), ``retriever_config.json`` and ``checksums.json`` (size and SHA-256 of
         each, checked by :meth:`load`). The folder is written whole or not at all: a save that
-        fails part-way leaves the previous one at ``path`` as it was."""
+        fails part-way leaves the previous one at ``path`` as it was. ``path`` is replaced
+        whole, so give the retriever a folder of its own."""
         path = Path(path)
         with atomic_folder(path) as tmp:
             self._write(tmp)
