@@ -124,3 +124,27 @@ def test_bge_m3_missing_heads_are_named(tiny_m3, tmp_path):
         dense_only.encode(["足球"], sparse=True)
     assert baselines.bge_m3_available(str(folder))
     assert not baselines.bge_m3_available(str(tmp_path / "nowhere"))
+
+
+def test_the_baselines_are_saved_as_runs_the_report_table_reads(tiny_m3, tmp_path, capsys):
+    """bm25_baseline and bge_m3_baseline save what they measured (each BGE-M3 mode its own run)
+    where collect_runs finds it, with the same per-query values; asked not to run, BGE-M3 is
+    recorded as not run (no number) with how to run it, replacing an earlier result."""
+    from retrieval_lib import runs
+
+    split = _split()
+    bm25 = baselines.bm25_baseline(split, "demo", root=tmp_path)
+    m3 = baselines.bge_m3_baseline(split, "demo", name_or_path=str(tiny_m3), max_length=64,
+                                   root=tmp_path)
+    assert m3["status"] == "done"
+    found = runs.collect_runs("demo", tmp_path)
+    assert set(found) == {"bge_m3", "bge_m3-sparse", "bge_m3-colbert", "bge_m3-hybrid", "bm25"}
+    assert found["bm25"]["test"]["per_query"] == bm25["per_query"]
+    assert found["bge_m3-hybrid"]["test"]["per_query"] == m3["results"]["hybrid"]["per_query"]
+    assert found["bge_m3"]["parameters"] == sum(
+        p.numel() for p in baselines.BGEM3Retriever(str(tiny_m3)).encoder.parameters())
+    skipped = baselines.bge_m3_baseline(split, "demo", run=False, root=tmp_path)
+    assert skipped["status"] == "not run" and "run_bge_m3=False" in skipped["reason"]
+    assert "BGE-M3 not run" in capsys.readouterr().out
+    again = runs.collect_runs("demo", tmp_path)["bge_m3"]
+    assert again["status"] == "not run" and "huggingface-cli download" in again["how_to_run"]
