@@ -30,7 +30,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "init_from_env", "is_main", "barrier", "main_first",
+__all__ = ["is_distributed", "init_from_env", "is_main", "barrier", "finish", "main_first",
            "gather_with_grad"]
 
 T = TypeVar("T")
@@ -62,6 +62,15 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def finish() -> None:
+    """Leave the process group together (a barrier, then ``destroy_process_group``): a process
+    that exits with the group still up can abort inside gloo as its peers tear down, and its
+    exit status is then non-zero although its work was done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main_first(fn: Callable[[], T]) -> T:

@@ -33,7 +33,7 @@ from .config import (
     with_overrides,
 )
 from .data import Splits, data_config_hash, find_source_files, prepare_data
-from .distributed import is_main, main_first
+from .distributed import finish, is_main, main_first
 from .evaluation import REPORT_METRICS, evaluate_retriever, paired_test
 from .expansion import UnfreezeSchedule, expand_layers
 from .hub import hub_has
@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                             resume_overrides=tuple(args.resume_override))
     if is_main():
         print(json.dumps(result_summary(result), indent=2, default=str))
+    finish()
     return 0
 
 

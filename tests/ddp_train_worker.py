@@ -12,7 +12,7 @@ def main(records_file: str, out_dir: str, grad_cache_chunk_size: str = "0") -> N
     from safetensors.torch import save_file
     from toy import worker_model  # this script's folder is on sys.path
 
-    from retrieval_lib import config, training
+    from retrieval_lib import config, distributed, training
     from retrieval_lib.expansion import UnfreezeSchedule, expand_layers
 
     records = json.loads(Path(records_file).read_text(encoding="utf-8"))
@@ -29,6 +29,7 @@ def main(records_file: str, out_dir: str, grad_cache_chunk_size: str = "0") -> N
     save_file({k: v.contiguous() for k, v in model.state_dict().items()
                if k != "passage_projection.weight" and k != "passage_projection.bias"},
               str(Path(out_dir) / f"rank{rank}.safetensors"))
+    distributed.finish()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def main(log_file: str) -> None:
             f.write(f"end {rank}\n")
 
     distributed.main_first(job)
-    distributed.barrier()
+    distributed.finish()
 
 
 if __name__ == "__main__":
