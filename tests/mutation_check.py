@@ -9,7 +9,7 @@ dropped mask, a forgotten state): it is applied to a temporary copy of the repos
 files that cover that code run there (``-x``, no notebooks), and the mutation counts as caught
 when they fail. The table of caught and missed mutations is printed, saved to
 ``tests/mutation_results.json`` and, with ``--readme``, rendered into the README between the
-``mutation table`` markers. It is run on demand, not in CI (it runs the suite ~35 times).
+``mutation table`` markers. It is run on demand, not in CI (it runs the suite ~40 times).
 """
 
 from __future__ import annotations
@@ -173,6 +173,15 @@ MUTATIONS = [
     Mutation("bm25", "BM25 without length normalisation", "bm25.py",
              "self._model = bm25s.BM25(k1=k1, b=b)", "self._model = bm25s.BM25(k1=k1, b=0.0)",
              ("tests/test_baselines.py", "tests/test_mining.py", "tests/test_demo_corpus.py")),
+    # expansion studies
+    Mutation("studies", "the ablation of an expansion is trained again even when it is the "
+             "configured initialisation", "studies.py",
+             "if ablation_init and ablation_init != exp.model.expansion_init:",
+             "if ablation_init:", ("tests/test_pipeline_helpers.py",)),
+    Mutation("studies", "the untrained identity check compares trained results", "studies.py",
+             'before = base_run["untrained"]["per_query"][metric]',
+             'before = base_run["test"]["per_query"][metric]',
+             ("tests/test_pipeline_helpers.py",)),
 ]
 
 

@@ -64,3 +64,69 @@ def test_option_variants_change_only_what_each_option_names():
         if key != "dense":
             assert v.data == exp.data and v.name != exp.name
             assert v.model.hidden_size == exp.model.hidden_size
+
+
+def test_run_expansion_with_ablation_trains_the_configured_init_then_the_ablation_in_its_own_folder(
+        monkeypatch):
+    calls = []
+
+    def fake_run(exp, splits, base_info, resume=False):
+        calls.append((exp.name, exp.model.expansion_init, resume))
+        return {"init": exp.model.expansion_init}
+
+    monkeypatch.setattr(studies, "run_experiment", fake_run)
+    exp = config.get_experiment("minimind38_96k", "demo")  # configured init: random
+    runs = studies.run_expansion_with_ablation(exp, None, {}, "identity", resume=True)
+    assert list(runs) == ["random", "identity"]  # the configured one first: tables keep it first
+    assert runs == {"random": {"init": "random"}, "identity": {"init": "identity"}}
+    assert calls == [("minimind38_96k", "random", True),
+                     ("minimind38_96k-identity", "identity", True)]  # its own run folder
+    for ablation in (None, "", "random"):  # no ablation, or the configured init again
+        calls.clear()
+        assert list(studies.run_expansion_with_ablation(exp, None, {}, ablation)) == ["random"]
+        assert calls == [("minimind38_96k", "random", False)]
+
+
+def _expansion_run(untrained, trained, parameters):
+    def result(values):
+        return {"per_query": {m: dict(zip(("q1", "q2", "q3"), values, strict=True))
+                              for m in ("ndcg@10", "recall@100")},
+                "aggregate": {m: {"mean": sum(values) / 3} for m in evaluation.REPORT_METRICS}}
+    return {"out_dir": "runs/x", "parameters": parameters, "untrained": result(untrained),
+            "test": result(trained), "wall_time_s": 1.0,
+            "history": {"best_epoch": 1, "epochs": [{"trainable_new_layers": [2]}]},
+            "expansion": {"parameters_before": 510_400, "new_layers": [2, 3]}}
+
+
+def test_expansion_summary_of_hand_made_runs():
+    exp = config.get_experiment("minimind38_96k", "demo")
+    base_exp = config.get_experiment("minimind27_10k", "demo")
+    base = _expansion_run([0.5, 1.0, 0.0], [0.5, 1.0, 0.5], 510_400)
+    runs = {"random": _expansion_run([0.1, 1.0, 0.0], [1.0, 1.0, 0.5], 602_816),
+            "identity": _expansion_run([0.5, 1.0, 0.0], [0.5, 1.0, 1.0], 602_816)}
+    summary = studies.expansion_summary(exp, base_exp, {"name": "lm"}, base, runs)
+    assert summary["inits"] == ["random", "identity"] and summary["num_layers"] == 4
+    assert summary["new_layers"] == [2, 3]
+    params = summary["parameters"]
+    # a MiniMind layer: q, o d×d; k, v d×(kv_heads·head_dim); gate, up, down d×ffn; 2 norms d.
+    # full: d 512, 16 heads, 8 KV heads (head_dim 32), ffn 1408 -> 2,950,144 per layer, 4 added
+    assert params["full"]["added"] == 4 * (2 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1408 + 1024)
+    # demo: d 64, 4 heads, 2 KV heads (head_dim 16), ffn 176 -> 46,208 per layer, 2 added
+    assert params["demo"]["added"] == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 176 + 128)
+    assert (params["measured_before"], params["measured_after"]) == (510_400, 602_816)
+    assert params["demo"]["before"] == 510_400 and params["demo"]["after"] == 602_816
+    # untrained gaps: random changed q1 by 0.4; identity changed nothing
+    assert summary["untrained_max_difference"] == pytest.approx({"random": 0.4, "identity": 0.0})
+    tests = summary["paired_tests"]
+    assert set(tests) == {f"{a} · {m}" for m in ("ndcg@10", "recall@100") for a in (
+        "扩容（random）− 对照", "扩容（identity）− 对照", "identity − random")}
+    assert tests["扩容（random）− 对照 · ndcg@10"]["mean_difference"] == pytest.approx(0.5 / 3)
+    assert tests["identity − random · ndcg@10"]["mean_difference"] == pytest.approx(0.0)
+    assert summary["runs"]["base"]["trained"]["ndcg@10"] == pytest.approx(2 / 3)
+    assert summary["runs"]["identity"]["untrained"]["ndcg@10"] == pytest.approx(0.5)
+    assert summary["runs"]["random"]["trained"]["ndcg@10"] == pytest.approx(2.5 / 3)
+    # without a base run: no comparison with it, no untrained gap
+    alone = studies.expansion_summary(exp, base_exp, {}, None, runs)
+    assert alone["runs"]["base"] is None and alone["untrained_max_difference"] == {}
+    assert set(alone["paired_tests"]) == {"identity − random · ndcg@10",
+                                          "identity − random · recall@100"}
