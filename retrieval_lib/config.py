@@ -133,6 +133,10 @@ class ModelConfig:
     separate_projections: bool = False  # one projection per tower (experiment 4.1.1 variant)
     max_query_length: int = 64  # tokens
     max_passage_length: int = 512  # tokens
+    # how a passage longer than the window is scored (retrieval_lib.windows): "first" (its
+    # first window, i.e. truncation), "max" (MaxP: its best overlapping window) or "sum"
+    passage_aggregation: str = "first"
+    passage_stride: int = 0  # tokens between window starts (0: half a window)
     m3_heads: bool = False  # sparse + multi-vector heads and the unified loss (retrieval_lib.m3)
     query_instruction: str = ""  # prepended to every query, e.g. for decoder-only retrievers
     num_new_layers: int = 0  # transformer layers added by capacity expansion

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .data import corpus_of
+from .windows import search_documents, split_windows, window_tokens
 
 __all__ = ["REPORT_METRICS", "HEADLINE_METRICS", "rank_documents", "score_run", "aggregate",
            "bootstrap_ci", "paired_test", "summarize_metrics", "summarize_systems",
@@ -207,16 +208,34 @@ def evaluate_embeddings(query_embeddings: np.ndarray, passage_embeddings: np.nda
 
 
 def evaluate_retriever(model, split, ks: Sequence[int] = (5, 10, 100), top_k: int = 100,
-                       batch_size: int = 32) -> dict:
+                       batch_size: int = 32, aggregation: str | None = None,
+                       stride: int | None = None) -> dict:
     """Encode the split's queries and its deduplicated passage corpus, search, score.
 
     The corpus is every passage of the split (positives and hard negatives); a model must find
-    each query's positive among all of them.
+    each query's positive among all of them. ``aggregation`` (default: the model's
+    ``passage_aggregation``, ``first`` when it has none) says how a passage longer than the
+    model's window is scored (:mod:`retrieval_lib.windows`): ``first``, its first window
+    (truncation); ``max`` / ``sum``, the best / the sum of its overlapping windows, ``stride``
+    tokens apart (default: the model's ``passage_stride``, else half a window). Windowed
+    results say what was cut under ``"windows"``.
     """
+    aggregation = aggregation or getattr(model, "passage_aggregation", "first")
     query_ids, queries, qrels, corpus = qrels_for_split(split)
     q = model.encode_queries(queries, batch_size=batch_size)
-    p = model.encode_passages(corpus, batch_size=batch_size)
-    result = evaluate_embeddings(q, p, query_ids, qrels, ks, top_k)
+    if aggregation == "first":
+        p = model.encode_passages(corpus, batch_size=batch_size)
+        result = evaluate_embeddings(q, p, query_ids, qrels, ks, top_k)
+    else:
+        windows = split_windows(corpus, model.tokenizer, window_tokens(model),
+                                stride or getattr(model, "passage_stride", None))
+        p = model.encode_passages(windows.texts, batch_size=batch_size)
+        scores, indices = search_documents(q, p, windows.owners, aggregation, top_k)
+        doc_ids = [f"d{j}" for j in range(len(corpus))]
+        result = score_run(qrels, run_from_search(query_ids, doc_ids, scores, indices), ks)
+        result["windows"] = {"aggregation": aggregation, "size": windows.size,
+                             "stride": windows.stride, "windows": len(windows.texts),
+                             "split_documents": windows.split_documents()}
     result["corpus_size"] = len(corpus)
     return result
 

@@ -9,8 +9,13 @@ passage embeddings (so scores are cosine similarities):
 * ``"ivf"``: inverted lists over k-means cells (``IndexIVFFlat``), trained on the corpus;
   ``nprobe`` cells are searched per query.
 
-``save(folder)`` writes ``index.faiss`` and ``ids.json`` (the passage ids in index order, the
-kind, its settings, the dimension and the count); ``load(folder)`` checks that they agree.
+Long documents (:mod:`retrieval_lib.windows`): :meth:`PassageIndex.encode` indexes each window
+of a document that is longer than the model's window as its own row, with the document it
+belongs to; ``search`` then returns documents, each once, scored by its best window (MaxP).
+
+``save(folder)`` writes ``index.faiss`` and ``ids.json`` (the row ids in index order, the
+documents of windowed rows, the kind, its settings, the dimension and the count);
+``load(folder)`` checks that they agree.
 ``recall_against_exact`` reports how much of the exact top-k an approximate index finds.
 """
 
@@ -24,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_folder, verify_checksums, write_checksums
+from .windows import split_windows, window_tokens
 
 __all__ = ["INDEX_KINDS", "PassageIndex", "recall_against_exact"]
 
@@ -41,22 +47,30 @@ def _as_matrix(embeddings, what: str) -> np.ndarray:
 
 
 class PassageIndex:
-    """A faiss inner-product index and the passage ids of its rows."""
+    """A faiss inner-product index and the passage ids of its rows; with ``documents``, row
+    i is a window of document ``documents[i]`` and search returns documents (MaxP)."""
 
-    def __init__(self, index, ids: Sequence[str], kind: str, settings: dict):
+    def __init__(self, index, ids: Sequence[str], kind: str, settings: dict,
+                 documents: Sequence[str] | None = None):
         ids = list(ids)
         if len(set(ids)) != len(ids):
             seen: set = set()
             repeated = next(i for i in ids if i in seen or seen.add(i))
             raise ValueError(f"passage ids must be unique; {len(ids) - len(set(ids))} repeat "
                              f"(first: {repeated!r})")
+        if documents is not None:
+            documents = [str(d) for d in documents]
+            if len(documents) != len(ids):
+                raise ValueError(f"{len(documents)} documents for {len(ids)} rows")
         self.index, self.ids, self.kind, self.settings = index, ids, kind, dict(settings)
+        self.documents = documents
 
     @classmethod
     def build(cls, embeddings, ids: Sequence[str], kind: str = "flat", hnsw_m: int = 32,
               ef_construction: int = 200, ef_search: int = 128, nlist: int | None = None,
-              nprobe: int = 16) -> PassageIndex:
-        """Index ``embeddings`` (one row per passage, row i has id ``ids[i]``)."""
+              nprobe: int = 16, documents: Sequence[str] | None = None) -> PassageIndex:
+        """Index ``embeddings`` (one row per passage, row i has id ``ids[i]``; with
+        ``documents``, row i is a window of document ``documents[i]``)."""
         import faiss
 
         if kind not in INDEX_KINDS:
@@ -82,17 +96,73 @@ class PassageIndex:
             index.nprobe = min(nprobe, nlist)
             settings = {"nlist": nlist, "nprobe": index.nprobe}
         index.add(matrix)
-        return cls(index, ids, kind, settings)
+        return cls(index, ids, kind, settings, documents)
+
+    @classmethod
+    def encode(cls, model, texts: Sequence[str], ids: Sequence[str], kind: str = "flat",
+               batch_size: int = 32, **settings) -> PassageIndex:
+        """Encode ``texts`` (document ``ids[i]`` is ``texts[i]``) with ``model`` and index
+        them as :meth:`build` does. A model whose ``passage_aggregation`` is ``max`` indexes
+        every window of a document longer than its window (``passage_stride`` apart; rows
+        ``<id>#<n>``) and search returns documents by their best window; ``first`` indexes
+        the truncated text. ``sum`` cannot be served from a top-k index and is refused."""
+        ids = [str(i) for i in ids]
+        if len(ids) != len(texts):
+            raise ValueError(f"{len(ids)} ids for {len(texts)} texts")
+        how = getattr(model, "passage_aggregation", "first")
+        if how == "first":
+            return cls.build(model.encode_passages(list(texts), batch_size=batch_size), ids,
+                             kind, **settings)
+        if how != "max":
+            raise ValueError(f"an index returns documents by their best window (max) or their "
+                             f"first (first); passage_aggregation {how!r} needs every window "
+                             f"score: use evaluation.evaluate_retriever")
+        windows = split_windows(list(texts), model.tokenizer, window_tokens(model),
+                                getattr(model, "passage_stride", None))
+        counts = np.bincount(windows.owners)
+        rows, seen = [], np.zeros(len(ids), dtype=np.int64)
+        for owner in windows.owners:
+            rows.append(ids[owner] if counts[owner] == 1 else f"{ids[owner]}#{seen[owner]}")
+            seen[owner] += 1
+        return cls.build(model.encode_passages(windows.texts, batch_size=batch_size), rows,
+                         kind, documents=[ids[o] for o in windows.owners], **settings)
 
     def __len__(self) -> int:
         return self.index.ntotal
 
     def search(self, queries, k: int = 10) -> tuple[list[list[str]], np.ndarray]:
-        """Top-``k`` passage ids per query and their scores (``-inf`` where fewer were found)."""
+        """Top-``k`` ids per query and their scores (``-inf`` where fewer were found): passage
+        ids, or for a windowed index document ids, each once, scored by its best window."""
         matrix = _as_matrix(queries, "queries")
-        scores, rows = self.index.search(matrix, min(k, len(self)))
-        hits = [[self.ids[j] for j in row if j >= 0] for row in rows]
-        return hits, np.where(rows >= 0, scores, -np.inf)
+        if self.documents is None:
+            scores, rows = self.index.search(matrix, min(k, len(self)))
+            hits = [[self.ids[j] for j in row if j >= 0] for row in rows]
+            return hits, np.where(rows >= 0, scores, -np.inf)
+        return self._search_documents(matrix, k)
+
+    def _search_documents(self, matrix: np.ndarray, k: int):
+        """Windows in score order, each document kept at its first (best) window; more windows
+        are fetched until every query has ``k`` documents or the index is exhausted."""
+        k = min(k, len(set(self.documents)))
+        fetch = min(len(self), 4 * k)
+        while True:
+            scores, rows = self.index.search(matrix, fetch)
+            found = []
+            for row_s, row_r in zip(scores, rows, strict=True):
+                best: dict[str, float] = {}
+                for s, r in zip(row_s, row_r, strict=True):
+                    if r >= 0 and self.documents[r] not in best:
+                        best[self.documents[r]] = float(s)
+                        if len(best) == k:
+                            break
+                found.append(best)
+            if fetch >= len(self) or all(len(b) == k for b in found):
+                break
+            fetch = min(len(self), 2 * fetch)
+        out = np.full((len(matrix), k), -np.inf, dtype=np.float32)
+        for i, best in enumerate(found):
+            out[i, :len(best)] = list(best.values())
+        return [list(b) for b in found], out
 
     def save(self, folder: str | Path) -> Path:
         """Write ``index.faiss``, ``ids.json`` and ``checksums.json`` as ``folder``, whole or
@@ -103,7 +173,7 @@ class PassageIndex:
         with atomic_folder(folder) as out:
             faiss.write_index(self.index, str(out / "index.faiss"))
             meta = {"kind": self.kind, "settings": self.settings, "dim": self.index.d,
-                    "count": len(self), "ids": self.ids}
+                    "count": len(self), "ids": self.ids, "documents": self.documents}
             (out / "ids.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
             write_checksums(out)
         return Path(folder)
@@ -135,7 +205,11 @@ class PassageIndex:
             index.hnsw.efSearch = meta["settings"]["ef_search"]
         elif meta["kind"] == "ivf":
             index.nprobe = meta["settings"]["nprobe"]
-        return cls(index, meta["ids"], meta["kind"], meta["settings"])
+        documents = meta.get("documents")
+        if documents is not None and len(documents) != len(meta["ids"]):
+            raise ValueError(f"{folder / 'ids.json'}: {len(documents)} documents for "
+                             f"{len(meta['ids'])} rows")
+        return cls(index, meta["ids"], meta["kind"], meta["settings"], documents)
 
 
 def recall_against_exact(index: PassageIndex, exact: PassageIndex, queries, k: int = 10) -> float:

@@ -25,6 +25,7 @@ from .config import ModelConfig, project_root
 from .m3 import M3Heads
 from .minimind import ConversionError, checkpoint_format, convert_checkpoint, llama_config
 from .tokenizer import load_pretrained_tokenizer
+from .windows import AGGREGATIONS
 
 __all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "how_to_supply",
            "check_base_model", "resolve_base_model", "dtype_kwarg", "load_encoder",
@@ -375,10 +376,14 @@ class DualTowerRetriever(nn.Module):
                  projection_dim: int = 128, separate_projections: bool = False,
                  max_query_length: int = 64, max_passage_length: int = 512,
                  architecture: str | None = None, m3_heads: bool = False,
-                 query_instruction: str = ""):
+                 query_instruction: str = "", passage_aggregation: str = "first",
+                 passage_stride: int = 0):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+        if passage_aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown passage_aggregation {passage_aggregation!r}; expected "
+                             f"one of {', '.join(AGGREGATIONS)}")
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.pooling = pooling
@@ -394,6 +399,10 @@ class DualTowerRetriever(nn.Module):
         if tokenizer.pad_token is None:  # decoder tokenizers often have none
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         self.query_instruction = query_instruction
+        #: how evaluation scores a passage longer than the window (:mod:`.windows`), and the
+        #: tokens between its windows' starts (0: half a window)
+        self.passage_aggregation = passage_aggregation
+        self.passage_stride = passage_stride
         #: precision of encode_* (:func:`choose_precision`): ``auto`` encodes as training
         #: computes, half precision on a GPU and fp32 on the CPU
         self.precision = "auto"
@@ -422,7 +431,9 @@ class DualTowerRetriever(nn.Module):
                    separate_projections=cfg.separate_projections,
                    max_query_length=cfg.max_query_length,
                    max_passage_length=cfg.max_passage_length, architecture=cfg.architecture,
-                   m3_heads=cfg.m3_heads, query_instruction=cfg.query_instruction)
+                   m3_heads=cfg.m3_heads, query_instruction=cfg.query_instruction,
+                   passage_aggregation=cfg.passage_aggregation,
+                   passage_stride=cfg.passage_stride)
 
     # -- tokenisation ---------------------------------------------------------------------------
 
@@ -603,7 +614,9 @@ class DualTowerRetriever(nn.Module):
                 "architecture": self.architecture,
                 "hidden_size": self.encoder.config.hidden_size,
                 "m3_heads": self.m3 is not None,
-                "query_instruction": self.query_instruction}
+                "query_instruction": self.query_instruction,
+                "passage_aggregation": self.passage_aggregation,
+                "passage_stride": self.passage_stride}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``encoder/`` (weights as safetensors, config, tokenizer), ``head.safetensors``
@@ -658,7 +671,9 @@ class DualTowerRetriever(nn.Module):
                     max_query_length=rc["max_query_length"],
                     max_passage_length=rc["max_passage_length"],
                     architecture=rc["architecture"], m3_heads=rc.get("m3_heads", False),
-                    query_instruction=rc.get("query_instruction", ""))
+                    query_instruction=rc.get("query_instruction", ""),
+                    passage_aggregation=rc.get("passage_aggregation", "first"),
+                    passage_stride=rc.get("passage_stride", 0))
         head = load_file(str(path / "head.safetensors"))
         model.query_projection.load_state_dict(
             {k.split(".", 1)[1]: v for k, v in head.items() if k.startswith("query_projection.")})

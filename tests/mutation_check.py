@@ -9,7 +9,7 @@ dropped mask, a forgotten state): it is applied to a temporary copy of the repos
 files that cover that code run there (``-x``, no notebooks), and the mutation counts as caught
 when they fail. The table of caught and missed mutations is printed, saved to
 ``tests/mutation_results.json`` and, with ``--readme``, rendered into the README between the
-``mutation table`` markers. It is run on demand, not in CI (it runs the suite ~40 times).
+``mutation table`` markers. It is run on demand, not in CI (it runs the suite ~45 times).
 """
 
 from __future__ import annotations
@@ -169,6 +169,18 @@ MUTATIONS = [
              "hits = [[self.ids[j] for j in row if j >= 0] for row in rows]",
              "hits = [[self.ids[(j + 1) % len(self.ids)] for j in row if j >= 0] for row in rows]",
              ("tests/test_index.py",)),
+    # long documents
+    Mutation("windows", "MaxP sums the windows' scores", "windows.py",
+             'reduce = np.maximum if how == "max" else np.add', "reduce = np.add",
+             ("tests/test_windows.py",)),
+    Mutation("windows", "the end of a long text falls outside every window", "windows.py",
+             "    if starts[-1] + size < n:", "    if False:", ("tests/test_windows.py",)),
+    Mutation("windows", "a window's text tokens ignore the special tokens", "windows.py",
+             "special = tok.num_special_tokens_to_add(pair=False)", "special = 0",
+             ("tests/test_windows.py",)),
+    Mutation("index", "a windowed index lists a document at each of its windows", "index.py",
+             "if r >= 0 and self.documents[r] not in best:", "if r >= 0:",
+             ("tests/test_windows.py",)),
     # BM25
     Mutation("bm25", "BM25 without length normalisation", "bm25.py",
              "self._model = bm25s.BM25(k1=k1, b=b)", "self._model = bm25s.BM25(k1=k1, b=0.0)",
