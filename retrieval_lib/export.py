@@ -17,17 +17,25 @@ Two details keep the vectors identical:
   one ``Dense`` per route, so ``encode_query`` and ``encode_document`` take their own.
 
 Plain ``model.encode`` follows the document route (passages).
+
+sentence-transformers truncates a document at ``document_length`` tokens (FirstP). How the
+retriever was evaluated on longer documents goes into ``passage_windows.json``: the aggregation
+(``first``, or ``max`` / ``sum`` over windows of ``window_tokens`` text tokens every ``stride``
+tokens, :mod:`retrieval_lib.windows`); to score like it, split documents with
+``windows.split_windows``, ``encode_document`` each window and aggregate the scores.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
 
 from .checkpoint import atomic_folder, write_checksums
 from .modeling import DualTowerRetriever
+from .windows import window_tokens
 
 __all__ = ["ST_POOLING", "to_sentence_transformer", "export_sentence_transformer"]
 
@@ -99,7 +107,13 @@ def export_sentence_transformer(model: DualTowerRetriever, path: str | Path) -> 
     import tempfile
 
     path = Path(path)
+    size = window_tokens(model)
+    windows = {"aggregation": model.passage_aggregation, "window_tokens": size,
+               "stride": model.passage_stride or max(1, size // 2),
+               "document_length": model.max_passage_length}
     with tempfile.TemporaryDirectory() as workdir, atomic_folder(path) as tmp:
         to_sentence_transformer(model, workdir).save(str(tmp))
+        (tmp / "passage_windows.json").write_text(json.dumps(windows, indent=2) + "\n",
+                                                  encoding="utf-8")
         write_checksums(tmp)
     return path

@@ -4,7 +4,9 @@
   and the cost of a run before it starts (:func:`unfreeze_plan`, :func:`show_plan`);
 * the expansion studies of 4.1.2 / 4.2.4 / 4.3 (:class:`ExpansionStudy`: the expanded model,
   its ablation with another initialisation, and the unexpanded base they are held against);
-* the options beyond the report (:func:`option_variants`, keyed by what each changes).
+* the options beyond the report (:func:`option_variants`, keyed by what each changes);
+* documents longer than the window: one trained retriever scored by its first, best or summed
+  windows (:func:`aggregation_study`).
 
 Runs come from :mod:`retrieval_lib.experiment`; nothing here trains except by calling it.
 """
@@ -12,12 +14,14 @@ Runs come from :mod:`retrieval_lib.experiment`; nothing here trains except by ca
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .config import ExperimentConfig, get_experiment, variant
 from .data import Splits
 from .evaluation import (
     HEADLINE_METRICS,
     REPORT_METRICS,
+    evaluate_retriever,
     metrics_table,
     paired_test,
     summarize_systems,
@@ -25,17 +29,18 @@ from .evaluation import (
 from .expansion import UnfreezeSchedule, new_layer_positions
 from .experiment import result_summary, run_experiment
 from .memory import CUDA_CONTEXT_GIB, plan_table, training_plan
-from .modeling import parameter_count_from_config
+from .modeling import DualTowerRetriever, parameter_count_from_config
 from .plotting import plot_metric_bars, plot_training_curves, plot_unfreeze_schedule, save_figure
 from .runs import default_output_dir, save_summary
-from .training import steps_per_epoch
+from .training import steps_per_epoch, training_device
 
 __all__ = ["run_differences", "differences_note", "unfreeze_plan", "show_plan",
            "expansion_parameters", "parameter_table", "run_expansion_with_ablation",
            "untrained_gaps", "expansion_comparisons", "expansion_systems",
            "expansion_histories", "unfreeze_table", "expansion_summary", "ExpansionStudy",
            "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION", "OPTION_LABELS", "option_variants",
-           "option_systems", "option_comparisons"]
+           "option_systems", "option_comparisons", "AGGREGATION_LABELS",
+           "aggregation_study"]
 
 
 def expansion_parameters(exp: ExperimentConfig) -> dict:
@@ -380,3 +385,27 @@ def option_comparisons(runs: dict[str, dict], metrics=("ndcg@10", "recall@100")
             tests[f"{OPTION_LABELS['m3']}：hybrid − dense · {metric}"] = paired_test(
                 m3["hybrid"]["per_query"][metric], m3["dense"]["per_query"][metric])
     return tests
+
+
+#: Labels of the passage aggregations (:mod:`retrieval_lib.windows`) in tables and figures.
+AGGREGATION_LABELS = {"first": "FirstP（只读首个窗口）", "max": "MaxP（最佳窗口）",
+                      "sum": "SumP（窗口得分之和）"}
+
+
+def aggregation_study(run: dict, split, stride: int | None = None,
+                      metrics=("ndcg@5", "ndcg@10", "recall@100"), device=None) -> dict:
+    """The trained retriever of ``run`` (its ``best`` folder) on ``split`` with each passage
+    aggregation (FirstP, MaxP, SumP; windows ``stride`` tokens apart, default half a window):
+    ``{"results": {label: score_run result}, "windows": what was cut, "comparisons": paired
+    tests of MaxP and SumP against FirstP}``."""
+    model = DualTowerRetriever.load(Path(run["out_dir"]) / "best", training_device(device))
+    results = {AGGREGATION_LABELS[how]: evaluate_retriever(model, split, aggregation=how,
+                                                           stride=stride)
+               for how in AGGREGATION_LABELS}
+    first = results[AGGREGATION_LABELS["first"]]
+    comparisons = {f"{label} − {AGGREGATION_LABELS['first']} · {metric}": paired_test(
+        result["per_query"][metric], first["per_query"][metric])
+        for metric in metrics for label, result in results.items()
+        if label != AGGREGATION_LABELS["first"]}
+    return {"results": results, "windows": results[AGGREGATION_LABELS["max"]]["windows"],
+            "comparisons": comparisons}

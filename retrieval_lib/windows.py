@@ -10,7 +10,8 @@ Contextual Neural Language Modeling", name the three).
   (the last window ends at the text's end), returned as text spans (character offsets of the
   tokenizer), so every encoder, cache and index works on them as on any passage;
 * :func:`aggregate_scores` turns query × window scores into query × document scores;
-* :func:`search_documents` is exact search over windows with the aggregation, top-k documents.
+* :func:`search_documents` is exact search over windows with the aggregation, top-k documents;
+* :func:`window_table`: per source, how many passages are longer than the window.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["AGGREGATIONS", "Windows", "window_tokens", "split_windows", "aggregate_scores",
-           "search_documents"]
+           "search_documents", "window_table"]
 
 #: How a document's score is made from its windows' scores.
 AGGREGATIONS = ("first", "max", "sum")
@@ -128,3 +129,23 @@ def search_documents(query_embeddings: np.ndarray, window_embeddings: np.ndarray
         top_i[start:start + rows] = np.take_along_axis(part, order, axis=1)
         top_s[start:start + rows] = np.take_along_axis(part_s, order, axis=1)
     return top_s, top_i
+
+
+def window_table(lengths: dict[str, dict[str, list[int]]], size: int, stride: int | None = None):
+    """Per source (``lengths`` as :func:`retrieval_lib.data.collect_lengths` counts tokens):
+    the passages, the share longer than a window of ``size`` text tokens (FirstP reads only
+    their beginning), the share of all their tokens that FirstP never reads, and the windows
+    MaxP encodes per passage (mean and max) at ``stride`` (default half a window)."""
+    import pandas as pd
+
+    stride = stride or max(1, size // 2)
+    rows = []
+    for source, by_kind in lengths.items():
+        n = np.asarray(by_kind["passage"])
+        if not len(n):
+            continue
+        count = np.array([len(_starts(int(x), size, stride)) for x in n])
+        rows.append({"source": source, "passages": len(n), "longer_than_window": (n > size).mean(),
+                     "unread_token_share": np.maximum(n - size, 0).sum() / max(n.sum(), 1),
+                     "windows_mean": count.mean(), "windows_max": int(count.max())})
+    return pd.DataFrame(rows).set_index("source")

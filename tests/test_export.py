@@ -49,3 +49,31 @@ def test_sentence_transformers_vectors_equal_the_retrievers(tok, tmp_path, base,
         assert np.max(np.abs(without.encode_queries(QUERIES) - q_st)) > 1e-3
     if separate:  # the two routes really differ
         assert np.max(np.abs(st.encode_query(PASSAGES) - p_st)) > 1e-3
+
+
+def test_the_export_says_how_to_score_long_documents_and_following_it_gives_maxp(tok, tmp_path):
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    from retrieval_lib import windows
+
+    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                  vocab_size=len(tok), max_query_length=8, max_passage_length=10,
+                  projection_dim=16, passage_aggregation="max", passage_stride=4)
+    torch.manual_seed(0)
+    model = DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False).eval()
+    folder = export_sentence_transformer(model, tmp_path / "st")
+    said = json.loads((folder / "passage_windows.json").read_text(encoding="utf-8"))
+    # the toy BPE adds no special tokens: all 10 tokens of a window are text
+    assert said == {"aggregation": "max", "window_tokens": 10, "stride": 4,
+                    "document_length": 10}
+    st = SentenceTransformer(str(folder), device="cpu")
+    cut = windows.split_windows(PASSAGES, st.tokenizer, said["window_tokens"], said["stride"])
+    assert cut.split_documents() >= 2
+    theirs = windows.aggregate_scores(st.encode_query(QUERIES) @ st.encode_document(cut.texts).T,
+                                      cut.owners, said["aggregation"])
+    ours = windows.aggregate_scores(model.encode_queries(QUERIES)
+                                    @ model.encode_passages(cut.texts).T, cut.owners, "max")
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)

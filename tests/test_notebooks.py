@@ -45,6 +45,11 @@ def check_01(summary, home):
     assert load["read"] == load["kept"] + sum(load["dropped"].values())
     assert summary["demo_parse"]["articles"] == load["read"]
     assert 100 < summary["median_passage_tokens"]["people_daily_1998"] < 2000
+    # demo window: 128 tokens, the demo BPE adds no special tokens; more than half the
+    # passages are longer exactly when the median passage is
+    assert summary["window_tokens"] == 128
+    longer = summary["longer_than_window"]["people_daily_1998"]
+    assert (longer > 0.5) == (summary["median_passage_tokens"]["people_daily_1998"] > 128)
     return ["lengths_chars", "lengths_tokens", "split_counts"]
 
 
@@ -193,6 +198,13 @@ def check_03_beyond_the_report(summary, home):
     assert summary["mining"] and all(0 <= m["false_negative_rate"] <= 1
                                      for m in summary["mining"])
     assert len(summary["comparisons"]) == 2 * 5  # 4 options + hybrid vs dense, two metrics
+    # long documents: the dense baseline's FirstP row is its test result, read again
+    long_docs = summary["long_documents"]
+    first = long_docs["systems"][studies.AGGREGATION_LABELS["first"]]
+    assert first["ndcg@5"] == pytest.approx(runs["dense"]["trained"]["ndcg@5"], abs=1e-6)
+    assert list(long_docs["systems"]) == list(studies.AGGREGATION_LABELS.values())
+    assert 0 < long_docs["windows"]["split_documents"] and long_docs["windows"]["size"] == 128
+    assert len(long_docs["comparisons"]) == 2 * 3  # MaxP, SumP vs FirstP on three metrics
     return ["test_metrics", "unified_loss_parts"]
 
 

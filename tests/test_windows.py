@@ -202,3 +202,37 @@ def test_a_saved_retriever_keeps_its_passage_aggregation(tok, tmp_path):
     assert windows.window_tokens(loaded) == 48  # the toy BPE adds no special tokens
     with pytest.raises(ValueError, match="passage_aggregation"):
         DualTowerRetriever(model.encoder, tok, passage_aggregation="mean")
+
+
+def test_window_table_by_hand():
+    # passages of 5, 10, 25 tokens; window 10, stride 5: 1, 1 and 4 windows (0, 5, 10, 15);
+    # one of three is longer than the window; 15 of 40 tokens lie beyond the first window
+    table = windows.window_table({"a": {"query": [3], "passage": [5, 10, 25]},
+                                  "b": {"query": [], "passage": []}}, size=10)
+    assert list(table.index) == ["a"]  # a source without passages has no row
+    row = table.loc["a"]
+    assert row["passages"] == 3 and row["longer_than_window"] == pytest.approx(1 / 3)
+    assert row["unread_token_share"] == pytest.approx(15 / 40)
+    assert row["windows_mean"] == pytest.approx(2.0) and row["windows_max"] == 4
+
+
+def test_aggregation_study_scores_one_saved_retriever_three_ways(tok, tmp_path):
+    from toy import toy_model, toy_records
+
+    from retrieval_lib import studies
+    model = toy_model(tok)
+    model.max_passage_length = 12  # the toy passages are longer: most are cut into windows
+    model.save(tmp_path / "best")
+    split = toy_records(10, seed=5)
+    study = studies.aggregation_study({"out_dir": str(tmp_path)}, split, device="cpu")
+    labels = studies.AGGREGATION_LABELS
+    assert list(study["results"]) == [labels["first"], labels["max"], labels["sum"]]
+    direct = {how: evaluation.evaluate_retriever(model, split, aggregation=how)
+              for how in ("first", "max", "sum")}
+    for how, label in labels.items():
+        assert study["results"][label]["per_query"] == direct[how]["per_query"]
+    assert study["windows"] == direct["max"]["windows"] and study["windows"]["split_documents"] > 0
+    test = study["comparisons"][f"{labels['max']} − {labels['first']} · ndcg@5"]
+    assert test == evaluation.paired_test(direct["max"]["per_query"]["ndcg@5"],
+                                          direct["first"]["per_query"]["ndcg@5"])
+    assert len(study["comparisons"]) == 6
