@@ -18,9 +18,10 @@ so that parameter counts can be computed without downloading anything.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,9 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     grad_cache_chunk_size: int = 0  # >0: GradCache, embedding this many texts at a time
     group_by_length: bool = True  # batches of similar-length records (single process)
+    # a positive longer than the window (retrieval_lib.windows) trains as its "first" window
+    # (truncation), a "random" window each time, or the "best" window under the current model
+    positive_window: str = "first"
     early_stopping_patience: int = 3  # epochs without validation improvement before stopping
     # models with M3 heads (ModelConfig.m3_heads) train with the unified loss of retrieval_lib.m3:
     m3_score_weights: tuple[float, float, float] = (1.0, 0.3, 1.0)  # w: dense, sparse, multi
@@ -485,3 +489,12 @@ def variant(exp: ExperimentConfig, suffix: str | None = None, training: dict | N
         raise ValueError("a variant needs a suffix or at least one model change")
     return replace(exp, name=f"{exp.name}-{suffix}", model=replace(exp.model, **model_changes),
                    training=replace(exp.training, **training))
+
+
+def with_defaults(saved: dict, cls) -> dict:
+    """``saved`` (settings of ``cls`` as JSON wrote them) with every setting added after it
+    was written read as its default, so a run or checkpoint of an older version compares
+    equal to today's config with the same values."""
+    defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+    return {**json.loads(json.dumps({k: v for k, v in defaults.items() if k not in saved})),
+            **saved}

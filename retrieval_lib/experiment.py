@@ -27,9 +27,11 @@ from .config import (
     EXPERIMENTS,
     PUBLISHED_BASE_MODELS,
     ExperimentConfig,
+    ModelConfig,
     TrainingConfig,
     cache_path,
     get_experiment,
+    with_defaults,
     with_overrides,
 )
 from .data import Splits, data_config_hash, find_source_files, prepare_data
@@ -242,6 +244,8 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
 def _same_setup(saved: dict, exp: ExperimentConfig, splits: Splits) -> bool:
     """True when a saved run used ``exp``'s model, training, subset and exactly this data."""
     current = json.loads(json.dumps(exp.to_dict()))  # as saved: tuples become lists
+    saved = {**saved, "model": with_defaults(saved["model"], ModelConfig),  # settings newer
+             "training": with_defaults(saved["training"], TrainingConfig)}  # than the run
     return (saved["data_manifest"]["fingerprint"] == splits.manifest["fingerprint"]
             and all(saved[k] == current[k] for k in ("model", "training", "subset")))
 

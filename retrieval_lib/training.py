@@ -37,7 +37,7 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .config import TrainingConfig
+from .config import TrainingConfig, with_defaults
 from .data import corpus_of
 from .distributed import barrier, init_from_env, is_main
 from .evaluation import evaluate_retriever
@@ -46,6 +46,7 @@ from .losses import InfoNCELoss
 from .m3 import UnifiedM3Loss
 from .mining import DenseSearcher, mine_hard_negatives
 from .modeling import PRECISIONS, autocast_for, choose_precision
+from .windows import POSITIVE_WINDOWS, split_windows, window_tokens
 
 __all__ = ["set_seed", "RetrievalCollator", "LengthGroupedBatchSampler", "steps_per_epoch",
            "make_optimizer", "make_loss", "training_device", "data_fingerprint", "PRECISIONS",
@@ -73,19 +74,69 @@ class RetrievalCollator:
     A query with more than K hard negatives gets K drawn at random each epoch; with fewer, its
     negatives are drawn with replacement; with none, K random passages of the training set are
     used. The last two cases are counted (``short_negatives``, ``random_negatives``).
+
+    A positive longer than the model's window (:mod:`retrieval_lib.windows`) is read as its
+    first window (``positive_window="first"``: truncation), a window drawn at random each time
+    (``"random"``), or the window the model being trained scores highest for the query
+    (``"best"``, encoded without gradients); positives given another window than the first are
+    counted (``windowed_positives``).
     """
 
+    #: Counts kept across a resume (saved in every checkpoint).
+    COUNTERS = ("short_negatives", "random_negatives", "windowed_positives", "tokens",
+                "pad_tokens")
+
     def __init__(self, model, num_hard_negatives: int, fallback_passages: Sequence[str],
-                 seed: int, pad_to_multiple_of: int | None = 8):
+                 seed: int, pad_to_multiple_of: int | None = 8, positive_window: str = "first"):
+        if positive_window not in POSITIVE_WINDOWS:
+            raise ValueError(f"unknown positive_window {positive_window!r}; choose one of "
+                             f"{', '.join(POSITIVE_WINDOWS)}")
         self.model = model
         self.k = num_hard_negatives
         self.fallback = list(fallback_passages)
         self.rng = random.Random(seed)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.positive_window = positive_window
+        self._windows: dict[str, list[str]] = {}  # positive text -> its windows
         self.short_negatives = 0
         self.random_negatives = 0
+        self.windowed_positives = 0
         self.tokens = 0  # attention-mask positions, padding included
         self.pad_tokens = 0
+
+    def _windows_of(self, text: str) -> list[str]:
+        if text not in self._windows:
+            if len(self._windows) > 200_000:  # bounded, like the model's token cache
+                self._windows.clear()
+            self._windows[text] = split_windows(
+                [text], self.model.tokenizer, window_tokens(self.model),
+                self.model.passage_stride or None).texts
+        return self._windows[text]
+
+    def _choose_windows(self, queries: list[str], positives: list[str]) -> list[str]:
+        """The window of each positive that this batch trains on."""
+        if self.positive_window == "first":
+            return positives
+        windows = [self._windows_of(p) for p in positives]
+        long = [i for i, w in enumerate(windows) if len(w) > 1]
+        if not long:
+            return positives
+        chosen = list(positives)
+        if self.positive_window == "random":
+            picks = {i: self.rng.randrange(len(windows[i])) for i in long}
+        else:  # best: the current model's highest-scoring window for the query
+            q = self.model.encode_queries([queries[i] for i in long])
+            flat = [w for i in long for w in windows[i]]
+            p = self.model.encode_passages(flat)
+            picks, start = {}, 0
+            for row, i in enumerate(long):
+                n = len(windows[i])
+                picks[i] = int(np.argmax(p[start:start + n] @ q[row]))
+                start += n
+        for i, pick in picks.items():
+            chosen[i] = windows[i][pick]
+            self.windowed_positives += pick > 0
+        return chosen
 
     @property
     def pad_fraction(self) -> float:
@@ -100,10 +151,11 @@ class RetrievalCollator:
         return enc
 
     def __call__(self, rows: list[dict]) -> dict:
-        queries, passages = [], []
+        queries, passages, positives = [], [], []
         for row in rows:
             queries.append(row["query"])
             positive = self.rng.choice(row["positive_passages"])["text"]
+            positives.append(len(passages))
             negatives = [n["text"] for n in row["negative_passages"]]
             if len(negatives) >= self.k:
                 chosen = self.rng.sample(negatives, self.k)
@@ -118,6 +170,9 @@ class RetrievalCollator:
                 chosen = pool[: self.k]
             passages.append(positive)
             passages.extend(chosen)
+        for i, text in zip(positives, self._choose_windows(queries, [passages[i] for i in positives]),
+                           strict=True):
+            passages[i] = text
         return {"query_inputs": self._tokenize(queries, "query"),
                 "passage_inputs": self._tokenize(passages, "passage")}
 
@@ -344,6 +399,7 @@ def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer
         return None
     state = load_checkpoint(folder, model, optimizer, schedule, scaler)
     saved, current = state["config"], json.loads(json.dumps(asdict(cfg)))  # tuples -> lists
+    saved = with_defaults(saved, TrainingConfig)  # settings newer than the checkpoint
     unknown = sorted(set(overrides) - set(current))
     if unknown:
         raise ValueError(f"resume_overrides names no training setting: {', '.join(unknown)}")
@@ -367,8 +423,8 @@ def _resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer
                         if k in allowed and saved.get(k) != current[k]}
     collator.rng.setstate((state["collator"]["rng"][0], tuple(state["collator"]["rng"][1]),
                            state["collator"]["rng"][2]))
-    for key in ("short_negatives", "random_negatives", "tokens", "pad_tokens"):
-        setattr(collator, key, state["collator"][key])
+    for key in collator.COUNTERS:  # counts a checkpoint from before a counter existed lacks
+        setattr(collator, key, state["collator"].get(key, 0))
     state["folder"] = str(folder)
     return state
 
@@ -431,9 +487,8 @@ class _Run:
                             "best_step": self.best_step, "patience_left": self.patience_left,
                             "history": self.history,
                             "collator": {"rng": list(self.collator.rng.getstate()),
-                                         **{k: getattr(self.collator, k) for k in (
-                                             "short_negatives", "random_negatives", "tokens",
-                                             "pad_tokens")}}},
+                                         **{k: getattr(self.collator, k)
+                                            for k in self.collator.COUNTERS}}},
                         keep=self.cfg.keep_checkpoints, protect=self.best_step)
 
 
@@ -452,7 +507,8 @@ def _setup(model, train, cfg: TrainingConfig, out: Path, device, unfreeze,
     autocast, scaler, chosen, why = mixed_precision(device, precision)
     loss_fn = make_loss(cfg, model, world)
     fallback = [p["text"] for row in train for p in row["positive_passages"]]
-    collator = RetrievalCollator(model, cfg.num_hard_negatives, fallback, cfg.seed + rank)
+    collator = RetrievalCollator(model, cfg.num_hard_negatives, fallback, cfg.seed + rank,
+                                 positive_window=cfg.positive_window)
     batches_of = _batch_plan(train, cfg, rank, world)
     # under DDP every parameter is registered trainable; layers the schedule freezes later
     # simply send no gradient
@@ -619,6 +675,7 @@ def _finish(run: _Run) -> dict:
     """Add the sampling counts to the history and write ``history.json``."""
     c = run.collator
     run.history.update(short_negatives=c.short_negatives, random_negatives=c.random_negatives,
+                       windowed_positives=c.windowed_positives,
                        pad_fraction=c.pad_fraction,
                        group_by_length=bool(run.cfg.group_by_length
                                             and run.history["world_size"] == 1))

@@ -21,11 +21,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AGGREGATIONS", "Windows", "window_tokens", "split_windows", "aggregate_scores",
+__all__ = ["AGGREGATIONS", "POSITIVE_WINDOWS", "Windows", "window_tokens", "split_windows", "aggregate_scores",
            "search_documents", "window_table"]
 
 #: How a document's score is made from its windows' scores.
 AGGREGATIONS = ("first", "max", "sum")
+
+#: Which window of a long positive a training step reads (:class:`~retrieval_lib.training.
+#: RetrievalCollator`): the first (truncation), one at random, or the current model's best.
+POSITIVE_WINDOWS = ("first", "random", "best")
 
 
 def window_tokens(model) -> int:

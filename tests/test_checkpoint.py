@@ -449,3 +449,26 @@ def test_the_fp16_loss_scale_survives_a_checkpoint(tok, tmp_path):
     checkpoint.load_checkpoint(folder, toy_model(tok), torch.optim.AdamW(model.parameters()),
                                torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), fresh)
     assert fresh.get_scale() == 77.0 and fresh.state_dict() == saved
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tok, data, tmp_path):
+    train, val = data
+    cfg = toy_config(epochs=2, batch_size=8, checkpoint_steps=2)
+    training.train_retriever(toy_model(tok), train, val, cfg, tmp_path, show_progress=False)
+    for folder in (tmp_path / training.CHECKPOINTS).iterdir():  # as an older version wrote them
+        state = _state(folder)
+        del state["config"]["positive_window"], state["collator"]["windowed_positives"]
+        (folder / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+        manifest = json.loads((folder / checkpoint.MANIFEST).read_text(encoding="utf-8"))
+        manifest["files"]["trainer_state.json"] = {
+            "bytes": (folder / "trainer_state.json").stat().st_size,
+            "sha256": checkpoint.file_sha256(folder / "trainer_state.json")}
+        (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"positive_window: 'first' -> 'random'"):
+        training.train_retriever(toy_model(tok), train, val,
+                                 toy_config(epochs=2, batch_size=8, checkpoint_steps=2,
+                                            positive_window="random"),
+                                 tmp_path, show_progress=False, resume=True)
+    history = training.train_retriever(toy_model(tok), train, val, cfg, tmp_path,
+                                       show_progress=False, resume=True)
+    assert "changed_settings" not in history["resumed_from"][-1]

@@ -229,6 +229,14 @@ def test_finished_runs_are_read_back_and_reused_only_with_the_same_setup(tok, tm
     reused = experiment.ensure_run(exp, splits)
     assert "reusing" in capsys.readouterr().out
     assert reused["test"]["per_query"] == trained["test"]["per_query"]
+    # a run saved before a setting existed is the same setup when today's value is the default
+    saved = trained["out_dir"] / "config.json"
+    older = json.loads(saved.read_text(encoding="utf-8"))
+    del older["training"]["positive_window"], older["model"]["passage_aggregation"]
+    saved.write_text(json.dumps(older), encoding="utf-8")
+    assert experiment.ensure_run(exp, splits)["test"]["per_query"] == trained["test"]["per_query"]
+    windowed = replace(exp, training=replace(exp.training, positive_window="random"))
+    assert experiment.ensure_run(windowed, splits, allow_training=False) is None
     other = replace(exp, training=replace(exp.training, learning_rate=1e-4))
     assert experiment.ensure_run(other, splits, allow_training=False) is None
     assert "other settings" in capsys.readouterr().out
@@ -480,3 +488,61 @@ def test_without_length_grouping_an_epoch_is_a_seeded_permutation_cut_into_batch
     assert batches(1) != batches(2) and batches(1) == training._batch_plan(rows, cfg, 0, 1)(1)
     grouped = training._batch_plan(rows, replace(cfg, group_by_length=True), 0, 1)(1)
     assert grouped != batches(1)  # the other policy really is another one
+
+
+def _collated_positives(model, collator, rows, k):
+    """The passage texts the collator tokenised for the positives of ``rows``."""
+    seen = []
+    tokenize = model.tokenize
+    model.tokenize = lambda texts, tower, **kw: (seen.append(list(texts)) if tower == "passage"
+                                                 else None) or tokenize(texts, tower, **kw)
+    try:
+        collator(rows)
+    finally:
+        model.tokenize = tokenize
+    return seen[-1][::1 + k]
+
+
+def test_a_long_positive_trains_as_a_random_window_drawn_from_its_windows(tok):
+    from retrieval_lib import windows
+
+    model = toy_model(tok)
+    model.max_passage_length = 10  # the toy positives are longer: 2-4 windows each
+    rows = toy_records(4, 1, k=1)
+    cut = {r["query"]: windows.split_windows([r["positive_passages"][0]["text"]], tok, 10).texts
+           for r in rows}
+    assert all(len(w) > 1 for w in cut.values())
+    collator = training.RetrievalCollator(model, 1, [], seed=0, positive_window="random")
+    drawn = {r["query"]: set() for r in rows}
+    later = 0
+    for _ in range(30):
+        for row, text in zip(rows, _collated_positives(model, collator, rows, 1), strict=True):
+            assert text in cut[row["query"]]  # always one of its windows
+            drawn[row["query"]].add(text)
+            later += text != cut[row["query"]][0]
+    assert all(drawn[q] == set(cut[q]) for q in cut)  # every window gets its turn
+    assert collator.windowed_positives == later > 0
+    first = training.RetrievalCollator(model, 1, [], seed=0)  # the default reads the whole text
+    assert _collated_positives(model, first, rows, 1) == [r["positive_passages"][0]["text"]
+                                                          for r in rows]
+
+
+def test_the_best_window_is_the_one_the_current_model_scores_highest(tok):
+    import numpy as np
+
+    from retrieval_lib import windows
+
+    model = toy_model(tok, seed=3)
+    model.max_passage_length = 10
+    model.train()
+    rows = toy_records(5, 2, k=1)
+    collator = training.RetrievalCollator(model, 1, [], seed=0, positive_window="best")
+    chosen = _collated_positives(model, collator, rows, 1)
+    assert model.training  # encoding the windows left the model in training mode
+    for row, text in zip(rows, chosen, strict=True):  # one text at a time, independently
+        cut = windows.split_windows([row["positive_passages"][0]["text"]], tok, 10).texts
+        q = model.encode_queries([row["query"]])[0]
+        scores = [float(model.encode_passages([w])[0] @ q) for w in cut]
+        assert text == cut[int(np.argmax(scores))]
+    with pytest.raises(ValueError, match="positive_window"):
+        training.RetrievalCollator(model, 1, [], seed=0, positive_window="last")
