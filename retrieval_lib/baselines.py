@@ -1,5 +1,6 @@
-"""Baselines on the shared test set: BM25 (jieba + bm25s), the lexical floor of every table, and
-BGE-M3, the state of the art every model is compared with.
+"""Baselines on the shared test set: BM25 (jieba + bm25s), the lexical floor of every table,
+BGE-M3, the state of the art every model is compared with, and the hybrid of a trained dense
+retriever with BM25.
 
 BM25 itself lives in :mod:`retrieval_lib.bm25` (the demo corpus mines its hard negatives with it).
 """
@@ -7,31 +8,40 @@ BM25 itself lives in :mod:`retrieval_lib.bm25` (the demo corpus mines its hard n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from .bm25 import BM25Retriever
-from .evaluation import qrels_for_split, score_run
+from .evaluation import fuse_runs, qrels_for_split, retrieve, score_run
 from .hub import hub_has
 from .m3 import MODES, SCORE_WEIGHTS, colbert_score, evaluate_reranked, lexical_score
-from .modeling import count_parameters, load_encoder
-from .runs import record_not_run, save_baseline_run
+from .modeling import DualTowerRetriever, count_parameters, load_encoder
+from .runs import collect_runs, record_not_run, save_baseline_run
+from .training import VALIDATION_METRIC, training_device
 
-__all__ = ["evaluate_bm25", "BGE_M3", "HYBRID_WEIGHTS",
+__all__ = ["bm25_run", "evaluate_bm25", "BGE_M3", "HYBRID_WEIGHTS",
            "BGE_M3_MODES", "lexical_score", "colbert_score", "bge_m3_available",
-           "BGEM3Retriever", "evaluate_bge_m3", "bm25_baseline", "bge_m3_baseline"]
+           "BGEM3Retriever", "evaluate_bge_m3", "bm25_baseline", "bge_m3_baseline",
+           "best_dense_run", "hybrid_baseline"]
+
+def bm25_run(split, top_k: int = 100, k1: float = 1.5, b: float = 0.75
+             ) -> tuple[dict, dict, dict]:
+    """BM25's top-``top_k`` run over the split's deduplicated passage corpus, numbered as the
+    dense retrievers' (:func:`~retrieval_lib.evaluation.retrieve`): ``(qrels, run, info)``."""
+    query_ids, queries, qrels, corpus = qrels_for_split(split)
+    hits = BM25Retriever(corpus, k1=k1, b=b).search(queries, k=top_k)
+    run = {qid: {f"d{j}": score for j, score in row} for qid, row in zip(query_ids, hits,
+                                                                          strict=True)}
+    return qrels, run, {"corpus_size": len(corpus)}
+
 
 def evaluate_bm25(split, ks: Sequence[int] = (5, 10, 100), top_k: int = 100, k1: float = 1.5,
                   b: float = 0.75) -> dict:
     """BM25 over the split's deduplicated passage corpus, scored like the dense retrievers
     (:func:`~retrieval_lib.evaluation.evaluate_retriever`): same queries, corpus and qrels."""
-    query_ids, queries, qrels, corpus = qrels_for_split(split)
-    hits = BM25Retriever(corpus, k1=k1, b=b).search(queries, k=top_k)
-    run = {qid: {f"d{j}": score for j, score in row} for qid, row in zip(query_ids, hits,
-                                                                          strict=True)}
-    result = score_run(qrels, run, ks)
-    result["corpus_size"] = len(corpus)
-    return result
+    qrels, run, info = bm25_run(split, top_k, k1, b)
+    return {**score_run(qrels, run, ks), **info}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,3 +231,57 @@ def bge_m3_baseline(split, preset: str, name_or_path: str = BGE_M3, run: bool = 
     record_not_run("bge_m3", preset, reason, how, root=root)
     print(f"BGE-M3 not run: {reason}.\nTo run it: {how}.")
     return {"status": "not run", "reason": reason, "how_to_run": how}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hybrid: a trained dense retriever and BM25 fused (reciprocal-rank or min-max score fusion).
+# ---------------------------------------------------------------------------------------------
+
+
+def best_dense_run(preset: str, root=None) -> dict | None:
+    """The finished training run of ``preset`` with the highest validation NDCG@10 at its best
+    epoch (chosen on the validation set, never on the test set), or None when there is none."""
+    candidates = [run for run in collect_runs(preset, root).values()
+                  if run["status"] == "done" and run["kind"] != "baseline"
+                  and run.get("history", {}).get("best_epoch")]
+    if not candidates:
+        return None
+
+    def validation(run):
+        history = run["history"]
+        best = next(e for e in history["epochs"] if e["epoch"] == history["best_epoch"])
+        return best[f"val_{VALIDATION_METRIC}"]
+
+    return max(candidates, key=validation)
+
+
+def hybrid_baseline(split, preset: str, dense: str | None = None, how: str = "rrf",
+                    k: int = 60, weights: Sequence[float] = (1.0, 1.0), top_k: int = 100,
+                    root=None, device=None) -> dict:
+    """A trained dense retriever fused with BM25 on ``split`` (:func:`~retrieval_lib.
+    evaluation.fuse_runs`; ``k`` is RRF's constant), saved as the baseline run
+    ``runs/<preset>/hybrid``. ``dense`` names the run (default: :func:`best_dense_run`).
+
+    Returns ``{"status": "done", "result", "dense", "dense_result", "bm25_result"}``, or
+    ``{"status": "not run", ...}`` (recorded, no number written) when no dense run exists."""
+    runs = collect_runs(preset, root)
+    chosen = runs.get(dense) if dense else best_dense_run(preset, root)
+    if chosen is None or chosen["status"] != "done":
+        reason = (f"no finished run {dense!r}" if dense else
+                  "no finished dense training run for this preset")
+        how_to = "run a 03_* notebook first, then notebook 04 again"
+        record_not_run("hybrid", preset, reason, how_to, root=root)
+        print(f"hybrid not run: {reason}. To run it: {how_to}.")
+        return {"status": "not run", "reason": reason, "how_to_run": how_to}
+    model = DualTowerRetriever.load(Path(chosen["out_dir"]) / "best", training_device(device))
+    qrels, dense_run, info = retrieve(model, split, top_k)
+    _, lexical, _ = bm25_run(split, top_k)
+    fused = fuse_runs([dense_run, lexical], how, k, weights, depth=top_k)
+    result = {**score_run(qrels, fused), **info}
+    save_baseline_run("hybrid", result, preset,
+                      {"title": f"混合：{chosen['title']} + BM25（{how}）", "model_name": "hybrid",
+                       "parameters": chosen.get("parameters"), "dense_run": chosen["name"],
+                       "selected_by": None if dense else f"validation {VALIDATION_METRIC}",
+                       "fusion": how, "rrf_k": k, "weights": list(weights)}, root=root)
+    return {"status": "done", "result": result, "dense": chosen["name"],
+            "dense_result": score_run(qrels, dense_run), "bm25_result": score_run(qrels, lexical)}

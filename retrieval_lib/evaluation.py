@@ -27,8 +27,8 @@ from .windows import search_documents, split_windows, window_tokens
 __all__ = ["REPORT_METRICS", "HEADLINE_METRICS", "rank_documents", "score_run", "aggregate",
            "bootstrap_ci", "paired_test", "summarize_metrics", "summarize_systems",
            "exact_search", "run_from_search", "qrels_for_split", "evaluate_embeddings",
-           "evaluate_retriever", "metrics_table", "two_valued_std", "std_from_mean_table",
-           "comparison_sentence"]
+           "retrieve", "evaluate_retriever", "FUSIONS", "fuse_runs", "metrics_table",
+           "two_valued_std", "std_from_mean_table", "comparison_sentence"]
 
 #: The metrics of the report's tables, in its order; the first four head every table and figure.
 REPORT_METRICS = ("recall@5", "precision@5", "ndcg@5", "mrr", "recall@10", "ndcg@10",
@@ -207,6 +207,32 @@ def evaluate_embeddings(query_embeddings: np.ndarray, passage_embeddings: np.nda
     return score_run(qrels, run_from_search(query_ids, doc_ids, scores, indices), ks)
 
 
+def retrieve(model, split, top_k: int = 100, batch_size: int = 32,
+             aggregation: str | None = None, stride: int | None = None
+             ) -> tuple[dict, dict, dict]:
+    """The top-``top_k`` run of ``model`` over the split's deduplicated passage corpus:
+    ``(qrels, run, info)`` (as :func:`qrels_for_split` numbers queries and documents; ``info``
+    has ``corpus_size`` and, for windowed aggregations, ``windows``). ``aggregation`` and
+    ``stride`` as in :func:`evaluate_retriever`."""
+    aggregation = aggregation or getattr(model, "passage_aggregation", "first")
+    query_ids, queries, qrels, corpus = qrels_for_split(split)
+    doc_ids = [f"d{j}" for j in range(len(corpus))]
+    q = model.encode_queries(queries, batch_size=batch_size)
+    info: dict = {"corpus_size": len(corpus)}
+    if aggregation == "first":
+        p = model.encode_passages(corpus, batch_size=batch_size)
+        scores, indices = exact_search(q, p, top_k)
+    else:
+        windows = split_windows(corpus, model.tokenizer, window_tokens(model),
+                                stride or getattr(model, "passage_stride", None))
+        p = model.encode_passages(windows.texts, batch_size=batch_size)
+        scores, indices = search_documents(q, p, windows.owners, aggregation, top_k)
+        info["windows"] = {"aggregation": aggregation, "size": windows.size,
+                           "stride": windows.stride, "windows": len(windows.texts),
+                           "split_documents": windows.split_documents()}
+    return qrels, run_from_search(query_ids, doc_ids, scores, indices), info
+
+
 def evaluate_retriever(model, split, ks: Sequence[int] = (5, 10, 100), top_k: int = 100,
                        batch_size: int = 32, aggregation: str | None = None,
                        stride: int | None = None) -> dict:
@@ -220,24 +246,40 @@ def evaluate_retriever(model, split, ks: Sequence[int] = (5, 10, 100), top_k: in
     tokens apart (default: the model's ``passage_stride``, else half a window). Windowed
     results say what was cut under ``"windows"``.
     """
-    aggregation = aggregation or getattr(model, "passage_aggregation", "first")
-    query_ids, queries, qrels, corpus = qrels_for_split(split)
-    q = model.encode_queries(queries, batch_size=batch_size)
-    if aggregation == "first":
-        p = model.encode_passages(corpus, batch_size=batch_size)
-        result = evaluate_embeddings(q, p, query_ids, qrels, ks, top_k)
-    else:
-        windows = split_windows(corpus, model.tokenizer, window_tokens(model),
-                                stride or getattr(model, "passage_stride", None))
-        p = model.encode_passages(windows.texts, batch_size=batch_size)
-        scores, indices = search_documents(q, p, windows.owners, aggregation, top_k)
-        doc_ids = [f"d{j}" for j in range(len(corpus))]
-        result = score_run(qrels, run_from_search(query_ids, doc_ids, scores, indices), ks)
-        result["windows"] = {"aggregation": aggregation, "size": windows.size,
-                             "stride": windows.stride, "windows": len(windows.texts),
-                             "split_documents": windows.split_documents()}
-    result["corpus_size"] = len(corpus)
-    return result
+    qrels, run, info = retrieve(model, split, top_k, batch_size, aggregation, stride)
+    return {**score_run(qrels, run, ks), **info}
+
+
+#: How :func:`fuse_runs` combines the runs of several retrievers.
+FUSIONS = ("rrf", "minmax")
+
+
+def fuse_runs(runs: Sequence[Run], how: str = "rrf", k: int = 60,
+              weights: Sequence[float] | None = None, depth: int = 100) -> dict:
+    """One run from several runs of the same queries (hybrid retrieval), top ``depth`` per
+    query. ``rrf``, reciprocal-rank fusion (Cormack, Clarke & Büttcher, 2009): a document
+    scores the sum over runs of ``w / (k + rank)``, its rank from 1 in each run (in
+    :func:`rank_documents` order); ``minmax``: the sum of ``w`` times its score scaled to
+    [0, 1] within each run's list for the query. A run that does not list a document adds 0."""
+    if how not in FUSIONS:
+        raise ValueError(f"unknown fusion {how!r}; choose one of {', '.join(FUSIONS)}")
+    weights = list(weights) if weights is not None else [1.0] * len(runs)
+    if len(weights) != len(runs):
+        raise ValueError(f"{len(weights)} weights for {len(runs)} runs")
+    fused: dict[str, dict[str, float]] = {}
+    for run, w in zip(runs, weights, strict=True):
+        for qid, scores in run.items():
+            out = fused.setdefault(qid, {})
+            if how == "rrf":
+                for rank, doc in enumerate(rank_documents(scores), start=1):
+                    out[doc] = out.get(doc, 0.0) + w / (k + rank)
+            elif scores:
+                low, high = min(scores.values()), max(scores.values())
+                for doc, s in scores.items():
+                    scaled = (s - low) / (high - low) if high > low else 1.0
+                    out[doc] = out.get(doc, 0.0) + w * scaled
+    return {qid: {d: scores[d] for d in rank_documents(scores)[:depth]}
+            for qid, scores in fused.items()}
 
 
 def metrics_table(results: Mapping[str, dict], metrics: Sequence[str], seed: int = 0,

@@ -300,6 +300,6 @@ def _course_order(name: str) -> tuple:
     base, _, variant = name.partition("-")
     if base in EXPERIMENTS:
         return (0, EXPERIMENTS.index(base), variant)
-    if base in ("bge_m3", "bm25"):
-        return (1, ("bge_m3", "bm25").index(base), variant)
+    if base in ("bge_m3", "bm25", "hybrid"):
+        return (1, ("bge_m3", "bm25", "hybrid").index(base), variant)
     return (2, 0, name)

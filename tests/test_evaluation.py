@@ -174,3 +174,27 @@ def test_the_comparison_sentence_says_what_the_paired_test_found():
     b = {f"q{i}": 0.0 for i in range(20)}
     assert "差异显著，A更好" in evaluation.comparison_sentence(
         "A", "B", evaluation.paired_test(a, b), "recall@5")
+
+
+def test_reciprocal_rank_fusion_by_hand():
+    dense = {"q": {"a": 0.9, "b": 0.8, "c": 0.1}}
+    lexical = {"q": {"c": 12.0, "a": 3.0, "d": 1.0}}
+    fused = evaluation.fuse_runs([dense, lexical], "rrf", k=60)["q"]
+    # a: 1/61 + 1/62; c: 1/63 + 1/61; b: 1/62; d: 1/63 (a run that lacks a document adds 0)
+    assert fused == pytest.approx({"a": 1 / 61 + 1 / 62, "c": 1 / 63 + 1 / 61, "b": 1 / 62,
+                                   "d": 1 / 63})
+    assert list(fused) == ["a", "c", "b", "d"]
+    # weights scale each run's share; depth keeps the top of the fused list
+    weighted = evaluation.fuse_runs([dense, lexical], "rrf", k=0, weights=[1.0, 3.0], depth=2)
+    # k 0: a 1/1 + 3/2 = 2.5; c 1/3 + 3/1 = 3.33; b 1/2; d 3/3 = 1
+    assert weighted == {"q": pytest.approx({"c": 1 / 3 + 3.0, "a": 2.5})}
+
+
+def test_min_max_score_fusion_by_hand():
+    dense = {"q": {"a": 0.9, "b": 0.7, "c": 0.5}}
+    lexical = {"q": {"c": 12.0, "a": 4.0, "d": 2.0}}
+    fused = evaluation.fuse_runs([dense, lexical], "minmax")["q"]
+    # dense scaled: a 1, b 0.5, c 0; lexical scaled: c 1, a 0.2, d 0
+    assert fused == pytest.approx({"a": 1.2, "b": 0.5, "c": 1.0, "d": 0.0})
+    with pytest.raises(ValueError, match="unknown fusion"):
+        evaluation.fuse_runs([dense], "max")

@@ -172,6 +172,16 @@ def check_04(summary, home):
     assert summary["test_queries"] == 300
     assert 0 < summary["bm25"]["ndcg@5"] <= summary["bm25"]["recall@5"] <= 1
     _run_folder_complete_baseline(home / "runs" / "demo" / "bm25")
+    # the hybrid fuses the dense run that validation chose (every demo run exists by now) with
+    # BM25: its BM25 half is the BM25 baseline above, and it is saved where 05 reads it
+    hybrid = summary["hybrid"]
+    assert hybrid["status"] == "done" and hybrid["fusion"] == "rrf"
+    assert set(hybrid["paired_tests_ndcg@5"]) == {"BM25", f"稠密：{hybrid['dense_run']}"}
+    bm25_test = hybrid["paired_tests_ndcg@5"]["BM25"]
+    assert bm25_test["mean_difference"] == pytest.approx(
+        hybrid["means"]["ndcg@5"] - summary["bm25"]["ndcg@5"], abs=1e-9)
+    saved = json.loads((home / "runs" / "demo" / "hybrid" / "config.json").read_text())
+    assert saved["dense_run"] == hybrid["dense_run"] and saved["kind"] == "baseline"
     return ["baselines"]
 
 
@@ -211,8 +221,9 @@ def check_03_beyond_the_report(summary, home):
 def check_05(summary, home):
     saved = {p.name for p in (home / "runs" / "demo").iterdir()}
     # every demo run of every notebook is in the table: the 8 experiments (7 of the report and
-    # the unexpanded Qwen2 base), 3 identity ablations, 4 options beyond the report, 2 baselines
-    assert set(summary["runs"]) == saved and len(saved) == 17
+    # the unexpanded Qwen2 base), 3 identity ablations, 4 options beyond the report, 3 baselines
+    # (BM25, BGE-M3 not run, the dense + BM25 hybrid)
+    assert set(summary["runs"]) == saved and len(saved) == 18
     assert summary["reference"] == "bm25" and set(summary["not_run"]) == {"bge_m3"}
     assert set(summary["ndcg@5"]) == saved - {"bge_m3"}
     # the options of 03_beyond_the_report: 5 runs, and the sparse/ColBERT/hybrid rows of one

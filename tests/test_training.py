@@ -245,6 +245,60 @@ def test_finished_runs_are_read_back_and_reused_only_with_the_same_setup(tok, tm
         load_run(trained["out_dir"])
 
 
+def test_the_hybrid_fuses_the_dense_run_with_bm25_and_is_saved_as_a_baseline(tok, tmp_path,
+                                                                             monkeypatch):
+    from retrieval_lib import baselines, runs
+
+    monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
+    exp, splits = _toy_experiment(tok, tmp_path)
+    missing = baselines.hybrid_baseline(splits.test, "demo")  # no dense run yet: no number
+    assert missing["status"] == "not run"
+    assert runs.collect_runs("demo")["hybrid"]["status"] == "not run"
+    trained = experiment.ensure_run(exp, splits, show_progress=False)
+    out = baselines.hybrid_baseline(splits.test, "demo")
+    assert out["dense"] == "minimind27_10k"
+    # its two parts are the trained run's test result and BM25's, on the same queries and corpus
+    assert out["dense_result"]["per_query"] == trained["test"]["per_query"]
+    assert out["bm25_result"]["per_query"] == baselines.evaluate_bm25(splits.test)["per_query"]
+    # where both put the positive first, so does reciprocal-rank fusion (2/61 beats any other)
+    both = [q for q, v in out["dense_result"]["per_query"]["mrr"].items()
+            if v == 1.0 and out["bm25_result"]["per_query"]["mrr"][q] == 1.0]
+    assert all(out["result"]["per_query"]["mrr"][q] == 1.0 for q in both)
+    # and the fused run is RRF (k 60) of exactly those two runs
+    from retrieval_lib import evaluation
+    from retrieval_lib.modeling import DualTowerRetriever
+    best = DualTowerRetriever.load(trained["out_dir"] / "best")
+    qrels, dense_run, _ = evaluation.retrieve(best, splits.test)
+    lexical = baselines.bm25_run(splits.test)[1]
+    expected = evaluation.score_run(qrels, evaluation.fuse_runs([dense_run, lexical], "rrf", 60))
+    assert out["result"]["per_query"] == expected["per_query"]
+    assert out["result"]["per_query"] != out["dense_result"]["per_query"]
+    saved = runs.collect_runs("demo")["hybrid"]
+    assert saved["status"] == "done" and saved["kind"] == "baseline"
+    assert saved["config"]["dense_run"] == "minimind27_10k"
+    assert saved["config"]["selected_by"] == "validation ndcg@10"
+    assert saved["test"]["per_query"] == out["result"]["per_query"]
+
+
+def test_the_dense_run_of_the_hybrid_is_chosen_on_validation_at_its_best_epoch(monkeypatch):
+    from retrieval_lib import baselines
+
+    def run(best, values):
+        return {"status": "done", "kind": "experiment", "history": {
+            "best_epoch": best,
+            "epochs": [{"epoch": i + 1, "val_ndcg@10": v} for i, v in enumerate(values)]}}
+
+    fake = {"a": run(2, [0.9, 0.4, 0.2]), "b": run(1, [0.5]), "d": run(1, [0.45, 0.7]),
+            "bm25": {"status": "done", "kind": "baseline"},
+            "c": {"status": "not run", "kind": "experiment"}}
+    monkeypatch.setattr(baselines, "collect_runs", lambda preset, root=None: fake)
+    # each run counts with its best (kept) epoch: a 0.4, b 0.5, d 0.45; neither a's best-ever
+    # 0.9 nor d's last 0.7 is the model that was kept
+    assert baselines.best_dense_run("demo") is fake["b"]
+    monkeypatch.setattr(baselines, "collect_runs", lambda preset, root=None: {})
+    assert baselines.best_dense_run("demo") is None
+
+
 def test_the_untrained_evaluation_runs_on_the_chosen_device(tok, tmp_path, monkeypatch):
     """The model is on the training device before its first encoding (on a GPU machine the
     untrained evaluation of a full run used to encode the whole test corpus on the CPU)."""
