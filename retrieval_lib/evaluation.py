@@ -28,7 +28,7 @@ __all__ = ["REPORT_METRICS", "HEADLINE_METRICS", "rank_documents", "score_run", 
            "bootstrap_ci", "paired_test", "summarize_metrics", "summarize_systems",
            "exact_search", "run_from_search", "qrels_for_split", "evaluate_embeddings",
            "retrieve", "evaluate_retriever", "FUSIONS", "fuse_runs", "metrics_table",
-           "two_valued_std", "std_from_mean_table", "comparison_sentence"]
+           "two_valued_std", "std_from_mean_table", "significant", "comparison_sentence"]
 
 #: The metrics of the report's tables, in its order; the first four head every table and figure.
 REPORT_METRICS = ("recall@5", "precision@5", "ndcg@5", "mrr", "recall@10", "ndcg@10",
@@ -119,20 +119,27 @@ def paired_test(a: Mapping[str, float], b: Mapping[str, float], n_resamples: int
             "p_value": (extreme + 1) / (n_resamples + 1), "n": len(d)}
 
 
+def significant(test: Mapping[str, float], alpha: float = 0.05) -> bool:
+    """A :func:`paired_test` says the two systems differ: p < ``alpha`` and the 95% CI of the
+    difference excludes 0."""
+    return test["p_value"] < alpha and (test["ci_low"] > 0 or test["ci_high"] < 0)
+
+
 def comparison_sentence(a: str, b: str, test: Mapping[str, float], metric: str,
-                        alpha: float = 0.05) -> str:
+                        alpha: float = 0.05, split: str = "测试") -> str:
     """A sentence (Chinese, for the notebooks) that says what a :func:`paired_test` of ``a``
     minus ``b`` on ``metric`` found, with its figures: ``a`` is better or worse when p < alpha
-    and the 95% CI of the difference excludes 0, else no difference shows on this test set.
+    and the 95% CI of the difference excludes 0, else no difference shows on this ``split``
+    (the queries' set: ``测试`` or ``验证``).
     """
     d, low, high, p = (test["mean_difference"], test["ci_low"], test["ci_high"],
                        test["p_value"])
     figures = f"（95% 置信区间 [{low:.4f}, {high:.4f}]，p = {p:.3g}）"
-    where = f"在 {test['n']} 个测试查询上，" if "n" in test else ""
-    if p < alpha and (low > 0 or high < 0):
+    where = f"在 {test['n']} 个{split}查询上，" if "n" in test else ""
+    if significant(test, alpha):
         word, verdict = ("高", f"差异显著，{a}更好") if d > 0 else ("低", f"差异显著，{a}更差")
         return f"{where}{a}的 {metric} 比{b}{word} {abs(d):.4f}{figures}：{verdict}。"
-    return (f"{where}{a}与{b}的 {metric} 之差为 {d:+.4f}{figures}：在这个测试集上看不出"
+    return (f"{where}{a}与{b}的 {metric} 之差为 {d:+.4f}{figures}：在这个{split}集上看不出"
             f"两者有差异。")
 
 

@@ -13,6 +13,7 @@ Runs come from :mod:`retrieval_lib.experiment`; nothing here trains except by ca
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from .data import Splits
 from .evaluation import (
     HEADLINE_METRICS,
     REPORT_METRICS,
+    comparison_sentence,
     evaluate_retriever,
     metrics_table,
     paired_test,
+    significant,
     summarize_systems,
 )
 from .expansion import UnfreezeSchedule, new_layer_positions
@@ -40,7 +43,8 @@ __all__ = ["run_differences", "differences_note", "unfreeze_plan", "show_plan",
            "expansion_histories", "unfreeze_table", "expansion_summary", "ExpansionStudy",
            "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION", "OPTION_LABELS", "option_variants",
            "option_systems", "option_comparisons", "AGGREGATION_LABELS",
-           "aggregation_study"]
+           "aggregation_study", "ABLATION_RESULTS", "load_ablation", "ablation_sentences",
+           "ablation_table"]
 
 
 def expansion_parameters(exp: ExperimentConfig) -> dict:
@@ -409,3 +413,52 @@ def aggregation_study(run: dict, split, stride: int | None = None,
         if label != AGGREGATION_LABELS["first"]}
     return {"results": results, "windows": results[AGGREGATION_LABELS["max"]]["windows"],
             "comparisons": comparisons}
+
+
+#: Where ``benchmarks/demo_ablation.py`` saves its results (in a checkout of the repository).
+ABLATION_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_ablation.json"
+
+
+def load_ablation(path: str | Path = ABLATION_RESULTS) -> dict | None:
+    """The saved demo ablation, or None where there is none (e.g. a pip install)."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def ablation_sentences(saved: dict, alpha: float = 0.05) -> list[str]:
+    """Chinese sentences on the variants whose validation NDCG@10 differs from the unchanged
+    twin's in the paired test (p < ``alpha``, CI excluding 0), and how many did not."""
+    out, same = [], 0
+    for v in saved["variants"].values():
+        test = v.get("validation_vs_baseline")
+        if test is None:
+            continue
+        if significant(test, alpha):
+            out.append(comparison_sentence(v["what"], "不变的 demo 配置", test, "NDCG@10",
+                                           alpha, split="验证"))
+        else:
+            same += 1
+    out.append(f"其余 {same} 个改动在验证集上与不变的配置相比没有显著差别。" if same else
+               "每个改动在验证集上都与不变的配置显著不同。")
+    return out
+
+
+def ablation_table(saved: dict):
+    """The demo ablation (``benchmarks/demo_ablation.py``'s saved JSON) as a table: per
+    variant, what changed, validation NDCG@10 with its paired difference from the unchanged
+    twin (95% CI, p), the test NDCG@5 and its share of BM25's (a pandas table)."""
+    import pandas as pd
+
+    rows = []
+    for key, v in saved["variants"].items():
+        test = v.get("validation_vs_baseline")
+        rows.append({"改动": v["what"], "验证 NDCG@10": round(v["validation_ndcg@10"], 4),
+                     "与不变相比（验证）": "—" if test is None else (
+                         f"{test['mean_difference']:+.4f} [{test['ci_low']:+.4f}, "
+                         f"{test['ci_high']:+.4f}] p={test['p_value']:.3g}"),
+                     "测试 NDCG@5": round(v["test_ndcg@5"], 4),
+                     "占 BM25 的比例（测试）": f"{v['test_share_of_bm25']:.0%}",
+                     "LM 留出困惑度": round(v["heldout_perplexity"], 1),
+                     "训练轮数（最佳）": f"{v['epochs_run']}（{v['best_epoch']}）",
+                     "秒": v["seconds"]})
+    return pd.DataFrame(rows).set_index("改动")

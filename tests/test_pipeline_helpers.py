@@ -130,3 +130,39 @@ def test_expansion_summary_of_hand_made_runs():
     assert alone["runs"]["base"] is None and alone["untrained_max_difference"] == {}
     assert set(alone["paired_tests"]) == {"identity − random · ndcg@10",
                                           "identity − random · recall@100"}
+
+
+def _ablation():
+    def variant(what, val, test, vs=None):
+        v = {"what": what, "validation_ndcg@10": val, "test_ndcg@5": test,
+             "test_share_of_bm25": test / 0.8, "heldout_perplexity": 123.45, "epochs_run": 4,
+             "best_epoch": 3, "seconds": 10.0}
+        if vs is not None:
+            v["validation_vs_baseline"] = vs
+        return v
+
+    better = {"mean_difference": 0.1, "ci_low": 0.05, "ci_high": 0.15, "p_value": 0.001, "n": 200}
+    unclear = {"mean_difference": 0.01, "ci_low": -0.02, "ci_high": 0.04, "p_value": 0.4,
+               "n": 200}
+    return {"bm25": {"test_ndcg@5": 0.8}, "variants": {
+        "baseline": variant("不变", 0.2, 0.08), "a": variant("改 A", 0.3, 0.2, better),
+        "b": variant("改 B", 0.21, 0.09, unclear)}}
+
+
+def test_ablation_table_and_sentences_say_what_the_saved_numbers_say():
+    table = studies.ablation_table(_ablation())
+    assert list(table.index) == ["不变", "改 A", "改 B"]
+    assert table.loc["改 A", "占 BM25 的比例（测试）"] == "25%"  # 0.2 / 0.8
+    assert table.loc["改 A", "与不变相比（验证）"] == "+0.1000 [+0.0500, +0.1500] p=0.001"
+    assert table.loc["不变", "与不变相比（验证）"] == "—"
+    sentences = studies.ablation_sentences(_ablation())
+    assert len(sentences) == 2 and sentences[0].startswith("在 200 个验证查询上，改 A的 NDCG@10 比不变的 demo 配置高 0.1000")
+    assert sentences[1] == "其余 1 个改动在验证集上与不变的配置相比没有显著差别。"
+
+
+def test_the_saved_demo_ablation_reads_as_a_table():
+    saved = studies.load_ablation()
+    assert saved is not None, "benchmarks/demo_ablation.json is missing: run the script"
+    table = studies.ablation_table(saved)
+    assert "baseline" in saved["variants"] and len(table) == len(saved["variants"])
+    assert studies.load_ablation(studies.ABLATION_RESULTS.with_name("missing.json")) is None

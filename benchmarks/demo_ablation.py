@@ -1,0 +1,134 @@
+"""Why is the demo's dense retriever weak? One change at a time to the 27M demo twin.
+
+    .venv/bin/python benchmarks/demo_ablation.py           # ~15 minutes on 2 CPU cores;
+                                                           # writes benchmarks/demo_ablation.json
+    .venv/bin/python benchmarks/demo_ablation.py --smoke   # seconds: what CI runs
+
+Each variant is experiment 4.1.1's demo twin (``minimind27_10k``, demo preset) with one thing
+changed: the demo LM's pretraining (none, or four times longer), the fine-tuning recipe
+(epochs, learning rate, batch, temperature, hard negatives), the 128-token passage cut, or the
+training data (three times as much). It is trained in a project home of its own (a temporary
+folder: the course's runs are not touched) and judged **on the validation set** (NDCG@10 of its
+kept epoch, paired test against the unchanged twin), so choosing a recipe from this table does
+not tune on the test set; the test NDCG@5 and its share of BM25's are shown for reference.
+``03_train_minimind27`` shows the saved table (``studies.ablation_table``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).with_name("demo_ablation.json")
+
+#: key -> (what changes, in Chinese for the table; pretraining steps or None for the default;
+#: training changes; model changes; training subset or None)
+VARIANTS = {
+    "baseline": ("不变（demo 配置）", None, {}, {}, None),
+    "pretrain_0": ("不预训练（随机初始化的 LM）", 0, {}, {}, None),
+    "pretrain_2000": ("LM 预训练 2000 步（默认 500）", 2000, {}, {}, None),
+    "epochs_12": ("训练 12 轮（默认 4）", None, {"epochs": 12, "early_stopping_patience": 12},
+                  {}, None),
+    "lr_1e-3": ("学习率 1e-3（默认 3e-4）", None, {"learning_rate": 1e-3}, {}, None),
+    "lr_1e-4": ("学习率 1e-4", None, {"learning_rate": 1e-4}, {}, None),
+    "batch_64": ("批大小 64（默认 16）", None, {"batch_size": 64}, {}, None),
+    "tau_0.02": ("温度 0.02（默认 0.05）", None, {"temperature": 0.02}, {}, None),
+    "tau_0.1": ("温度 0.1", None, {"temperature": 0.1}, {}, None),
+    "negatives_3": ("每个查询 3 个难负例（默认 1）", None, {"num_hard_negatives": 3}, {}, None),
+    "passage_256": ("段落读 256 个 token（默认 128）", None, {}, {"max_passage_length": 256},
+                    None),
+    "train_1800": ("训练数据 1800 条（默认 600）", None, {}, {}, "288k"),
+}
+SMOKE_VARIANTS = ("baseline", "lr_1e-3")
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "retrieval_lib"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def run(keys, smoke: bool, home: Path) -> dict:
+    from retrieval_lib import baselines, config, data, evaluation, experiment
+    from retrieval_lib.modeling import DualTowerRetriever
+    from retrieval_lib.pretraining import PretrainConfig
+
+    config.set_project_home(home)
+    base = config.get_experiment("minimind27_10k", "demo")
+    if smoke:  # a sliver of the demo: two epochs of 100 records, 30 pretraining steps
+        base = replace(base, data=replace(base.data, val_size=40, test_size=40,
+                                          subset_sizes={"10k": 100, "96k": 150, "288k": 200}),
+                       training=replace(base.training, epochs=2))
+    splits = data.prepare_data(base.data)
+    bm25 = {"validation": baselines.evaluate_bm25(splits.validation),
+            "test": baselines.evaluate_bm25(splits.test)}
+    out = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "smoke": smoke,
+           "experiment": base.name, "cores": os.cpu_count(),
+           "bm25": {"validation_ndcg@10": bm25["validation"]["aggregate"]["ndcg@10"]["mean"],
+                    "test_ndcg@5": bm25["test"]["aggregate"]["ndcg@5"]["mean"]},
+           "variants": {}}
+    per_query = {}
+    for key in keys:
+        what, steps, training, model, subset = VARIANTS[key]
+        exp = replace(base, name=f"{base.name}-{key}", subset=subset or base.subset,
+                      training=replace(base.training, **training),
+                      model=replace(base.model, **model))
+        default_steps = PretrainConfig().max_steps
+        pretrain = PretrainConfig(max_steps=30 if smoke else (
+            default_steps if steps is None else steps))
+        start = time.perf_counter()
+        exp, info = experiment.prepare_base_model(exp, splits, pretrain)
+        result = experiment.run_experiment(exp, splits, info, show_progress=False)
+        best = DualTowerRetriever.load(Path(result["out_dir"]) / "best")
+        validation = evaluation.evaluate_retriever(best, splits.validation)
+        per_query[key] = validation["per_query"]["ndcg@10"]
+        test = result["test"]["aggregate"]["ndcg@5"]["mean"]
+        out["variants"][key] = {
+            "what": what, "pretrain_steps": pretrain.max_steps, "training": training,
+            "model": model, "train_records": exp.train_size,
+            "heldout_perplexity": info["heldout_perplexity_after"],
+            "epochs_run": len(result["history"]["epochs"]),
+            "best_epoch": result["history"]["best_epoch"],
+            "validation_ndcg@10": validation["aggregate"]["ndcg@10"]["mean"],
+            "test_ndcg@5": test, "test_share_of_bm25": test / out["bm25"]["test_ndcg@5"],
+            "seconds": round(time.perf_counter() - start, 1)}
+        if key != "baseline" and "baseline" in per_query:
+            out["variants"][key]["validation_vs_baseline"] = evaluation.paired_test(
+                per_query[key], per_query["baseline"])
+        print(f"{key:14s} val NDCG@10 {out['variants'][key]['validation_ndcg@10']:.4f}  "
+              f"test NDCG@5 {test:.4f}  ({out['variants'][key]['seconds']:.0f} s)", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="two tiny variants, not saved")
+    parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="these variants")
+    args = parser.parse_args(argv)
+    keys = args.only or (SMOKE_VARIANTS if args.smoke else list(VARIANTS))
+    if "baseline" not in keys:
+        keys = ["baseline", *keys]
+    with tempfile.TemporaryDirectory() as home:
+        saved = run(keys, args.smoke, Path(home))
+    from retrieval_lib import studies
+
+    print(studies.ablation_table(saved).to_string())
+    if not args.smoke:
+        RESULTS.write_text(json.dumps(saved, ensure_ascii=False, indent=2) + "\n",
+                           encoding="utf-8")
+    print(json.dumps(saved, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
