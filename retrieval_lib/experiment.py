@@ -49,7 +49,7 @@ from .modeling import (
     count_parameters,
     resolve_base_model,
 )
-from .pretraining import PretrainConfig, pretrain_demo_lm
+from .pretraining import SHIPPED_DEMO_LMS, PretrainConfig, pretrain_demo_lm
 from .records import DataUnavailableError
 from .runs import environment_info, load_run, metrics_block, run_dir, write_run
 from .tokenizer import tokenizer_for_preset
@@ -129,7 +129,8 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
             "heldout_perplexity_before": report["heldout_perplexity_before"],
             "heldout_perplexity_after": report["heldout_perplexity_after"],
             "pretrain_steps": report["config"]["max_steps"],
-            "pretrain_wall_time_s": report["wall_time_s"]}
+            "pretrain_wall_time_s": report["wall_time_s"],
+            "shipped": (SHIPPED_DEMO_LMS / path.name).exists()}  # copied from demo_models/
     return replace(exp, model=replace(exp.model, base_model=str(path))), info
 
 

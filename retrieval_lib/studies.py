@@ -43,7 +43,7 @@ __all__ = ["run_differences", "differences_note", "unfreeze_plan", "show_plan",
            "expansion_histories", "unfreeze_table", "expansion_summary", "ExpansionStudy",
            "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION", "OPTION_LABELS", "option_variants",
            "option_systems", "option_comparisons", "AGGREGATION_LABELS",
-           "aggregation_study", "ABLATION_RESULTS", "load_ablation", "ablation_sentences",
+           "WINDOWED_LABEL", "windowed_variant", "aggregation_study", "ABLATION_RESULTS", "load_ablation", "ablation_sentences",
            "ablation_table"]
 
 
@@ -394,18 +394,31 @@ def option_comparisons(runs: dict[str, dict], metrics=("ndcg@10", "recall@100")
 #: Labels of the passage aggregations (:mod:`retrieval_lib.windows`) in tables and figures.
 AGGREGATION_LABELS = {"first": "FirstP（只读首个窗口）", "max": "MaxP（最佳窗口）",
                       "sum": "SumP（窗口得分之和）"}
+#: Label of the run trained on random windows and searched with MaxP.
+WINDOWED_LABEL = "MaxP，训练时读随机窗口"
+
+
+def windowed_variant(exp: ExperimentConfig) -> ExperimentConfig:
+    """``exp`` trained on a random window of each long positive and evaluated with MaxP (its
+    own run folder, ``<name>-windows``): what MaxP gives when training saw more than the
+    first window."""
+    return variant(exp, "windows", {"positive_window": "random"}, passage_aggregation="max")
 
 
 def aggregation_study(run: dict, split, stride: int | None = None,
-                      metrics=("ndcg@5", "ndcg@10", "recall@100"), device=None) -> dict:
+                      metrics=("ndcg@5", "ndcg@10", "recall@100"), device=None,
+                      windowed: dict | None = None) -> dict:
     """The trained retriever of ``run`` (its ``best`` folder) on ``split`` with each passage
-    aggregation (FirstP, MaxP, SumP; windows ``stride`` tokens apart, default half a window):
+    aggregation (FirstP, MaxP, SumP; windows ``stride`` tokens apart, default half a window),
+    and the test result of ``windowed`` (the run of :func:`windowed_variant`) when given:
     ``{"results": {label: score_run result}, "windows": what was cut, "comparisons": paired
-    tests of MaxP and SumP against FirstP}``."""
+    tests of each against FirstP}``."""
     model = DualTowerRetriever.load(Path(run["out_dir"]) / "best", training_device(device))
     results = {AGGREGATION_LABELS[how]: evaluate_retriever(model, split, aggregation=how,
                                                            stride=stride)
                for how in AGGREGATION_LABELS}
+    if windowed is not None:
+        results[WINDOWED_LABEL] = windowed["test"]
     first = results[AGGREGATION_LABELS["first"]]
     comparisons = {f"{label} − {AGGREGATION_LABELS['first']} · {metric}": paired_test(
         result["per_query"][metric], first["per_query"][metric])

@@ -162,6 +162,39 @@ def test_demo_pretraining_lowers_perplexity_and_is_cached(tok, tmp_path, base):
     assert type(encoder).__name__ == expected and encoder.config.vocab_size == len(tok)
 
 
+def test_a_shipped_demo_lm_is_copied_only_for_its_exact_inputs(tok, tmp_path, monkeypatch):
+    import shutil
+
+    from retrieval_lib import checkpoint
+
+    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
+    texts = [r["positive_passages"][0]["text"] for r in toy_records(60, 8)]
+    pcfg = pretraining.PretrainConfig(max_steps=5, seq_len=32, batch_size=4, warmup_steps=1)
+    built = pretraining.pretrain_demo_lm(cfg, tok, texts[:50], texts[50:], tmp_path / "a", pcfg,
+                                         show_progress=False)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(built, shipped / built.name)
+    checkpoint.write_checksums(shipped / built.name)
+    monkeypatch.setattr(pretraining, "SHIPPED_DEMO_LMS", shipped)
+    monkeypatch.setattr(pretraining.torch, "manual_seed", lambda seed: (_ for _ in ()).throw(
+        AssertionError("a shipped model must be copied, not pretrained again")))
+    copied = pretraining.pretrain_demo_lm(cfg, tok, texts[:50], texts[50:], tmp_path / "b", pcfg,
+                                          show_progress=False)
+    assert copied == tmp_path / "b" / built.name
+    assert (copied / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
+    # another corpus is another key: not the shipped model, so it pretrains (here: refused)
+    with pytest.raises(AssertionError, match="copied, not pretrained"):
+        pretraining.pretrain_demo_lm(cfg, tok, texts[:49], texts[50:], tmp_path / "c", pcfg,
+                                     show_progress=False)
+    # a damaged shipped file is named, never used
+    weights = shipped / built.name / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors"):
+        pretraining.pretrain_demo_lm(cfg, tok, texts[:50], texts[50:], tmp_path / "d", pcfg,
+                                     show_progress=False)
+
+
 def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
