@@ -23,7 +23,7 @@ from .training import VALIDATION_METRIC, training_device
 __all__ = ["bm25_run", "evaluate_bm25", "BGE_M3", "HYBRID_WEIGHTS",
            "BGE_M3_MODES", "lexical_score", "colbert_score", "bge_m3_available",
            "BGEM3Retriever", "evaluate_bge_m3", "bm25_baseline", "bge_m3_baseline",
-           "best_dense_run", "hybrid_baseline"]
+           "best_dense_run", "FUSION_WEIGHTS", "hybrid_baseline"]
 
 def bm25_run(split, top_k: int = 100, k1: float = 1.5, b: float = 0.75
              ) -> tuple[dict, dict, dict]:
@@ -255,15 +255,30 @@ def best_dense_run(preset: str, root=None) -> dict | None:
     return max(candidates, key=validation)
 
 
+#: Weights of the dense run (BM25's is 1) that :func:`hybrid_baseline` tries on validation.
+FUSION_WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+def _fused_validation(model, validation, how: str, k: int, top_k: int) -> dict[float, float]:
+    """Validation NDCG@10 of the fusion for each dense weight of :data:`FUSION_WEIGHTS`."""
+    qrels, dense_run, _ = retrieve(model, validation, top_k)
+    _, lexical, _ = bm25_run(validation, top_k)
+    return {w: score_run(qrels, fuse_runs([dense_run, lexical], how, k, (w, 1.0), top_k)
+                         )["aggregate"][VALIDATION_METRIC]["mean"] for w in FUSION_WEIGHTS}
+
+
 def hybrid_baseline(split, preset: str, dense: str | None = None, how: str = "rrf",
-                    k: int = 60, weights: Sequence[float] = (1.0, 1.0), top_k: int = 100,
-                    root=None, device=None) -> dict:
+                    k: int = 60, weights: Sequence[float] | None = None, validation=None,
+                    top_k: int = 100, root=None, device=None) -> dict:
     """A trained dense retriever fused with BM25 on ``split`` (:func:`~retrieval_lib.
     evaluation.fuse_runs`; ``k`` is RRF's constant), saved as the baseline run
     ``runs/<preset>/hybrid``. ``dense`` names the run (default: :func:`best_dense_run`).
+    ``weights`` (dense, BM25) default to the dense weight of :data:`FUSION_WEIGHTS` with the
+    best NDCG@10 on ``validation`` (BM25 weighs 1), or to (1, 1) without a validation split.
 
-    Returns ``{"status": "done", "result", "dense", "dense_result", "bm25_result"}``, or
-    ``{"status": "not run", ...}`` (recorded, no number written) when no dense run exists."""
+    Returns ``{"status": "done", "result", "dense", "weights", "validation_curve",
+    "dense_result", "bm25_result"}``, or ``{"status": "not run", ...}`` (recorded, no number
+    written) when no dense run exists."""
     runs = collect_runs(preset, root)
     chosen = runs.get(dense) if dense else best_dense_run(preset, root)
     if chosen is None or chosen["status"] != "done":
@@ -274,6 +289,11 @@ def hybrid_baseline(split, preset: str, dense: str | None = None, how: str = "rr
         print(f"hybrid not run: {reason}. To run it: {how_to}.")
         return {"status": "not run", "reason": reason, "how_to_run": how_to}
     model = DualTowerRetriever.load(Path(chosen["out_dir"]) / "best", training_device(device))
+    curve = None
+    if weights is None and validation is not None:
+        curve = _fused_validation(model, validation, how, k, top_k)
+        weights = (max(curve, key=curve.get), 1.0)  # ties: the smaller dense weight
+    weights = tuple(weights or (1.0, 1.0))
     qrels, dense_run, info = retrieve(model, split, top_k)
     _, lexical, _ = bm25_run(split, top_k)
     fused = fuse_runs([dense_run, lexical], how, k, weights, depth=top_k)
@@ -282,6 +302,8 @@ def hybrid_baseline(split, preset: str, dense: str | None = None, how: str = "rr
                       {"title": f"混合：{chosen['title']} + BM25（{how}）", "model_name": "hybrid",
                        "parameters": chosen.get("parameters"), "dense_run": chosen["name"],
                        "selected_by": None if dense else f"validation {VALIDATION_METRIC}",
-                       "fusion": how, "rrf_k": k, "weights": list(weights)}, root=root)
-    return {"status": "done", "result": result, "dense": chosen["name"],
-            "dense_result": score_run(qrels, dense_run), "bm25_result": score_run(qrels, lexical)}
+                       "fusion": how, "rrf_k": k, "weights": list(weights),
+                       "weights_chosen_on_validation": curve is not None}, root=root)
+    return {"status": "done", "result": result, "dense": chosen["name"], "weights": weights,
+            "validation_curve": curve, "dense_result": score_run(qrels, dense_run),
+            "bm25_result": score_run(qrels, lexical)}

@@ -179,6 +179,8 @@ def check_04(summary, home):
     # BM25: its BM25 half is the BM25 baseline above, and it is saved where 05 reads it
     hybrid = summary["hybrid"]
     assert hybrid["status"] == "done" and hybrid["fusion"] == "rrf"
+    curve = {float(w): v for w, v in hybrid["validation_curve"].items()}  # JSON keys are text
+    assert hybrid["weights"] == [max(curve, key=curve.get), 1.0]  # chosen on validation
     assert set(hybrid["paired_tests_ndcg@5"]) == {"BM25", f"稠密：{hybrid['dense_run']}"}
     bm25_test = hybrid["paired_tests_ndcg@5"]["BM25"]
     assert bm25_test["mean_difference"] == pytest.approx(

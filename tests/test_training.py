@@ -306,11 +306,22 @@ def test_the_hybrid_fuses_the_dense_run_with_bm25_and_is_saved_as_a_baseline(tok
     expected = evaluation.score_run(qrels, evaluation.fuse_runs([dense_run, lexical], "rrf", 60))
     assert out["result"]["per_query"] == expected["per_query"]
     assert out["result"]["per_query"] != out["dense_result"]["per_query"]
+    # weights chosen on the validation split: the dense weight whose fusion scores best there
+    tuned = baselines.hybrid_baseline(splits.test, "demo", validation=splits.validation)
+    curve = tuned["validation_curve"]
+    assert list(curve) == list(baselines.FUSION_WEIGHTS)
+    assert tuned["weights"] == (max(curve, key=curve.get), 1.0)
+    vq, vdense, _ = evaluation.retrieve(best, splits.validation)
+    vfused = evaluation.fuse_runs([vdense, baselines.bm25_run(splits.validation)[1]], "rrf", 60,
+                                  (0.25, 1.0))
+    assert curve[0.25] == pytest.approx(
+        evaluation.score_run(vq, vfused)["aggregate"]["ndcg@10"]["mean"])
     saved = runs.collect_runs("demo")["hybrid"]
     assert saved["status"] == "done" and saved["kind"] == "baseline"
+    assert saved["config"]["weights"] == list(tuned["weights"])
     assert saved["config"]["dense_run"] == "minimind27_10k"
     assert saved["config"]["selected_by"] == "validation ndcg@10"
-    assert saved["test"]["per_query"] == out["result"]["per_query"]
+    assert saved["test"]["per_query"] == tuned["result"]["per_query"]  # the latest replaces
 
 
 def test_the_dense_run_of_the_hybrid_is_chosen_on_validation_at_its_best_epoch(monkeypatch):
