@@ -13,7 +13,8 @@ course; a module imports only modules of earlier stages (``tests/test_architectu
    ``tokenizer`` (pretrained or demo BPE), ``demo_corpus`` (People's Daily 1998), ``data``
    (BGE-M3 sources, splits, subsets, statistics).
 3. Evaluation
-   ``windows`` (documents longer than the window: FirstP, MaxP, SumP), ``evaluation`` (encoding, exact search, metrics, confidence intervals, paired tests).
+   ``windows`` (documents longer than the window: FirstP, MaxP, SumP), ``evaluation``
+   (encoding, exact search, metrics, confidence intervals, paired tests).
 4. Losses and model
    ``distributed`` (process groups, gathering across devices), ``losses`` (InfoNCE, its
    cross-device form, and the one call every training loss has), ``gradcache`` (large batches

@@ -4,18 +4,19 @@ glibc's ``malloc`` serves every block above its mmap threshold (which it raises 
 freed, but never above 32 MiB on 64-bit Linux) with a fresh ``mmap`` and returns it to the kernel
 on ``free``. A training step on the CPU allocates activations, logits and gradients larger than
 that every step, so every step maps them afresh and pays one page fault (and the kernel's
-zeroing) per 4 KiB page. Measured on 2 cores (``benchmarks/throughput.py``): the demo LM's
-pretraining step took 1.5-1.9x as long as with the memory kept, and a MiniMind-27M-shaped
-training step about 1.7x. The PyTorch tuning guide's advice for the CPU is the same in kind
+zeroing) per 4 KiB page. ``benchmarks/throughput.py`` measures the same switch on the peer
+(its rows with and without "freed memory kept"), and ``tests/test_allocator.py`` counts the
+page faults it saves. The PyTorch tuning guide's advice for the CPU is the same in kind
 (tcmalloc or jemalloc); this does it inside glibc, so nothing has to be installed or preloaded.
 
 :func:`keep_freed_memory` tells glibc (``mallopt``) to serve large blocks from the heap
 (``M_MMAP_MAX = 0``) and to keep freed memory at the top of the heap (``M_TRIM_THRESHOLD``
 at its maximum), so later steps reuse pages that are already mapped. Arithmetic is untouched:
 runs give bit-identical numbers. The cost is memory the process keeps after a peak (the
-resident size does not shrink until the process ends; measured +12% peak at the real 27M
-shape). It applies to this process from the call on, on Linux with glibc; elsewhere, or with
-``RETRIEVAL_CPU_ALLOCATOR=default`` in the environment, malloc is left as it is.
+resident size does not shrink until the process ends; the benchmark records each
+contender's peak). It applies to this process from the call on, on Linux with glibc;
+elsewhere, or with ``RETRIEVAL_CPU_ALLOCATOR=default`` in the environment, malloc is left as
+it is.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ __all__ = ["run_differences", "differences_note", "unfreeze_plan", "show_plan",
            "expansion_histories", "unfreeze_table", "expansion_summary", "ExpansionStudy",
            "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION", "OPTION_LABELS", "option_variants",
            "option_systems", "option_comparisons", "AGGREGATION_LABELS",
-           "WINDOWED_LABEL", "windowed_variant", "aggregation_study", "ABLATION_RESULTS", "load_ablation", "ablation_sentences",
+           "WINDOWED_LABEL", "windowed_variant", "aggregation_study", "ABLATION_RESULTS",
+           "load_ablation", "ablation_sentences",
            "ablation_table"]
 
 
@@ -463,7 +464,7 @@ def ablation_table(saved: dict):
     import pandas as pd
 
     rows = []
-    for key, v in saved["variants"].items():
+    for v in saved["variants"].values():
         test = v.get("validation_vs_baseline")
         rows.append({"改动": v["what"], "验证 NDCG@10": round(v["validation_ndcg@10"], 4),
                      "与不变相比（验证）": "—" if test is None else (

@@ -170,8 +170,8 @@ class RetrievalCollator:
                 chosen = pool[: self.k]
             passages.append(positive)
             passages.extend(chosen)
-        for i, text in zip(positives, self._choose_windows(queries, [passages[i] for i in positives]),
-                           strict=True):
+        windows = self._choose_windows(queries, [passages[i] for i in positives])
+        for i, text in zip(positives, windows, strict=True):
             passages[i] = text
         return {"query_inputs": self._tokenize(queries, "query"),
                 "passage_inputs": self._tokenize(passages, "passage")}

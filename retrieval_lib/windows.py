@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AGGREGATIONS", "POSITIVE_WINDOWS", "Windows", "window_tokens", "split_windows", "aggregate_scores",
-           "search_documents", "window_table"]
+__all__ = ["AGGREGATIONS", "POSITIVE_WINDOWS", "Windows", "window_tokens", "split_windows",
+           "aggregate_scores", "search_documents", "window_table"]
 
 #: How a document's score is made from its windows' scores.
 AGGREGATIONS = ("first", "max", "sum")

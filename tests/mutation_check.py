@@ -197,7 +197,8 @@ MUTATIONS = [
              ("tests/test_training.py",)),
     Mutation("config", "a setting missing from an older run is not read as its default",
              "config.py",
-             "    return {**json.loads(json.dumps({k: v for k, v in defaults.items() if k not in saved})),\n"
+             "    return {**json.loads(json.dumps({k: v for k, v in defaults.items() "
+             "if k not in saved})),\n"
              "            **saved}",
              "    return saved", ("tests/test_training.py", "tests/test_checkpoint.py")),
     # BM25

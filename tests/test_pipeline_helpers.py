@@ -156,7 +156,8 @@ def test_ablation_table_and_sentences_say_what_the_saved_numbers_say():
     assert table.loc["改 A", "与不变相比（验证）"] == "+0.1000 [+0.0500, +0.1500] p=0.001"
     assert table.loc["不变", "与不变相比（验证）"] == "—"
     sentences = studies.ablation_sentences(_ablation())
-    assert len(sentences) == 2 and sentences[0].startswith("在 200 个验证查询上，改 A的 NDCG@10 比不变的 demo 配置高 0.1000")
+    assert len(sentences) == 2 and sentences[0].startswith(
+        "在 200 个验证查询上，改 A的 NDCG@10 比不变的 demo 配置高 0.1000")
     assert sentences[1] == "其余 1 个改动在验证集上与不变的配置相比没有显著差别。"
 
 
