@@ -472,3 +472,28 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tok
     history = training.train_retriever(toy_model(tok), train, val, cfg, tmp_path,
                                        show_progress=False, resume=True)
     assert "changed_settings" not in history["resumed_from"][-1]
+
+
+def test_random_positive_windows_resume_bit_identical_with_their_count(tok, data, tmp_path):
+    train, val = data
+    cfg = toy_config(epochs=3, batch_size=8, checkpoint_steps=2, keep_checkpoints=100,
+                     positive_window="random")
+
+    def model(seed):
+        m = toy_model(tok, seed=seed)
+        m.max_passage_length = 12  # the toy positives are longer: several windows each
+        return m
+
+    full = model(0)
+    history = training.train_retriever(full, train, val, cfg, tmp_path / "a",
+                                       show_progress=False)
+    assert history["windowed_positives"] > 0
+    mid = tmp_path / "a" / "checkpoints" / "step-00000008"
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(mid, tmp_path / "b" / "checkpoints" / mid.name)
+    resumed = model(123)
+    again = training.train_retriever(resumed, train, val, cfg, tmp_path / "b",
+                                     show_progress=False, resume=True)
+    _assert_same_weights(_weights(full), _weights(resumed))
+    assert again["steps"] == history["steps"]
+    assert again["windowed_positives"] == history["windowed_positives"]
