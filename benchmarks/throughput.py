@@ -291,14 +291,14 @@ def target_summary(saved: dict, target: float = 1.5) -> str:
     freed memory kept or not) at each shape and precision, against the target."""
     parts = []
     for what, name in (("train", "Training"), ("encode", "Encoding")):
-        ratios = []
+        ratios = {}
         for run in saved["runs"]:
             results = run["report"][what]
             best = max(r["per_second"] for peer, r in results.items() if peer != "ours")
-            ratios.append(f"{run['shape']} {run['precision']} "
-                          f"{results['ours']['per_second'] / best:.2f}×")
-        met = sum(float(r.split()[-1][:-1]) >= target for r in ratios)
-        parts.append(f"{name} against the peer at its best: {', '.join(ratios)} "
+            ratios[f"{run['shape']} {run['precision']}"] = results["ours"]["per_second"] / best
+        cells = ", ".join(f"{cell} {ratio:.2f}×" for cell, ratio in ratios.items())
+        met = sum(ratio >= target for ratio in ratios.values())
+        parts.append(f"{name} against the peer at its best: {cells} "
                      f"(target ≥ {target}×: met in {met} of {len(ratios)}).")
     return " ".join(parts)
 

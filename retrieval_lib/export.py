@@ -35,7 +35,7 @@ import torch
 
 from .checkpoint import atomic_folder, write_checksums
 from .modeling import DualTowerRetriever
-from .windows import window_tokens
+from .windows import window_stride, window_tokens
 
 __all__ = ["ST_POOLING", "to_sentence_transformer", "export_sentence_transformer"]
 
@@ -109,7 +109,7 @@ def export_sentence_transformer(model: DualTowerRetriever, path: str | Path) -> 
     path = Path(path)
     size = window_tokens(model)
     windows = {"aggregation": model.passage_aggregation, "window_tokens": size,
-               "stride": model.passage_stride or max(1, size // 2),
+               "stride": window_stride(size, model.passage_stride),
                "document_length": model.max_passage_length}
     with tempfile.TemporaryDirectory() as workdir, atomic_folder(path) as tmp:
         to_sentence_transformer(model, workdir).save(str(tmp))

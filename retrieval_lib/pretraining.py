@@ -43,9 +43,8 @@ SHIPPED_DEMO_LMS = Path(__file__).resolve().parents[1] / "demo_models"
 class PretrainConfig:
     """Causal-LM pretraining of a demo base model."""
 
-    # optimiser steps: 2,000 (about 2 minutes on 2 CPU cores for the 27M twin, longer for the
-    # others; shipped in demo_models/); 500 left the demo retrievers far below BM25
-    # (benchmarks/demo_ablation.py)
+    # optimiser steps; shipped in demo_models/ (MANIFEST.json: the seconds each took). 500
+    # left the demo retrievers far below BM25 (benchmarks/demo_ablation.py)
     max_steps: int = 2000
     seq_len: int = 128  # tokens per training block
     batch_size: int = 16  # blocks per step

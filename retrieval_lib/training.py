@@ -106,7 +106,7 @@ class RetrievalCollator:
 
     def _windows_of(self, text: str) -> list[str]:
         if text not in self._windows:
-            if len(self._windows) > 200_000:  # bounded, like the model's token cache
+            if len(self._windows) > self.model.TOKEN_CACHE_SIZE:  # bounded as its token cache
                 self._windows.clear()
             self._windows[text] = split_windows(
                 [text], self.model.tokenizer, window_tokens(self.model),

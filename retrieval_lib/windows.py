@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AGGREGATIONS", "POSITIVE_WINDOWS", "Windows", "window_tokens", "split_windows",
-           "aggregate_scores", "search_documents", "window_table"]
+__all__ = ["AGGREGATIONS", "POSITIVE_WINDOWS", "Windows", "window_tokens", "window_stride",
+           "split_windows", "aggregate_scores", "search_documents", "window_table"]
 
 #: How a document's score is made from its windows' scores.
 AGGREGATIONS = ("first", "max", "sum")
@@ -64,6 +64,12 @@ class Windows:
         return int((np.bincount(self.owners) > 1).sum())
 
 
+def window_stride(size: int, stride: int | None = None) -> int:
+    """Tokens between window starts: ``stride``, or by default half a window (each token is
+    then read in two windows)."""
+    return stride or max(1, size // 2)
+
+
 def _starts(n: int, size: int, stride: int) -> list[int]:
     """Start tokens of the windows of an ``n``-token text: every ``stride`` tokens, and one
     more ending at the last token if the regular ones stop short of it."""
@@ -79,7 +85,7 @@ def split_windows(texts: Sequence[str], tokenizer, size: int, stride: int | None
     ``size // 2``: each token is in two windows), as character spans of the text from the
     tokenizer's offsets (needs a fast tokenizer). A text of at most ``size`` tokens is one
     window, itself."""
-    stride = stride or max(1, size // 2)
+    stride = window_stride(size, stride)
     if size < 1 or stride < 1 or stride > size:
         raise ValueError(f"window size {size} and stride {stride}: need 1 <= stride <= size")
     if not getattr(tokenizer, "is_fast", False):
@@ -142,7 +148,7 @@ def window_table(lengths: dict[str, dict[str, list[int]]], size: int, stride: in
     MaxP encodes per passage (mean and max) at ``stride`` (default half a window)."""
     import pandas as pd
 
-    stride = stride or max(1, size // 2)
+    stride = window_stride(size, stride)
     rows = []
     for source, by_kind in lengths.items():
         n = np.asarray(by_kind["passage"])
