@@ -162,7 +162,18 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     grad_cache_chunk_size: int = 0  # >0: GradCache, embedding this many texts at a time
-    group_by_length: bool = True  # batches of similar-length records (single process)
+    # >0: a batch whose passages fill more token positions (rows x padded length) than this is
+    # embedded in GradCache sub-batches that fit it; the loss and gradients stay the batch's
+    sub_batch_tokens: int = 0
+    # batching (retrieval_lib.batching), the same on one process and under torchrun: every
+    # step's global batch comes from one length bucket (by the positive's tokens); the edges, or
+    # length_buckets equal-count buckets of the training records when none are given
+    group_by_length: bool = True
+    length_buckets: int = 4
+    length_edges: tuple[int, ...] = ()
+    # every batch from one source (FlagEmbedding's same_dataset_within_batch, which its bge-m3
+    # fine-tuning scripts turn on): in-batch negatives come from the query's own corpus
+    same_source_batches: bool = True
     # a positive longer than the window (retrieval_lib.windows) trains as its "first" window
     # (truncation), a "random" window each time, or the "best" window under the current model
     positive_window: str = "first"

@@ -55,6 +55,7 @@ __all__ = [
     "prepare_data",
     "data_config_hash",
     "collect_lengths",
+    "length_percentiles",
     "summarize_lengths",
     "manifest_table",
 ]
@@ -628,6 +629,19 @@ def collect_lengths(split, tokenizer=None) -> dict[str, dict[str, list[int]]]:
             for kind, values in by_kind.items()
         }
     return out
+
+
+def length_percentiles(lengths: dict[str, dict[str, list[int]]], kind: str = "passage",
+                       step: int = 5) -> dict[str, list[float]]:
+    """Per source, the 0th, ``step``-th, ..., 100th percentiles of its ``kind`` lengths (what
+    ``benchmarks/batching.py --summary`` draws record lengths from).
+
+    >>> length_percentiles({"a": {"passage": [1, 2, 3, 4, 5]}}, step=25)
+    {'a': [1.0, 2.0, 3.0, 4.0, 5.0]}
+    """
+    return {source: [round(float(x), 1) for x in np.percentile(by_kind[kind],
+                                                                range(0, 101, step))]
+            for source, by_kind in lengths.items() if by_kind[kind]}
 
 
 def manifest_table(manifest: dict):

@@ -88,26 +88,52 @@ def cached_contrastive_step(model, query_inputs: dict, passage_inputs: dict,
 
 
 class GradCacheLoss:
-    """A loss (:class:`~retrieval_lib.losses.InfoNCELoss`) over the whole batch, embedded
-    ``chunk_size`` texts at a time: the same loss and gradients in the memory of one chunk.
-    It has the call of every loss and accumulates the gradients itself
-    (``backward_done``); under DDP it averages them over the processes, as DDP's own hooks do
-    not see the chunked passes."""
+    """A loss (:class:`~retrieval_lib.losses.InfoNCELoss`) over the whole batch, embedded in
+    chunks: the same loss and gradients in the memory of one chunk. Chunks hold
+    ``chunk_size`` texts, or, with a ``token_budget``, as many texts as fit the budget at the
+    batch's padded length, and only a batch whose passages exceed the budget is chunked
+    (BGE-M3's sub-batches for long length groups; counted in ``sub_batched_steps``); a batch
+    that fits takes the plain path. It has the call of every loss and accumulates the
+    gradients itself when it chunks (``backward_done``); under DDP the processes agree on
+    chunking or not (one all-reduce), and a chunked step averages the gradients over the
+    processes, as DDP's own hooks do not see the chunked passes."""
 
-    def __init__(self, inner: InfoNCELoss, chunk_size: int):
-        if chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        self.inner, self.chunk_size = inner, chunk_size
+    def __init__(self, inner: InfoNCELoss, chunk_size: int = 0, token_budget: int = 0):
+        if chunk_size < 0 or token_budget < 0 or not (chunk_size or token_budget):
+            raise ValueError(f"chunk_size or token_budget must be positive, got {chunk_size} "
+                             f"and {token_budget}")
+        self.inner, self.chunk_size, self.token_budget = inner, chunk_size, token_budget
+        self.sub_batched_steps = 0
+
+    def chunk_rows(self, passage_inputs: dict) -> int | None:
+        """Texts per chunk for this batch, or None when it fits the token budget whole."""
+        if self.chunk_size:
+            return self.chunk_size
+        rows, width = passage_inputs["input_ids"].shape
+        if rows * width <= self.token_budget:
+            return None
+        return max(1, self.token_budget // max(width, 1))
 
     def __call__(self, model, query_inputs: dict, passage_inputs: dict, autocast=None,
                  scale=None) -> LossOutput:
         ddp = model if hasattr(model, "no_sync") else None
         module = getattr(model, "module", model)
+        rows = self.chunk_rows(passage_inputs)
+        together = ddp is not None and dist.is_initialized()
+        if together and not self.chunk_size:  # every process chunks when one must
+            flag = torch.tensor([float(rows is not None)], device=passage_inputs[
+                "input_ids"].device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and rows is None:
+                rows = passage_inputs["input_ids"].shape[0]
+        if rows is None:
+            return self.inner(model, query_inputs, passage_inputs, autocast=autocast,
+                              scale=scale)
+        self.sub_batched_steps += not self.chunk_size
         with ddp.no_sync() if ddp is not None else nullcontext():
             loss = cached_contrastive_step(module, query_inputs, passage_inputs,
-                                           self.inner.scores_loss, self.chunk_size, autocast,
-                                           scale)
-        if ddp is not None and dist.is_initialized():
+                                           self.inner.scores_loss, rows, autocast, scale)
+        if together:
             world = dist.get_world_size()
             for param in module.parameters():
                 if param.grad is not None:

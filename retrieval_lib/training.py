@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
+from .batching import BucketBatchSampler, batch_plan
 from .checkpoint import (
     WEIGHT_LIMIT,
     CheckpointError,
@@ -48,7 +49,7 @@ from .mining import DenseSearcher, mine_hard_negatives
 from .modeling import PRECISIONS, autocast_for, choose_precision
 from .windows import POSITIVE_WINDOWS, split_windows, window_tokens
 
-__all__ = ["set_seed", "RetrievalCollator", "LengthGroupedBatchSampler", "steps_per_epoch",
+__all__ = ["set_seed", "RetrievalCollator", "steps_per_epoch",
            "make_optimizer", "make_loss", "training_device", "data_fingerprint", "PRECISIONS",
            "mixed_precision", "enable_checkpointing", "train_retriever", "CHECKPOINTS",
            "VALIDATION_METRIC"]
@@ -177,65 +178,16 @@ class RetrievalCollator:
                 "passage_inputs": self._tokenize(passages, "passage")}
 
 
-class LengthGroupedBatchSampler(torch.utils.data.Sampler):
-    """Batches of records of similar length, in random order (as BGE-M3 trains on long texts).
-
-    Each epoch the records are shuffled, cut into groups of ``group_batches`` batches, sorted by
-    length inside each group and cut into batches; the batch order is shuffled again. Batches
-    then hold texts of similar length, so dynamic padding wastes little, while every epoch still
-    sees a different random composition. ``lengths[i]`` is the length of record i (characters
-    of its query and positive passage).
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int,
-                 drop_last: bool = True, group_batches: int = 16):
-        self.lengths = list(lengths)
-        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
-        self.group = batch_size * group_batches
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        batches = []
-        for start in range(0, len(order), self.group):
-            group = sorted(order[start:start + self.group], key=lambda i: self.lengths[i])
-            batches += [group[i:i + self.batch_size] for i in range(0, len(group),
-                                                                     self.batch_size)]
-        if self.drop_last:
-            batches = [b for b in batches if len(b) == self.batch_size]
-        rng.shuffle(batches)
-        return iter(batches)
-
-    def __len__(self) -> int:
-        return _grouped_batches(len(self.lengths), self.batch_size, self.group, self.drop_last)
-
-
-def _grouped_batches(n: int, batch_size: int, group: int, drop_last: bool) -> int:
-    sizes = [min(group, n - s) for s in range(0, n, group)]
-    if drop_last:
-        return sum(size // batch_size for size in sizes)
-    return sum(math.ceil(size / batch_size) for size in sizes)
-
-
 def steps_per_epoch(n_records: int, cfg: TrainingConfig, world: int = 1) -> int:
-    """Optimizer steps of one epoch over ``n_records``, as :func:`train_retriever` batches
-    them (length groups of 16 batches in one process, ``DistributedSampler`` under DDP).
+    """Optimizer steps of one epoch over ``n_records``: one per global batch of
+    ``batch_size × world`` records (:class:`~retrieval_lib.batching.BucketBatchSampler`; a
+    set smaller than one batch is one step on one process).
 
     >>> cfg = TrainingConfig(epochs=1, batch_size=16, learning_rate=1e-4)
     >>> steps_per_epoch(10_000, cfg), steps_per_epoch(10_000, cfg, world=2)
     (625, 312)
     """
-    if world > 1:
-        return (n_records // world) // cfg.batch_size
-    drop_last = n_records >= cfg.batch_size
-    if cfg.group_by_length:
-        return _grouped_batches(n_records, cfg.batch_size, cfg.batch_size * 16, drop_last)
-    return n_records // cfg.batch_size if drop_last else math.ceil(n_records / cfg.batch_size)
+    return max(n_records // (cfg.batch_size * world), 1 if n_records and world == 1 else 0)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -294,38 +246,6 @@ def _file_logger(out_dir: Path) -> logging.Handler:
     return handler
 
 
-def _batch_plan(train, cfg: TrainingConfig, rank: int, world: int):
-    """``batches(epoch)``: the index batches of one epoch, a function of the seed and the epoch
-    alone, so a resumed run can skip exactly the batches it has done."""
-    from torch.utils.data import BatchSampler, RandomSampler
-
-    drop_last = len(train) >= cfg.batch_size
-    if world > 1:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True,
-                                     seed=cfg.seed, drop_last=True)
-
-        def batches(epoch: int) -> list[list[int]]:
-            sampler.set_epoch(epoch)
-            return list(BatchSampler(sampler, cfg.batch_size, drop_last=True))
-    elif cfg.group_by_length:
-        lengths = [len(row["query"]) + len(row["positive_passages"][0]["text"])
-                   for row in train]
-        grouped = LengthGroupedBatchSampler(lengths, cfg.batch_size, cfg.seed,
-                                            drop_last=drop_last)
-
-        def batches(epoch: int) -> list[list[int]]:
-            grouped.set_epoch(epoch)
-            return list(grouped)
-    else:
-        def batches(epoch: int) -> list[list[int]]:
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            return list(BatchSampler(RandomSampler(range(len(train)), generator=generator),
-                                     cfg.batch_size, drop_last=drop_last))
-    return batches
-
-
 def _remined(model, train, cfg: TrainingConfig, epoch: int, folder: Path, reuse: bool):
     """The training records with negatives mined by the current model (ANCE-style), and the
     mining report. Mined negatives are saved as corpus indices to ``folder/epoch-<epoch as 3
@@ -356,7 +276,7 @@ def _remined(model, train, cfg: TrainingConfig, epoch: int, folder: Path, reuse:
 #: or bookkeeping, not the mathematics of a step (e.g. turning on gradient checkpointing or
 #: GradCache after an out-of-memory error). A change is recorded in ``history["resumed_from"]``.
 _RESUMABLE_CHANGES = ("checkpoint_steps", "keep_checkpoints", "gradient_checkpointing",
-                      "grad_cache_chunk_size")
+                      "grad_cache_chunk_size", "sub_batch_tokens")
 
 
 def data_fingerprint(train) -> str:
@@ -438,14 +358,17 @@ def make_loss(cfg: TrainingConfig, model, world: int = 1):
     passage_inputs, autocast, scale) -> LossOutput`` (:class:`~retrieval_lib.losses.InfoNCELoss`
     — cross-device under torchrun —, :class:`~retrieval_lib.m3.UnifiedM3Loss` for a model with
     M3 heads, wrapped in :class:`~retrieval_lib.gradcache.GradCacheLoss` when
-    ``grad_cache_chunk_size`` is set)."""
+    ``grad_cache_chunk_size`` or ``sub_batch_tokens`` is set)."""
+    chunked = cfg.grad_cache_chunk_size or cfg.sub_batch_tokens
     if getattr(model, "m3", None) is not None:
-        if world > 1 or cfg.grad_cache_chunk_size:
+        if world > 1 or chunked:
             raise ValueError("the unified M3 loss is implemented for one process without "
-                             "GradCache; set grad_cache_chunk_size=0 and train on one GPU")
+                             "GradCache; set grad_cache_chunk_size=0 and sub_batch_tokens=0 "
+                             "and train on one GPU")
         return UnifiedM3Loss(cfg.temperature, cfg.m3_score_weights, cfg.m3_loss_weights)
     loss = InfoNCELoss(cfg.temperature)
-    return GradCacheLoss(loss, cfg.grad_cache_chunk_size) if cfg.grad_cache_chunk_size else loss
+    return GradCacheLoss(loss, cfg.grad_cache_chunk_size, cfg.sub_batch_tokens) if chunked \
+        else loss
 
 
 @dataclass
@@ -461,7 +384,7 @@ class _Run:
     scaler: object
     loss_fn: object
     collator: RetrievalCollator
-    batches_of: object  # epoch -> index batches
+    sampler: BucketBatchSampler  # this process's index batches of every epoch
     optimizer: torch.optim.Optimizer
     schedule: object
     plan: object  # UnfreezePlan or None
@@ -509,13 +432,13 @@ def _setup(model, train, cfg: TrainingConfig, out: Path, device, unfreeze,
     fallback = [p["text"] for row in train for p in row["positive_passages"]]
     collator = RetrievalCollator(model, cfg.num_hard_negatives, fallback, cfg.seed + rank,
                                  positive_window=cfg.positive_window)
-    batches_of = _batch_plan(train, cfg, rank, world)
+    sampler = batch_plan(train, cfg, model.tokenizer, model.max_passage_length, rank, world)
     # under DDP every parameter is registered trainable; layers the schedule freezes later
     # simply send no gradient
     step_model = DistributedDataParallel(
         model, device_ids=[local_rank] if device.type == "cuda" else None,
         find_unused_parameters=unfreeze is not None) if world > 1 else model
-    per_epoch = len(batches_of(1))
+    per_epoch = len(sampler)
     total = cfg.epochs * per_epoch
     plan = unfreeze.plan(total, per_epoch) if unfreeze else None
     optimizer = make_optimizer(model, cfg)
@@ -528,9 +451,10 @@ def _setup(model, train, cfg: TrainingConfig, out: Path, device, unfreeze,
                "steps_per_epoch": per_epoch, "unfreeze": plan.stages() if plan else None,
                "precision": chosen, "precision_reason": why,
                "gradient_checkpointing": cfg.gradient_checkpointing,
-               "grad_cache_chunk_size": cfg.grad_cache_chunk_size}
+               "grad_cache_chunk_size": cfg.grad_cache_chunk_size,
+               "sub_batch_tokens": cfg.sub_batch_tokens, "batching": sampler.describe()}
     return _Run(model, step_model, cfg, out, device, autocast, scaler, loss_fn, collator,
-                batches_of, optimizer, schedule, plan, history, len(train), is_main(),
+                sampler, optimizer, schedule, plan, history, len(train), is_main(),
                 fingerprint=data_fingerprint(train), patience_left=cfg.early_stopping_patience)
 
 
@@ -659,7 +583,8 @@ def _end_epoch(run: _Run, validation, epoch: int, losses: list[float], trainable
               **{f"val_{k}": v for k, v in metrics.items()},
               "best": improved, "time_s": time.perf_counter() - started,
               "train_time_s": train_time,
-              "train_samples": len(losses) * run.cfg.batch_size * world}
+              "train_samples": len(losses) * run.cfg.batch_size * world,
+              "mixed_batches": run.sampler.mixed_batches(epoch)}
     run.history["epochs"].append(record)
     logger.info("epoch %d: %s", epoch, record)
     if show_progress:
@@ -677,8 +602,8 @@ def _finish(run: _Run) -> dict:
     run.history.update(short_negatives=c.short_negatives, random_negatives=c.random_negatives,
                        windowed_positives=c.windowed_positives,
                        pad_fraction=c.pad_fraction,
-                       group_by_length=bool(run.cfg.group_by_length
-                                            and run.history["world_size"] == 1))
+                       group_by_length=bool(run.cfg.group_by_length),
+                       sub_batched_steps=getattr(run.loss_fn, "sub_batched_steps", 0))
     if run.main:
         (run.out / "history.json").write_text(json.dumps(run.history, indent=2),
                                               encoding="utf-8")
@@ -742,7 +667,8 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
             trainable_new = run.plan.apply(model.encoder, run.step) if run.plan else None
             # its own generator: a loader seeds its workers from the global torch RNG otherwise,
             # which would make the dropout of a resumed epoch differ from the uninterrupted one
-            loader = DataLoader(rows, batch_sampler=run.batches_of(epoch)[skip:],
+            run.sampler.set_epoch(epoch)
+            loader = DataLoader(rows, batch_sampler=list(run.sampler)[skip:],
                                 collate_fn=run.collator,
                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
             started = time.perf_counter()

@@ -5,13 +5,16 @@ import os
 import socket
 import subprocess
 import sys
+from bisect import bisect_right
 from pathlib import Path
 
 import pytest
 import torch
 from ddp_step_worker import TAU, embed, global_batch, model  # this folder is on sys.path
+from toy import worker_model
 
-from retrieval_lib import distributed
+from retrieval_lib import config, distributed
+from retrieval_lib.batching import batch_plan, passage_token_lengths
 from retrieval_lib.losses import cross_device_info_nce, info_nce
 
 
@@ -52,17 +55,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("grad_cache", [0, 3], ids=["plain", "grad-cache"])
-def test_train_retriever_under_torchrun_keeps_the_processes_in_step(tmp_path, grad_cache):
+@pytest.mark.parametrize("chunking", ["0", "3", "t40"], ids=["plain", "grad-cache",
+                                                             "sub-batches"])
+def test_train_retriever_under_torchrun_keeps_the_processes_in_step(tmp_path, chunking):
     from safetensors.torch import load_file
 
     topics = ["长江", "黄河", "足球", "音乐", "电力", "旅游", "法律", "外交", "农业", "气象"]
     records = [{"query": f"{topics[i % 10]}{topics[(i * 3) % 10]}{i}", "source": "toy",
-                "positive_passages": [{"text": f"{topics[i % 10]}新闻，{topics[(i * 3) % 10]}。"}],
+                "positive_passages": [{"text": f"{topics[i % 10]}新闻，{topics[(i * 3) % 10]}。"
+                                               + "详细报道" * (3 * (i % 4))}],
                 "negative_passages": [{"text": f"{topics[(i + 1) % 10]}报道"}]} for i in range(40)]
     (tmp_path / "records.json").write_text(json.dumps(records, ensure_ascii=False))
     done = _torchrun("ddp_train_worker.py", str(tmp_path / "records.json"),
-                     str(tmp_path / "run"), str(grad_cache))
+                     str(tmp_path / "run"), chunking)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     history = json.loads((run / "history.json").read_text())
@@ -78,6 +83,26 @@ def test_train_retriever_under_torchrun_keeps_the_processes_in_step(tmp_path, gr
     assert history["epochs"][1]["train_loss"] < history["epochs"][0]["train_loss"]
     assert (run / "best" / "head.safetensors").exists()
     assert (run / "train.log").read_text().count("training on") == 1  # one process logs
+    # BGE-M3's batching under torchrun: each step, the two processes train the two halves of
+    # one global batch of one length bucket, the global batches one process with batch 8 sees
+    plan = history["batching"]
+    assert len(plan["groups"]) > 1 and history["group_by_length"]
+    assert history["sub_batched_steps"] == (8 if chunking == "t40" else 0)
+    halves = [json.loads((run / f"rank{r}_batches.json").read_text()) for r in (0, 1)]
+    model = worker_model(records)
+    single = batch_plan(records[:32], config.TrainingConfig(
+        epochs=2, batch_size=8, learning_rate=1e-3), model.tokenizer, model.max_passage_length)
+    measured = passage_token_lengths(model.tokenizer, [r["positive_passages"][0]["text"]
+                                                       for r in records[:32]],
+                                     model.max_passage_length)
+    for epoch in ("1", "2"):
+        single.set_epoch(int(epoch))
+        whole = list(single)
+        assert [a + b for a, b in zip(halves[0][epoch], halves[1][epoch], strict=True)] == whole
+        for key, batch in single.global_batches():  # None: pooled from groups' remainders
+            if key is not None:
+                assert {bisect_right(plan["edges"], measured[i]) for i in batch} == {key[1]}
+        assert history["epochs"][int(epoch) - 1]["mixed_batches"] == single.mixed_batches() < 4
 
 
 def test_main_first_under_torchrun_runs_the_main_process_alone_and_first(tmp_path):

@@ -80,3 +80,33 @@ def test_scale_is_carried_through_and_bad_chunks_refused():
     torch.testing.assert_close(model.query_projection.weight.grad, 8 * once)
     with pytest.raises(ValueError, match="chunk_size must be positive"):
         cached_contrastive_step(model, qi, pi, loss_fn, 0)
+
+
+def test_a_token_budget_chunks_only_the_batches_that_exceed_it():
+    """``GradCacheLoss(token_budget=B)``: a batch whose passages fill at most B positions runs
+    whole (the inner loss, its own backward); a longer one is embedded in chunks of
+    ``B // padded length`` texts, counted, with the loss and gradients of the whole batch."""
+    from retrieval_lib.gradcache import GradCacheLoss
+    from retrieval_lib.losses import InfoNCELoss
+
+    model = _model(0.0)
+    qi, pi = model.tokenize(TEXTS[:4], "query"), model.tokenize(TEXTS, "passage")
+    rows, width = pi["input_ids"].shape  # 8 passages
+    fits = GradCacheLoss(InfoNCELoss(0.05), token_budget=rows * width)
+    assert fits.chunk_rows(pi) is None
+    out = fits(model, qi, pi)
+    assert not out.backward_done and fits.sub_batched_steps == 0
+    out.loss.backward()
+    expected = {n: t.grad.clone() for n, t in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    budget = 3 * width + width // 2  # three passages fit, not four
+    tight = GradCacheLoss(InfoNCELoss(0.05), token_budget=budget)
+    assert tight.chunk_rows(pi) == 3
+    chunked = tight(model, qi, pi)
+    assert chunked.backward_done and tight.sub_batched_steps == 1
+    assert chunked.loss.item() == pytest.approx(out.loss.item(), abs=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert GradCacheLoss(InfoNCELoss(0.05), token_budget=1).chunk_rows(pi) == 1
+    with pytest.raises(ValueError, match="must be positive"):
+        GradCacheLoss(InfoNCELoss(0.05))

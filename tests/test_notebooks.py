@@ -50,6 +50,14 @@ def check_01(summary, home):
     assert summary["window_tokens"] == 128
     longer = summary["longer_than_window"]["people_daily_1998"]
     assert (longer > 0.5) == (summary["median_passage_tokens"]["people_daily_1998"] > 128)
+    # the saved percentiles (benchmarks/batching.py --summary reads them): 0, 5, ..., 100
+    percentiles = summary["passage_token_percentiles"]["people_daily_1998"]
+    assert len(percentiles) == 21 and percentiles == sorted(percentiles)
+    assert percentiles[10] == pytest.approx(summary["median_passage_tokens"]["people_daily_1998"],
+                                            abs=0.05)
+    # bucket edges of the truncated lengths: within the 128-token window
+    edges = summary["length_bucket_edges"]
+    assert edges == sorted(set(edges)) and 0 < len(edges) <= 3 and edges[-1] <= 128
     return ["lengths_chars", "lengths_tokens", "split_counts"]
 
 

@@ -1,5 +1,4 @@
 import json
-import random
 from dataclasses import replace
 
 import pytest
@@ -8,6 +7,7 @@ from datasets import Dataset
 from toy import toy_config, toy_model, toy_records
 
 from retrieval_lib import config, experiment, losses, pretraining, studies, training
+from retrieval_lib.batching import batch_plan
 from retrieval_lib.modeling import DualTowerRetriever, load_encoder
 from retrieval_lib.runs import load_run
 
@@ -489,31 +489,6 @@ def test_expansion_gaps_and_comparisons_by_hand():
         "identity − random · ndcg@10", "identity − random · recall@100"}
 
 
-def test_length_grouped_batches_cover_the_data_and_cut_padding():
-    rng = random.Random(0)
-    lengths = [rng.randint(10, 1000) for _ in range(203)]
-    sampler = training.LengthGroupedBatchSampler(lengths, batch_size=8, seed=1, group_batches=4)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) and all(len(b) == 8 for b in batches)
-    seen = [i for b in batches for i in b]
-    assert len(seen) == len(set(seen)) and len(set(range(203)) - set(seen)) < 4 * 8
-    keep = training.LengthGroupedBatchSampler(lengths, 8, seed=1, drop_last=False)
-    assert sorted(i for b in keep for i in b) == list(range(203)) and len(list(keep)) == len(keep)
-
-    def padding(batch_list):  # padded positions if every batch pads to its longest record
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)
-                   for b in batch_list)
-
-    shuffled = list(range(203))
-    rng.shuffle(shuffled)
-    random_batches = [shuffled[i:i + 8] for i in range(0, 200, 8)]
-    assert padding(batches) < padding(random_batches) / 3
-    sampler.set_epoch(1)
-    assert list(sampler) != batches  # a new order every epoch, reproducible from the seed
-    sampler.set_epoch(0)
-    assert list(sampler) == batches
-
-
 def test_collator_pads_to_a_multiple_of_eight_and_counts_padding(tok):
     model = toy_model(tok)
     collator = training.RetrievalCollator(model, 1, [], seed=0)
@@ -572,20 +547,32 @@ def test_the_optimizer_sees_gradients_clipped_to_max_grad_norm(tok, tmp_path, li
         assert min(norms) > 0.01, norms  # so the 0.01 limit really binds
 
 
-def test_without_length_grouping_an_epoch_is_a_seeded_permutation_cut_into_batches():
+def test_without_length_grouping_an_epoch_is_a_seeded_permutation_cut_into_batches(tok):
     """``group_by_length=False``: epoch e is torch's permutation from seed·1000003 + e, cut into
     batches (the last short one dropped), a function of seed and epoch alone (resume relies
-    on it); it trains end to end."""
+    on it); grouping by the positives' token lengths is another plan."""
     rows = toy_records(30, 5)
     cfg = toy_config(batch_size=8, group_by_length=False)
-    batches = training._batch_plan(rows, cfg, rank=0, world=1)
+    sampler = batch_plan(rows, cfg)
+
+    def batches(epoch, plan=sampler):
+        plan.set_epoch(epoch)
+        return list(plan)
+
     for epoch in (1, 2):
         order = torch.randperm(30, generator=torch.Generator().manual_seed(
             cfg.seed * 1_000_003 + epoch)).tolist()
         assert batches(epoch) == [order[i:i + 8] for i in (0, 8, 16)]  # 30 = 3·8 + 6 dropped
-    assert batches(1) != batches(2) and batches(1) == training._batch_plan(rows, cfg, 0, 1)(1)
-    grouped = training._batch_plan(rows, replace(cfg, group_by_length=True), 0, 1)(1)
-    assert grouped != batches(1)  # the other policy really is another one
+    assert batches(1) != batches(2)
+    assert batches(1) == batches(1, batch_plan(rows, cfg))
+    model = toy_model(tok)
+    for i, row in enumerate(rows):  # three lengths of positive
+        row["positive_passages"][0]["text"] += "新闻" * (5 * (i % 3))
+    grouped = batch_plan(rows, replace(cfg, group_by_length=True), model.tokenizer,
+                         model.max_passage_length)
+    assert batches(1, grouped) != batches(1)  # the other policy really is another one
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        batch_plan(rows, replace(cfg, group_by_length=True))
 
 
 def _collated_positives(model, collator, rows, k):
