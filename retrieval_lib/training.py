@@ -640,9 +640,11 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
     skipped and counted instead).
 
     ``precision`` (:data:`PRECISIONS`, :func:`mixed_precision`) is recorded in the history with
-    the reason it was chosen. The loss comes from :func:`make_loss`. Under ``torchrun`` every
-    process trains its share of each epoch (``DistributedSampler``, ``batch_size`` queries per
-    process), the model is wrapped in DDP and every query meets the passages of all processes.
+    the reason it was chosen. The loss comes from :func:`make_loss`, the batches from
+    :func:`~retrieval_lib.batching.batch_plan`. Under ``torchrun`` every process trains its
+    slice of each global batch (``batch_size`` queries per process, the same length bucket on
+    every process), the model is wrapped in DDP and every query meets the passages of all
+    processes.
     Each process validates the same (synchronised) model, so all take the same early-stopping
     decisions; only the main process writes files and prints.
     """

@@ -214,6 +214,18 @@ MUTATIONS = [
              'before = base_run["untrained"]["per_query"][metric]',
              'before = base_run["test"]["per_query"][metric]',
              ("tests/test_pipeline_helpers.py",)),
+    # batching
+    Mutation("batching", "each process shuffles its buckets with its own seed", "batching.py",
+             "            rng = random.Random(seed)\n",
+             "            rng = random.Random(seed + self.rank)\n",
+             ("tests/test_batching.py",)),
+    Mutation("batching", "bucket remainders are dropped instead of pooled", "batching.py",
+             "            batches += [(None, rest[i:i + size]) for i in range(0, len(rest) - "
+             "size + 1, size)]",
+             "            pass", ("tests/test_batching.py",)),
+    Mutation("batching", "the sub-batch token budget never splits a batch", "gradcache.py",
+             "        if rows * width <= self.token_budget:",
+             "        if rows * width <= 10 ** 12:", ("tests/test_gradcache.py",)),
 ]
 
 

@@ -65,3 +65,39 @@ def test_demo_ablation_smoke():
     assert changed["validation_vs_baseline"]["n"] == 40  # the smoke validation set
     assert 0 <= changed["validation_ndcg@10"] <= 1 and changed["pretrain_steps"] == 30
     assert "validation_vs_baseline" not in saved["variants"]["baseline"]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batching_benchmark_smoke():
+    """Four policies on the synthetic stand-in: padding and tokens per process come from the
+    seeded batches (no timing in them), so the shared seed's bound on the two processes'
+    imbalance shows even at this size."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "batching.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads(out.stdout.strip().splitlines()[-1])
+    policies = saved["policies"]
+    assert list(policies) == list(_script("batching").POLICIES)
+    for r in policies.values():
+        assert 0 < r["padding_fraction"] < 1 and r["tokens_per_process_max_over_min"] >= 1
+        assert r["steps"] == 5 * 32 // 16 and r["steps_per_second"] > 0
+    shared, alone = policies["grouped, shared seed"], policies["grouped per process"]
+    assert shared["tokens_per_process_max_over_min"] < alone["tokens_per_process_max_over_min"]
+    assert alone["padding_fraction"] < policies["random"]["padding_fraction"]
+
+
+def test_the_batching_table_is_rendered_from_the_saved_results():
+    module = _script("batching")
+    saved = json.loads((BENCHMARKS / "batching.json").read_text(encoding="utf-8"))
+    assert not saved["smoke"] and list(saved["policies"]) == list(module.POLICIES)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
+                   readme.index(module.TABLE_END)]
+    assert block.strip() == module.render_table(saved).strip()
