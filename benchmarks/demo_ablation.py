@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/demo_ablation.py --smoke   # seconds: what CI runs
 
 Each variant is experiment 4.1.1's demo twin (``minimind27_10k``, demo preset) with one thing
-changed: the demo LM's pretraining (none, or a quarter of it), the fine-tuning recipe
+changed: the demo LM's pretraining (none, or shorter), the fine-tuning recipe
 (epochs, learning rate, batch, temperature, hard negatives), the 128-token passage cut, or the
 training data (three times as much). It is trained in a project home of its own (a temporary
 folder: the course's runs are not touched) and judged **on the validation set** (NDCG@10 of its
@@ -32,9 +32,10 @@ RESULTS = Path(__file__).with_name("demo_ablation.json")
 #: key -> (what changes, in Chinese for the table; pretraining steps or None for the default;
 #: training changes; model changes; training subset or None)
 VARIANTS = {
-    "baseline": ("不变（demo 配置）", None, {}, {}, None),
+    "baseline": ("不变（demo 配置，LM 预训练 PretrainConfig.max_steps 步）", None, {}, {}, None),
     "pretrain_0": ("不预训练（随机初始化的 LM）", 0, {}, {}, None),
-    "pretrain_500": ("LM 只预训练 500 步（默认 2000，旧默认 500）", 500, {}, {}, None),
+    "pretrain_500": ("LM 只预训练 500 步（旧默认）", 500, {}, {}, None),
+    "pretrain_2000": ("LM 只预训练 2000 步（上一个默认）", 2000, {}, {}, None),
     "epochs_12": ("训练 12 轮（默认 4）", None, {"epochs": 12, "early_stopping_patience": 12},
                   {}, None),
     "lr_1e-3": ("学习率 1e-3（默认 3e-4）", None, {"learning_rate": 1e-3}, {}, None),

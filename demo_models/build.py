@@ -1,6 +1,7 @@
 """Pretrain the demo LMs once and ship them in this folder.
 
-    .venv/bin/python demo_models/build.py     # about 10 minutes on 2 CPU cores
+    .venv/bin/python demo_models/build.py     # tens of minutes on 2 CPU cores
+                                              # (MANIFEST.json: the seconds of each)
 
 The demo preset's three base-model shapes (the MiniMind-27M, MiniMind-108M and Qwen2-0.5B
 twins) are pretrained from scratch on the demo corpus, with the default

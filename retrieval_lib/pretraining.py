@@ -45,7 +45,7 @@ class PretrainConfig:
 
     # optimiser steps; shipped in demo_models/ (MANIFEST.json: the seconds each took). 500
     # left the demo retrievers far below BM25 (benchmarks/demo_ablation.py)
-    max_steps: int = 2000
+    max_steps: int = 6000
     seq_len: int = 128  # tokens per training block
     batch_size: int = 16  # blocks per step
     learning_rate: float = 3e-3

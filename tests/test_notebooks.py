@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from retrieval_lib import notebook_utils, runs, studies
+from retrieval_lib.pretraining import SHIPPED_DEMO_LMS, PretrainConfig
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ALL = notebook_utils.notebook_paths(NOTEBOOKS)
@@ -96,7 +97,9 @@ def check_03_train_minimind27(summary, home):
     assert base["heldout_perplexity_after"] < base["heldout_perplexity_before"] / 5
     # the demo LM is the one shipped in demo_models/ (its inputs are today's): when this fails,
     # the corpus, tokenizer or pretraining changed; rebuild with demo_models/build.py
-    assert base["shipped"] and base["pretrain_steps"] == 2000
+    manifest = json.loads((SHIPPED_DEMO_LMS / "MANIFEST.json").read_text(encoding="utf-8"))
+    steps = {m["pretrain"]["max_steps"] for m in manifest["models"]}
+    assert base["shipped"] and steps == {base["pretrain_steps"]} == {PretrainConfig().max_steps}
     _learned(summary)
     _run_folder_complete(summary["run_dir"])
     assert Path(summary["run_dir"]).parent == home / "runs" / "demo"
