@@ -23,6 +23,7 @@ course; a module imports only modules of earlier stages (``tests/test_architectu
    Llama), ``modeling`` (base models, pooling, projection, the dual-tower retriever),
    ``expansion`` (new layers and their unfreezing schedule), ``pretraining`` (the demo LMs).
 5. Training
+   ``batching`` (length buckets, one source per batch, one bucket on every process),
    ``training`` (the loop), ``memory`` (memory and time plans of a run).
 6. Results and serving
    ``runs`` (the one owner of a run folder: where it is, what it writes, how it is read),
@@ -41,6 +42,6 @@ MODULES = ("config", "allocator", "hub", "checkpoint", "notebook_utils", "plotti
            "windows", "evaluation",
            "distributed", "losses", "gradcache", "m3", "mining", "minimind", "modeling",
            "expansion", "pretraining",
-           "training", "memory",
+           "batching", "training", "memory",
            "runs", "results", "baselines", "export", "index",
            "experiment", "studies")
