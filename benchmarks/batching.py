@@ -174,13 +174,6 @@ def render_table(saved: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme_table(saved: dict, readme: Path = README) -> None:
-    text = readme.read_text(encoding="utf-8")
-    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
-    readme.write_text(text[:start] + "\n" + render_table(saved) + "\n" + text[end:],
-                      encoding="utf-8")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--summary", type=Path, help="notebook 01's summary.json (full preset)")
@@ -199,6 +192,7 @@ def main(argv=None) -> int:
 
     from retrieval_lib import config, tokenizer
     from retrieval_lib.modeling import DualTowerRetriever
+    from retrieval_lib.results import write_between_markers
 
     lengths, sources, where = record_lengths(args.per_source, args.seed, args.summary)
     shape = config.get_experiment("minimind27_10k", "demo").model
@@ -222,7 +216,7 @@ def main(argv=None) -> int:
     if not args.smoke:
         RESULTS.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n",
                            encoding="utf-8")
-        write_readme_table(saved)
+        write_between_markers(README, TABLE_START, TABLE_END, render_table(saved))
     print(json.dumps(saved, ensure_ascii=False))
     return 0
 

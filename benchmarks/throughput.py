@@ -304,10 +304,9 @@ def target_summary(saved: dict, target: float = 1.5) -> str:
 
 
 def write_readme_table(saved: dict, readme: Path) -> None:
-    text = readme.read_text(encoding="utf-8")
-    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
-    readme.write_text(text[:start] + "\n" + render_table(saved) + "\n" + text[end:],
-                      encoding="utf-8")
+    from retrieval_lib.results import write_between_markers
+
+    write_between_markers(readme, TABLE_START, TABLE_END, render_table(saved))
 
 
 def main(argv=None) -> int:

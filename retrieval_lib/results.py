@@ -16,7 +16,8 @@ from .evaluation import HEADLINE_METRICS, bootstrap_ci, paired_test, summarize_s
 from .runs import environment_info
 
 __all__ = ["reference_system", "report_table", "markdown_table", "write_markdown_report",
-           "system_summaries", "efficiency_points", "data_scaling_groups", "PUBLISHED_RESULTS"]
+           "write_between_markers", "system_summaries", "efficiency_points",
+           "data_scaling_groups", "PUBLISHED_RESULTS"]
 
 #: Numbers the original report published, ``{experiment: {metric: mean}}``, shown beside the
 #: measured ones and labelled as published. Empty: the report's tables are not in this
@@ -122,6 +123,17 @@ def markdown_table(table, metrics=HEADLINE_METRICS, digits: int = 3) -> str:
         cells.append(f"{p:.3g}" if p == p and p is not None else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_between_markers(path: str | os.PathLike, start: str, end: str, body: str) -> None:
+    """Replace what ``path`` holds between the lines ``start`` and ``end`` with ``body`` (how the
+    benchmark and mutation scripts keep the README's tables rendered from their saved JSON)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        raise ValueError(f"{path}: the markers {start!r} and {end!r} are not both there")
+    first, last = text.index(start) + len(start), text.index(end)
+    path.write_text(text[:first] + "\n" + body + "\n" + text[last:], encoding="utf-8")
 
 
 def write_markdown_report(table, preset: str, root: str | os.PathLike | None = None) -> Path:

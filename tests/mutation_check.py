@@ -313,11 +313,9 @@ def main(argv=None) -> int:
         return 0
     RESULTS.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
     if args.readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text(encoding="utf-8")
-        start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
-        readme.write_text(text[:start] + "\n" + render_table(saved) + "\n" + text[end:],
-                          encoding="utf-8")
+        from retrieval_lib.results import write_between_markers
+
+        write_between_markers(ROOT / "README.md", TABLE_START, TABLE_END, render_table(saved))
     return 0 if all(r["caught"] for r in results) else 1
 
 

@@ -144,3 +144,15 @@ def test_environment_names_the_commit_command_and_versions(monkeypatch, tmp_path
     assert (info["preset"], info["seed"]) == ("demo", 42) and info["command"]
     monkeypatch.setattr("retrieval_lib.runs._checkout", lambda: Path("/"))  # not a checkout
     assert environment_info()["git_commit"] is None
+
+
+def test_write_between_markers_replaces_only_the_marked_block(tmp_path):
+    from retrieval_lib.results import write_between_markers
+
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- t: start -->\nold\n<!-- t: end -->\noutro\n", encoding="utf-8")
+    write_between_markers(doc, "<!-- t: start -->", "<!-- t: end -->", "| a |\n| 1 |")
+    assert doc.read_text(encoding="utf-8") == ("intro\n<!-- t: start -->\n| a |\n| 1 |\n"
+                                               "<!-- t: end -->\noutro\n")
+    with pytest.raises(ValueError, match="markers"):
+        write_between_markers(doc, "<!-- u: start -->", "<!-- t: end -->", "x")
