@@ -46,16 +46,20 @@ def main() -> int:
                 shutil.rmtree(shipped)
             shutil.copytree(folder, shipped)
             checkpoint.write_checksums(shipped)
+            report = json.loads((folder / "pretrain.json").read_text(encoding="utf-8"))
             entries.append({"folder": folder.name, "experiment": name,
                             "architecture": exp.model.architecture,
                             "data_fingerprint": splits.manifest["fingerprint"],
                             "pretrain": asdict(pretraining.PretrainConfig()),
                             "heldout_perplexity_before": info["heldout_perplexity_before"],
                             "heldout_perplexity_after": info["heldout_perplexity_after"],
+                            "kept_step": report.get("kept_step"),
+                            "heldout_curve": report.get("heldout_curve"),
                             "seconds": round(time.perf_counter() - start, 1)})
             print(f"{name}: {folder.name}, held-out perplexity "
                   f"{info['heldout_perplexity_before']:.0f} -> "
-                  f"{info['heldout_perplexity_after']:.1f}", flush=True)
+                  f"{info['heldout_perplexity_after']:.1f} (weights of step "
+                  f"{report.get('kept_step')})", flush=True)
     keep = {e["folder"] for e in entries}
     for old in HERE.glob("demo-lm-*"):  # folders of an earlier schedule or corpus
         if old.name not in keep:

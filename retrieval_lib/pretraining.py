@@ -5,7 +5,9 @@ no pretrained weights, so the demo pretrains its own, as MiniMind does at full s
 of the configured shape on the training texts of the demo corpus, for a short CPU budget. The
 result is saved like any checkpoint (safetensors + config + tokenizer) and loaded with the same
 ``from_pretrained`` code as the real weights. It is cached by shape, tokenizer, corpus and
-schedule, and reports its held-out perplexity before and after pretraining.
+schedule, and reports its held-out perplexity before and after pretraining; the held-out
+perplexity is also measured along the way and the weights of its lowest point are kept (on a
+corpus this small the larger twins start to overfit before the schedule ends).
 
 Pretraining long enough to matter takes minutes per model on 2 cores, so the three demo LMs
 are pretrained once and shipped in ``demo_models/`` (a few MB, with checksums; rebuilt by
@@ -46,6 +48,9 @@ class PretrainConfig:
     # optimiser steps; shipped in demo_models/ (MANIFEST.json: the seconds each took). 500
     # left the demo retrievers far below BM25 (benchmarks/demo_ablation.py)
     max_steps: int = 6000
+    # held-out perplexity every this many steps; the weights with the lowest are kept (early
+    # stopping: at 6,000 steps the larger twins overfit the small corpus). 0: keep the last
+    eval_every: int = 500
     seq_len: int = 128  # tokens per training block
     batch_size: int = 16  # blocks per step
     learning_rate: float = 3e-3
@@ -99,7 +104,9 @@ def pretrain_demo_lm(cfg: ModelConfig, tokenizer, train_texts: Sequence[str],
     """Pretrain (or reuse) a causal LM of ``cfg``'s shape; returns its folder.
 
     The folder holds the weights (safetensors), config, tokenizer and ``pretrain.json`` with the
-    loss curve and the held-out perplexity before and after pretraining.
+    loss curve and the held-out perplexity before and after pretraining. With
+    ``pcfg.eval_every`` the held-out perplexity is measured every so many steps
+    (``heldout_curve``) and the weights of the lowest are kept (``kept_step``).
     """
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
@@ -131,8 +138,10 @@ def pretrain_demo_lm(cfg: ModelConfig, tokenizer, train_texts: Sequence[str],
     schedule = get_linear_schedule_with_warmup(optimizer, pcfg.warmup_steps, pcfg.max_steps)
     generator = torch.Generator().manual_seed(pcfg.seed)
     losses, start = [], time.perf_counter()
+    curve, best = [], (math.inf, None, None)  # (perplexity, step, weights)
     model.train()
-    for _ in tqdm(range(pcfg.max_steps), desc="pretrain demo LM", disable=not show_progress):
+    for step in tqdm(range(1, pcfg.max_steps + 1), desc="pretrain demo LM",
+                     disable=not show_progress):
         batch = train[torch.randint(len(train), (pcfg.batch_size,), generator=generator)]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -141,12 +150,21 @@ def pretrain_demo_lm(cfg: ModelConfig, tokenizer, train_texts: Sequence[str],
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if pcfg.eval_every and (step % pcfg.eval_every == 0 or step == pcfg.max_steps):
+            curve.append([step, perplexity(model, heldout)])
+            model.train()
+            if curve[-1][1] < best[0]:
+                best = (curve[-1][1], step, {k: v.detach().clone()
+                                             for k, v in model.state_dict().items()})
+    if best[2] is not None:
+        model.load_state_dict(best[2])
     ppl_after = perplexity(model, heldout)
     report = {"architecture": cfg.architecture,
               "parameters": sum(p.numel() for p in model.parameters()),
               "train_tokens_seen": pcfg.max_steps * pcfg.batch_size * pcfg.seq_len,
               "train_blocks": len(train), "heldout_blocks": len(heldout),
               "heldout_perplexity_before": ppl_before, "heldout_perplexity_after": ppl_after,
+              "heldout_curve": curve, "kept_step": best[1] or pcfg.max_steps,
               "loss_curve": losses, "wall_time_s": time.perf_counter() - start,
               "cpu_allocator": allocator,
               "config": pcfg.__dict__}

@@ -162,6 +162,38 @@ def test_demo_pretraining_lowers_perplexity_and_is_cached(tok, tmp_path, base):
     assert type(encoder).__name__ == expected and encoder.config.vocab_size == len(tok)
 
 
+def test_demo_pretraining_keeps_the_weights_of_the_lowest_heldout_perplexity(tok, tmp_path,
+                                                                             monkeypatch):
+    """Every ``eval_every`` steps (and at the end) the held-out perplexity is measured; the
+    saved weights are those of the lowest (scripted here: step 20 of 20, 40, 60, 80), not the
+    last, and the report says which step they are from."""
+    from safetensors.torch import load_file
+
+    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
+    texts = [r["positive_passages"][0]["text"] for r in toy_records(60, 8)]
+    scripted = iter([9.0, 5.0, 7.0, 6.0, 8.0])  # before, then steps 20, 40, 60, 80
+    snapshots, real = [], pretraining.perplexity
+
+    def fake_perplexity(model, blocks, batch_size=32):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return next(scripted, None) or real(model, blocks)  # the last call: the kept weights
+
+    monkeypatch.setattr(pretraining, "perplexity", fake_perplexity)
+    pcfg = pretraining.PretrainConfig(max_steps=80, seq_len=32, batch_size=4, warmup_steps=1,
+                                      eval_every=20)
+    path = pretraining.pretrain_demo_lm(cfg, tok, texts[:50], texts[50:], tmp_path, pcfg,
+                                        show_progress=False)
+    report = json.loads((path / "pretrain.json").read_text())
+    assert report["heldout_curve"] == [[20, 5.0], [40, 7.0], [60, 6.0], [80, 8.0]]
+    assert report["kept_step"] == 20
+    saved = load_file(str(path / "model.safetensors"))
+    kept = snapshots[1]  # the weights measured at step 20
+    assert any(not torch.equal(kept[k], snapshots[4][k]) for k in kept)  # training moved them
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, kept[name], rtol=0, atol=0, msg=name)
+
+
 def test_a_shipped_demo_lm_is_copied_only_for_its_exact_inputs(tok, tmp_path, monkeypatch):
     import shutil
 
