@@ -48,9 +48,10 @@ def passage_token_lengths(tokenizer, texts: Sequence[str], max_length: int,
                           chunk: int = 1024) -> list[int]:
     """Tokens each text occupies when truncated to ``max_length`` (special tokens included),
     for bucketing. Each text is cut to ``4 · max_length`` characters first, so that a 10,000-
-    character document costs no more than a window: a Chinese token covers less than four
-    characters in the vocabularies used here, so the cut never shortens the truncated length
-    of Chinese text."""
+    character document costs no more than a window; the length is exact whenever the window's
+    tokens cover fewer than four characters each on average (byte-level BPE and WordPiece on
+    Chinese text: about one to two), and otherwise at most understated, which only moves a
+    record to a shorter bucket."""
     out: list[int] = []
     for start in range(0, len(texts), chunk):
         cut = [t[:4 * max_length] for t in texts[start:start + chunk]]
