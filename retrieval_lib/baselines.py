@@ -14,7 +14,7 @@ import numpy as np
 
 from .bm25 import BM25Retriever
 from .evaluation import fuse_runs, qrels_for_split, retrieve, score_run
-from .hub import hub_has
+from .hub import model_available
 from .m3 import MODES, SCORE_WEIGHTS, colbert_score, evaluate_reranked, lexical_score
 from .modeling import DualTowerRetriever, count_parameters, load_encoder
 from .runs import collect_runs, record_not_run, save_baseline_run
@@ -59,12 +59,7 @@ _HEADS = ("sparse_linear.pt", "colbert_linear.pt")
 
 def bge_m3_available(name_or_path: str = BGE_M3) -> bool:
     """True when ``name_or_path`` is a local folder, or a hub id that is cached or reachable."""
-    import os
-
-    if os.path.isdir(name_or_path):
-        return True
-
-    return not os.path.isabs(name_or_path) and hub_has(name_or_path, "model")
+    return model_available(name_or_path)
 
 
 class BGEM3Retriever:

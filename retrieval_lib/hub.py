@@ -5,7 +5,7 @@ from __future__ import annotations
 import huggingface_hub
 from huggingface_hub import constants
 
-__all__ = ["hub_has"]
+__all__ = ["hub_has", "model_available"]
 
 
 def hub_has(repo_id: str, repo_type: str) -> bool:
@@ -21,3 +21,12 @@ def hub_has(repo_id: str, repo_type: str) -> bool:
         return True
     except Exception:  # offline, DNS, 404, auth: all mean "not reachable from here"
         return False
+
+
+def model_available(name_or_path: str) -> bool:
+    """True when ``name_or_path`` is a local folder, or a hub id that is cached or reachable."""
+    import os
+
+    if os.path.isdir(name_or_path):
+        return True
+    return not os.path.isabs(name_or_path) and hub_has(name_or_path, "model")

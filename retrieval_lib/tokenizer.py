@@ -14,7 +14,7 @@ from .checkpoint import unreadable_files
 from .config import MINIMIND_108M
 
 __all__ = ["SPECIAL_TOKENS", "train_bpe_tokenizer", "load_pretrained_tokenizer",
-           "demo_tokenizer", "count_tokens", "tokenizer_for_preset"]
+           "demo_tokenizer", "count_tokens", "tokenizer_for_preset", "with_eos_template"]
 
 #: Special tokens of the demo tokenizer: unknown, begin and end of text, padding.
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>",
@@ -107,3 +107,27 @@ def tokenizer_for_preset(preset: str, train_split, cache_dir: str | Path,
     texts = [row["query"] for row in train_split]
     texts += [p["text"] for row in train_split for p in row["positive_passages"]]
     return demo_tokenizer(texts, vocab_size, cache_dir)
+
+
+def with_eos_template(tokenizer):
+    """A copy of a fast tokenizer whose encodings always end with EOS: ``text EOS`` for one
+    text, ``a EOS b EOS`` for a pair. Decoder LMs (MiniMind, Qwen2) add no special tokens of
+    their own; a last-token representation (retriever pooling, a reranker's score) then reads
+    a state that has seen the whole input and its end, and a pair gets a separator. Saved
+    with the tokenizer (``tokenizer.json``), so a folder written from the copy tokenizes the
+    same way wherever it is loaded (sentence-transformers, ONNX serving)."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    eos, eos_id = tok.eos_token, tok.eos_token_id
+    if eos is None or not tok.is_fast:
+        raise ValueError("appending EOS needs a fast tokenizer with an EOS token")
+    template = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
+                                             special_tokens=[(eos, eos_id)])
+    backend = tok.backend_tokenizer
+    existing = backend.post_processor
+    backend.post_processor = (processors.Sequence([existing, template]) if existing is not None
+                              else template)
+    return tok

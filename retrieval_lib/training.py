@@ -49,7 +49,7 @@ from .mining import DenseSearcher, mine_hard_negatives
 from .modeling import PRECISIONS, autocast_for, choose_precision
 from .windows import POSITIVE_WINDOWS, split_windows, window_tokens
 
-__all__ = ["set_seed", "RetrievalCollator", "steps_per_epoch",
+__all__ = ["set_seed", "draw_negatives", "RetrievalCollator", "steps_per_epoch",
            "make_optimizer", "make_loss", "training_device", "data_fingerprint", "PRECISIONS",
            "mixed_precision", "enable_checkpointing", "train_retriever", "CHECKPOINTS",
            "VALIDATION_METRIC"]
@@ -66,6 +66,21 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def draw_negatives(row: dict, positive: str, k: int, rng: random.Random,
+                   fallback: Sequence[str]) -> tuple[list[str], str]:
+    """``k`` negatives for one training record and how they were drawn: ``"hard"`` (``k`` of
+    its hard negatives at random), ``"short"`` (fewer than ``k``: all of them, the rest drawn
+    again with replacement) or ``"random"`` (none: ``k`` passages of ``fallback`` at random,
+    never the positive). The retriever's and the reranker's batches draw them alike."""
+    negatives = [n["text"] for n in row["negative_passages"]]
+    if len(negatives) >= k:
+        return rng.sample(negatives, k), "hard"
+    if negatives:
+        return negatives + rng.choices(negatives, k=k - len(negatives)), "short"
+    pool = [t for t in rng.sample(list(fallback), min(len(fallback), k + 1)) if t != positive]
+    return pool[:k], "random"
 
 
 class RetrievalCollator:
@@ -157,18 +172,9 @@ class RetrievalCollator:
             queries.append(row["query"])
             positive = self.rng.choice(row["positive_passages"])["text"]
             positives.append(len(passages))
-            negatives = [n["text"] for n in row["negative_passages"]]
-            if len(negatives) >= self.k:
-                chosen = self.rng.sample(negatives, self.k)
-            elif negatives:
-                self.short_negatives += 1
-                chosen = negatives + self.rng.choices(negatives, k=self.k - len(negatives))
-            else:
-                self.random_negatives += 1
-                pool = [t for t in self.rng.sample(self.fallback, min(len(self.fallback),
-                                                                       self.k + 1))
-                        if t != positive]
-                chosen = pool[: self.k]
+            chosen, how = draw_negatives(row, positive, self.k, self.rng, self.fallback)
+            self.short_negatives += how == "short"
+            self.random_negatives += how == "random"
             passages.append(positive)
             passages.extend(chosen)
         windows = self._choose_windows(queries, [passages[i] for i in positives])
