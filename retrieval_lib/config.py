@@ -194,6 +194,42 @@ class TrainingConfig:
 
 
 @dataclass
+class RerankerConfig:
+    """The cross-encoder reranker (:mod:`retrieval_lib.reranker`), trained on the records and
+    hard negatives the retrievers train on, listwise over groups of one positive and
+    ``num_negatives`` hard negatives, as FlagEmbedding's reranker fine-tuning does (its
+    ``train_group_size`` is ``num_negatives + 1``; its example: group 8, learning rate 6e-5,
+    ``max_len`` 512, weight decay 0.01)."""
+
+    epochs: int = 2
+    batch_size: int = 16  # queries per step; each brings a group of 1 + num_negatives pairs
+    num_negatives: int = 7  # the data keeps 7 hard negatives per record (DataConfig)
+    learning_rate: float = 6e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1  # linear warm-up over this fraction of steps, then linear decay
+    max_grad_norm: float = 1.0
+    max_length: int = 512  # tokens of query + passage + separators; longer pairs are cut
+    top_k: int = 100  # first-stage documents per query that the reranker reorders
+    gradient_checkpointing: bool = True  # 128 sequences of 512 tokens per step on 12 GB
+    precision: str = "auto"  # as TrainingConfig / modeling.choose_precision
+    early_stopping_patience: int = 2  # epochs without validation improvement before stopping
+    seed: int = SEED
+
+
+#: The demo's reranker: CPU-sized steps (3 negatives, a query + passage of the demo's lengths),
+#: a few epochs at the demo retrievers' learning rate, the top 20 reordered.
+DEMO_RERANKER = RerankerConfig(epochs=4, batch_size=16, num_negatives=3, learning_rate=3e-4,
+                               max_length=160, top_k=20, gradient_checkpointing=False)
+
+
+def get_reranker_config(preset: str = "auto", **overrides) -> RerankerConfig:
+    """The reranker settings of a preset, with optional field overrides."""
+    preset = resolve_preset(preset)
+    base = DEMO_RERANKER if preset == "demo" else RerankerConfig()
+    return replace(base, **overrides)
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment of the report: model, data subset and training, for one preset."""
 

@@ -1,4 +1,5 @@
-"""Export a trained retriever as a sentence-transformers model folder.
+"""Export a trained retriever as a sentence-transformers model folder (and a reranker as a
+``CrossEncoder`` folder, :func:`export_cross_encoder`).
 
 The folder holds ``Transformer`` (the encoder and tokenizer, with the retriever's query and
 passage maximum lengths as ``query_length`` / ``document_length``), ``Pooling`` (mean,
@@ -27,7 +28,6 @@ tokens, :mod:`retrieval_lib.windows`); to score like it, split documents with
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -35,29 +35,15 @@ import torch
 
 from .checkpoint import atomic_folder, write_checksums
 from .modeling import DualTowerRetriever
+from .reranker import CrossEncoderReranker
+from .tokenizer import with_eos_template
 from .windows import window_stride, window_tokens
 
-__all__ = ["ST_POOLING", "to_sentence_transformer", "export_sentence_transformer"]
+__all__ = ["ST_POOLING", "to_sentence_transformer", "export_sentence_transformer",
+           "export_cross_encoder"]
 
 #: Our pooling names -> sentence-transformers' pooling modes.
 ST_POOLING = {"mean": "mean", "last_token": "lasttoken", "cls": "cls"}
-
-
-def _append_eos(tokenizer):
-    """A copy of a fast tokenizer whose encodings always end with EOS."""
-    from tokenizers import processors
-
-    tok = copy.deepcopy(tokenizer)
-    eos, eos_id = tok.eos_token, tok.eos_token_id
-    if eos is None or not tok.is_fast:
-        raise ValueError("last-token pooling needs a fast tokenizer with an EOS token")
-    template = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
-                                             special_tokens=[(eos, eos_id)])
-    backend = tok.backend_tokenizer
-    existing = backend.post_processor
-    backend.post_processor = (processors.Sequence([existing, template]) if existing is not None
-                              else template)
-    return tok
 
 
 def _dense(projection: torch.nn.Linear):
@@ -81,7 +67,8 @@ def to_sentence_transformer(model: DualTowerRetriever, workdir: str | Path):
     )
 
     workdir = Path(workdir)
-    tokenizer = _append_eos(model.tokenizer) if model.pooling == "last_token" else model.tokenizer
+    tokenizer = (with_eos_template(model.tokenizer) if model.pooling == "last_token"
+                 else model.tokenizer)
     model.encoder.save_pretrained(str(workdir / "encoder"), safe_serialization=True)
     tokenizer.save_pretrained(str(workdir / "encoder"))
     transformer = Transformer(str(workdir / "encoder"), max_seq_length=model.max_passage_length,
@@ -115,5 +102,31 @@ def export_sentence_transformer(model: DualTowerRetriever, path: str | Path) -> 
         to_sentence_transformer(model, workdir).save(str(tmp))
         (tmp / "passage_windows.json").write_text(json.dumps(windows, indent=2) + "\n",
                                                   encoding="utf-8")
+        write_checksums(tmp)
+    return path
+
+
+def export_cross_encoder(reranker: CrossEncoderReranker, path: str | Path) -> Path:
+    """Write ``reranker`` as a sentence-transformers ``CrossEncoder`` folder at ``path``
+    (written by sentence-transformers itself, whole or not at all, with ``checksums.json``):
+
+        model = CrossEncoder(path)
+        model.predict(list(zip(queries, passages)))  # == reranker.score(queries, passages)
+
+    The scores are the raw logits (the folder names ``Identity`` as the activation; the
+    sentence-transformers default for one label would be a sigmoid, which keeps the order),
+    pairs are cut at the reranker's ``max_length``, and a decoder's tokenizer keeps its
+    ``query EOS passage EOS`` template (saved in ``tokenizer.json``)."""
+    import tempfile
+
+    from sentence_transformers import CrossEncoder
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as workdir, atomic_folder(path) as tmp:
+        reranker.model.save_pretrained(workdir, safe_serialization=True)
+        reranker.tokenizer.save_pretrained(workdir)
+        model = CrossEncoder(workdir, max_length=reranker.max_length, device="cpu",
+                             activation_fn=torch.nn.Identity())
+        model.save(str(tmp))
         write_checksums(tmp)
     return path

@@ -25,7 +25,8 @@ from .evaluation import aggregate, summarize_metrics
 
 __all__ = ["environment_info", "default_output_dir", "save_summary", "load_summary",
            "metrics_block", "scores_from_block", "run_dir", "write_run", "load_run", "RunError",
-           "runs_root", "save_baseline_run", "record_not_run", "collect_runs"]
+           "runs_root", "save_baseline_run", "record_not_run", "collect_runs",
+           "write_json_files"]
 
 _PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "jieba",
              "bm25s", "faiss-cpu", "matplotlib", "retrieval_lib")
@@ -209,7 +210,7 @@ def run_dir(preset: str, name: str, root: str | os.PathLike | None = None) -> Pa
     return runs_root(preset, root) / name
 
 
-def _write_json(out: Path, files: dict[str, dict]) -> None:
+def write_json_files(out: Path, files: dict[str, dict]) -> None:
     """Each file written beside its place and renamed into it: a kill never leaves a cut one."""
     for filename, payload in files.items():
         tmp = out / f".tmp-{filename}-{os.getpid()}"
@@ -224,7 +225,7 @@ def write_run(out: str | os.PathLike, config: dict, metrics: dict, env: dict) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # metrics.json last: it is what marks a run finished (collect_runs)
-    _write_json(out, {"config.json": config, "env.json": env, "metrics.json": metrics})
+    write_json_files(out, {"config.json": config, "env.json": env, "metrics.json": metrics})
     return out
 
 
@@ -238,7 +239,7 @@ def save_baseline_run(name: str, result: dict, preset: str, info: dict,
     config = {"name": name, "kind": "baseline", "preset": preset, **info}
     metrics = {"experiment": name, "preset": preset, "kind": "baseline",
                "test": metrics_block(result, seed)}
-    _write_json(out, {"config.json": config, "env.json": environment_info(preset, seed),
+    write_json_files(out, {"config.json": config, "env.json": environment_info(preset, seed),
                       "metrics.json": metrics})
     return out
 
@@ -294,12 +295,16 @@ def collect_runs(preset: str, root: str | os.PathLike | None = None) -> dict[str
     return runs
 
 
+#: Baselines in the order of the tables (a reranked first stage after the first stages).
+_BASELINE_ORDER = ("bge_m3", "bm25", "hybrid", "rerank", "rerank_published")
+
+
 def _course_order(name: str) -> tuple:
     """Experiments in the report's order (an ablation right after its experiment), then the
     baselines (BGE-M3 first), then anything else by name."""
     base, _, variant = name.partition("-")
     if base in EXPERIMENTS:
         return (0, EXPERIMENTS.index(base), variant)
-    if base in ("bge_m3", "bm25", "hybrid"):
-        return (1, ("bge_m3", "bm25", "hybrid").index(base), variant)
+    if base in _BASELINE_ORDER:
+        return (1, _BASELINE_ORDER.index(base), variant)
     return (2, 0, name)

@@ -6,9 +6,12 @@
   its ablation with another initialisation, and the unexpanded base they are held against);
 * the options beyond the report (:func:`option_variants`, keyed by what each changes);
 * documents longer than the window: one trained retriever scored by its first, best or summed
-  windows (:func:`aggregation_study`).
+  windows (:func:`aggregation_study`);
+* two-stage retrieval: a cross-encoder reranker over the dense and the BM25 top k
+  (:func:`rerank_study`).
 
-Runs come from :mod:`retrieval_lib.experiment`; nothing here trains except by calling it.
+Runs come from :mod:`retrieval_lib.experiment` (rerankers from :mod:`retrieval_lib.reranker`);
+nothing here trains except by calling them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import ExperimentConfig, get_experiment, variant
+from .baselines import bm25_run
+from .config import ExperimentConfig, RerankerConfig, get_experiment, variant
 from .data import Splits
 from .evaluation import (
     HEADLINE_METRICS,
@@ -26,15 +30,26 @@ from .evaluation import (
     evaluate_retriever,
     metrics_table,
     paired_test,
+    retrieve,
+    score_run,
     significant,
     summarize_systems,
 )
 from .expansion import UnfreezeSchedule, new_layer_positions
 from .experiment import result_summary, run_experiment
+from .hub import model_available
 from .memory import CUDA_CONTEXT_GIB, plan_table, training_plan
 from .modeling import DualTowerRetriever, parameter_count_from_config
 from .plotting import plot_metric_bars, plot_training_curves, plot_unfreeze_schedule, save_figure
-from .runs import default_output_dir, save_summary
+from .reranker import (
+    PUBLISHED_RERANKER,
+    CrossEncoderReranker,
+    load_trained,
+    rerank_split,
+    reranker_is_trained,
+    train_reranker,
+)
+from .runs import default_output_dir, record_not_run, run_dir, save_baseline_run, save_summary
 from .training import steps_per_epoch, training_device
 
 __all__ = ["run_differences", "differences_note", "unfreeze_plan", "show_plan",
@@ -45,7 +60,7 @@ __all__ = ["run_differences", "differences_note", "unfreeze_plan", "show_plan",
            "option_systems", "option_comparisons", "AGGREGATION_LABELS",
            "WINDOWED_LABEL", "windowed_variant", "aggregation_study", "ABLATION_RESULTS",
            "load_ablation", "ablation_sentences",
-           "ablation_table"]
+           "ablation_table", "RERANK_LABELS", "reranker_folder", "rerank_study"]
 
 
 def expansion_parameters(exp: ExperimentConfig) -> dict:
@@ -476,3 +491,107 @@ def ablation_table(saved: dict):
                      "训练轮数（最佳）": f"{v['epochs_run']}（{v['best_epoch']}）",
                      "秒": v["seconds"]})
     return pd.DataFrame(rows).set_index("改动")
+
+
+# ---------------------------------------------------------------------------------------------
+# Two-stage retrieval: a cross-encoder reranks the first stage's top k.
+# ---------------------------------------------------------------------------------------------
+
+#: Labels of the systems of :func:`rerank_study`, and the run each is saved as (None: the first
+#: stage alone, already saved as its own run).
+RERANK_LABELS = {"dense": ("稠密检索（第一阶段）", None),
+                 "dense_rerank": ("稠密 → 交叉编码器重排", "rerank-dense"),
+                 "bm25": ("BM25（第一阶段）", None),
+                 "bm25_rerank": ("BM25 → 交叉编码器重排", "rerank-bm25"),
+                 "published_dense": ("稠密 → bge-reranker-v2-m3", "rerank_published-dense"),
+                 "published_bm25": ("BM25 → bge-reranker-v2-m3", "rerank_published-bm25")}
+
+#: The paired tests of :func:`rerank_study`: (system, system it is compared with).
+_RERANK_PAIRS = (("dense_rerank", "dense"), ("bm25_rerank", "bm25"), ("dense_rerank", "bm25"),
+                 ("bm25_rerank", "dense_rerank"), ("published_dense", "dense_rerank"),
+                 ("published_bm25", "bm25_rerank"))
+
+
+def reranker_folder(exp: ExperimentConfig) -> Path:
+    """Where the reranker on ``exp``'s base model and training records is trained and kept:
+    ``runs/<preset>/reranker_<experiment>`` (no ``metrics.json``: not a row of the tables)."""
+    return run_dir(exp.preset, f"reranker_{exp.name}")
+
+
+def _reranker(exp: ExperimentConfig, splits: Splits, cfg: RerankerConfig, device,
+              show_progress: bool) -> tuple[CrossEncoderReranker, dict]:
+    """The reranker of ``exp``: read back when its folder holds a finished training with these
+    settings and records, else trained now. Says which."""
+    folder, train = reranker_folder(exp), splits.subset(exp.subset)
+    if reranker_is_trained(folder, cfg, exp.model.base_model, train):
+        print(f"reranker: reusing the finished training in {folder}")
+        return load_trained(folder, device)
+    model = CrossEncoderReranker.from_base(exp.model, max_length=cfg.max_length, seed=cfg.seed)
+    history = train_reranker(model, train, splits.validation, cfg, folder,
+                             base=exp.model.base_model, device=device,
+                             show_progress=show_progress)
+    return model, history
+
+
+def rerank_study(exp: ExperimentConfig, splits: Splits, dense_run: dict, cfg: RerankerConfig,
+                 published: str = "", device=None, show_progress: bool = False,
+                 metrics=("ndcg@5", "ndcg@10", "mrr")) -> dict:
+    """Two-stage retrieval on the test set of ``splits``.
+
+    A cross-encoder on ``exp``'s base model, trained on ``exp``'s records and hard negatives
+    (:func:`~retrieval_lib.reranker.train_reranker`; reused when already trained), reorders
+    the top ``cfg.top_k`` of two first stages: the retriever of ``dense_run`` (its ``best``
+    folder) and BM25, each retrieving the top 100. ``published`` (a local folder or a hub id,
+    e.g. :data:`~retrieval_lib.reranker.PUBLISHED_RERANKER`; empty: not run) reranks the same
+    two first stages when it can be loaded; otherwise it is recorded as not run.
+
+    The reranked systems are saved as baseline runs (``rerank-dense``, ``rerank-bm25``, and
+    ``rerank_published-*``), so the results notebook lists them. Returns ``{"results": {label:
+    score_run result}, "comparisons": paired tests (keys say which minus which),
+    "sentences": what the tests on the first metric say, "history": the reranker's
+    training, "top_k", "published": "done" / the reason}``.
+    """
+    device = training_device(device)
+    reranker, history = _reranker(exp, splits, cfg, device, show_progress)
+    dense_model = DualTowerRetriever.load(Path(dense_run["out_dir"]) / "best", device)
+    qrels, dense, _ = retrieve(dense_model, splits.test, 100)
+    _, lexical, _ = bm25_run(splits.test, 100)
+    first = {"dense": dense, "bm25": lexical}
+    results = {}
+    for key in ("dense", "bm25"):
+        results[key] = score_run(qrels, first[key])
+        results[f"{key}_rerank"] = rerank_split(reranker, splits.test, first[key], cfg.top_k)
+    status = "not asked for"
+    if published and model_available(published):
+        other = CrossEncoderReranker.load(published, device)
+        for key in ("dense", "bm25"):
+            results[f"published_{key}"] = rerank_split(other, splits.test, first[key],
+                                                       cfg.top_k)
+        status = "done"
+    elif published:
+        status = f"{published!r} is neither a local folder nor reachable on the hub"
+        record_not_run("rerank_published-bm25", exp.preset, status,
+                       f"download {PUBLISHED_RERANKER} (huggingface-cli download "
+                       f"{PUBLISHED_RERANKER} --local-dir DIR) and pass its folder as "
+                       f"`published_reranker`")
+    for key, result in results.items():
+        label, name = RERANK_LABELS[key]
+        if name is None:
+            continue
+        own = key in ("dense_rerank", "bm25_rerank")
+        save_baseline_run(name, {k: v for k, v in result.items() if k != "run"}, exp.preset, {
+            "title": label, "model_name": "reranker",
+            "reranker": str(reranker_folder(exp) / "best") if own else published,
+            "first_stage": "BM25" if key.endswith("bm25") else exp.title,
+            "dense_run": Path(dense_run["out_dir"]).name, "top_k": cfg.top_k,
+            "parameters": sum(p.numel() for p in (reranker if own else other).parameters())})
+    comparisons = {f"{RERANK_LABELS[a][0]} − {RERANK_LABELS[b][0]} · {metric}": paired_test(
+        results[a]["per_query"][metric], results[b]["per_query"][metric])
+        for metric in metrics for a, b in _RERANK_PAIRS if a in results and b in results}
+    sentences = [comparison_sentence(RERANK_LABELS[a][0], RERANK_LABELS[b][0],
+                                     comparisons[f"{RERANK_LABELS[a][0]} − {RERANK_LABELS[b][0]}"
+                                                 f" · {metrics[0]}"], metrics[0].upper())
+                 for a, b in _RERANK_PAIRS if a in results and b in results]
+    return {"results": {RERANK_LABELS[k][0]: r for k, r in results.items()},
+            "comparisons": comparisons, "sentences": sentences, "history": history,
+            "top_k": cfg.top_k, "published": status}

@@ -101,3 +101,29 @@ def test_the_batching_table_is_rendered_from_the_saved_results():
     block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
                    readme.index(module.TABLE_END)]
     assert block.strip() == module.render_table(saved).strip()
+
+
+def test_reranking_benchmark_smoke():
+    """Both contenders score the same pairs with the same weights: their scores agree (fp32
+    exactly, bf16 within half-precision rounding)."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "reranking.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads(out.stdout.strip().splitlines()[-1])
+    assert list(saved["results"]) == ["demo/fp32", "demo/bf16"]
+    for r in saved["results"].values():
+        assert r["pairs"] == 64 and r["ours_pairs_per_second"] > 0 and r["st_pairs_per_second"] > 0
+    assert saved["results"]["demo/fp32"]["max_score_difference"] < 1e-5
+    assert saved["results"]["demo/bf16"]["max_score_difference"] < 0.05
+
+
+def test_the_reranking_table_is_rendered_from_the_saved_results():
+    module = _script("reranking")
+    saved = json.loads((BENCHMARKS / "reranking.json").read_text(encoding="utf-8"))
+    assert not saved["smoke"] and list(saved["results"]) == [
+        "demo/fp32", "demo/bf16", "real/fp32", "real/bf16"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
+                   readme.index(module.TABLE_END)]
+    assert block.strip() == module.render_table(saved).strip()

@@ -236,15 +236,34 @@ def check_03_beyond_the_report(summary, home):
     windowed = json.loads((home / "runs" / "demo" / "minimind27_10k-windows" /
                            "history.json").read_text())
     assert windowed["windowed_positives"] > 0  # it did train on windows other than the first
-    return ["test_metrics", "unified_loss_parts"]
+    # two-stage retrieval: the dense first stage is the dense baseline's test result again; a
+    # reranked run keeps every document of its first stage (same Recall@100), reorders the top
+    two = summary["two_stage"]
+    labels = [studies.RERANK_LABELS[k][0] for k in ("dense", "dense_rerank", "bm25", "bm25_rerank")]
+    assert list(two["systems"]) == labels and two["published"] == "not asked for"
+    assert two["systems"][labels[0]]["ndcg@5"] == pytest.approx(runs["dense"]["trained"]["ndcg@5"],
+                                                                abs=1e-6)
+    demo = home / "runs" / "demo"
+    for first_stage, reranked, name in ((0, 1, "rerank-dense"), (2, 3, "rerank-bm25")):
+        a, b = two["systems"][labels[first_stage]], two["systems"][labels[reranked]]
+        assert b["recall@100"] == pytest.approx(a["recall@100"], abs=1e-12)
+        assert b["ndcg@5"] != a["ndcg@5"]  # the top was reordered
+        saved = json.loads((demo / name / "metrics.json").read_text())["test"]["aggregate"]
+        assert saved["ndcg@5"]["mean"] == pytest.approx(b["ndcg@5"], abs=1e-12)
+    assert len(two["comparisons"]) == 4 * 3  # 4 pairs of systems, three metrics
+    assert two["reranker_epochs"] and (demo / "reranker_minimind27_10k" / "best" /
+                                       "checksums.json").exists()
+    return ["test_metrics", "unified_loss_parts", "rerank_metrics"]
 
 
 def check_05(summary, home):
-    saved = {p.name for p in (home / "runs" / "demo").iterdir()}
+    saved = {p.name for p in (home / "runs" / "demo").iterdir()
+             if (p / "metrics.json").exists() or (p / "not_run.json").exists()}
     # every demo run of every notebook is in the table: the 8 experiments (7 of the report and
     # the unexpanded Qwen2 base), 3 identity ablations, 4 options beyond the report, 3 baselines
-    # (BM25, BGE-M3 not run, the dense + BM25 hybrid), and the run trained on random windows
-    assert set(summary["runs"]) == saved and len(saved) == 19
+    # (BM25, BGE-M3 not run, the dense + BM25 hybrid), the run trained on random windows and
+    # the two reranked first stages (the reranker's own folder is not a row)
+    assert set(summary["runs"]) == saved and len(saved) == 21
     assert summary["reference"] == "bm25" and set(summary["not_run"]) == {"bge_m3"}
     assert set(summary["ndcg@5"]) == saved - {"bge_m3"}
     # the options of 03_beyond_the_report: 5 runs, and the sparse/ColBERT/hybrid rows of one
