@@ -29,7 +29,7 @@ course; a module imports only modules of earlier stages (``tests/test_architectu
    ``runs`` (the one owner of a run folder: where it is, what it writes, how it is read),
    ``results`` (comparisons and report tables over the runs), ``baselines`` (BM25, BGE-M3),
    ``reranker`` (cross-encoder second stage: model, listwise training, reranking a run),
-   ``export`` (sentence-transformers folders, ONNX), ``index`` (faiss).
+   ``export`` (sentence-transformers folders), ``index`` (faiss).
 7. Orchestration
    ``experiment`` (one experiment end to end: input checks, base model, train, evaluate, the
    command line), ``studies`` (what the notebooks compare, with their tables and figures).
