@@ -192,7 +192,7 @@ def main(argv=None) -> int:
 
     from retrieval_lib import config, tokenizer
     from retrieval_lib.modeling import DualTowerRetriever
-    from retrieval_lib.results import write_between_markers
+    from retrieval_lib.results import save_benchmark
 
     lengths, sources, where = record_lengths(args.per_source, args.seed, args.summary)
     shape = config.get_experiment("minimind27_10k", "demo").model
@@ -213,11 +213,7 @@ def main(argv=None) -> int:
                           "seed": args.seed,
                           "model": f"{shape.name}, {shape.num_hidden_layers} layers × "
                                    f"{shape.hidden_size}"}}
-    if not args.smoke:
-        RESULTS.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n",
-                           encoding="utf-8")
-        write_between_markers(README, TABLE_START, TABLE_END, render_table(saved))
-    print(json.dumps(saved, ensure_ascii=False))
+    save_benchmark(saved, RESULTS, README, TABLE_START, TABLE_END, render_table(saved))
     return 0
 
 

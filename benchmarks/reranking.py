@@ -20,7 +20,6 @@ precision). Each figure is the best of ``--repeats`` timed passes after one warm
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -132,7 +131,7 @@ def main(argv=None) -> int:
 
     from retrieval_lib import tokenizer
     from retrieval_lib.modeling import cpu_has_native_bf16
-    from retrieval_lib.results import write_between_markers
+    from retrieval_lib.results import save_benchmark
     from retrieval_lib.runs import environment_info
 
     queries, passages, texts = _pairs(max(args.demo_pairs, args.real_pairs))
@@ -153,11 +152,7 @@ def main(argv=None) -> int:
                          "date": time.strftime("%Y-%m-%d")},
              "smoke": args.smoke, "results": results,
              "settings": {"batch_size": args.batch_size, "repeats": args.repeats}}
-    if not args.smoke:
-        RESULTS.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n",
-                           encoding="utf-8")
-        write_between_markers(README, TABLE_START, TABLE_END, render_table(saved))
-    print(json.dumps(saved, ensure_ascii=False))
+    save_benchmark(saved, RESULTS, README, TABLE_START, TABLE_END, render_table(saved))
     return 0
 
 

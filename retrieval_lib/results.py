@@ -8,6 +8,7 @@ model's gain over its base and paired tests, and :func:`markdown_table` writes i
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .evaluation import HEADLINE_METRICS, bootstrap_ci, paired_test, summarize_s
 from .runs import environment_info
 
 __all__ = ["reference_system", "report_table", "markdown_table", "write_markdown_report",
-           "write_between_markers", "system_summaries", "efficiency_points",
+           "write_between_markers", "save_benchmark", "system_summaries", "efficiency_points",
            "data_scaling_groups", "PUBLISHED_RESULTS"]
 
 #: Numbers the original report published, ``{experiment: {metric: mean}}``, shown beside the
@@ -134,6 +135,18 @@ def write_between_markers(path: str | os.PathLike, start: str, end: str, body: s
         raise ValueError(f"{path}: the markers {start!r} and {end!r} are not both there")
     first, last = text.index(start) + len(start), text.index(end)
     path.write_text(text[:first] + "\n" + body + "\n" + text[last:], encoding="utf-8")
+
+
+def save_benchmark(saved: dict, results: str | os.PathLike, readme: str | os.PathLike,
+                   start: str, end: str, table: str) -> None:
+    """A benchmark's measurements: ``saved`` written to ``results`` (JSON), ``table`` (rendered
+    from it) into ``readme`` between the markers, unless ``saved["smoke"]``; ``saved`` is
+    printed as the last line either way (what the smoke tests read)."""
+    if not saved["smoke"]:
+        Path(results).write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n",
+                                 encoding="utf-8")
+        write_between_markers(readme, start, end, table)
+    print(json.dumps(saved, ensure_ascii=False))
 
 
 def write_markdown_report(table, preset: str, root: str | os.PathLike | None = None) -> Path:
