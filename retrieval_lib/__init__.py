@@ -29,7 +29,8 @@ course; a module imports only modules of earlier stages (``tests/test_architectu
    ``runs`` (the one owner of a run folder: where it is, what it writes, how it is read),
    ``results`` (comparisons and report tables over the runs), ``baselines`` (BM25, BGE-M3),
    ``reranker`` (cross-encoder second stage: model, listwise training, reranking a run),
-   ``export`` (sentence-transformers folders), ``index`` (faiss).
+   ``export`` (sentence-transformers folders), ``serving`` (ONNX graphs run by onnxruntime,
+   int8), ``index`` (faiss).
 7. Orchestration
    ``experiment`` (one experiment end to end: input checks, base model, train, evaluate, the
    command line), ``studies`` (what the notebooks compare, with their tables and figures).
@@ -44,5 +45,5 @@ MODULES = ("config", "allocator", "hub", "checkpoint", "notebook_utils", "plotti
            "distributed", "losses", "gradcache", "m3", "mining", "minimind", "modeling",
            "expansion", "pretraining",
            "batching", "training", "memory",
-           "runs", "results", "baselines", "reranker", "export", "index",
+           "runs", "results", "baselines", "reranker", "export", "serving", "index",
            "experiment", "studies")

@@ -29,7 +29,8 @@ from .windows import AGGREGATIONS
 
 __all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "how_to_supply",
            "check_base_model", "resolve_base_model", "dtype_kwarg", "load_encoder",
-           "count_parameters", "parameter_count_from_config", "pool", "PRECISIONS",
+           "count_parameters", "parameter_count_from_config", "pool", "text_token_ids",
+           "pad_token_ids", "PRECISIONS",
            "cpu_has_native_bf16", "choose_precision", "autocast_for", "DualTowerRetriever"]
 
 POOLINGS = ("mean", "last_token", "cls")
@@ -369,6 +370,39 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> tor
     raise ValueError(f"unknown pooling {method!r}; expected one of {', '.join(POOLINGS)}")
 
 
+def text_token_ids(tokenizer, texts: Sequence[str], max_length: int, append_eos: bool,
+                   instruction: str = "") -> list[list[int]]:
+    """The ids a retriever reads for ``texts``: ``instruction`` in front (its tokens count
+    towards ``max_length``), truncated to ``max_length``; with ``append_eos`` (last-token
+    pooling) every text ends with EOS, within ``max_length``."""
+    if instruction:
+        texts = [instruction + t for t in texts]
+    if not append_eos:
+        return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("last_token pooling needs a tokenizer with an EOS token")
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length - 1)
+    return [x if x and x[-1] == tokenizer.eos_token_id else x + [tokenizer.eos_token_id]
+            for x in enc["input_ids"]]
+
+
+def pad_token_ids(ids: list[list[int]], pad_id: int, left: bool = False,
+                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` as a tokenizer's ``pad`` makes them: every row
+    padded with ``pad_id`` to the longest (rounded up to ``pad_to_multiple_of``), on the left
+    or the right."""
+    longest = max((len(x) for x in ids), default=0)
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), longest), dtype=torch.long)
+    for row, x in enumerate(ids):
+        span = slice(longest - len(x), longest) if left else slice(0, len(x))
+        input_ids[row, span] = torch.tensor(x, dtype=torch.long)
+        mask[row, span] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 class DualTowerRetriever(nn.Module):
     """Query tower == passage tower: one encoder, pooling, projection, L2 normalisation."""
 
@@ -466,32 +500,13 @@ class DualTowerRetriever(nn.Module):
         return self._pad([known[tower, t] for t in texts], pad_to_multiple_of)
 
     def _token_ids(self, texts: list[str], tower: str, max_length: int) -> list[list[int]]:
-        tok = self.tokenizer
-        if tower == "query" and self.query_instruction:
-            texts = [self.query_instruction + t for t in texts]
-        if self.pooling != "last_token":
-            return tok(texts, truncation=True, max_length=max_length)["input_ids"]
-        if tok.eos_token_id is None:
-            raise ValueError("last_token pooling needs a tokenizer with an EOS token")
-        enc = tok(texts, truncation=True, max_length=max_length - 1)
-        return [x if x and x[-1] == tok.eos_token_id else x + [tok.eos_token_id]
-                for x in enc["input_ids"]]
+        return text_token_ids(self.tokenizer, texts, max_length, self.pooling == "last_token",
+                              self.query_instruction if tower == "query" else "")
 
     def _pad(self, ids: list[list[int]], pad_to_multiple_of: int | None
              ) -> dict[str, torch.Tensor]:
-        """``input_ids`` and ``attention_mask`` as the tokenizer's ``pad`` makes them."""
-        longest = max((len(x) for x in ids), default=0)
-        if pad_to_multiple_of:
-            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-        input_ids = torch.full((len(ids), longest), self.tokenizer.pad_token_id,
-                               dtype=torch.long)
-        mask = torch.zeros((len(ids), longest), dtype=torch.long)
-        left = self.tokenizer.padding_side == "left"
-        for row, x in enumerate(ids):
-            span = slice(longest - len(x), longest) if left else slice(0, len(x))
-            input_ids[row, span] = torch.tensor(x, dtype=torch.long)
-            mask[row, span] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+        return pad_token_ids(ids, self.tokenizer.pad_token_id,
+                             self.tokenizer.padding_side == "left", pad_to_multiple_of)
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -501,10 +516,12 @@ class DualTowerRetriever(nn.Module):
         # Rotary position encodings (MiniMind, Qwen2) depend only on relative positions, so
         # left padding needs no position-id shift; the padding test checks this.
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self._dense(hidden, attention_mask, tower)
+        return self.head(hidden, attention_mask, tower)
 
-    def _dense(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
-               tower: str) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+             tower: str) -> torch.Tensor:
+        """The tower's embedding of the encoder's token states: pooling, projection, L2
+        normalisation (in at least float32)."""
         pooled = pool(hidden, attention_mask, self.pooling)
         projection = self.query_projection if tower == "query" else self.passage_projection
         out = projection(pooled)
@@ -521,7 +538,7 @@ class DualTowerRetriever(nn.Module):
             raise ValueError("this retriever has no sparse/multi-vector heads (m3_heads=False)")
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = self.m3.token_mask(input_ids, attention_mask)
-        return {"dense": self._dense(hidden, attention_mask, tower),
+        return {"dense": self.head(hidden, attention_mask, tower),
                 "sparse": self.m3.sparse(hidden, input_ids, mask, len(self.tokenizer)),
                 "colbert": self.m3.colbert(hidden, mask), "colbert_mask": mask}
 

@@ -73,12 +73,21 @@ from .training import (
     training_device,
 )
 
-__all__ = ["PUBLISHED_RERANKER", "CrossEncoderReranker", "listwise_loss", "RerankCollator",
-           "rerank_run", "rerank_split", "bm25_first_stage", "train_reranker",
+__all__ = ["PUBLISHED_RERANKER", "pair_tokens", "CrossEncoderReranker", "listwise_loss",
+           "RerankCollator", "rerank_run", "rerank_split", "bm25_first_stage", "train_reranker",
            "reranker_is_trained", "load_trained"]
 
 #: The published reranker the full preset compares with (FlagEmbedding, XLM-R, 568M).
 PUBLISHED_RERANKER = "BAAI/bge-reranker-v2-m3"
+
+
+def pair_tokens(tokenizer, queries: Sequence[str], passages: Sequence[str],
+                max_length: int) -> dict:
+    """``(query, passage)`` pairs as sentence-transformers' ``CrossEncoder`` tokenizes them:
+    the tokenizer's pair template, ``longest_first`` truncation to ``max_length``, padding to
+    the longest pair; torch tensors."""
+    return tokenizer(list(queries), list(passages), padding=True, truncation="longest_first",
+                     max_length=max_length, return_tensors="pt")
 
 
 class CrossEncoderReranker(nn.Module):
@@ -150,9 +159,7 @@ class CrossEncoderReranker(nn.Module):
 
     def tokenize(self, queries: Sequence[str], passages: Sequence[str]) -> dict:
         """Pairs as sentence-transformers' ``CrossEncoder`` tokenizes them."""
-        return self.tokenizer(list(queries), list(passages), padding=True,
-                              truncation="longest_first", max_length=self.max_length,
-                              return_tensors="pt")
+        return pair_tokens(self.tokenizer, queries, passages, self.max_length)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The score (logit) of each pair, shape ``(pairs,)``."""
