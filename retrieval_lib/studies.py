@@ -8,7 +8,9 @@
 * documents longer than the window: one trained retriever scored by its first, best or summed
   windows (:func:`aggregation_study`);
 * two-stage retrieval: a cross-encoder reranker over the dense and the BM25 top k
-  (:func:`rerank_study`).
+  (:func:`rerank_study`);
+* CPU serving: the same retriever and reranker exported to ONNX, in fp32 and int8
+  (:func:`serving_study`).
 
 Runs come from :mod:`retrieval_lib.experiment` (rerankers from :mod:`retrieval_lib.reranker`);
 nothing here trains except by calling them.
@@ -17,8 +19,12 @@ nothing here trains except by calling them.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from .baselines import bm25_run
 from .config import ExperimentConfig, RerankerConfig, get_experiment, variant
@@ -27,9 +33,12 @@ from .evaluation import (
     HEADLINE_METRICS,
     REPORT_METRICS,
     comparison_sentence,
+    evaluate_embeddings,
     evaluate_retriever,
     metrics_table,
     paired_test,
+    qrels_for_split,
+    rank_documents,
     retrieve,
     score_run,
     significant,
@@ -44,12 +53,14 @@ from .plotting import plot_metric_bars, plot_training_curves, plot_unfreeze_sche
 from .reranker import (
     PUBLISHED_RERANKER,
     CrossEncoderReranker,
+    bm25_first_stage,
     load_trained,
     rerank_split,
     reranker_is_trained,
     train_reranker,
 )
 from .runs import default_output_dir, record_not_run, run_dir, save_baseline_run, save_summary
+from .serving import OnnxReranker, OnnxRetriever, export_reranker_onnx, export_retriever_onnx
 from .training import steps_per_epoch, training_device
 
 __all__ = ["run_differences", "differences_note", "unfreeze_plan", "show_plan",
@@ -60,7 +71,8 @@ __all__ = ["run_differences", "differences_note", "unfreeze_plan", "show_plan",
            "option_systems", "option_comparisons", "AGGREGATION_LABELS",
            "WINDOWED_LABEL", "windowed_variant", "aggregation_study", "ABLATION_RESULTS",
            "load_ablation", "ablation_sentences",
-           "ablation_table", "RERANK_LABELS", "reranker_folder", "rerank_study"]
+           "ablation_table", "RERANK_LABELS", "reranker_folder", "rerank_study",
+           "SERVING_LABELS", "serving_study"]
 
 
 def expansion_parameters(exp: ExperimentConfig) -> dict:
@@ -595,3 +607,77 @@ def rerank_study(exp: ExperimentConfig, splits: Splits, dense_run: dict, cfg: Re
     return {"results": {RERANK_LABELS[k][0]: r for k, r in results.items()},
             "comparisons": comparisons, "sentences": sentences, "history": history,
             "top_k": cfg.top_k, "published": status}
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU serving: ONNX in fp32 and int8 against PyTorch.
+# ---------------------------------------------------------------------------------------------
+
+#: Labels of the systems of :func:`serving_study`, by how the model runs.
+SERVING_LABELS = {"torch": "PyTorch（fp32）", "onnx": "ONNX Runtime（fp32）",
+                  "int8": "ONNX Runtime（int8 动态量化）"}
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def serving_study(exp: ExperimentConfig, splits: Splits, dense_run: dict,
+                  metrics=("ndcg@5", "ndcg@10", "mrr")) -> dict:
+    """The retriever of ``dense_run`` and the reranker of :func:`rerank_study` (trained
+    already) exported to ONNX (``onnx/`` in their folders, fp32 and int8) and run by
+    onnxruntime on the test set of ``splits``.
+
+    Returns ``{"results": {label: score_run result}`` (the retriever alone: PyTorch, ONNX fp32,
+    ONNX int8), ``"vectors"``: the cosine of each ONNX vector with the PyTorch one over the
+    test queries and documents (min, mean), ``"seconds"``: wall time to encode the test
+    corpus with each, ``"reranker"``: the largest score difference over the pairs of
+    reranking BM25's top k and the reranked NDCG@5 of each, ``"comparisons"``: paired tests
+    of each ONNX run against PyTorch}``."""
+    device = torch.device("cpu")  # CPU serving: every contender on the CPU
+    model = DualTowerRetriever.load(Path(dense_run["out_dir"]) / "best", device)
+    folder = export_retriever_onnx(model, Path(dense_run["out_dir"]) / "onnx", quantize=True)
+    contenders = {"torch": model, "onnx": OnnxRetriever(folder),
+                  "int8": OnnxRetriever(folder, quantized=True)}
+    query_ids, queries, qrels, corpus = qrels_for_split(splits.test)
+    results, seconds, vectors = {}, {}, {}
+    for key, contender in contenders.items():
+        (q, p), seconds[key] = _timed(lambda c=contender: (c.encode_queries(queries),
+                                                           c.encode_passages(corpus)))
+        vectors[key] = (q, p)
+        results[key] = evaluate_embeddings(q, p, query_ids, qrels)
+    agreement = {}
+    for key in ("onnx", "int8"):
+        cos = np.concatenate([np.sum(a * b, axis=1) for a, b in
+                              zip(vectors[key], vectors["torch"], strict=True)])
+        agreement[key] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+    # the reranker: PyTorch, ONNX fp32 and int8 on BM25's top k of the test queries
+    cfg_path = reranker_folder(exp)
+    reranker, _ = load_trained(cfg_path, device)
+    rr_folder = export_reranker_onnx(reranker, cfg_path / "onnx", quantize=True)
+    top_k = json.loads((cfg_path / "config.json").read_text(encoding="utf-8"))["reranker"][
+        "top_k"]
+    first = bm25_first_stage(splits.test, top_k)
+    rerankers = {"torch": reranker, "onnx": OnnxReranker(rr_folder),
+                 "int8": OnnxReranker(rr_folder, quantized=True)}
+    reranked = {key: rerank_split(r, splits.test, first, top_k) for key, r in rerankers.items()}
+    scores = {key: np.array([s for qid in first for s in (r["run"][qid][d] for d in
+                                                             rank_documents(first[qid]))])
+              for key, r in reranked.items()}
+    reranker_info = {SERVING_LABELS[key]: {
+        "largest_score_difference": float(np.abs(scores[key] - scores["torch"]).max()),
+        "ndcg@5": r["aggregate"]["ndcg@5"]["mean"]} for key, r in reranked.items()}
+    comparisons = {f"{SERVING_LABELS[key]} − {SERVING_LABELS['torch']} · {metric}": paired_test(
+        results[key]["per_query"][metric], results["torch"]["per_query"][metric])
+        for metric in metrics for key in ("onnx", "int8")}
+    comparisons.update({f"重排器 {SERVING_LABELS['int8']} − {SERVING_LABELS['torch']} · "
+                        f"{metric}": paired_test(reranked["int8"]["per_query"][metric],
+                                                 reranked["torch"]["per_query"][metric])
+                        for metric in metrics})
+    return {"results": {SERVING_LABELS[k]: r for k, r in results.items()},
+            "vectors": {SERVING_LABELS[k]: v for k, v in agreement.items()},
+            "seconds": {SERVING_LABELS[k]: v for k, v in seconds.items()},
+            "texts": len(queries) + len(corpus), "reranker": reranker_info,
+            "comparisons": comparisons}

@@ -253,6 +253,17 @@ def check_03_beyond_the_report(summary, home):
     assert len(two["comparisons"]) == 4 * 3  # 4 pairs of systems, three metrics
     assert two["reranker_epochs"] and (demo / "reranker_minimind27_10k" / "best" /
                                        "checksums.json").exists()
+    # CPU serving: ONNX fp32 gives the PyTorch vectors, scores and metrics; int8 ran
+    serving = summary["serving"]
+    torch_label, onnx_label, int8_label = studies.SERVING_LABELS.values()
+    assert serving["systems"][torch_label]["ndcg@5"] == pytest.approx(
+        runs["dense"]["trained"]["ndcg@5"], abs=1e-6)
+    assert serving["vectors"][onnx_label]["min_cosine"] >= 0.9999
+    assert serving["systems"][onnx_label]["ndcg@5"] == pytest.approx(
+        serving["systems"][torch_label]["ndcg@5"], abs=1e-6)
+    assert serving["reranker"][onnx_label]["largest_score_difference"] < 1e-4
+    assert 0.9 < serving["vectors"][int8_label]["min_cosine"] < 1
+    assert len(serving["comparisons"]) == 3 * 3  # ONNX, int8, reranker int8; three metrics
     return ["test_metrics", "unified_loss_parts", "rerank_metrics"]
 
 
