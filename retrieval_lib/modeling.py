@@ -499,6 +499,11 @@ class DualTowerRetriever(nn.Module):
                 known[tower, text] = ids
         return self._pad([known[tower, t] for t in texts], pad_to_multiple_of)
 
+    def clear_token_cache(self) -> None:
+        """Forget the token ids :meth:`tokenize` kept: the next encoding tokenises afresh, as
+        texts never seen before are (what a benchmark of serving new texts must time)."""
+        self._token_cache = None
+
     def _token_ids(self, texts: list[str], tower: str, max_length: int) -> list[list[int]]:
         return text_token_ids(self.tokenizer, texts, max_length, self.pooling == "last_token",
                               self.query_instruction if tower == "query" else "")

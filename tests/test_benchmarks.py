@@ -127,3 +127,30 @@ def test_the_reranking_table_is_rendered_from_the_saved_results():
     block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
                    readme.index(module.TABLE_END)]
     assert block.strip() == module.render_table(saved).strip()
+
+
+def test_serving_benchmark_smoke():
+    """Three contenders, each in its own process, on both tasks of the demo shape."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "serving.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads(out.stdout.strip().splitlines()[-1])
+    assert list(saved["results"]) == ["demo/encode", "demo/rerank"]
+    for row in saved["results"].values():
+        assert list(row) == ["torch", "onnx", "int8"]
+        for r in row.values():
+            # the process's own peak: a few hundred MB for torch and a 0.5M-parameter model,
+            # far below what the parent holds after parsing the corpus
+            assert r["items"] == 64 and r["per_second"] > 0 and 100 < r["peak_memory_mb"] < 900
+
+
+def test_the_serving_table_is_rendered_from_the_saved_results():
+    module = _script("serving")
+    saved = json.loads((BENCHMARKS / "serving.json").read_text(encoding="utf-8"))
+    assert not saved["smoke"] and list(saved["results"]) == [
+        "demo/encode", "demo/rerank", "real/encode", "real/rerank"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
+                   readme.index(module.TABLE_END)]
+    assert block.strip() == module.render_table(saved).strip()

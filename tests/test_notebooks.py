@@ -264,7 +264,7 @@ def check_03_beyond_the_report(summary, home):
     assert serving["reranker"][onnx_label]["largest_score_difference"] < 1e-4
     assert 0.9 < serving["vectors"][int8_label]["min_cosine"] < 1
     assert len(serving["comparisons"]) == 3 * 3  # ONNX, int8, reranker int8; three metrics
-    return ["test_metrics", "unified_loss_parts", "rerank_metrics"]
+    return sorted(["test_metrics", "unified_loss_parts", "rerank_metrics"])
 
 
 def check_05(summary, home):
