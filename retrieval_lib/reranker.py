@@ -73,7 +73,8 @@ from .training import (
     training_device,
 )
 
-__all__ = ["PUBLISHED_RERANKER", "pair_tokens", "CrossEncoderReranker", "listwise_loss",
+__all__ = ["PUBLISHED_RERANKER", "pair_tokens", "CrossEncoderReranker", "RandomScores",
+           "listwise_loss",
            "RerankCollator", "rerank_run", "rerank_split", "bm25_first_stage", "train_reranker",
            "reranker_is_trained", "load_trained"]
 
@@ -222,6 +223,18 @@ class CrossEncoderReranker(nn.Module):
             str(path), trust_remote_code=trust_remote_code, **dtype_kwarg(torch.float32))
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, max_length).to(device)
+
+
+class RandomScores:
+    """The reference a trained reranker must beat: a score drawn uniformly at random for each
+    pair (seeded), i.e. the first stage's top k shuffled."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def score(self, queries: Sequence[str], passages: Sequence[str], batch_size: int = 32
+              ) -> np.ndarray:
+        return self.rng.random(len(passages)).astype(np.float32)
 
 
 def listwise_loss(scores: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ from .plotting import plot_metric_bars, plot_training_curves, plot_unfreeze_sche
 from .reranker import (
     PUBLISHED_RERANKER,
     CrossEncoderReranker,
+    RandomScores,
     bm25_first_stage,
     load_trained,
     rerank_split,
@@ -515,11 +516,13 @@ RERANK_LABELS = {"dense": ("稠密检索（第一阶段）", None),
                  "dense_rerank": ("稠密 → 交叉编码器重排", "rerank-dense"),
                  "bm25": ("BM25（第一阶段）", None),
                  "bm25_rerank": ("BM25 → 交叉编码器重排", "rerank-bm25"),
+                 "bm25_random": ("BM25 → 随机打乱前 k 篇（参照）", None),
                  "published_dense": ("稠密 → bge-reranker-v2-m3", "rerank_published-dense"),
                  "published_bm25": ("BM25 → bge-reranker-v2-m3", "rerank_published-bm25")}
 
 #: The paired tests of :func:`rerank_study`: (system, system it is compared with).
 _RERANK_PAIRS = (("dense_rerank", "dense"), ("bm25_rerank", "bm25"), ("dense_rerank", "bm25"),
+                 ("bm25_rerank", "bm25_random"),
                  ("bm25_rerank", "dense_rerank"), ("published_dense", "dense_rerank"),
                  ("published_bm25", "bm25_rerank"))
 
@@ -555,7 +558,9 @@ def rerank_study(exp: ExperimentConfig, splits: Splits, dense_run: dict, cfg: Re
     the top ``cfg.top_k`` of two first stages: the retriever of ``dense_run`` (its ``best``
     folder) and BM25, each retrieving the top 100. ``published`` (a local folder or a hub id,
     e.g. :data:`~retrieval_lib.reranker.PUBLISHED_RERANKER`; empty: not run) reranks the same
-    two first stages when it can be loaded; otherwise it is recorded as not run.
+    two first stages when it can be loaded; otherwise it is recorded as not run. BM25's top k
+    shuffled at random (:class:`~retrieval_lib.reranker.RandomScores`) is the reference a
+    reranker that learned something beats.
 
     The reranked systems are saved as baseline runs (``rerank-dense``, ``rerank-bm25``, and
     ``rerank_published-*``), so the results notebook lists them. Returns ``{"results": {label:
@@ -573,6 +578,9 @@ def rerank_study(exp: ExperimentConfig, splits: Splits, dense_run: dict, cfg: Re
     for key in ("dense", "bm25"):
         results[key] = score_run(qrels, first[key])
         results[f"{key}_rerank"] = rerank_split(reranker, splits.test, first[key], cfg.top_k)
+    # what a reranker that learned nothing gives: BM25's top k shuffled
+    results["bm25_random"] = rerank_split(RandomScores(cfg.seed), splits.test, lexical,
+                                          cfg.top_k)
     status = "not asked for"
     if published and model_available(published):
         other = CrossEncoderReranker.load(published, device)

@@ -239,7 +239,8 @@ def check_03_beyond_the_report(summary, home):
     # two-stage retrieval: the dense first stage is the dense baseline's test result again; a
     # reranked run keeps every document of its first stage (same Recall@100), reorders the top
     two = summary["two_stage"]
-    labels = [studies.RERANK_LABELS[k][0] for k in ("dense", "dense_rerank", "bm25", "bm25_rerank")]
+    labels = [studies.RERANK_LABELS[k][0]
+              for k in ("dense", "dense_rerank", "bm25", "bm25_rerank", "bm25_random")]
     assert list(two["systems"]) == labels and two["published"] == "not asked for"
     assert two["systems"][labels[0]]["ndcg@5"] == pytest.approx(runs["dense"]["trained"]["ndcg@5"],
                                                                 abs=1e-6)
@@ -250,7 +251,10 @@ def check_03_beyond_the_report(summary, home):
         assert b["ndcg@5"] != a["ndcg@5"]  # the top was reordered
         saved = json.loads((demo / name / "metrics.json").read_text())["test"]["aggregate"]
         assert saved["ndcg@5"]["mean"] == pytest.approx(b["ndcg@5"], abs=1e-12)
-    assert len(two["comparisons"]) == 4 * 3  # 4 pairs of systems, three metrics
+    assert len(two["comparisons"]) == 5 * 3  # 5 pairs of systems, three metrics
+    # the shuffled reference keeps BM25's top-k set: the same Recall@k for every k up to 20
+    shuffled = two["systems"][labels[4]]
+    assert shuffled["recall@100"] == two["systems"][labels[2]]["recall@100"]
     assert two["reranker_epochs"] and (demo / "reranker_minimind27_10k" / "best" /
                                        "checksums.json").exists()
     # CPU serving: ONNX fp32 gives the PyTorch vectors, scores and metrics; int8 ran
