@@ -37,15 +37,10 @@ SHAPES = {"demo": 160, "real": 512}  # tokens a pair is cut at
 def _pairs(n: int) -> tuple[list[str], list[str], list[str]]:
     """``n`` pairs from the demo corpus, and the texts a tokenizer is trained on."""
     from retrieval_lib import config, demo_corpus
+    from retrieval_lib.records import query_passage_pairs
 
     records, _, _ = demo_corpus.load_demo_records(config.get_data_config("demo"))
-    queries, passages = [], []
-    for r in records:
-        for p in r["positive_passages"] + r["negative_passages"]:
-            queries.append(r["query"])
-            passages.append(p["text"])
-            if len(queries) == n:
-                return queries, passages, queries + passages
+    queries, passages = query_passage_pairs(records, n)
     return queries, passages, queries + passages
 
 

@@ -50,16 +50,10 @@ def _texts(n: int) -> tuple[list[str], list[str]]:
     """``n`` (query, passage) pairs of the demo corpus: headlines with their articles and hard
     negatives."""
     from retrieval_lib import config, demo_corpus
+    from retrieval_lib.records import query_passage_pairs
 
     records, _, _ = demo_corpus.load_demo_records(config.get_data_config("demo"))
-    queries, passages = [], []
-    for r in records:
-        for p in r["positive_passages"] + r["negative_passages"]:
-            queries.append(r["query"])
-            passages.append(p["text"])
-            if len(queries) == n:
-                return queries, passages
-    return queries, passages
+    return query_passage_pairs(records, n)
 
 
 def build(shape: str, folder: Path) -> dict:

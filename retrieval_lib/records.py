@@ -27,7 +27,7 @@ from pathlib import Path
 
 __all__ = ["DataError", "DataUnavailableError", "LoadReport", "MAX_TEXT_CHARS",
            "normalise_text", "validate_record", "traditional_characters", "to_simplified",
-           "from_flag_embedding", "read_jsonl"]
+           "from_flag_embedding", "read_jsonl", "query_passage_pairs"]
 
 
 class DataError(ValueError):
@@ -370,3 +370,14 @@ def read_jsonl(path: str | os.PathLike, *, source: str | None = None,
         report.empty_files.append(str(path))
 
 
+def query_passage_pairs(records, n: int | None = None) -> tuple[list[str], list[str]]:
+    """The first ``n`` (all when None) ``(query, passage)`` pairs of ``records``: each record's
+    query with its positive passages, then its hard negatives, record after record."""
+    queries, passages = [], []
+    for r in records:
+        for p in [*r["positive_passages"], *r["negative_passages"]]:
+            if n is not None and len(queries) == n:
+                return queries, passages
+            queries.append(r["query"])
+            passages.append(p["text"])
+    return queries, passages
