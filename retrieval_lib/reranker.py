@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bm25 import BM25Retriever
+from .baselines import bm25_run
 from .checkpoint import atomic_folder, verify_checksums, write_checksums
 from .config import ModelConfig, RerankerConfig
 from .evaluation import qrels_for_split, rank_documents, score_run
@@ -75,7 +75,7 @@ from .training import (
 
 __all__ = ["PUBLISHED_RERANKER", "pair_tokens", "CrossEncoderReranker", "RandomScores",
            "listwise_loss",
-           "RerankCollator", "rerank_run", "rerank_split", "bm25_first_stage", "train_reranker",
+           "RerankCollator", "rerank_run", "rerank_split", "train_reranker",
            "reranker_is_trained", "load_trained"]
 
 #: The published reranker the full preset compares with (FlagEmbedding, XLM-R, 568M).
@@ -310,15 +310,6 @@ def rerank_split(reranker: CrossEncoderReranker, split, run: Mapping[str, Mappin
             "pairs": pairs, "corpus_size": len(corpus)}
 
 
-def bm25_first_stage(split, top_k: int) -> dict[str, dict[str, float]]:
-    """BM25's top ``top_k`` over the split's corpus (numbered as
-    :func:`~retrieval_lib.evaluation.qrels_for_split`): the first stage that validates a
-    reranker while it trains, independent of any dense model."""
-    query_ids, queries, _, corpus = qrels_for_split(split)
-    hits = BM25Retriever(corpus).search(queries, k=top_k)
-    return {qid: {f"d{j}": s for j, s in row} for qid, row in zip(query_ids, hits, strict=True)}
-
-
 # ---------------------------------------------------------------------------------------------
 # Training.
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +361,7 @@ def train_reranker(reranker: CrossEncoderReranker, train, validation, cfg: Reran
     optimizer = make_optimizer(reranker, cfg)
     schedule = get_linear_schedule_with_warmup(
         optimizer, math.ceil(cfg.warmup_ratio * per_epoch * cfg.epochs), per_epoch * cfg.epochs)
-    val_run = bm25_first_stage(validation, cfg.top_k)
+    _, val_run, _ = bm25_run(validation, cfg.top_k)
     history = {"precision": precision, "precision_reason": why, "steps": [], "epochs": [],
                "first_stage": "bm25", "validation_metric": VALIDATION_METRIC,
                "group_size": 1 + cfg.num_negatives}

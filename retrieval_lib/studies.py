@@ -54,7 +54,6 @@ from .reranker import (
     PUBLISHED_RERANKER,
     CrossEncoderReranker,
     RandomScores,
-    bm25_first_stage,
     load_trained,
     rerank_split,
     reranker_is_trained,
@@ -667,7 +666,7 @@ def serving_study(exp: ExperimentConfig, splits: Splits, dense_run: dict,
     rr_folder = export_reranker_onnx(reranker, cfg_path / "onnx", quantize=True)
     top_k = json.loads((cfg_path / "config.json").read_text(encoding="utf-8"))["reranker"][
         "top_k"]
-    first = bm25_first_stage(splits.test, top_k)
+    _, first, _ = bm25_run(splits.test, top_k)
     rerankers = {"torch": reranker, "onnx": OnnxReranker(rr_folder),
                  "int8": OnnxReranker(rr_folder, quantized=True)}
     reranked = {key: rerank_split(r, splits.test, first, top_k) for key, r in rerankers.items()}
