@@ -589,10 +589,11 @@ def rerank_study(exp: ExperimentConfig, splits: Splits, dense_run: dict, cfg: Re
         status = "done"
     elif published:
         status = f"{published!r} is neither a local folder nor reachable on the hub"
-        record_not_run("rerank_published-bm25", exp.preset, status,
-                       f"download {PUBLISHED_RERANKER} (huggingface-cli download "
-                       f"{PUBLISHED_RERANKER} --local-dir DIR) and pass its folder as "
-                       f"`published_reranker`")
+        for key in ("published_dense", "published_bm25"):  # no stale numbers stay behind
+            record_not_run(RERANK_LABELS[key][1], exp.preset, status,
+                           f"download {PUBLISHED_RERANKER} (huggingface-cli download "
+                           f"{PUBLISHED_RERANKER} --local-dir DIR) and pass its folder as "
+                           f"`published_reranker`")
     for key, result in results.items():
         label, name = RERANK_LABELS[key]
         if name is None:

@@ -193,3 +193,54 @@ def test_fp16_training_runs_with_a_cpu_grad_scaler(tok, tmp_path):
                                       tmp_path / "rr", device="cpu")
     assert history["precision"] == "fp16" and len(history["steps"]) == 2
     assert all(math.isfinite(s["loss"]) for s in history["steps"])
+
+
+def test_rerank_study_saves_the_reranked_runs_and_the_published_reranker(
+        tok, tmp_path, monkeypatch, published_miniature, capsys):
+    """The study end to end on toy data: a base LM saved in a folder (as the demo's and the
+    converted MiniMind ones are), a dense run's ``best`` folder, and the published reranker's
+    miniature; then again with a published reranker that cannot be found."""
+    from toy import toy_model
+
+    from retrieval_lib import data, studies
+    from retrieval_lib.modeling import build_encoder
+    from retrieval_lib.runs import collect_runs
+
+    monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path / "home"))
+    base = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                   vocab_size=len(tok), max_query_length=16, max_passage_length=48,
+                   base_model=str(tmp_path / "lm"))
+    build_encoder(base, seed=0).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    exp = replace(config.get_experiment("minimind27_10k", "demo"), model=base)
+    rows = [Dataset.from_list(toy_records(n, seed, k=3)) for n, seed in ((32, 0), (12, 1),
+                                                                          (12, 2))]
+    splits = data.Splits(*rows, manifest={"subset_sizes": {"10k": 32}})
+    toy_model(tok).save(tmp_path / "dense" / "best")
+    dense_run = {"out_dir": tmp_path / "dense"}
+    cfg = config.RerankerConfig(epochs=1, batch_size=8, num_negatives=2, learning_rate=1e-3,
+                                max_length=48, top_k=5, gradient_checkpointing=False)
+    study = studies.rerank_study(exp, splits, dense_run, cfg, published=str(published_miniature),
+                                 device="cpu")
+    assert study["published"] == "done"
+    labels = studies.RERANK_LABELS
+    assert set(study["results"]) == {labels[k][0] for k in labels}
+    saved = collect_runs("demo")
+    assert {"rerank-dense", "rerank-bm25", "rerank_published-dense",
+            "rerank_published-bm25"} <= set(saved)
+    # every reranked run keeps its first stage's documents (same Recall@100)
+    for first, second in (("dense", "dense_rerank"), ("bm25", "bm25_rerank"),
+                          ("dense", "published_dense"), ("bm25", "published_bm25")):
+        a, b = (study["results"][labels[k][0]]["aggregate"]["recall@100"]["mean"]
+                for k in (first, second))
+        assert a == b
+    capsys.readouterr()
+    again = studies.rerank_study(exp, splits, dense_run, cfg, published=str(tmp_path / "none"),
+                                 device="cpu")
+    assert "reusing the finished training" in capsys.readouterr().out
+    assert "neither a local folder" in again["published"]
+    assert not any(k.startswith("BM25 → bge") for k in again["results"])
+    saved = collect_runs("demo")  # the first call's published numbers do not stay behind
+    assert saved["rerank_published-dense"]["status"] == "not run"
+    assert saved["rerank_published-bm25"]["status"] == "not run"
