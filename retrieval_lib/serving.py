@@ -74,6 +74,19 @@ class _RerankerGraph(nn.Module):
         return self.reranker(input_ids, attention_mask)
 
 
+@contextlib.contextmanager
+def _on_cpu_in_fp32(module: nn.Module):
+    """``module`` on the CPU in float32 while the exporter traces it, then back where and in
+    the dtype it was (a model trained on a GPU stays there)."""
+    first = next(module.parameters())
+    device, dtype = first.device, first.dtype
+    module.to("cpu", torch.float32)
+    try:
+        yield module
+    finally:
+        module.to(device, dtype)
+
+
 def _export(graph: nn.Module, example: dict, outputs: list[str], path: Path) -> None:
     """``graph`` (eval mode, float32, CPU) to ``path`` with batch and length dynamic."""
     if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
@@ -112,12 +125,12 @@ def export_retriever_onnx(model: DualTowerRetriever, path: str | os.PathLike,
                           quantize: bool = False) -> Path:
     """Write ``model`` as an ONNX serving folder at ``path`` (see the module docstring);
     ``quantize`` adds the int8 graph. Returns ``path``."""
-    model = model.to("cpu").float()
     example = model.tokenize(["示例查询", "一段更长一些的示例文章文本"], "passage")
     path = Path(path)
     with atomic_folder(path) as tmp:
-        _export(_RetrieverGraph(model), example, ["query_vectors", "passage_vectors"],
-                tmp / _MODEL)
+        with _on_cpu_in_fp32(model):
+            _export(_RetrieverGraph(model), example, ["query_vectors", "passage_vectors"],
+                    tmp / _MODEL)
         if quantize:
             quantize_int8(tmp / _MODEL, tmp / _INT8)
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -132,11 +145,11 @@ def export_reranker_onnx(reranker: CrossEncoderReranker, path: str | os.PathLike
     """Write ``reranker`` as an ONNX serving folder at ``path``: ``model.onnx`` (``scores``
     of the pairs), the tokenizer (its pair template saved in ``tokenizer.json``) and
     ``reranker_config.json``; ``quantize`` adds the int8 graph. Returns ``path``."""
-    reranker = reranker.to("cpu").float()
     example = reranker.tokenize(["示例查询", "查询"], ["一段示例文章", "另一段更长一些的示例文章"])
     path = Path(path)
     with atomic_folder(path) as tmp:
-        _export(_RerankerGraph(reranker), example, ["scores"], tmp / _MODEL)
+        with _on_cpu_in_fp32(reranker):
+            _export(_RerankerGraph(reranker), example, ["scores"], tmp / _MODEL)
         if quantize:
             quantize_int8(tmp / _MODEL, tmp / _INT8)
         reranker.tokenizer.save_pretrained(str(tmp / "tokenizer"))

@@ -50,6 +50,16 @@ def test_onnx_vectors_equal_the_pytorch_ones(tok, tmp_path, kw):
                                onnx.encode_passages(passages[:3]), atol=1e-3)
 
 
+def test_export_leaves_the_model_where_and_as_it_was(tok, tmp_path):
+    model = toy_model(tok).to(torch.bfloat16)
+    serving.export_retriever_onnx(model, tmp_path / "onnx")  # traced in fp32 on the CPU
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    queries, _ = _texts(4)
+    got = serving.OnnxRetriever(tmp_path / "onnx").encode_queries(queries)
+    want = model.float().encode_queries(queries)
+    assert np.min(np.sum(got * want, axis=1)) >= 0.9999
+
+
 def test_onnx_retriever_takes_the_models_place_in_the_evaluation(tok, tmp_path):
     model = toy_model(tok).eval()
     serving.export_retriever_onnx(model, tmp_path / "onnx")
