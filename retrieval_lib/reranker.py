@@ -69,6 +69,7 @@ from .training import (
     enable_checkpointing,
     make_optimizer,
     mixed_precision,
+    optimizer_step,
     set_seed,
     training_device,
 )
@@ -128,11 +129,10 @@ class CrossEncoderReranker(nn.Module):
         ``torch.manual_seed(seed)`` when a seed is given), or a fresh model of the
         configured shape (``pretrained=False``: tests; needs ``tokenizer``)."""
         from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
 
         if pretrained:
             path, _ = resolve_base_model(cfg.base_model)
-            from transformers.utils import logging as hf_logging
-
             if seed is not None:  # the new head's initial weights
                 torch.manual_seed(seed)
             level = hf_logging.get_verbosity()
@@ -339,6 +339,9 @@ def train_reranker(reranker: CrossEncoderReranker, train, validation, cfg: Reran
     and keep the weights of the best validation NDCG@10 (stopping after
     ``cfg.early_stopping_patience`` epochs without improvement).
 
+    A non-finite loss stops the training (FloatingPointError) in fp32 and bf16; under fp16 the
+    GradScaler skips that step (counted in ``skipped_steps``).
+
     Writes ``out_dir/best`` (:meth:`CrossEncoderReranker.save`), ``history.json`` (loss per
     step, validation per epoch, best epoch, negatives counts, precision, wall time) and, last,
     ``config.json`` (the settings, ``base`` and the training data's fingerprint, which
@@ -364,7 +367,7 @@ def train_reranker(reranker: CrossEncoderReranker, train, validation, cfg: Reran
     _, val_run, _ = bm25_run(validation, cfg.top_k)
     history = {"precision": precision, "precision_reason": why, "steps": [], "epochs": [],
                "first_stage": "bm25", "validation_metric": VALIDATION_METRIC,
-               "group_size": 1 + cfg.num_negatives}
+               "group_size": 1 + cfg.num_negatives, "skipped_steps": []}
     rng = random.Random(cfg.seed)
     best, best_state, stale, start = -1.0, None, 0, time.perf_counter()
     rows = list(train)
@@ -379,24 +382,23 @@ def train_reranker(reranker: CrossEncoderReranker, train, validation, cfg: Reran
                 scores = reranker(batch["input_ids"].to(device),
                                   batch["attention_mask"].to(device))
             loss = listwise_loss(scores.view(-1, 1 + cfg.num_negatives))
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(reranker.parameters(), cfg.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            schedule.step()
+            finite = bool(torch.isfinite(loss))
+            if not finite and scaler is None:
+                raise FloatingPointError(
+                    f"reranker loss is {loss.item()} at step {step + 1} of epoch {epoch}; "
+                    f"lower RerankerConfig.learning_rate (now {cfg.learning_rate:g})")
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            # a non-finite fp16 step: the scaler skips it and backs its scale off
+            optimizer_step(reranker, optimizer, schedule, scaler, cfg.max_grad_norm)
+            if not finite:
+                history["skipped_steps"].append({"epoch": epoch, "step": step + 1})
+                continue
             losses.append(loss.item())
             history["steps"].append({"epoch": epoch, "loss": losses[-1]})
         val = rerank_split(reranker, validation, val_run, cfg.top_k)["aggregate"]
         value = val[VALIDATION_METRIC]["mean"]
-        history["epochs"].append({"epoch": epoch, "loss": float(np.mean(losses)),
+        history["epochs"].append({"epoch": epoch,
+                                  "loss": float(np.mean(losses)) if losses else None,
                                   f"val_{VALIDATION_METRIC}": value,
                                   "val_mrr": val["mrr"]["mean"]})
         if value > best:
@@ -414,7 +416,7 @@ def train_reranker(reranker: CrossEncoderReranker, train, validation, cfg: Reran
                    wall_time_s=time.perf_counter() - start)
     reranker.save(out / "best")
     write_json_files(out, {"history.json": history,
-                      "config.json": _fingerprint(cfg, base, train)})
+                           "config.json": _fingerprint(cfg, base, train)})
     return history
 
 

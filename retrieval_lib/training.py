@@ -51,7 +51,8 @@ from .windows import POSITIVE_WINDOWS, split_windows, window_tokens
 
 __all__ = ["set_seed", "draw_negatives", "RetrievalCollator", "steps_per_epoch",
            "make_optimizer", "make_loss", "training_device", "data_fingerprint", "PRECISIONS",
-           "mixed_precision", "enable_checkpointing", "train_retriever", "CHECKPOINTS",
+           "mixed_precision", "enable_checkpointing", "optimizer_step", "train_retriever",
+           "CHECKPOINTS",
            "VALIDATION_METRIC"]
 
 #: The validation metric that picks the best epoch.
@@ -551,20 +552,28 @@ def _train_step(run: _Run, batch: dict, epoch: int) -> float | None:
         return None
     if not out.backward_done:
         (scaler.scale(out.loss) if scaler is not None else out.loss).backward()
-    if scaler is not None:
-        scaler.unscale_(run.optimizer)
-    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
-    if scaler is not None:
-        scaler.step(run.optimizer)
-        scaler.update()
-    else:
-        run.optimizer.step()
-    run.schedule.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    optimizer_step(run.model, run.optimizer, run.schedule, scaler, run.cfg.max_grad_norm)
     run.history["steps"].append({"step": run.step, "epoch": epoch, "loss": out.loss.item(),
                                  "lr": run.schedule.get_last_lr()[0],
                                  **({"loss_parts": out.parts} if out.parts else {})})
     return out.loss.item()
+
+
+def optimizer_step(model: torch.nn.Module, optimizer, schedule, scaler,
+                   max_grad_norm: float) -> None:
+    """The end of a step whose gradients are in place: unscale them (fp16's GradScaler), clip
+    their norm, step the optimizer (through the scaler, which skips a step whose gradients are
+    not finite), advance the schedule, clear the gradients."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _end_epoch(run: _Run, validation, epoch: int, losses: list[float], trainable_new,

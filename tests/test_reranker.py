@@ -184,6 +184,23 @@ def test_training_puts_the_positive_first_and_is_reused(tok, tmp_path):
     assert saved == json.loads(json.dumps(history))
 
 
+def test_a_non_finite_loss_stops_fp32_training_and_is_skipped_under_fp16(tok, tmp_path):
+    train = Dataset.from_list(toy_records(16, 0, k=3))
+    cfg = config.RerankerConfig(epochs=1, batch_size=8, num_negatives=3, learning_rate=1e-3,
+                                max_length=48, top_k=5, gradient_checkpointing=False,
+                                precision="fp32")
+    broken = _tiny(tok, max_length=48)
+    with torch.no_grad():
+        broken.model.score.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="step 1 of epoch 1.*learning_rate"):
+        reranker.train_reranker(broken, train, train, cfg, tmp_path / "fp32", device="cpu")
+    history = reranker.train_reranker(broken, train, train, replace(cfg, precision="fp16"),
+                                      tmp_path / "fp16", device="cpu")
+    # both steps skipped by the scaler: no loss recorded, the NaN weights never stepped on
+    assert history["skipped_steps"] == [{"epoch": 1, "step": 1}, {"epoch": 1, "step": 2}]
+    assert history["steps"] == [] and history["epochs"][0]["loss"] is None
+
+
 def test_fp16_training_runs_with_a_cpu_grad_scaler(tok, tmp_path):
     train = Dataset.from_list(toy_records(16, 0, k=3))
     cfg = config.RerankerConfig(epochs=1, batch_size=8, num_negatives=3, learning_rate=1e-3,
@@ -192,6 +209,7 @@ def test_fp16_training_runs_with_a_cpu_grad_scaler(tok, tmp_path):
     history = reranker.train_reranker(_tiny(tok, max_length=48), train, train, cfg,
                                       tmp_path / "rr", device="cpu")
     assert history["precision"] == "fp16" and len(history["steps"]) == 2
+    assert history["skipped_steps"] == []
     assert all(math.isfinite(s["loss"]) for s in history["steps"])
 
 
