@@ -61,7 +61,7 @@ def build(shape: str, folder: Path) -> dict:
     import torch
 
     from retrieval_lib import config, tokenizer
-    from retrieval_lib.modeling import DualTowerRetriever
+    from retrieval_lib.modeling import DualTowerRetriever, count_parameters
     from retrieval_lib.reranker import CrossEncoderReranker
     from retrieval_lib.serving import export_reranker_onnx, export_retriever_onnx
 
@@ -82,7 +82,7 @@ def build(shape: str, folder: Path) -> dict:
     reranker.save(folder / "reranker")
     export_reranker_onnx(reranker, folder / "reranker_onnx", quantize=True)
     return {"model": f"{cfg.num_hidden_layers} layers × {cfg.hidden_size}",
-            "parameters": sum(p.numel() for p in retriever.encoder.parameters())}
+            "parameters": count_parameters(retriever.encoder)}
 
 
 def contender(args) -> dict:

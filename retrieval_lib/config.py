@@ -198,8 +198,9 @@ class RerankerConfig:
     """The cross-encoder reranker (:mod:`retrieval_lib.reranker`), trained on the records and
     hard negatives the retrievers train on, listwise over groups of one positive and
     ``num_negatives`` hard negatives, as FlagEmbedding's reranker fine-tuning does (its
-    ``train_group_size`` is ``num_negatives + 1``; its example: group 8, learning rate 6e-5,
-    ``max_len`` 512, weight decay 0.01)."""
+    ``train_group_size`` is ``num_negatives + 1``; its example script: learning rate 6e-5,
+    ``max_len`` 512, weight decay 0.01, group 16; the group here is 8 because the prepared
+    data keeps 7 hard negatives per record)."""
 
     epochs: int = 2
     batch_size: int = 16  # queries per step; each brings a group of 1 + num_negatives pairs
@@ -210,7 +211,7 @@ class RerankerConfig:
     max_grad_norm: float = 1.0
     max_length: int = 512  # tokens of query + passage + separators; longer pairs are cut
     top_k: int = 100  # first-stage documents per query that the reranker reorders
-    gradient_checkpointing: bool = True  # 128 sequences of 512 tokens per step on 12 GB
+    gradient_checkpointing: bool = True  # a step holds 16 × 8 pairs of up to 512 tokens
     precision: str = "auto"  # as TrainingConfig / modeling.choose_precision
     early_stopping_patience: int = 2  # epochs without validation improvement before stopping
     seed: int = SEED

@@ -48,7 +48,7 @@ from .expansion import UnfreezeSchedule, new_layer_positions
 from .experiment import result_summary, run_experiment
 from .hub import model_available
 from .memory import CUDA_CONTEXT_GIB, plan_table, training_plan
-from .modeling import DualTowerRetriever, parameter_count_from_config
+from .modeling import DualTowerRetriever, count_parameters, parameter_count_from_config
 from .plotting import plot_metric_bars, plot_training_curves, plot_unfreeze_schedule, save_figure
 from .reranker import (
     PUBLISHED_RERANKER,
@@ -604,7 +604,7 @@ def rerank_study(exp: ExperimentConfig, splits: Splits, dense_run: dict, cfg: Re
             "reranker": str(reranker_folder(exp) / "best") if own else published,
             "first_stage": "BM25" if key.endswith("bm25") else exp.title,
             "dense_run": Path(dense_run["out_dir"]).name, "top_k": cfg.top_k,
-            "parameters": sum(p.numel() for p in (reranker if own else other).parameters())})
+            "parameters": count_parameters(reranker if own else other)})
     comparisons = {f"{RERANK_LABELS[a][0]} − {RERANK_LABELS[b][0]} · {metric}": paired_test(
         results[a]["per_query"][metric], results[b]["per_query"][metric])
         for metric in metrics for a, b in _RERANK_PAIRS if a in results and b in results}
@@ -632,11 +632,12 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def serving_study(exp: ExperimentConfig, splits: Splits, dense_run: dict,
+def serving_study(exp: ExperimentConfig, splits: Splits, dense_run: dict, cfg: RerankerConfig,
                   metrics=("ndcg@5", "ndcg@10", "mrr")) -> dict:
     """The retriever of ``dense_run`` and the reranker of :func:`rerank_study` (trained
-    already) exported to ONNX (``onnx/`` in their folders, fp32 and int8) and run by
-    onnxruntime on the test set of ``splits``.
+    already with ``cfg``; it reorders BM25's top ``cfg.top_k`` here too) exported to ONNX
+    (``onnx/`` in their folders, fp32 and int8) and run by onnxruntime on the test set of
+    ``splits``.
 
     Returns ``{"results": {label: score_run result}`` (the retriever alone: PyTorch, ONNX fp32,
     ONNX int8), ``"vectors"``: the cosine of each ONNX vector with the PyTorch one over the
@@ -662,11 +663,10 @@ def serving_study(exp: ExperimentConfig, splits: Splits, dense_run: dict,
                               zip(vectors[key], vectors["torch"], strict=True)])
         agreement[key] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
     # the reranker: PyTorch, ONNX fp32 and int8 on BM25's top k of the test queries
-    cfg_path = reranker_folder(exp)
-    reranker, _ = load_trained(cfg_path, device)
-    rr_folder = export_reranker_onnx(reranker, cfg_path / "onnx", quantize=True)
-    top_k = json.loads((cfg_path / "config.json").read_text(encoding="utf-8"))["reranker"][
-        "top_k"]
+    folder_of_reranker = reranker_folder(exp)
+    reranker, _ = load_trained(folder_of_reranker, device)
+    rr_folder = export_reranker_onnx(reranker, folder_of_reranker / "onnx", quantize=True)
+    top_k = cfg.top_k
     _, first, _ = bm25_run(splits.test, top_k)
     rerankers = {"torch": reranker, "onnx": OnnxReranker(rr_folder),
                  "int8": OnnxReranker(rr_folder, quantized=True)}

@@ -22,13 +22,14 @@ def _texts(n=24):
 
 
 def _variant(tok, **kw):
-    model = toy_model(tok)
+    if not kw:
+        return toy_model(tok)
     cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
                   vocab_size=len(tok), max_query_length=16, max_passage_length=48,
                   projection_dim=16, **kw)
     torch.manual_seed(1)
-    return DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False) if kw else model
+    return DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False)
 
 
 @pytest.mark.parametrize("kw", [{}, {"pooling": "last_token", "separate_projections": True,
