@@ -30,6 +30,7 @@ It prints samples (or passages) per second, peak memory and the ratio to each pe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -55,12 +56,11 @@ TABLE_START, TABLE_END = "<!-- throughput table: start -->", "<!-- throughput ta
 def _setup(args):
     import torch
 
-    from retrieval_lib import config, demo_corpus, tokenizer
+    from retrieval_lib import config, tokenizer
     from retrieval_lib.modeling import DualTowerRetriever
 
     exp = config.get_experiment(MODELS[args.model], "demo")
-    records, _, _ = demo_corpus.load_demo_records(exp.data)
-    records = records[: args.records]
+    records = _demo_records(MODELS[args.model])[: args.records]
     texts = [r["query"] for r in records] + [p["text"] for r in records
                                              for p in r["positive_passages"]]
     tok = tokenizer.train_bpe_tokenizer(texts, vocab_size=args.vocab)
@@ -74,6 +74,16 @@ def _setup(args):
     training = replace(exp.training, epochs=1, batch_size=args.batch_size,
                        num_hard_negatives=args.hard_negatives, warmup_ratio=0.0)
     return model, records, training
+
+
+@functools.cache
+def _demo_records(experiment: str) -> list[dict]:
+    """The demo corpus's records, read once per process: the smoke run sets up its five
+    contenders in one process, and building the records (BM25 over every article) costs more
+    than their smoke-sized steps."""
+    from retrieval_lib import config, demo_corpus
+
+    return demo_corpus.load_demo_records(config.get_experiment(experiment, "demo").data)[0]
 
 
 def _peak_memory_mb() -> float:
