@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -154,3 +156,31 @@ def test_the_serving_table_is_rendered_from_the_saved_results():
     block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
                    readme.index(module.TABLE_END)]
     assert block.strip() == module.render_table(saved).strip()
+
+
+def test_step_share_smoke():
+    """The whole step and the encoder alone timed on the same batches; the share and the bound
+    are the medians' ratios (worked out again here from the saved times)."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "step_share.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])["result"]
+    assert set(r["seconds"]) == {"step", "encoder"}  # nothing compiled in the smoke run
+    assert all(len(t) == r["steps"] == 3 for t in r["seconds"].values())
+    step, encoder = (sorted(r["seconds"][k][1:]) for k in ("step", "encoder"))
+    step, encoder = (step[0] + step[1]) / 2, (encoder[0] + encoder[1]) / 2  # median of two
+    assert r["encoder_share"] == pytest.approx(encoder / step)
+    assert r["bound_outside_encoder"] == pytest.approx(step / encoder)
+    assert r["passage_tokens"] == 128 and r["compiled_speedup"] is None
+
+
+def test_the_step_share_table_is_rendered_from_the_saved_results():
+    module = _script("step_share")
+    saved = json.loads((BENCHMARKS / "step_share.json").read_text(encoding="utf-8"))
+    r = saved["result"]
+    assert not saved["smoke"] and r["shape"] == "real" and "compiled" in r["seconds"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
+                   readme.index(module.TABLE_END)]
+    assert block.strip() == module.render_table(saved).strip()
+    assert f"{r['bound_outside_encoder']:.2f}×" in block
