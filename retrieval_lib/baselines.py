@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .bm25 import BM25Retriever
-from .evaluation import fuse_runs, qrels_for_split, retrieve, score_run
+from .evaluation import FUSIONS, fuse_runs, qrels_for_split, retrieve, score_run
 from .hub import model_available
 from .m3 import MODES, SCORE_WEIGHTS, colbert_score, evaluate_reranked, lexical_score
 from .modeling import DualTowerRetriever, count_parameters, load_encoder
@@ -253,30 +253,42 @@ def best_dense_run(preset: str, root=None) -> dict | None:
 #: Weights of the dense run (BM25's is 1) that :func:`hybrid_baseline` tries on validation.
 #: Under RRF (k = 60) the top two BM25 ranks differ by 1/61 - 1/62, less than a tenth of the
 #: 0.1/61 a dense weight of 0.1 adds at rank 1, so even 0.1 reorders BM25's top freely; the
-#: smaller weights let a weak dense run act as a tie-breaker.
+#: smaller weights let a weak dense run act as a tie-breaker. Under min-max fusion both runs'
+#: scores lie in [0, 1] per query, so the weight is the dense run's share of the sum.
 FUSION_WEIGHTS = (0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
-def _fused_validation(model, validation, how: str, k: int, top_k: int) -> dict[float, float]:
-    """Validation NDCG@10 of the fusion for each dense weight of :data:`FUSION_WEIGHTS`."""
+def _fused_validation(model, validation, fusions: Sequence[str], k: int, top_k: int
+                      ) -> dict[str, dict[float, float]]:
+    """Validation NDCG@10 of each fusion for each dense weight of :data:`FUSION_WEIGHTS`."""
     qrels, dense_run, _ = retrieve(model, validation, top_k)
     _, lexical, _ = bm25_run(validation, top_k)
-    return {w: score_run(qrels, fuse_runs([dense_run, lexical], how, k, (w, 1.0), top_k)
-                         )["aggregate"][VALIDATION_METRIC]["mean"] for w in FUSION_WEIGHTS}
+    return {how: {w: score_run(qrels, fuse_runs([dense_run, lexical], how, k, (w, 1.0), top_k)
+                               )["aggregate"][VALIDATION_METRIC]["mean"] for w in FUSION_WEIGHTS}
+            for how in fusions}
 
 
-def hybrid_baseline(split, preset: str, dense: str | None = None, how: str = "rrf",
+def hybrid_baseline(split, preset: str, dense: str | None = None, how: str = "auto",
                     k: int = 60, weights: Sequence[float] | None = None, validation=None,
                     top_k: int = 100, root=None, device=None) -> dict:
     """A trained dense retriever fused with BM25 on ``split`` (:func:`~retrieval_lib.
     evaluation.fuse_runs`; ``k`` is RRF's constant), saved as the baseline run
     ``runs/<preset>/hybrid``. ``dense`` names the run (default: :func:`best_dense_run`).
-    ``weights`` (dense, BM25) default to the dense weight of :data:`FUSION_WEIGHTS` with the
-    best NDCG@10 on ``validation`` (BM25 weighs 1), or to (1, 1) without a validation split.
+    ``how`` is a fusion of :data:`~retrieval_lib.evaluation.FUSIONS`, or ``auto``: the fusion
+    with the best NDCG@10 on ``validation`` (ties: the one listed first). ``weights`` (dense,
+    BM25) default to the dense weight of :data:`FUSION_WEIGHTS` with the best NDCG@10 on
+    ``validation`` under that fusion (BM25 weighs 1; ties: the smaller), or to (1, 1) without a
+    validation split.
 
-    Returns ``{"status": "done", "result", "dense", "weights", "validation_curve",
-    "dense_result", "bm25_result"}``, or ``{"status": "not run", ...}`` (recorded, no number
-    written) when no dense run exists."""
+    Returns ``{"status": "done", "result", "dense", "fusion", "weights", "validation_curve",
+    "dense_result", "bm25_result"}`` (the curve: ``{fusion: {dense weight: NDCG@10}}``, None
+    without validation), or ``{"status": "not run", ...}`` (recorded, no number written) when
+    no dense run exists."""
+    if how == "auto" and (validation is None or weights is not None):
+        raise ValueError("how='auto' chooses the fusion and its weights on the validation "
+                         "split: pass validation= and no weights, or name a fusion")
+    if how != "auto" and how not in FUSIONS:
+        raise ValueError(f"unknown fusion {how!r}; choose 'auto' or one of {', '.join(FUSIONS)}")
     runs = collect_runs(preset, root)
     chosen = runs.get(dense) if dense else best_dense_run(preset, root)
     if chosen is None or chosen["status"] != "done":
@@ -289,8 +301,11 @@ def hybrid_baseline(split, preset: str, dense: str | None = None, how: str = "rr
     model = DualTowerRetriever.load(Path(chosen["out_dir"]) / "best", training_device(device))
     curve = None
     if weights is None and validation is not None:
-        curve = _fused_validation(model, validation, how, k, top_k)
-        weights = (max(curve, key=curve.get), 1.0)  # ties: the smaller dense weight
+        curve = _fused_validation(model, validation, FUSIONS if how == "auto" else (how,), k,
+                                  top_k)
+        how, w = max(((f, w) for f, ws in curve.items() for w in ws),
+                     key=lambda pair: curve[pair[0]][pair[1]])  # ties: the first listed
+        weights = (w, 1.0)
     weights = tuple(weights or (1.0, 1.0))
     qrels, dense_run, info = retrieve(model, split, top_k)
     _, lexical, _ = bm25_run(split, top_k)
@@ -301,7 +316,10 @@ def hybrid_baseline(split, preset: str, dense: str | None = None, how: str = "rr
                        "parameters": chosen.get("parameters"), "dense_run": chosen["name"],
                        "selected_by": None if dense else f"validation {VALIDATION_METRIC}",
                        "fusion": how, "rrf_k": k, "weights": list(weights),
-                       "weights_chosen_on_validation": curve is not None}, root=root)
-    return {"status": "done", "result": result, "dense": chosen["name"], "weights": weights,
+                       "weights_chosen_on_validation": curve is not None,
+                       "fusion_chosen_on_validation": curve is not None and len(curve) > 1},
+                      root=root)
+    return {"status": "done", "result": result, "dense": chosen["name"], "fusion": how,
+            "weights": weights,
             "validation_curve": curve, "dense_result": score_run(qrels, dense_run),
             "bm25_result": score_run(qrels, lexical)}

@@ -189,9 +189,13 @@ def check_04(summary, home):
     # the hybrid fuses the dense run that validation chose (every demo run exists by now) with
     # BM25: its BM25 half is the BM25 baseline above, and it is saved where 05 reads it
     hybrid = summary["hybrid"]
-    assert hybrid["status"] == "done" and hybrid["fusion"] == "rrf"
-    curve = {float(w): v for w, v in hybrid["validation_curve"].items()}  # JSON keys are text
-    assert hybrid["weights"] == [max(curve, key=curve.get), 1.0]  # chosen on validation
+    assert hybrid["status"] == "done" and hybrid["fusion_setting"] == "auto"
+    # fusion and dense weight: the best pair on validation over both fusions (JSON keys: text)
+    curve = {(f, float(w)): v for f, ws in hybrid["validation_curve"].items()
+             for w, v in ws.items()}
+    assert {f for f, _ in curve} == {"rrf", "minmax"}
+    fusion, weight = max(curve, key=curve.get)
+    assert hybrid["fusion"] == fusion and hybrid["weights"] == [weight, 1.0]
     assert set(hybrid["paired_tests_ndcg@5"]) == {"BM25", f"稠密：{hybrid['dense_run']}"}
     bm25_test = hybrid["paired_tests_ndcg@5"]["BM25"]
     assert bm25_test["mean_difference"] == pytest.approx(

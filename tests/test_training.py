@@ -316,12 +316,15 @@ def test_the_hybrid_fuses_the_dense_run_with_bm25_and_is_saved_as_a_baseline(tok
 
     monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
     exp, splits = _toy_experiment(tok, tmp_path)
-    missing = baselines.hybrid_baseline(splits.test, "demo")  # no dense run yet: no number
+    missing = baselines.hybrid_baseline(splits.test, "demo", validation=splits.validation)
+    # no dense run yet: no number
     assert missing["status"] == "not run"
     assert runs.collect_runs("demo")["hybrid"]["status"] == "not run"
     trained = experiment.ensure_run(exp, splits, show_progress=False)
-    out = baselines.hybrid_baseline(splits.test, "demo")
-    assert out["dense"] == "minimind27_10k"
+    with pytest.raises(ValueError, match="validation"):  # auto has nothing to choose on
+        baselines.hybrid_baseline(splits.test, "demo")
+    out = baselines.hybrid_baseline(splits.test, "demo", how="rrf")
+    assert out["dense"] == "minimind27_10k" and out["fusion"] == "rrf"
     # its two parts are the trained run's test result and BM25's, on the same queries and corpus
     assert out["dense_result"]["per_query"] == trained["test"]["per_query"]
     assert out["bm25_result"]["per_query"] == baselines.evaluate_bm25(splits.test)["per_query"]
@@ -338,18 +341,26 @@ def test_the_hybrid_fuses_the_dense_run_with_bm25_and_is_saved_as_a_baseline(tok
     expected = evaluation.score_run(qrels, evaluation.fuse_runs([dense_run, lexical], "rrf", 60))
     assert out["result"]["per_query"] == expected["per_query"]
     assert out["result"]["per_query"] != out["dense_result"]["per_query"]
-    # weights chosen on the validation split: the dense weight whose fusion scores best there
+    # fusion and weights chosen on the validation split: the pair that scores best there
     tuned = baselines.hybrid_baseline(splits.test, "demo", validation=splits.validation)
     curve = tuned["validation_curve"]
-    assert list(curve) == list(baselines.FUSION_WEIGHTS)
-    assert tuned["weights"] == (max(curve, key=curve.get), 1.0)
+    assert list(curve) == ["rrf", "minmax"]
+    assert all(list(c) == list(baselines.FUSION_WEIGHTS) for c in curve.values())
+    best_pair = max(((f, w) for f in curve for w in curve[f]), key=lambda fw: curve[fw[0]][fw[1]])
+    assert (tuned["fusion"], tuned["weights"]) == (best_pair[0], (best_pair[1], 1.0))
     vq, vdense, _ = evaluation.retrieve(best, splits.validation)
-    vfused = evaluation.fuse_runs([vdense, baselines.bm25_run(splits.validation)[1]], "rrf", 60,
-                                  (0.25, 1.0))
-    assert curve[0.25] == pytest.approx(
-        evaluation.score_run(vq, vfused)["aggregate"]["ndcg@10"]["mean"])
+    vlexical = baselines.bm25_run(splits.validation)[1]
+    for how in ("rrf", "minmax"):
+        vfused = evaluation.fuse_runs([vdense, vlexical], how, 60, (0.25, 1.0))
+        assert curve[how][0.25] == pytest.approx(
+            evaluation.score_run(vq, vfused)["aggregate"]["ndcg@10"]["mean"])
+    expected = evaluation.score_run(qrels, evaluation.fuse_runs(
+        [dense_run, lexical], tuned["fusion"], 60, tuned["weights"]))
+    assert tuned["result"]["per_query"] == expected["per_query"]
     saved = runs.collect_runs("demo")["hybrid"]
     assert saved["status"] == "done" and saved["kind"] == "baseline"
+    assert saved["config"]["fusion"] == tuned["fusion"]
+    assert saved["config"]["fusion_chosen_on_validation"]
     assert saved["config"]["weights"] == list(tuned["weights"])
     assert saved["config"]["dense_run"] == "minimind27_10k"
     assert saved["config"]["selected_by"] == "validation ndcg@10"
