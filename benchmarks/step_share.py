@@ -49,6 +49,7 @@ def measure(args) -> dict:
     import torch
 
     from retrieval_lib import allocator
+    from retrieval_lib.losses import info_nce
     from retrieval_lib.modeling import autocast_for, count_parameters
 
     allocator.keep_freed_memory()  # as train_retriever does on the CPU
@@ -67,14 +68,11 @@ def measure(args) -> dict:
         batches.append((model.tokenize([r["query"] for r in rs], "query"),
                         model.tokenize(passages, "passage")))
     device = torch.device("cpu")
-    labels = torch.arange(b) * (k + 1)  # each query's positive leads its group of passages
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.learning_rate)
 
     def step(q, p):
         with autocast_for(device, args.precision):
-            qe, pe = model(q, p)
-            loss = torch.nn.functional.cross_entropy(qe.float() @ pe.float().T
-                                                     / training.temperature, labels)
+            loss = info_nce(*model(q, p), training.temperature)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

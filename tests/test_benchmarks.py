@@ -15,13 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
 
-def _throughput_module():
-    spec = importlib.util.spec_from_file_location("throughput", BENCHMARKS / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_throughput_benchmark_smoke_in_bf16():
     """The demo shape (the real one takes minutes even in smoke mode; ``--matrix`` runs it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -40,13 +33,11 @@ def test_throughput_benchmark_smoke_in_bf16():
 
 
 def test_the_readme_table_is_rendered_from_the_saved_results():
-    module = _throughput_module()
+    module = _script("throughput")
     saved = json.loads((BENCHMARKS / "results.json").read_text(encoding="utf-8"))
     assert {(r["shape"], r["precision"]) for r in saved["runs"]} == {
         (s, p) for s in ("demo", "real") for p in ("fp32", "bf16")}
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
-                   readme.index(module.TABLE_END)]
+    block = _readme_block(module)
     assert block.strip() == module.render_table(saved).strip()
     run = saved["runs"][0]["report"]["train"]
     ratio = run["ours"]["per_second"] / run["st"]["per_second"]
@@ -67,6 +58,13 @@ def test_demo_ablation_smoke():
     assert changed["validation_vs_baseline"]["n"] == 40  # the smoke validation set
     assert 0 <= changed["validation_ndcg@10"] <= 1 and changed["pretrain_steps"] == 30
     assert "validation_vs_baseline" not in saved["variants"]["baseline"]
+
+
+def _readme_block(module) -> str:
+    """The README's text between a benchmark's table markers."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    return readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
+                  readme.index(module.TABLE_END)]
 
 
 def _script(name: str):
@@ -99,9 +97,7 @@ def test_the_batching_table_is_rendered_from_the_saved_results():
     module = _script("batching")
     saved = json.loads((BENCHMARKS / "batching.json").read_text(encoding="utf-8"))
     assert not saved["smoke"] and list(saved["policies"]) == list(module.POLICIES)
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
-                   readme.index(module.TABLE_END)]
+    block = _readme_block(module)
     assert block.strip() == module.render_table(saved).strip()
 
 
@@ -125,9 +121,7 @@ def test_the_reranking_table_is_rendered_from_the_saved_results():
     saved = json.loads((BENCHMARKS / "reranking.json").read_text(encoding="utf-8"))
     assert not saved["smoke"] and list(saved["results"]) == [
         "demo/fp32", "demo/bf16", "real/fp32", "real/bf16"]
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
-                   readme.index(module.TABLE_END)]
+    block = _readme_block(module)
     assert block.strip() == module.render_table(saved).strip()
 
 
@@ -152,9 +146,7 @@ def test_the_serving_table_is_rendered_from_the_saved_results():
     saved = json.loads((BENCHMARKS / "serving.json").read_text(encoding="utf-8"))
     assert not saved["smoke"] and list(saved["results"]) == [
         "demo/encode", "demo/rerank", "real/encode", "real/rerank"]
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
-                   readme.index(module.TABLE_END)]
+    block = _readme_block(module)
     assert block.strip() == module.render_table(saved).strip()
 
 
@@ -179,8 +171,6 @@ def test_the_step_share_table_is_rendered_from_the_saved_results():
     saved = json.loads((BENCHMARKS / "step_share.json").read_text(encoding="utf-8"))
     r = saved["result"]
     assert not saved["smoke"] and r["shape"] == "real" and "compiled" in r["seconds"]
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
-                   readme.index(module.TABLE_END)]
+    block = _readme_block(module)
     assert block.strip() == module.render_table(saved).strip()
     assert f"{r['bound_outside_encoder']:.2f}×" in block
