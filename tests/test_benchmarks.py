@@ -68,6 +68,25 @@ def test_demo_ablation_smoke():
     assert reviews["heldout_perplexity"] != base["heldout_perplexity"]
 
 
+def test_demo_ablation_merges_re_measured_rows_only_against_the_same_baseline():
+    module = _script("demo_ablation")
+    base = {"validation_ndcg@10": 0.3, "test_ndcg@5": 0.2, "heldout_perplexity": 270.0,
+            "train_records": 600}
+    saved = {"commit": "aaa", "date": "d0", "bm25": {"test_ndcg@5": 0.77},
+             "variants": {"baseline": base, "epochs_12": {"v": 1}, "lr_1e-3": {"v": 2}}}
+    new = {"commit": "bbb", "date": "d1", "bm25": {"test_ndcg@5": 0.77},
+           "variants": {"baseline": dict(base), "lr_1e-3": {"v": 3}, "pretrain_0": {"v": 4}}}
+    merged = module.merge_results(saved, new)
+    # rows in VARIANTS order; re-measured rows replaced and stamped, the others kept as saved
+    assert list(merged["variants"]) == ["baseline", "pretrain_0", "epochs_12", "lr_1e-3"]
+    assert merged["variants"]["lr_1e-3"] == {"v": 3, "commit": "bbb", "date": "d1"}
+    assert merged["variants"]["epochs_12"] == {"v": 1} and merged["commit"] == "aaa"
+    assert merged["variants"]["baseline"] is base
+    new["variants"]["baseline"]["heldout_perplexity"] = 271.0  # another LM: not comparable
+    with pytest.raises(ValueError, match="heldout_perplexity"):
+        module.merge_results(saved, new)
+
+
 def _readme_block(module) -> str:
     """The README's text between a benchmark's table markers."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
