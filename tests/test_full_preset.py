@@ -45,6 +45,8 @@ def test_27m_base_and_38m_expansion_run_on_a_minimind_v1_checkpoint(home):
     load = splits.manifest["load"]
     assert {s: r["kept"] for s, r in load.items()} == {s: 12 for s in config.BGE_M3_ZH_SOURCES}
     assert all(len(r["files"]) == 1 for r in load.values())  # the English file was not read
+    with pytest.raises(ValueError, match="demo's own pretraining"):  # not silently dropped
+        experiment.prepare_base_model(base, splits, extra_texts=["另一份语料"])
     base, info = experiment.prepare_base_model(base, splits)
     assert info["conversion"]["format"] == "minimind-v1"
     assert info["conversion"]["q_k_rows_permuted"] and not info["conversion"][
