@@ -8,12 +8,13 @@
                                      # reproduce the saved one) and merge them into the JSON
 
 Each variant is experiment 4.1.1's demo twin (``minimind27_10k``, demo preset) with one thing
-changed: the demo LM's pretraining (none, shorter, or on a second corpus), the fine-tuning recipe
-(epochs, learning rate, batch, temperature, hard negatives), the 128-token passage cut, or the
-training data (three times as much). It is trained in a project home of its own (a temporary
-folder: the course's runs are not touched) and judged **on the validation set** (NDCG@10 of its
-kept epoch, paired test against the unchanged twin), so choosing a recipe from this table does
-not tune on the test set; the test NDCG@5 and its share of BM25's are shown for reference.
+changed: the demo LM's pretraining (none, shorter, or on a second corpus), the fine-tuning
+recipe (epochs, learning rate, batch, temperature, hard negatives), the pooling, the 128-token
+passage cut, or the training data (three times as much). It is trained in a project home of its
+own (a temporary folder: the course's runs are not touched) and judged **on the validation set**
+(NDCG@10 of its kept epoch, paired test against the unchanged twin), so choosing a recipe from
+this table does not tune on the test set; the test NDCG@5 and its share of BM25's are shown for
+reference.
 ``03_train_minimind27`` shows the saved table (``studies.ablation_table``).
 """
 
@@ -51,6 +52,8 @@ VARIANTS = {
     "tau_0.02": ("温度 0.02（默认 0.05）", None, {"temperature": 0.02}, {}, None),
     "tau_0.1": ("温度 0.1", None, {"temperature": 0.1}, {}, None),
     "negatives_3": ("每个查询 3 个难负例（默认 1）", None, {"num_hard_negatives": 3}, {}, None),
+    "pooling_last_token": ("末位（EOS）池化（默认均值池化）", None, {}, {"pooling": "last_token"},
+                           None),
     "passage_256": ("段落读 256 个 token（默认 128）", None, {}, {"max_passage_length": 256},
                     None),
     "train_1800": ("训练数据 1800 条（默认 600）", None, {}, {}, "288k"),
