@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .baselines import bm25_run
-from .config import ExperimentConfig, RerankerConfig, get_experiment, variant
+from .config import ExperimentConfig, RerankerConfig, get_experiment, variant, with_overrides
 from .data import Splits
 from .evaluation import (
     HEADLINE_METRICS,
@@ -45,7 +45,7 @@ from .evaluation import (
     summarize_systems,
 )
 from .expansion import UnfreezeSchedule, new_layer_positions
-from .experiment import result_summary, run_experiment
+from .experiment import check_full_inputs, result_summary, run_experiment
 from .hub import model_available
 from .memory import CUDA_CONTEXT_GIB, plan_table, training_plan
 from .modeling import DualTowerRetriever, count_parameters, parameter_count_from_config
@@ -64,7 +64,8 @@ from .serving import OnnxReranker, OnnxRetriever, export_reranker_onnx, export_r
 from .training import steps_per_epoch, training_device
 
 __all__ = ["run_differences", "differences_note", "unfreeze_plan", "show_plan",
-           "expansion_parameters", "parameter_table", "run_expansion_with_ablation",
+           "SHARED_INPUTS", "expansion_experiments", "expansion_parameters", "parameter_table",
+           "run_expansion_with_ablation",
            "untrained_gaps", "expansion_comparisons", "expansion_systems",
            "expansion_histories", "unfreeze_table", "expansion_summary", "ExpansionStudy",
            "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION", "OPTION_LABELS", "option_variants",
@@ -140,6 +141,30 @@ def differences_note(table, intended: str) -> str:
 # initialisation, the same expansion with another one, and the unexpanded base they are held
 # against.
 # ---------------------------------------------------------------------------------------------
+
+
+#: The notebook parameters that say where the inputs are: the only ones the unexpanded base
+#: shares with its expansion.
+SHARED_INPUTS = ("data_dir", "model_path", "trust_remote_code")
+
+
+def expansion_experiments(name: str, preset: str, **parameters
+                          ) -> tuple[ExperimentConfig, ExperimentConfig]:
+    """The expansion ``name`` with the notebook's ``parameters`` applied
+    (:func:`~retrieval_lib.config.with_overrides`), and the unexpanded base it is held against
+    (its ``base_experiment``) with the training settings of its own notebook: of the
+    parameters, the base takes only where the data and the base model are
+    (:data:`SHARED_INPUTS`), so it is the run that notebook trains (and can be reused from it).
+    Under the full preset, missing weights or data stop here, before anything is prepared
+    (:func:`~retrieval_lib.experiment.check_full_inputs`)."""
+    exp = with_overrides(get_experiment(name, preset), **parameters)
+    if exp.base_experiment is None:
+        raise ValueError(f"{name} is not an expansion: it grows from no other experiment")
+    shared = {k: v for k, v in parameters.items() if k in SHARED_INPUTS}
+    base = with_overrides(get_experiment(exp.base_experiment, preset), **shared)
+    if preset == "full":
+        check_full_inputs(exp)
+    return exp, base
 
 
 def run_expansion_with_ablation(exp: ExperimentConfig, splits: Splits, base_info: dict,

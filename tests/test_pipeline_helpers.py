@@ -1,6 +1,8 @@
 """The notebooks' table and comparison helpers on inputs whose answers are worked out by hand
 (until now only the notebook runs exercised them)."""
 
+from dataclasses import replace
+
 import pytest
 
 from retrieval_lib import config, evaluation, studies
@@ -64,6 +66,38 @@ def test_option_variants_change_only_what_each_option_names():
         if key != "dense":
             assert v.data == exp.data and v.name != exp.name
             assert v.model.hidden_size == exp.model.hidden_size
+
+
+def test_an_expansion_and_its_base_share_only_where_the_inputs_are(tmp_path):
+    from retrieval_lib import experiment
+
+    data_dir, model_path = str(tmp_path / "data"), str(tmp_path / "model")
+    exp, base = studies.expansion_experiments(
+        "minimind186_288k", "demo", data_dir=data_dir, model_path=model_path,
+        trust_remote_code=True, expansion_init="identity", unfreeze_every=1, epochs=3,
+        learning_rate=1e-4, temperature=None)
+    plain = config.get_experiment("minimind108_288k", "demo")
+    assert exp.name == "minimind186_288k" and base.name == plain.name == exp.base_experiment
+    # the expansion takes every parameter (None keeps the preset's value)
+    assert (exp.training.epochs, exp.training.learning_rate, exp.model.expansion_init,
+            exp.model.unfreeze_every) == (3, 1e-4, "identity", 1.0)
+    assert exp.training.temperature == config.get_experiment("minimind186_288k",
+                                                             "demo").training.temperature
+    # the base: where the inputs are, and otherwise the settings of its own notebook
+    for e in (exp, base):
+        assert (e.data.data_dir, e.model.base_model, e.model.trust_remote_code) == (
+            data_dir, model_path, True)
+    assert base.training == plain.training
+    assert replace(base.model, base_model=plain.model.base_model,
+                   trust_remote_code=False) == plain.model
+    with pytest.raises(ValueError, match="not an expansion"):
+        studies.expansion_experiments("minimind27_10k", "demo")
+    # the full preset stops on missing inputs before anything is prepared; the demo does not
+    # look for them
+    with pytest.raises(experiment.MissingInputsError, match="model"):
+        studies.expansion_experiments("minimind38_96k", "full", data_dir=data_dir,
+                                      model_path=model_path)
+    assert not (tmp_path / "data").exists()
 
 
 def test_run_expansion_with_ablation_trains_the_configured_init_then_the_ablation_in_its_own_folder(
