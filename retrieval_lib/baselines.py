@@ -7,7 +7,7 @@ BM25 itself lives in :mod:`retrieval_lib.bm25` (the demo corpus mines its hard n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from .training import VALIDATION_METRIC, training_device
 __all__ = ["bm25_run", "evaluate_bm25", "BGE_M3", "HYBRID_WEIGHTS",
            "BGE_M3_MODES", "lexical_score", "colbert_score", "bge_m3_available",
            "BGEM3Retriever", "evaluate_bge_m3", "bm25_baseline", "bge_m3_baseline",
-           "best_dense_run", "FUSION_WEIGHTS", "hybrid_baseline"]
+           "best_dense_run", "FUSION_WEIGHTS", "choose_fusion", "hybrid_baseline"]
 
 def bm25_run(split, top_k: int = 100, k1: float = 1.5, b: float = 0.75
              ) -> tuple[dict, dict, dict]:
@@ -268,6 +268,18 @@ def _fused_validation(model, validation, fusions: Sequence[str], k: int, top_k: 
             for how in fusions}
 
 
+def choose_fusion(curve: Mapping[str, Mapping[float, float]]) -> tuple[str, float]:
+    """The (fusion, dense weight) with the best validation value in ``curve`` (``{fusion:
+    {weight: value}}``, as :func:`hybrid_baseline` measures it); ties go to the fusion listed
+    first, then to the weight listed first (the smaller, in :data:`FUSION_WEIGHTS` order).
+
+    >>> choose_fusion({"rrf": {0.1: 0.80, 0.5: 0.79}, "minmax": {0.1: 0.81, 0.5: 0.81}})
+    ('minmax', 0.1)
+    """
+    return max(((f, w) for f, ws in curve.items() for w in ws),
+               key=lambda pair: curve[pair[0]][pair[1]])
+
+
 def hybrid_baseline(split, preset: str, dense: str | None = None, how: str = "auto",
                     k: int = 60, weights: Sequence[float] | None = None, validation=None,
                     top_k: int = 100, root=None, device=None) -> dict:
@@ -303,8 +315,7 @@ def hybrid_baseline(split, preset: str, dense: str | None = None, how: str = "au
     if weights is None and validation is not None:
         curve = _fused_validation(model, validation, FUSIONS if how == "auto" else (how,), k,
                                   top_k)
-        how, w = max(((f, w) for f, ws in curve.items() for w in ws),
-                     key=lambda pair: curve[pair[0]][pair[1]])  # ties: the first listed
+        how, w = choose_fusion(curve)
         weights = (w, 1.0)
     weights = tuple(weights or (1.0, 1.0))
     qrels, dense_run, info = retrieve(model, split, top_k)

@@ -190,6 +190,10 @@ MUTATIONS = [
              "baselines.py",
              'best = next(e for e in history["epochs"] if e["epoch"] == history["best_epoch"])',
              'best = history["epochs"][-1]', ("tests/test_training.py",)),
+    Mutation("fusion", "the hybrid's fusion chosen among the first fusion's weights only",
+             "baselines.py", "return max(((f, w) for f, ws in curve.items() for w in ws),",
+             "return max(((f, w) for f, ws in list(curve.items())[:1] for w in ws),",
+             ("tests/test_baselines.py",)),
     # long positives in training, and settings newer than a saved run
     Mutation("training", "the best window of a positive is its lowest-scoring one", "training.py",
              "picks[i] = int(np.argmax(p[start:start + n] @ q[row]))",

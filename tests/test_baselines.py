@@ -148,3 +148,14 @@ def test_the_baselines_are_saved_as_runs_the_report_table_reads(tiny_m3, tmp_pat
     assert "BGE-M3 not run" in capsys.readouterr().out
     again = runs.collect_runs("demo", tmp_path)["bge_m3"]
     assert again["status"] == "not run" and "huggingface-cli download" in again["how_to_run"]
+
+
+def test_the_hybrid_fusion_and_weight_are_the_best_over_every_curve_ties_to_the_first_listed():
+    choose_fusion = baselines.choose_fusion
+    # min-max wins anywhere on its curve: not the best of the first fusion listed (RRF 0.72)
+    assert choose_fusion({"rrf": {0.02: 0.70, 0.5: 0.72},
+                          "minmax": {0.02: 0.71, 0.5: 0.74}}) == ("minmax", 0.5)
+    # ties: the fusion listed first, then the weight listed first
+    assert choose_fusion({"rrf": {0.02: 0.7, 0.5: 0.7}, "minmax": {0.02: 0.7}}) == ("rrf", 0.02)
+    assert choose_fusion({"rrf": {0.02: 0.6},
+                          "minmax": {0.02: 0.7, 0.5: 0.7}}) == ("minmax", 0.02)
