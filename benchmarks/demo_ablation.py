@@ -8,8 +8,8 @@
                                      # reproduce the saved one) and merge them into the JSON
 
 Each variant is experiment 4.1.1's demo twin (``minimind27_10k``, demo preset) with one thing
-changed: the demo LM's pretraining (none, shorter, longer, or on a second corpus), the fine-
-tuning recipe (epochs, learning rate, batch, temperature, hard negatives), the pooling, the
+changed: the demo LM's pretraining (none, shorter, longer, or on a second corpus), the
+fine-tuning recipe (epochs, learning rate, batch, temperature, hard negatives), the pooling, the
 128-token passage cut, or the training data (three times as much). It is trained in a project
 home of its own (a temporary folder: the course's runs are not touched) and judged **on the
 validation set** (NDCG@10 of its kept epoch, paired test against the unchanged twin), so

@@ -104,7 +104,7 @@ MUTATIONS = [
              "(no_decay if p.ndim < 2 else decay).append(p)",
              "(decay if p.ndim < 2 else no_decay).append(p)", ("tests/test_training.py",)),
     Mutation("training", "gradients never clipped", "training.py",
-             "    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)\n",
+             "    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)\n",
              "", ("tests/test_training.py",)),
     Mutation("training", "collator samples negatives with an unseeded generator", "training.py",
              "self.rng = random.Random(seed)", "self.rng = random.Random()",

@@ -62,3 +62,15 @@ def test_the_mutation_table_is_rendered_from_the_saved_results():
     assert block.strip() == mutation_check.render_table(saved).strip()
     assert [r["what"] for r in saved["results"]] == [m.what for m in mutation_check.MUTATIONS]
     assert sum(r["caught"] for r in saved["results"]) >= 0.9 * len(saved["results"])
+
+
+def test_every_mutation_still_applies_to_the_library_as_it_is():
+    """A refactor that moves a mutated line makes the mutation check stop at that mutation
+    (its text must occur exactly once), and the README table goes stale unnoticed: caught here,
+    where CI runs, instead of at the next on-demand run."""
+    import mutation_check
+
+    root = Path(mutation_check.__file__).resolve().parents[1] / "retrieval_lib"
+    stale = {m.what: (root / m.file).read_text(encoding="utf-8").count(m.find)
+             for m in mutation_check.MUTATIONS}
+    assert {what: n for what, n in stale.items() if n != 1} == {}
