@@ -259,15 +259,23 @@ def control(base: Path, python: str) -> None:
                          + out.stdout[-3000:])
 
 
+def occurrences(mutation: Mutation, repo: Path = ROOT) -> int:
+    """How often the text ``mutation`` replaces occurs in its library file under ``repo``: it
+    applies only where that is exactly once."""
+    return (repo / "retrieval_lib" / mutation.file).read_text(encoding="utf-8").count(
+        mutation.find)
+
+
 def run_one(index: int, mutation: Mutation, base: Path, python: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "repo"
         shutil.copytree(base, copy)
+        found = occurrences(mutation, copy)
+        if found != 1:
+            raise SystemExit(f"mutation {index} ({mutation.what}): the text to replace occurs "
+                             f"{found} times in {mutation.file}")
         target = copy / "retrieval_lib" / mutation.file
         source = target.read_text(encoding="utf-8")
-        if source.count(mutation.find) != 1:
-            raise SystemExit(f"mutation {index} ({mutation.what}): the text to replace occurs "
-                             f"{source.count(mutation.find)} times in {mutation.file}")
         target.write_text(source.replace(mutation.find, mutation.replace), encoding="utf-8")
         start = time.perf_counter()
         out = _pytest(copy, mutation.tests, python)

@@ -87,6 +87,18 @@ def test_demo_ablation_merges_re_measured_rows_only_against_the_same_baseline():
         module.merge_results(saved, new)
 
 
+def test_the_stated_time_of_the_whole_demo_ablation_is_what_its_rows_took():
+    """README and docstring say how long a full run takes: the saved rows' seconds, summed
+    and rounded to 5 minutes (re-measuring rows may move it; then the text must follow)."""
+    module = _script("demo_ablation")
+    saved = json.loads(module.RESULTS.read_text(encoding="utf-8"))
+    minutes = 5 * round(sum(v["seconds"] for v in saved["variants"].values()) / 300)
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert f"About {minutes} minutes on 2 cores: `.venv/bin/python benchmarks/demo_ablation.py`" \
+        in readme
+    assert f"# ~{minutes} minutes on 2 CPU cores" in module.__doc__
+
+
 def _readme_block(module) -> str:
     """The README's text between a benchmark's table markers."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
