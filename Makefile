@@ -22,7 +22,7 @@ install: $(BIN)/python
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
 
 demo: install
-	$(BIN)/python -m retrieval_lib.notebook_utils --preset demo
+	$(BIN)/python -m retrieval_lib notebooks --preset demo
 
 test: install
 	$(BIN)/python -m pytest -q

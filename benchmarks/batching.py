@@ -1,7 +1,7 @@
 """Batching policies side by side on two processes: padding, tokens per process, steps per second.
 
     .venv/bin/python benchmarks/batching.py            # a few minutes on 2 CPU cores: writes
-                                                       # benchmarks/batching.json, README table
+                                                       # benchmarks/batching.json, docs table
     .venv/bin/python benchmarks/batching.py --summary runs/01_data_preprocessing/summary.json
     .venv/bin/python benchmarks/batching.py --smoke    # seconds: what CI runs
 
@@ -18,7 +18,8 @@ Four policies, each with 2 processes × ``--batch-size`` queries and ``1 + K`` p
 * ``random``: global random batches, each process half (as torch's ``DistributedSampler`` draws);
 * ``grouped per process``: each process groups its own random half by length with its own seed
   (length grouping done by each process alone, as before this library shared the seed);
-* ``grouped, shared seed``: :class:`~retrieval_lib.batching.BucketBatchSampler`, every step one
+* ``grouped, shared seed``: :class:`~retrieval_lib.training.batching.BucketBatchSampler`, every
+step one
   length bucket on both processes;
 * ``grouped, shared seed, one source``: the same, each batch within one source (the default).
 
@@ -44,7 +45,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "batching.json"
-README = HERE.parent / "README.md"
+DOC = HERE.parent / "docs" / "performance.md"  # the page whose table this rewrites
 TABLE_START, TABLE_END = "<!-- batching table: start -->", "<!-- batching table: end -->"
 #: The stand-in's median passage length per source, in tokens (not measured; see above).
 STAND_IN_MEDIANS = {"miracl": 150, "dureader": 300, "t2ranking": 450, "mldr": 3000,
@@ -82,7 +83,7 @@ def record_lengths(n_per_source: int, seed: int, summary: Path | None
 def policy_batches(policy: str, lengths: list[int], sources: list[str], batch_size: int,
                    seed: int, epoch: int = 1) -> list[list[list[int]]]:
     """``steps[step][rank]``: the record indices each of the 2 processes trains at each step."""
-    from retrieval_lib.batching import BucketBatchSampler
+    from retrieval_lib.training import BucketBatchSampler
 
     n, world = len(lengths), 2
     if policy == "grouped per process":
@@ -147,7 +148,7 @@ def measure(policy: str, lengths, sources, args, model=None) -> dict:
 def _machine() -> dict:
     import torch
 
-    from retrieval_lib.runs import environment_info
+    from retrieval_lib.results import environment_info
 
     env = environment_info()
     return {"cpu_cores": os.cpu_count(), "torch": torch.__version__,
@@ -155,7 +156,7 @@ def _machine() -> dict:
 
 
 def render_table(saved: dict) -> str:
-    """The README's batching table, from ``batching.json``."""
+    """The docs table of batching, from ``batching.json``."""
     s, m = saved["settings"], saved["machine"]
     lines = [f"Measured {m['date']} on {m['cpu_cores']} CPU cores, torch {m['torch']}, commit "
              f"`{m['commit']}`; `python benchmarks/batching.py` wrote "
@@ -190,9 +191,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from retrieval_lib import config, tokenizer
-    from retrieval_lib.modeling import DualTowerRetriever
+    from retrieval_lib.data import tokenizer
+    from retrieval_lib.models import DualTowerRetriever
     from retrieval_lib.results import save_benchmark
+    from retrieval_lib.settings import config
 
     lengths, sources, where = record_lengths(args.per_source, args.seed, args.summary)
     shape = config.get_experiment("minimind27_10k", "demo").model
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
                           "seed": args.seed,
                           "model": f"{shape.name}, {shape.num_hidden_layers} layers × "
                                    f"{shape.hidden_size}"}}
-    save_benchmark(saved, RESULTS, README, TABLE_START, TABLE_END, render_table(saved))
+    save_benchmark(saved, RESULTS, DOC, TABLE_START, TABLE_END, render_table(saved))
     return 0
 
 

@@ -15,7 +15,7 @@ home of its own (a temporary folder: the course's runs are not touched) and judg
 validation set** (NDCG@10 of its kept epoch, paired test against the unchanged twin), so
 choosing a recipe from this table does not tune on the test set; the test NDCG@5 and its share
 of BM25's are shown for reference.
-``03_train_minimind27`` shows the saved table (``studies.ablation_table``).
+``03_train_minimind27`` shows the saved table (``course.ablation_table``).
 """
 
 from __future__ import annotations
@@ -73,9 +73,12 @@ def _commit() -> str:
 
 
 def run(keys, smoke: bool, home: Path) -> dict:
-    from retrieval_lib import baselines, config, data, demo_corpus, evaluation, experiment
-    from retrieval_lib.modeling import DualTowerRetriever
-    from retrieval_lib.pretraining import PretrainConfig
+    from retrieval_lib import data, evaluation
+    from retrieval_lib.course import experiment
+    from retrieval_lib.data import demo_corpus
+    from retrieval_lib.models import DualTowerRetriever, PretrainConfig
+    from retrieval_lib.results import baselines
+    from retrieval_lib.settings import config
 
     config.set_project_home(home)
     base = config.get_experiment("minimind27_10k", "demo")
@@ -167,11 +170,11 @@ def main(argv=None) -> int:
         keys = ["baseline", *keys]
     with tempfile.TemporaryDirectory() as home:
         saved = run(keys, args.smoke, Path(home))
-    from retrieval_lib import studies
+    from retrieval_lib import course
 
     if args.only and not args.smoke and RESULTS.exists():
         saved = merge_results(json.loads(RESULTS.read_text(encoding="utf-8")), saved)
-    print(studies.ablation_table(saved).to_string())
+    print(course.ablation_table(saved).to_string())
     if not args.smoke:
         RESULTS.write_text(json.dumps(saved, ensure_ascii=False, indent=2) + "\n",
                            encoding="utf-8")

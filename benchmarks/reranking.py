@@ -3,13 +3,13 @@ sentence-transformers' ``CrossEncoder`` running the same model.
 
     .venv/bin/python benchmarks/reranking.py           # about two minutes on 2 CPU cores:
                                                        # writes benchmarks/reranking.json and
-                                                       # the README table
+                                                       # the docs table
     .venv/bin/python benchmarks/reranking.py --smoke   # seconds: what CI runs
 
 Both contenders score the same pairs (People's Daily headlines with their articles and hard
 negatives), in batches of ``--batch-size``, with the same weights: the library's
-:class:`~retrieval_lib.reranker.CrossEncoderReranker` and ``CrossEncoder`` loaded from
-:func:`~retrieval_lib.export.export_cross_encoder`'s folder (the scores agree; the largest
+:class:`~retrieval_lib.results.reranker.CrossEncoderReranker` and ``CrossEncoder`` loaded from
+:func:`~retrieval_lib.serving.export.export_cross_encoder`'s folder (the scores agree; the largest
 difference is printed and saved). Two shapes, random weights: ``demo``, the 27M demo twin with
 pairs cut at the demo's 160 tokens, and ``real``, MiniMind-27M's real shape (8 layers × 512)
 with pairs cut at 512 tokens. Two precisions: fp32, and bf16 (the library under bf16 autocast,
@@ -29,15 +29,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "reranking.json"
-README = HERE.parent / "README.md"
+DOC = HERE.parent / "docs" / "serving.md"  # the page whose table this rewrites
 TABLE_START, TABLE_END = "<!-- reranking table: start -->", "<!-- reranking table: end -->"
 SHAPES = {"demo": 160, "real": 512}  # tokens a pair is cut at
 
 
 def _pairs(n: int) -> tuple[list[str], list[str], list[str]]:
     """``n`` pairs from the demo corpus, and the texts a tokenizer is trained on."""
-    from retrieval_lib import config, demo_corpus
-    from retrieval_lib.records import query_passage_pairs
+    from retrieval_lib.data import demo_corpus, query_passage_pairs
+    from retrieval_lib.settings import config
 
     records, _, _ = demo_corpus.load_demo_records(config.get_data_config("demo"))
     queries, passages = query_passage_pairs(records, n)
@@ -59,10 +59,10 @@ def measure(shape: str, precision: str, queries, passages, tok, args) -> dict:
     import torch
     from sentence_transformers import CrossEncoder
 
-    from retrieval_lib import config
-    from retrieval_lib.export import export_cross_encoder
-    from retrieval_lib.modeling import dtype_kwarg
-    from retrieval_lib.reranker import CrossEncoderReranker
+    from retrieval_lib.models import dtype_kwarg
+    from retrieval_lib.results import CrossEncoderReranker
+    from retrieval_lib.serving import export_cross_encoder
+    from retrieval_lib.settings import config
 
     cfg = config.get_experiment("minimind27_10k", shape if shape == "demo" else "full").model
     cfg = replace(cfg, vocab_size=len(tok), num_new_layers=0)
@@ -93,7 +93,7 @@ def measure(shape: str, precision: str, queries, passages, tok, args) -> dict:
 
 
 def render_table(saved: dict) -> str:
-    """The README's reranking table, from ``reranking.json``."""
+    """The docs table of reranking, from ``reranking.json``."""
     m, s = saved["machine"], saved["settings"]
     lines = [f"Measured {m['date']} on {m['cpu_cores']} CPU cores, torch {m['torch']}, commit "
              f"`{m['commit']}`; `python benchmarks/reranking.py` wrote "
@@ -124,10 +124,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from retrieval_lib import tokenizer
-    from retrieval_lib.modeling import cpu_has_native_bf16
-    from retrieval_lib.results import save_benchmark
-    from retrieval_lib.runs import environment_info
+    from retrieval_lib.data import tokenizer
+    from retrieval_lib.models import cpu_has_native_bf16
+    from retrieval_lib.results import environment_info, save_benchmark
 
     queries, passages, texts = _pairs(max(args.demo_pairs, args.real_pairs))
     tok = tokenizer.train_bpe_tokenizer(texts[:4000], vocab_size=6400)
@@ -147,7 +146,7 @@ def main(argv=None) -> int:
                          "date": time.strftime("%Y-%m-%d")},
              "smoke": args.smoke, "results": results,
              "settings": {"batch_size": args.batch_size, "repeats": args.repeats}}
-    save_benchmark(saved, RESULTS, README, TABLE_START, TABLE_END, render_table(saved))
+    save_benchmark(saved, RESULTS, DOC, TABLE_START, TABLE_END, render_table(saved))
     return 0
 
 

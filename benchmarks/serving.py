@@ -2,15 +2,15 @@
 against the same model in PyTorch, with each contender's peak memory.
 
     .venv/bin/python benchmarks/serving.py           # a few minutes on 2 CPU cores: writes
-                                                     # benchmarks/serving.json, README table
+                                                     # benchmarks/serving.json, docs table
     .venv/bin/python benchmarks/serving.py --smoke   # seconds: what CI runs
 
 One model per shape, random weights: ``demo``, the 27M demo twin (passages cut at 128 tokens,
 pairs at 160), and ``real``, MiniMind-27M's real shape (8 layers × 512; passages at 256 tokens,
 pairs at 512). The parent process builds the retriever and the reranker, saves them
-(safetensors) and exports them (:mod:`retrieval_lib.serving`, fp32 and int8); each contender
-then runs in a process of its own that reads the texts from a file the parent wrote, so its
-peak resident memory (``VmHWM``: Python with torch imported, the model and its
+(safetensors) and exports them (:mod:`retrieval_lib.serving.onnx_runtime`, fp32 and int8); each
+contender then runs in a process of its own that reads the texts from a file the parent wrote, so
+its peak resident memory (``VmHWM``: Python with torch imported, the model and its
 activations) is its own: ``torch`` is the
 library's ``encode_passages`` / ``score`` in fp32, ``onnx`` and ``int8`` the ONNX graphs under
 onnxruntime. Every contender encodes (scores) the same People's Daily passages (pairs), in
@@ -40,7 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "serving.json"
-README = HERE.parent / "README.md"
+DOC = HERE.parent / "docs" / "serving.md"  # the page whose table this rewrites
 TABLE_START, TABLE_END = "<!-- serving table: start -->", "<!-- serving table: end -->"
 SHAPES = {"demo": {"passage": 128, "pair": 160}, "real": {"passage": 256, "pair": 512}}
 CONTENDERS = ("torch", "onnx", "int8")
@@ -49,8 +49,8 @@ CONTENDERS = ("torch", "onnx", "int8")
 def _texts(n: int) -> tuple[list[str], list[str]]:
     """``n`` (query, passage) pairs of the demo corpus: headlines with their articles and hard
     negatives."""
-    from retrieval_lib import config, demo_corpus
-    from retrieval_lib.records import query_passage_pairs
+    from retrieval_lib.data import demo_corpus, query_passage_pairs
+    from retrieval_lib.settings import config
 
     records, _, _ = demo_corpus.load_demo_records(config.get_data_config("demo"))
     return query_passage_pairs(records, n)
@@ -60,10 +60,11 @@ def build(shape: str, folder: Path) -> dict:
     """The retriever and the reranker of ``shape`` saved and exported under ``folder``."""
     import torch
 
-    from retrieval_lib import config, tokenizer
-    from retrieval_lib.modeling import DualTowerRetriever, count_parameters
-    from retrieval_lib.reranker import CrossEncoderReranker
+    from retrieval_lib.data import tokenizer
+    from retrieval_lib.models import DualTowerRetriever, count_parameters
+    from retrieval_lib.results import CrossEncoderReranker
     from retrieval_lib.serving import export_reranker_onnx, export_retriever_onnx
+    from retrieval_lib.settings import config
 
     queries, passages = _texts(2000)
     (folder / "texts.json").write_text(json.dumps({"queries": queries, "passages": passages},
@@ -89,8 +90,8 @@ def contender(args) -> dict:
     """One contender on one task, in this process (``--contender``)."""
     import torch
 
-    from retrieval_lib.modeling import DualTowerRetriever
-    from retrieval_lib.reranker import CrossEncoderReranker
+    from retrieval_lib.models import DualTowerRetriever
+    from retrieval_lib.results import CrossEncoderReranker
     from retrieval_lib.serving import OnnxReranker, OnnxRetriever
 
     folder, b = Path(args.folder), args.batch_size
@@ -137,7 +138,7 @@ def _peak_rss_mb() -> float:
 
 
 def render_table(saved: dict) -> str:
-    """The README's serving table, from ``serving.json``."""
+    """The docs table of serving, from ``serving.json``."""
     m, s = saved["machine"], saved["settings"]
     lines = [f"Measured {m['date']} on {m['cpu_cores']} CPU cores, torch {m['torch']}, "
              f"onnxruntime {m['onnxruntime']}, commit `{m['commit']}`; `python "
@@ -181,8 +182,7 @@ def main(argv=None) -> int:
     import onnxruntime
     import torch
 
-    from retrieval_lib.results import save_benchmark
-    from retrieval_lib.runs import environment_info
+    from retrieval_lib.results import environment_info, save_benchmark
 
     results, shapes = {}, {}
     for shape in ("demo",) if args.smoke else ("demo", "real"):
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
              "smoke": args.smoke, "shapes": shapes, "results": results,
              "settings": {"batch_size": args.batch_size, "repeats": args.repeats,
                           "items": {"demo": args.demo_items, "real": args.real_items}}}
-    save_benchmark(saved, RESULTS, README, TABLE_START, TABLE_END, render_table(saved))
+    save_benchmark(saved, RESULTS, DOC, TABLE_START, TABLE_END, render_table(saved))
     return 0
 
 

@@ -1,7 +1,7 @@
 """Where a real-shape training step spends its time, and what compiling the encoder buys.
 
     python benchmarks/step_share.py          # minutes: saved to benchmarks/step_share.json,
-                                             # README table
+                                             # docs table
     python benchmarks/step_share.py --smoke  # seconds: what CI runs
 
 The throughput benchmark finds this library and sentence-transformers at the same speed at the
@@ -34,7 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "step_share.json"
-README = HERE.parent / "README.md"
+DOC = HERE.parent / "docs" / "performance.md"  # the page whose table this rewrites
 TABLE_START, TABLE_END = "<!-- step share table: start -->", "<!-- step share table: end -->"
 
 
@@ -48,9 +48,8 @@ def _throughput():
 def measure(args) -> dict:
     import torch
 
-    from retrieval_lib import allocator
-    from retrieval_lib.losses import info_nce
-    from retrieval_lib.modeling import autocast_for, count_parameters
+    from retrieval_lib.models import autocast_for, count_parameters, info_nce
+    from retrieval_lib.settings import allocator
 
     allocator.keep_freed_memory()  # as train_retriever does on the CPU
     throughput = _throughput()
@@ -150,15 +149,14 @@ def main(argv=None) -> int:
         args.shape, args.batch_size, args.steps, args.vocab = "demo", 4, 3, 500
     import torch
 
-    from retrieval_lib.results import save_benchmark
-    from retrieval_lib.runs import environment_info
+    from retrieval_lib.results import environment_info, save_benchmark
 
     result = measure(args)
     saved = {"machine": {"cpu_cores": os.cpu_count(), "torch": torch.__version__,
                          "commit": environment_info()["git_commit"],
                          "date": time.strftime("%Y-%m-%d")},
              "smoke": args.smoke, "result": result}
-    save_benchmark(saved, RESULTS, README, TABLE_START, TABLE_END, render_table(saved))
+    save_benchmark(saved, RESULTS, DOC, TABLE_START, TABLE_END, render_table(saved))
     return 0
 
 

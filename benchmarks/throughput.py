@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py                 # one shape and precision, CPU or GPU
     python benchmarks/throughput.py --matrix        # both shapes x both precisions, saved to
-                                                    # benchmarks/results.json, README table
+                                                    # benchmarks/results.json, docs table
     python benchmarks/throughput.py --smoke         # seconds: what CI runs
 
 Every contender starts from the same randomly initialised MiniMind-shaped retriever, the same
@@ -20,7 +20,7 @@ each contender gets its own way (this library's ``precision="bf16"``; the peer's
   ``CachedMultipleNegativesRankingLoss`` on the exported copy of the same model;
 * encoding: ``encode_passages`` against ``SentenceTransformer.encode_document``.
 
-This library keeps freed CPU memory for reuse (``retrieval_lib.allocator``); each peer runs
+This library keeps freed CPU memory for reuse (``retrieval_lib.settings.allocator``); each peer runs
 twice, as a user runs it (glibc's malloc as it is) and with the same setting (``+kept``), so the
 ratio to the peer at its best does not credit the library with an allocator switch.
 
@@ -41,7 +41,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from retrieval_lib.allocator import ENV_VAR as ALLOCATOR_ENV
+from retrieval_lib.settings import ENV_VAR as ALLOCATOR_ENV
 
 MODELS = {"minimind27": "minimind27_10k", "minimind108": "minimind108_10k",
           "qwen2": "qwen2_494_288k"}
@@ -50,14 +50,16 @@ MODELS = {"minimind27": "minimind27_10k", "minimind108": "minimind108_10k",
 #: The real shapes: the full preset's model with random weights and these passage lengths.
 REAL_PASSAGE_LENGTH = 256
 RESULTS = Path(__file__).with_name("results.json")
+DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"  # its table
 TABLE_START, TABLE_END = "<!-- throughput table: start -->", "<!-- throughput table: end -->"
 
 
 def _setup(args):
     import torch
 
-    from retrieval_lib import config, tokenizer
-    from retrieval_lib.modeling import DualTowerRetriever
+    from retrieval_lib.data import tokenizer
+    from retrieval_lib.models import DualTowerRetriever
+    from retrieval_lib.settings import config
 
     exp = config.get_experiment(MODELS[args.model], "demo")
     records = _demo_records(MODELS[args.model])[: args.records]
@@ -81,7 +83,8 @@ def _demo_records(experiment: str) -> list[dict]:
     """The demo corpus's records, read once per process: the smoke run sets up its five
     contenders in one process, and building the records (BM25 over every article) costs more
     than their smoke-sized steps."""
-    from retrieval_lib import config, demo_corpus
+    from retrieval_lib.data import demo_corpus
+    from retrieval_lib.settings import config
 
     return demo_corpus.load_demo_records(config.get_experiment(experiment, "demo").data)[0]
 
@@ -97,7 +100,7 @@ def _peak_memory_mb() -> float:
 def _st_model(model, workdir):
     import torch
 
-    from retrieval_lib.export import to_sentence_transformer
+    from retrieval_lib.serving import to_sentence_transformer
 
     st = to_sentence_transformer(model, workdir)
     return st.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,7 +129,7 @@ def run_contender(args) -> dict:
     import torch
     from datasets import Dataset
 
-    from retrieval_lib import allocator
+    from retrieval_lib.settings import allocator
 
     if args.contender.endswith(KEPT):
         allocator.keep_freed_memory()  # what the library does for itself
@@ -249,8 +252,8 @@ def _machine() -> dict:
     """Where and with what the results were measured (commit, versions, CPU, GPU, date)."""
     import torch
 
-    from retrieval_lib.modeling import cpu_has_native_bf16
-    from retrieval_lib.runs import environment_info
+    from retrieval_lib.models import cpu_has_native_bf16
+    from retrieval_lib.results import environment_info
 
     env = environment_info()
     return {"cpu_cores": os.cpu_count(), "torch": torch.__version__,
@@ -269,7 +272,7 @@ PEER_NAMES = {"st": "`SentenceTransformerTrainer` + `MultipleNegativesRankingLos
 
 
 def render_table(saved: dict) -> str:
-    """The README's throughput table, from the saved results of ``--matrix``."""
+    """The docs table of throughput, from the saved results of ``--matrix``."""
     machine = saved["machine"]
     lines = [f"Measured {machine['date']} on {machine['cpu_cores']} CPU cores"
              f"{', GPU ' + machine['gpu'] if machine['gpu'] else ', no GPU'}, torch "
@@ -360,7 +363,7 @@ def main(argv=None) -> int:
              "hard_negatives": args.hard_negatives, "smoke": args.smoke, "runs": runs}
     if not args.smoke:
         RESULTS.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
-        write_readme_table(saved, Path(__file__).resolve().parents[1] / "README.md")
+        write_readme_table(saved, DOC)
     print(render_table(saved))
     print(json.dumps(saved))
     return 0

@@ -5,7 +5,7 @@
 
 The demo preset's three base-model shapes (the MiniMind-27M, MiniMind-108M and Qwen2-0.5B
 twins) are pretrained from scratch on the demo corpus, with the default
-``retrieval_lib.pretraining.PretrainConfig`` (its seed and schedule), exactly as
+``retrieval_lib.models.pretraining.PretrainConfig`` (its seed and schedule), exactly as
 ``experiment.prepare_base_model`` would on a cache miss; each folder is copied here under its
 cache name (shape + a hash of the schedule, tokenizer and corpus), with ``checksums.json``.
 ``MANIFEST.json`` records the command, the prepared data's fingerprint, the seed, the schedule
@@ -23,7 +23,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from retrieval_lib import checkpoint, config, data, experiment, pretraining
+from retrieval_lib import data
+from retrieval_lib.course import experiment
+from retrieval_lib.models import pretraining
+from retrieval_lib.settings import checkpoint, config
 
 HERE = Path(__file__).resolve().parent
 #: One experiment per demo base-model shape.

@@ -1,49 +1,59 @@
 """retrieval_lib: turn pretrained Chinese language models into long-text dense retrievers.
 
-The thin shared library behind the course notebooks. Modules by stage, in the order of the
-course; a module imports only modules of earlier stages (``tests/test_architecture.py``):
+The thin shared library behind the course notebooks. Its folders are the stages of the course,
+in order; a module imports only modules of earlier stages, or those before it in its own folder
+(``MODULES``, checked by ``tests/test_architecture.py``):
 
-1. Settings and shared helpers
-   ``config`` (presets: every number of the report, once), ``allocator`` (freed CPU memory
-   kept for reuse), ``hub`` (hub look-ups),
-   ``checkpoint`` (atomic, checksummed training checkpoints), ``notebook_utils`` (running the
-   notebooks), ``plotting`` (figures, CJK font).
-2. Data
-   ``records`` (the unified record, validation, JSON lines), ``bm25`` (the lexical retriever),
-   ``tokenizer`` (pretrained or demo BPE), ``demo_corpus`` (People's Daily 1998), ``data``
-   (BGE-M3 sources, splits, subsets, statistics).
-3. Evaluation
-   ``windows`` (documents longer than the window: FirstP, MaxP, SumP), ``evaluation``
-   (encoding, exact search, metrics, confidence intervals, paired tests).
-4. Losses and model
-   ``distributed`` (process groups, gathering across devices), ``losses`` (InfoNCE, its
-   cross-device form, and the one call every training loss has), ``gradcache`` (large batches
-   in the memory of one chunk), ``m3`` (sparse and multi-vector heads, the unified loss),
-   ``mining`` (hard negatives), ``minimind`` (published MiniMind checkpoints converted to
-   Llama), ``modeling`` (base models, pooling, projection, the dual-tower retriever),
-   ``expansion`` (new layers and their unfreezing schedule), ``pretraining`` (the demo LMs).
-5. Training
-   ``batching`` (length buckets, one source per batch, one bucket on every process),
-   ``training`` (the loop), ``memory`` (memory and time plans of a run).
-6. Results and serving
-   ``runs`` (the one owner of a run folder: where it is, what it writes, how it is read),
-   ``results`` (comparisons and report tables over the runs), ``baselines`` (BM25, BGE-M3),
-   ``reranker`` (cross-encoder second stage: model, listwise training, reranking a run),
-   ``export`` (sentence-transformers folders), ``serving`` (ONNX graphs run by onnxruntime,
-   int8), ``index`` (faiss).
-7. Orchestration
-   ``experiment`` (one experiment end to end: input checks, base model, train, evaluate, the
-   command line), ``studies`` (what the notebooks compare, with their tables and figures).
+1. ``settings``: presets (every number of the report, once), freed memory kept for reuse, hub
+   look-ups, atomic checksummed checkpoints, process groups.
+2. ``data``: the unified record and its validation, BM25, tokenizers, the demo corpus (People's
+   Daily 1998), BGE-M3's sources, the fixed splits and nested subsets, their statistics.
+3. ``evaluation``: windows of long documents (FirstP, MaxP, SumP), trec_eval metrics with
+   confidence intervals and paired tests, exact search, fusion.
+4. ``models``: InfoNCE and its cross-device form, GradCache, M3 heads, published MiniMind
+   checkpoints converted to Llama, base models, the dual-tower retriever, expansion with new
+   layers, the demo LMs' pretraining.
+5. ``training``: length buckets, the collator, hard-negative mining, the optimizer step,
+   resuming, the loop, memory and time plans.
+6. ``results``: run folders (their one owner), report tables, baselines (BM25, BGE-M3, hybrid),
+   the cross-encoder reranker.
+7. ``serving``: sentence-transformers export, ONNX graphs run by onnxruntime (fp32, int8),
+   faiss indexes.
+8. ``course``: figures, one experiment end to end (``python -m retrieval_lib.course.experiment``),
+   the studies the notebooks show, running every notebook (``python -m
+   retrieval_lib.course.notebooks``).
+
+Each folder's ``__init__`` names its public API: ``from retrieval_lib.models import
+DualTowerRetriever``. The modules of the flat layout before December 2026
+(``retrieval_lib.modeling``, ``retrieval_lib.studies``, ...) still import, with a warning that
+names the module each name lives in now (:data:`MOVED`).
 """
+
+from ._moved import MOVED, install
 
 __version__ = "0.1.0"
 
-#: Modules in stage order: each may import only modules listed before it.
-MODULES = ("config", "allocator", "hub", "checkpoint", "notebook_utils", "plotting",
-           "records", "bm25", "tokenizer", "demo_corpus", "data",
-           "windows", "evaluation",
-           "distributed", "losses", "gradcache", "m3", "mining", "minimind", "modeling",
-           "expansion", "pretraining",
-           "batching", "training", "memory",
-           "runs", "results", "baselines", "reranker", "export", "serving", "index",
-           "experiment", "studies")
+#: The stages, in order.
+PACKAGES = ("settings", "data", "evaluation", "models", "training", "results", "serving",
+            "course")
+
+#: Every module in stage order: each may import only modules listed before it.
+MODULES = (
+    "settings.config", "settings.allocator", "settings.hub", "settings.checkpoint",
+    "settings.distributed",
+    "data.records", "data.bm25", "data.tokenizer", "data.demo_corpus", "data.sources",
+    "data.splits", "data.statistics",
+    "evaluation.windows", "evaluation.metrics", "evaluation.search",
+    "models.losses", "models.gradcache", "models.m3", "models.minimind", "models.base",
+    "models.retriever", "models.expansion", "models.pretraining",
+    "training.batching", "training.collator", "training.mining", "training.optim",
+    "training.resume", "training.loop", "training.memory",
+    "results.runs", "results.tables", "results.baselines", "results.reranker",
+    "serving.export", "serving.onnx_runtime", "serving.index",
+    "course.plotting", "course.result_plots", "course.experiment", "course.expansion",
+    "course.ablation", "course.beyond", "course.start", "course.notebooks",
+)
+
+__all__ = ["MOVED", "MODULES", "PACKAGES", "__version__"]
+
+install()

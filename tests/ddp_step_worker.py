@@ -26,8 +26,8 @@ def global_batch(world: int = 2):
 
 
 def main(out_file: str) -> None:
-    from retrieval_lib import distributed
-    from retrieval_lib.losses import cross_device_info_nce
+    from retrieval_lib.models import cross_device_info_nce
+    from retrieval_lib.settings import distributed
 
     rank, world, _ = distributed.init_from_env()
     try:

@@ -14,8 +14,10 @@ def main(records_file: str, out_dir: str, chunking: str = "0") -> None:
     from safetensors.torch import save_file
     from toy import worker_model  # this script's folder is on sys.path
 
-    from retrieval_lib import batching, config, distributed, training
-    from retrieval_lib.expansion import UnfreezeSchedule, expand_layers
+    from retrieval_lib import training
+    from retrieval_lib.models import UnfreezeSchedule, expand_layers
+    from retrieval_lib.settings import config, distributed
+    from retrieval_lib.training import batching
 
     records = json.loads(Path(records_file).read_text(encoding="utf-8"))
     model = worker_model(records)

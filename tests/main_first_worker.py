@@ -9,7 +9,7 @@ from pathlib import Path
 def main(log_file: str) -> None:
     import os
 
-    from retrieval_lib import distributed
+    from retrieval_lib.settings import distributed
 
     rank = os.environ["RANK"]
 

@@ -1,6 +1,6 @@
 """Miniatures of the published checkpoints and data, built in exactly their formats, and
 independent reference forwards of the MiniMind architectures (imported as
-``published_formats``; see retrieval_lib/minimind.py for where each format was read).
+``published_formats``; see retrieval_lib/models/minimind.py for where each format was read).
 
 The reference forwards are written from the published model code (MiniMind v1
 ``model/model.py``: complex interleaved RoPE with theta 1e4, causal attention, RMSNorm computed

@@ -16,10 +16,10 @@ def main(records_file: str, out_dir: str, resume: str, seconds_per_step: str) ->
     from safetensors.torch import save_model
     from toy import worker_model  # this script's folder is on sys.path
 
-    from retrieval_lib import config, losses, training
+    from retrieval_lib import training
     from retrieval_lib.evaluation import evaluate_retriever
-    from retrieval_lib.expansion import UnfreezeSchedule, expand_layers
-    from retrieval_lib.modeling import DualTowerRetriever
+    from retrieval_lib.models import DualTowerRetriever, UnfreezeSchedule, expand_layers, losses
+    from retrieval_lib.settings import config
 
     records = json.loads(Path(records_file).read_text(encoding="utf-8"))
     model = worker_model(records)

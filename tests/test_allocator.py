@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from retrieval_lib import allocator
+from retrieval_lib.settings import allocator
 
 # A step whose temporaries are 64 MiB each (4096 x 4096 float32): the product, relu, square and,
 # in the backward pass, the gradient of each: about seven blocks above glibc's largest mmap

@@ -5,8 +5,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from retrieval_lib import baselines, evaluation, tokenizer
-from retrieval_lib.bm25 import BM25Retriever
+from retrieval_lib import evaluation
+from retrieval_lib.data import BM25Retriever, tokenizer
+from retrieval_lib.results import baselines
 
 DOCS = ["长江流域今年防汛形势严峻", "黄河下游引水灌溉", "足球联赛今天开幕", "新年音乐会在北京举行",
         "铁路春运客流创新高", "港口吞吐量稳步增长"]
@@ -130,7 +131,7 @@ def test_the_baselines_are_saved_as_runs_the_report_table_reads(tiny_m3, tmp_pat
     """bm25_baseline and bge_m3_baseline save what they measured (each BGE-M3 mode its own run)
     where collect_runs finds it, with the same per-query values; asked not to run, BGE-M3 is
     recorded as not run (no number) with how to run it, replacing an earlier result."""
-    from retrieval_lib import runs
+    from retrieval_lib.results import runs
 
     split = _split()
     bm25 = baselines.bm25_baseline(split, "demo", root=tmp_path)

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from retrieval_lib import tokenizer
-from retrieval_lib.batching import BucketBatchSampler, equal_count_edges, passage_token_lengths
+from retrieval_lib.data import tokenizer
+from retrieval_lib.training import BucketBatchSampler, equal_count_edges, passage_token_lengths
 
 
 def _bucket(lengths, edges, i):

@@ -100,8 +100,8 @@ def test_the_stated_time_of_the_whole_demo_ablation_is_what_its_rows_took():
 
 
 def _readme_block(module) -> str:
-    """The README's text between a benchmark's table markers."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The text between a benchmark's table markers on its docs page."""
+    readme = module.DOC.read_text(encoding="utf-8")
     return readme[readme.index(module.TABLE_START) + len(module.TABLE_START):
                   readme.index(module.TABLE_END)]
 

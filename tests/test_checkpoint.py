@@ -13,9 +13,9 @@ import torch
 from datasets import Dataset
 from toy import toy_config, toy_model, toy_records
 
-from retrieval_lib import checkpoint, training
-from retrieval_lib import losses as retrieval_losses
-from retrieval_lib.checkpoint import CheckpointError
+from retrieval_lib import training
+from retrieval_lib.models import losses as retrieval_losses
+from retrieval_lib.settings import CheckpointError, checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("resume_worker.py")
@@ -311,7 +311,7 @@ def test_nan_loss_under_the_fp16_scaler_skips_the_step(tok, data, tmp_path, monk
     from contextlib import nullcontext
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    monkeypatch.setattr(training, "mixed_precision",
+    monkeypatch.setattr("retrieval_lib.training.loop.mixed_precision",
                         lambda device, precision: (nullcontext(), scaler, "fp16", "test"))
     _nan_at(monkeypatch, 3)
     train, val = data

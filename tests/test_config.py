@@ -1,6 +1,6 @@
 import pytest
 
-from retrieval_lib import config
+from retrieval_lib.settings import config
 
 
 def test_every_experiment_has_full_and_demo_variants():

@@ -5,8 +5,9 @@ import tarfile
 
 import pytest
 
-from retrieval_lib import config, data, records
-from retrieval_lib.records import DataError, DataUnavailableError, LoadReport
+from retrieval_lib import data
+from retrieval_lib.data import DataError, DataUnavailableError, LoadReport, records
+from retrieval_lib.settings import config
 
 
 def _write(path, lines, mode="w"):

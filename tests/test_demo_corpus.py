@@ -2,9 +2,8 @@ import math
 
 import pytest
 
-from retrieval_lib import config, demo_corpus
-from retrieval_lib.bm25 import BM25Retriever, tokenize_zh
-from retrieval_lib.records import LoadReport
+from retrieval_lib.data import BM25Retriever, LoadReport, demo_corpus, tokenize_zh
+from retrieval_lib.settings import config
 
 TAGGED = [
     "北京/ns  举行/v  新年/t  音乐会/n",

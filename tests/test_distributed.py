@@ -13,9 +13,9 @@ import torch
 from ddp_step_worker import TAU, embed, global_batch, model  # this folder is on sys.path
 from toy import worker_model
 
-from retrieval_lib import config, distributed
-from retrieval_lib.batching import batch_plan, passage_token_lengths
-from retrieval_lib.losses import cross_device_info_nce, info_nce
+from retrieval_lib.models import cross_device_info_nce, info_nce
+from retrieval_lib.settings import config, distributed
+from retrieval_lib.training import batch_plan, passage_token_lengths
 
 
 def _torchrun(worker: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -107,7 +107,8 @@ def test_train_retriever_under_torchrun_keeps_the_processes_in_step(tmp_path, ch
 
 def test_main_first_under_torchrun_runs_the_main_process_alone_and_first(tmp_path):
     """``main_first`` is called before anything joined the process group (as in
-    ``retrieval_lib.experiment.main``): rank 0 fills the caches alone, then rank 1 follows."""
+    ``retrieval_lib.course.experiment.main``): rank 0 fills the caches alone, then rank 1
+    follows."""
     log = tmp_path / "log.txt"
     done = _torchrun("main_first_worker.py", str(log), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_lib import config, expansion, modeling, tokenizer
-from retrieval_lib.modeling import DualTowerRetriever
+from retrieval_lib import models
+from retrieval_lib.data import tokenizer
+from retrieval_lib.models import DualTowerRetriever, expansion
+from retrieval_lib.settings import config
 
 TEXTS = ["北京举行新年音乐会", "李鹏在北京考察企业，向职工祝贺新年", "淮河治污第一战役告捷"]
 
@@ -66,7 +68,7 @@ def test_expanded_model_round_trips_and_counts_match_the_config(tok, tmp_path):
     assert np.array_equal(model.encode_queries(TEXTS), loaded.encode_queries(TEXTS))
     cfg = replace(config.QWEN2_05B, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=64, vocab_size=300, num_new_layers=2)
-    assert modeling.count_parameters(model) == modeling.parameter_count_from_config(cfg)
+    assert models.count_parameters(model) == models.parameter_count_from_config(cfg)
 
 
 def test_unfreeze_schedule_boundaries_and_application(tok):

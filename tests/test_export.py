@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_lib import config, tokenizer
-from retrieval_lib.export import export_sentence_transformer
-from retrieval_lib.modeling import DualTowerRetriever
+from retrieval_lib.data import tokenizer
+from retrieval_lib.models import DualTowerRetriever
+from retrieval_lib.serving import export_sentence_transformer
+from retrieval_lib.settings import config
 
 QUERIES = ["长江防汛", "足球联赛今天开幕了吗", "新年音乐会"]
 PASSAGES = ["长江流域今年防汛形势严峻，各地加强巡查。" * 3, "黄河下游引水灌溉", "足球联赛今天开幕",
@@ -56,7 +57,7 @@ def test_the_export_says_how_to_score_long_documents_and_following_it_gives_maxp
 
     from sentence_transformers import SentenceTransformer
 
-    from retrieval_lib import windows
+    from retrieval_lib.evaluation import windows
 
     cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,

@@ -12,11 +12,17 @@ from published_formats import (
     write_qwen2,
 )
 
-from retrieval_lib import config, data, experiment, memory, studies
-from retrieval_lib.expansion import UnfreezeSchedule, new_layer_positions
-from retrieval_lib.modeling import DualTowerRetriever, check_base_model
-from retrieval_lib.runs import load_run
-from retrieval_lib.training import steps_per_epoch
+from retrieval_lib import course, data
+from retrieval_lib.course import experiment
+from retrieval_lib.models import (
+    DualTowerRetriever,
+    UnfreezeSchedule,
+    check_base_model,
+    new_layer_positions,
+)
+from retrieval_lib.results import load_run
+from retrieval_lib.settings import config
+from retrieval_lib.training import memory, steps_per_epoch
 
 EXPANSIONS = ("minimind38_96k", "minimind186_288k", "qwen2_613_288k")
 
@@ -64,7 +70,7 @@ def test_27m_base_and_38m_expansion_run_on_a_minimind_v1_checkpoint(home):
     assert run["expansion"]["new_layers"] == [2, 3, 4, 5]
     assert [s["start_step"] for s in history["unfreeze"]] == [0, 2, 4, 6, 8]
     assert history["epochs"][-1]["trainable_new_layers"] == [2, 3, 4, 5]
-    table = studies.unfreeze_plan(grown, train_records=len(splits.subset("96k")))
+    table = course.unfreeze_plan(grown, train_records=len(splits.subset("96k")))
     assert list(table["起始步"]) == [0, 2, 4, 6, 8]
 
 
@@ -73,7 +79,7 @@ def test_27m_base_and_38m_expansion_run_on_a_minimind_v1_checkpoint(home):
     (lambda p: write_minimind2(p, llama_format=True), "minimind108_10k"),
     (write_qwen2, "qwen2_613_288k")], ids=["minimind2", "minimind2-llama", "qwen2"])
 def test_other_published_formats_pass_the_checks_load_and_expand(home, writer, name):
-    from retrieval_lib.expansion import expand_layers
+    from retrieval_lib.models import expand_layers
 
     writer(home / "model")
     exp = _full(name, home, home / "model")
@@ -154,13 +160,13 @@ def test_the_plan_before_training_has_steps_tokens_memory_and_hours():
 
 def test_compared_runs_say_what_else_differs():
     exps = {s: config.get_experiment(f"minimind108_{s}", "full") for s in ("10k", "96k", "288k")}
-    table = studies.run_differences(exps, ("subset", "train_records"))
+    table = course.run_differences(exps, ("subset", "train_records"))
     assert list(table.loc["training.epochs"])[1:] == [5, 3, 2]
     assert list(table.loc["optimizer_steps"])[1:] == [625 * 5, 6000 * 3, 18000 * 2]
-    note = studies.differences_note(table, "训练数据量")
+    note = course.differences_note(table, "训练数据量")
     assert "training.epochs（5 / 3 / 2）" in note and "3,125 / 18,000 / 36,000" in note
     pair = {"108M": config.get_experiment("minimind108_288k", "full"),
             "186M": config.get_experiment("minimind186_288k", "full")}
-    table = studies.run_differences(pair, ("model.num_new_layers",))
+    table = course.run_differences(pair, ("model.num_new_layers",))
     assert bool(table.loc["training.gradient_checkpointing", "intended"])  # same maths
-    assert "gradient_checkpointing" not in studies.differences_note(table, "新增层数")
+    assert "gradient_checkpointing" not in course.differences_note(table, "新增层数")

@@ -5,10 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from retrieval_lib import config, tokenizer
-from retrieval_lib.gradcache import cached_contrastive_step, split_inputs
-from retrieval_lib.losses import info_nce
-from retrieval_lib.modeling import DualTowerRetriever
+from retrieval_lib.data import tokenizer
+from retrieval_lib.models import DualTowerRetriever, cached_contrastive_step, info_nce, split_inputs
+from retrieval_lib.settings import config
 
 TEXTS = ["长江流域今年防汛形势严峻", "黄河下游引水灌溉", "足球联赛今天开幕", "新年音乐会在北京举行",
          "铁路春运客流创新高", "港口吞吐量稳步增长", "农业生产喜获丰收", "气象部门发布寒潮预警"]
@@ -86,8 +85,7 @@ def test_a_token_budget_chunks_only_the_batches_that_exceed_it():
     """``GradCacheLoss(token_budget=B)``: a batch whose passages fill at most B positions runs
     whole (the inner loss, its own backward); a longer one is embedded in chunks of
     ``B // padded length`` texts, counted, with the loss and gradients of the whole batch."""
-    from retrieval_lib.gradcache import GradCacheLoss
-    from retrieval_lib.losses import InfoNCELoss
+    from retrieval_lib.models import GradCacheLoss, InfoNCELoss
 
     model = _model(0.0)
     qi, pi = model.tokenize(TEXTS[:4], "query"), model.tokenize(TEXTS, "passage")

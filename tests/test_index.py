@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from retrieval_lib.checkpoint import CheckpointError
 from retrieval_lib.evaluation import exact_search
-from retrieval_lib.index import PassageIndex, recall_against_exact
+from retrieval_lib.serving import PassageIndex, recall_against_exact
+from retrieval_lib.settings import CheckpointError
 
 
 def _unit(rows, dim, seed):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrieval_lib import losses
+from retrieval_lib.models import losses
 
 
 def _loop_info_nce(q, p, tau):

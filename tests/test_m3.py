@@ -7,8 +7,9 @@ import torch
 from datasets import Dataset
 from toy import toy_config, toy_records
 
-from retrieval_lib import config, m3, training
-from retrieval_lib.modeling import DualTowerRetriever
+from retrieval_lib import training
+from retrieval_lib.models import DualTowerRetriever, m3
+from retrieval_lib.settings import config
 
 
 def _heads(special=(0,)):

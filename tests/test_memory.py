@@ -3,7 +3,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from retrieval_lib import config, memory, modeling
+from retrieval_lib import models
+from retrieval_lib.settings import config
+from retrieval_lib.training import memory
 
 
 def test_saved_bytes_of_a_hand_worked_graph():
@@ -41,7 +43,7 @@ def test_activation_per_token_is_linear_in_tokens_and_checkpointing_saves_memory
     plan = memory.training_memory_plan(cfg, config.TrainingConfig(1, 1, 1e-4,
                                                                    num_hard_negatives=3),
                                        batch_sizes=(1, 2))
-    static = memory.static_bytes(modeling.parameter_count_from_config(cfg))["total"]
+    static = memory.static_bytes(models.parameter_count_from_config(cfg))["total"]
     for row in plan:
         assert row["tokens_per_step"] == row["batch_size"] * (8 + 4 * 32)
         assert row["static_gib"] * memory.GIB == pytest.approx(static)
@@ -65,7 +67,7 @@ PER = {"per_layer": 100, "outside_layers": 10, "hidden_state": 8}
 
 def _budget(cfg, activation_bytes):
     """Free memory (GiB) that holds the static part and exactly ``activation_bytes`` more."""
-    static = memory.static_bytes(modeling.parameter_count_from_config(cfg))["total"]
+    static = memory.static_bytes(models.parameter_count_from_config(cfg))["total"]
     return (static + activation_bytes) / memory.GIB
 
 

@@ -13,8 +13,9 @@ from published_formats import (
     write_qwen2,
 )
 
-from retrieval_lib import config, minimind, modeling
-from retrieval_lib.modeling import DualTowerRetriever
+from retrieval_lib import models
+from retrieval_lib.models import DualTowerRetriever, minimind
+from retrieval_lib.settings import config
 
 TEXTS = ["长江流域今年的降水", "国家足球队在主场赢得了比赛，球迷们欢呼", "新",
          "音乐会在北京的剧院举行"]
@@ -36,14 +37,14 @@ def _max_error(encoder, tokenizer, reference) -> float:
 
 
 def _converted(folder, tmp_path):
-    path, report = modeling.resolve_base_model(str(folder), cache_dir=tmp_path / "converted")
-    return modeling.load_encoder(path).eval(), path, report
+    path, report = models.resolve_base_model(str(folder), cache_dir=tmp_path / "converted")
+    return models.load_encoder(path).eval(), path, report
 
 
 def test_minimind_v1_converts_to_a_llama_model_equal_to_the_reference(tmp_path):
     made = write_minimind_v1(tmp_path / "v1")
     encoder, path, report = _converted(tmp_path / "v1", tmp_path)
-    tok = modeling.DualTowerRetriever(encoder, _tok(path)).tokenizer
+    tok = models.DualTowerRetriever(encoder, _tok(path)).tokenizer
     assert type(encoder).__name__ == "LlamaModel"
     assert report["format"] == "minimind-v1" and report["q_k_rows_permuted"]
     assert (report["rope_theta"], report["rms_norm_eps"]) == (1e4, 1e-5)
@@ -55,7 +56,7 @@ def test_minimind_v1_converts_to_a_llama_model_equal_to_the_reference(tmp_path):
 
 
 def _tok(path):
-    from retrieval_lib.tokenizer import load_pretrained_tokenizer
+    from retrieval_lib.data import load_pretrained_tokenizer
 
     return load_pretrained_tokenizer(path)
 
@@ -100,13 +101,13 @@ def test_minimind2_both_formats_equal_the_reference(tmp_path, llama_format):
 
 def test_conversion_is_cached_and_never_runs_the_checkpoint_code(tmp_path):
     write_minimind_v1(tmp_path / "v1")
-    first, _ = modeling.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
+    first, _ = models.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
     stamp = (tmp_path / "c").joinpath(first.split("/")[-1], "model.safetensors").stat()
-    again, _ = modeling.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
+    again, _ = models.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
     assert again == first
     assert (tmp_path / "c" / first.split("/")[-1] / "model.safetensors").stat() == stamp
     # trust_remote_code=True changes nothing: the trap in model.py would raise if imported
-    modeling.load_encoder(first, trust_remote_code=True)
+    models.load_encoder(first, trust_remote_code=True)
 
 
 def test_broken_checkpoints_name_the_file_and_the_fault(tmp_path):
@@ -115,14 +116,14 @@ def test_broken_checkpoints_name_the_file_and_the_fault(tmp_path):
     del state["layers.1.feed_forward.w2.weight"]
     torch.save(state, tmp_path / "v1" / "pytorch_model.bin")
     with pytest.raises(minimind.ConversionError, match=r"pytorch_model.bin.*layers.1.mlp"):
-        modeling.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
+        models.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
     (tmp_path / "v1" / "pytorch_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(minimind.ConversionError, match="pytorch_model.bin: cannot be read"):
-        modeling.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
+        models.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
     moe = json.loads((tmp_path / "v1" / "config.json").read_text())
     (tmp_path / "v1" / "config.json").write_text(json.dumps({**moe, "use_moe": True}))
     with pytest.raises(minimind.ConversionError, match="use_moe"):
-        modeling.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
+        models.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
 
 
 @pytest.mark.parametrize("writer,pooling", [(write_minimind_v1, "mean"),
@@ -161,12 +162,12 @@ def test_configs_carry_the_checkpoints_theta_and_epsilon(tmp_path):
     converted = minimind.llama_config(made["config"], minimind.MINIMIND_V1)
     for name in ("minimind27_10k", "minimind186_288k"):
         for preset in ("full", "demo"):
-            hf = modeling.hf_config_from_shape(config.get_experiment(name, preset).model)
+            hf = models.hf_config_from_shape(config.get_experiment(name, preset).model)
             assert minimind.rope_theta_of(hf) == minimind.rope_theta_of(converted) == 1e4
             assert hf.rms_norm_eps == converted.rms_norm_eps == 1e-5
             assert hf.max_position_embeddings == 512
     for preset in ("full", "demo"):
-        hf = modeling.hf_config_from_shape(config.get_experiment("qwen2_613_288k", preset).model)
+        hf = models.hf_config_from_shape(config.get_experiment("qwen2_613_288k", preset).model)
         assert (minimind.rope_theta_of(hf), hf.rms_norm_eps) == (1e6, 1e-6)
 
 
@@ -180,7 +181,7 @@ def test_a_bf16_saved_checkpoint_trains_with_float32_master_weights(tmp_path):
     cfg = _json.loads((tmp_path / "q" / "config.json").read_text())
     from transformers import AutoModel
 
-    AutoModel.from_pretrained(str(tmp_path / "q"), **modeling.dtype_kwarg(torch.bfloat16)
+    AutoModel.from_pretrained(str(tmp_path / "q"), **models.dtype_kwarg(torch.bfloat16)
                               ).save_pretrained(str(tmp_path / "bf16"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "bf16" / name).write_bytes((tmp_path / "q" / name).read_bytes())

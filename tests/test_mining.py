@@ -5,9 +5,9 @@ import pytest
 from datasets import Dataset
 from toy import toy_config, toy_model, toy_records
 
-from retrieval_lib import mining, training
-from retrieval_lib.bm25 import BM25Retriever
-from retrieval_lib.data import corpus_of
+from retrieval_lib import training
+from retrieval_lib.data import BM25Retriever, corpus_of
+from retrieval_lib.training import mining
 
 
 class ListSearcher:

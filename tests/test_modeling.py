@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_lib import config, modeling, tokenizer
-from retrieval_lib.modeling import DualTowerRetriever
+from retrieval_lib import models
+from retrieval_lib.data import tokenizer
+from retrieval_lib.models import DualTowerRetriever
+from retrieval_lib.settings import config
 
 TEXTS = ["北京举行新年音乐会", "李鹏在北京考察企业，向职工祝贺新年",
          "淮河治污第一战役告捷，沿淮工业污染源实现达标排放", "新年", "联合国会费比例的能力支付原则"]
@@ -48,10 +50,10 @@ def test_tiny_models_encode_chinese_end_to_end(tok, arch, pooling):
 def test_towers_share_every_weight_and_count_once(tok):
     shared = _retriever("llama", tok)
     separate = _retriever("llama", tok, separate_projections=True)
-    enc = modeling.count_parameters(shared.encoder)
+    enc = models.count_parameters(shared.encoder)
     proj = 32 * 128 + 128
-    assert modeling.count_parameters(shared) == enc + proj
-    assert modeling.count_parameters(separate) == enc + 2 * proj
+    assert models.count_parameters(shared) == enc + proj
+    assert models.count_parameters(separate) == enc + 2 * proj
     assert shared.query_projection is shared.passage_projection
     q, p = separate.encode_queries(TEXTS[:1]), separate.encode_passages(TEXTS[:1])
     assert not np.allclose(q, p)
@@ -86,11 +88,11 @@ def test_last_token_pooling_is_padding_side_invariant_and_ends_with_eos(tok, arc
 def test_pool_hand_worked():
     h = torch.tensor([[[1.0], [3.0], [100.0]], [[100.0], [2.0], [4.0]]])
     m = torch.tensor([[1, 1, 0], [0, 1, 1]])
-    assert modeling.pool(h, m, "mean").flatten().tolist() == [2.0, 3.0]
-    assert modeling.pool(h, m, "last_token").flatten().tolist() == [3.0, 4.0]
-    assert modeling.pool(h, m, "cls").flatten().tolist() == [1.0, 100.0]
+    assert models.pool(h, m, "mean").flatten().tolist() == [2.0, 3.0]
+    assert models.pool(h, m, "last_token").flatten().tolist() == [3.0, 4.0]
+    assert models.pool(h, m, "cls").flatten().tolist() == [1.0, 100.0]
     with pytest.raises(ValueError, match="unknown pooling"):
-        modeling.pool(h, m, "max")
+        models.pool(h, m, "max")
 
 
 @pytest.mark.parametrize("separate", [False, True])
@@ -111,9 +113,9 @@ def test_loads_minimind_causal_lm_weights_as_base_model(tmp_path):
     from transformers import LlamaForCausalLM
 
     cfg = _tiny("llama")
-    lm = LlamaForCausalLM(modeling.hf_config_from_shape(cfg))
+    lm = LlamaForCausalLM(models.hf_config_from_shape(cfg))
     lm.save_pretrained(tmp_path / "minimind")
-    encoder = modeling.load_encoder(str(tmp_path / "minimind"))
+    encoder = models.load_encoder(str(tmp_path / "minimind"))
     assert type(encoder).__name__ == "LlamaModel"
     assert torch.equal(encoder.embed_tokens.weight, lm.model.embed_tokens.weight)
     assert torch.equal(encoder.layers[1].mlp.down_proj.weight,
@@ -135,8 +137,8 @@ def test_missing_model_says_how_to_supply_it(tmp_path, monkeypatch):
 ])
 def test_parameter_counts_match_the_report(name, expected_m, new_expected_m):
     cfg = config.get_experiment(name, "full").model
-    base = modeling.parameter_count_from_config(cfg, include_new_layers=False) / 1e6
-    grown = modeling.parameter_count_from_config(cfg) / 1e6
+    base = models.parameter_count_from_config(cfg, include_new_layers=False) / 1e6
+    grown = models.parameter_count_from_config(cfg) / 1e6
     assert base == pytest.approx(expected_m, rel=0.03)
     assert grown == pytest.approx(new_expected_m, rel=0.03)
 

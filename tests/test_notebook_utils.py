@@ -6,7 +6,7 @@ import json
 import nbformat
 import pytest
 
-from retrieval_lib import notebook_utils
+from retrieval_lib.course import notebooks
 
 pytestmark = pytest.mark.notebook  # starts Jupyter kernels
 
@@ -27,30 +27,30 @@ def test_make_demo_streams_the_cells_and_ends_with_the_figures_and_the_table(
     home = tmp_path / "home"
     monkeypatch.setenv("RETRIEVAL_HOME", str(home))
     first = _notebook(tmp_path / "01_first.ipynb",
-                      "from retrieval_lib.config import project_root\n"
+                      "from retrieval_lib.settings.config import project_root\n"
                       "figures = project_root() / 'figures'\n"
                       "figures.mkdir(parents=True, exist_ok=True)\n"
                       "(figures / 'a.png').write_bytes(b'png')\n"
                       "print(f'epoch 1: preset {preset}')")
     last = _notebook(tmp_path / "05_last.ipynb",
-                     "from retrieval_lib.config import project_root\n"
+                     "from retrieval_lib.settings.config import project_root\n"
                      "table = project_root() / 'reports' / 'results_demo.md'\n"
                      "table.parent.mkdir(parents=True, exist_ok=True)\n"
                      "table.write_text('| system | ndcg@5 |\\n| BM25 | 0.770 |\\n')")
     (home / "figures").mkdir(parents=True)
     (home / "figures" / "old.png").write_bytes(b"made before this run")
     out = tmp_path / "executed"
-    assert notebook_utils.main(["--out", str(out), str(first), str(last)]) == 0
+    assert notebooks.main(["--out", str(out), str(first), str(last)]) == 0
     printed = capsys.readouterr().out
     assert "epoch 1: preset demo" in printed  # the cell's print, streamed
     assert printed.index("epoch 1: preset demo") < printed.index("[2/2] running 05_last")
     assert f"figures: 1 written to {home / 'figures'}" in printed  # not the older one
     assert f"results table: {home / 'reports' / 'results_demo.md'}" in printed
     assert printed.rstrip().endswith("| system | ndcg@5 |\n| BM25 | 0.770 |")
-    walls = json.loads((out / notebook_utils.WALL_TIMES).read_text(encoding="utf-8"))
+    walls = json.loads((out / notebooks.WALL_TIMES).read_text(encoding="utf-8"))
     assert set(walls) == {"01_first", "05_last"} and all(s > 0 for s in walls.values())
 
-    assert notebook_utils.main(["--out", str(out), "--quiet", str(first)]) == 0
+    assert notebooks.main(["--out", str(out), "--quiet", str(first)]) == 0
     printed = capsys.readouterr().out
     assert f"[1/1] running 01_first.ipynb with preset=demo; {walls['01_first']:.0f} s last " \
            f"time here ..." in printed

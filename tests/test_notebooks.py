@@ -5,11 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from retrieval_lib import notebook_utils, runs, studies
-from retrieval_lib.pretraining import SHIPPED_DEMO_LMS, PretrainConfig
+from retrieval_lib import course
+from retrieval_lib.course import notebooks
+from retrieval_lib.models import SHIPPED_DEMO_LMS, PretrainConfig
+from retrieval_lib.results import runs
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-ALL = notebook_utils.notebook_paths(NOTEBOOKS)
+ALL = notebooks.notebook_paths(NOTEBOOKS)
 
 
 def test_notebooks_come_in_course_order():
@@ -217,10 +219,10 @@ def check_03_beyond_the_report(summary, home):
     for run in runs.values():
         _learned(run)
         _run_folder_complete(run["run_dir"])
-    assert list(runs) == list(studies.OPTION_LABELS)  # keyed by what each option changes
+    assert list(runs) == list(course.OPTION_LABELS)  # keyed by what each option changes
     modes = {label.rsplit(" · ", 1)[-1] for label in summary["systems"] if " · " in label}
     assert modes == {"sparse", "colbert", "hybrid"}
-    unified = studies.OPTION_LABELS["m3"]
+    unified = course.OPTION_LABELS["m3"]
     assert summary["systems"][unified]["ndcg@5"] == runs["m3"]["trained"]["ndcg@5"]
     metrics = json.loads((Path(runs["m3"]["run_dir"]) / "metrics.json").read_text())
     assert set(metrics["m3"]) == {"dense", "sparse", "colbert", "hybrid"}
@@ -230,10 +232,10 @@ def check_03_beyond_the_report(summary, home):
     assert len(summary["comparisons"]) == 2 * 5  # 4 options + hybrid vs dense, two metrics
     # long documents: the dense baseline's FirstP row is its test result, read again
     long_docs = summary["long_documents"]
-    first = long_docs["systems"][studies.AGGREGATION_LABELS["first"]]
+    first = long_docs["systems"][course.AGGREGATION_LABELS["first"]]
     assert first["ndcg@5"] == pytest.approx(runs["dense"]["trained"]["ndcg@5"], abs=1e-6)
-    assert list(long_docs["systems"]) == [*studies.AGGREGATION_LABELS.values(),
-                                          studies.WINDOWED_LABEL]
+    assert list(long_docs["systems"]) == [*course.AGGREGATION_LABELS.values(),
+                                          course.WINDOWED_LABEL]
     assert 0 < long_docs["windows"]["split_documents"] and long_docs["windows"]["size"] == 128
     # MaxP, SumP and the run trained on random windows, each against FirstP on three metrics
     assert len(long_docs["comparisons"]) == 3 * 3
@@ -243,7 +245,7 @@ def check_03_beyond_the_report(summary, home):
     # two-stage retrieval: the dense first stage is the dense baseline's test result again; a
     # reranked run keeps every document of its first stage (same Recall@100), reorders the top
     two = summary["two_stage"]
-    labels = [studies.RERANK_LABELS[k][0]
+    labels = [course.RERANK_LABELS[k][0]
               for k in ("dense", "dense_rerank", "bm25", "bm25_rerank", "bm25_random")]
     assert list(two["systems"]) == labels and two["published"] == "not asked for"
     assert two["systems"][labels[0]]["ndcg@5"] == pytest.approx(runs["dense"]["trained"]["ndcg@5"],
@@ -263,7 +265,7 @@ def check_03_beyond_the_report(summary, home):
                                        "checksums.json").exists()
     # CPU serving: ONNX fp32 gives the PyTorch vectors, scores and metrics; int8 ran
     serving = summary["serving"]
-    torch_label, onnx_label, int8_label = studies.SERVING_LABELS.values()
+    torch_label, onnx_label, int8_label = course.SERVING_LABELS.values()
     assert serving["systems"][torch_label]["ndcg@5"] == pytest.approx(
         runs["dense"]["trained"]["ndcg@5"], abs=1e-6)
     assert serving["vectors"][onnx_label]["min_cosine"] >= 0.9999
@@ -287,7 +289,7 @@ def check_05(summary, home):
     assert set(summary["ndcg@5"]) == saved - {"bge_m3"}
     # the options of 03_beyond_the_report: 5 runs, and the sparse/ColBERT/hybrid rows of one
     assert len(summary["options"]) == 5 + 3
-    assert summary["options"][studies.OPTION_LABELS["dense"]] == summary["ndcg@5"]["minimind27_10k"]
+    assert summary["options"][course.OPTION_LABELS["dense"]] == summary["ndcg@5"]["minimind27_10k"]
     assert summary["data_scaling"] == {"MiniMind-108M (demo)": {
         "minimind108_10k": 600, "minimind108_96k": 1200, "minimind108_288k": 1800}}
     # Recall@5 and Precision@5 take two values: their std is fixed by the mean (an identity)
@@ -338,7 +340,7 @@ def home(tmp_path_factory):
 @pytest.mark.parametrize("path", ALL, ids=[p.stem for p in ALL])
 def test_notebook_runs_with_demo_preset(path, home, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_HOME", str(home))
-    notebook_utils.run_notebook(path, home / "executed", {"preset": "demo"})
+    notebooks.run_notebook(path, home / "executed", {"preset": "demo"})
     summary = runs.load_summary(home / "outputs" / path.stem / "demo")
     assert summary["preset"] == "demo" and summary["env"]["preset"] == "demo"
     figures = CHECKS[path.stem](summary, home)

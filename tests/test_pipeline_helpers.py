@@ -5,7 +5,8 @@ from dataclasses import replace
 
 import pytest
 
-from retrieval_lib import config, evaluation, studies
+from retrieval_lib import course, evaluation
+from retrieval_lib.settings import config
 
 
 def _result(values):
@@ -32,9 +33,9 @@ def test_option_systems_label_each_run_and_add_the_m3_modes_but_not_dense_twice(
     runs = {"dense": {"test": dense},
             "m3": {"test": m3_dense, "m3": {"dense": m3_dense, "sparse": sparse,
                                             "hybrid": hybrid}}}
-    systems = studies.option_systems(runs)
-    m3 = studies.OPTION_LABELS["m3"]
-    assert systems == {studies.OPTION_LABELS["dense"]: dense, m3: m3_dense,
+    systems = course.option_systems(runs)
+    m3 = course.OPTION_LABELS["m3"]
+    assert systems == {course.OPTION_LABELS["dense"]: dense, m3: m3_dense,
                        f"{m3} · sparse": sparse, f"{m3} · hybrid": hybrid}
 
 
@@ -42,8 +43,8 @@ def test_option_comparisons_pair_each_option_with_what_it_changes():
     runs = {key: {"test": _result(values)} for key, values in {
         "dense": [0.0, 0.0, 0.5, 0.5], "ance": [1.0, 0.0, 0.5, 0.5],
         "last": [0.0, 0.0, 0.0, 0.5], "last_instr": [0.5, 0.5, 0.5, 0.5]}.items()}
-    tests = studies.option_comparisons(runs, metrics=("ndcg@5",))
-    label = studies.OPTION_LABELS
+    tests = course.option_comparisons(runs, metrics=("ndcg@5",))
+    label = course.OPTION_LABELS
     # m3 was not run: its pair is left out; the instruction is compared with last-token
     assert set(tests) == {f"{label['ance']} − {label['dense']} · ndcg@5",
                           f"{label['last']} − {label['dense']} · ndcg@5",
@@ -56,12 +57,12 @@ def test_option_comparisons_pair_each_option_with_what_it_changes():
 
 def test_option_variants_change_only_what_each_option_names():
     exp = config.get_experiment("minimind27_10k", "demo")
-    variants = studies.option_variants(exp)
+    variants = course.option_variants(exp)
     assert variants["dense"] is exp
     assert variants["m3"].model.m3_heads and not exp.model.m3_heads
     assert variants["ance"].training.remine_every == 1 and exp.training.remine_every == 0
     assert variants["last"].model.pooling == "last_token"
-    assert variants["last_instr"].model.query_instruction == studies.QUERY_INSTRUCTION
+    assert variants["last_instr"].model.query_instruction == course.QUERY_INSTRUCTION
     for key, v in variants.items():  # everything else is the base experiment's
         if key != "dense":
             assert v.data == exp.data and v.name != exp.name
@@ -69,10 +70,10 @@ def test_option_variants_change_only_what_each_option_names():
 
 
 def test_an_expansion_and_its_base_share_only_where_the_inputs_are(tmp_path):
-    from retrieval_lib import experiment
+    from retrieval_lib.course import experiment
 
     data_dir, model_path = str(tmp_path / "data"), str(tmp_path / "model")
-    exp, base = studies.expansion_experiments(
+    exp, base = course.expansion_experiments(
         "minimind186_288k", "demo", data_dir=data_dir, model_path=model_path,
         trust_remote_code=True, expansion_init="identity", unfreeze_every=1, epochs=3,
         learning_rate=1e-4, temperature=None)
@@ -91,10 +92,10 @@ def test_an_expansion_and_its_base_share_only_where_the_inputs_are(tmp_path):
     assert replace(base.model, base_model=plain.model.base_model,
                    trust_remote_code=False) == plain.model
     with pytest.raises(ValueError, match="not an expansion"):
-        studies.expansion_experiments("minimind27_10k", "demo")
+        course.expansion_experiments("minimind27_10k", "demo")
     # the full preset stops on the missing inputs (the demo, above, does not look for them)
     with pytest.raises(experiment.MissingInputsError, match="model"):
-        studies.expansion_experiments("minimind38_96k", "full", data_dir=data_dir,
+        course.expansion_experiments("minimind38_96k", "full", data_dir=data_dir,
                                       model_path=model_path)
 
 
@@ -106,16 +107,16 @@ def test_run_expansion_with_ablation_trains_the_configured_init_then_the_ablatio
         calls.append((exp.name, exp.model.expansion_init, resume))
         return {"init": exp.model.expansion_init}
 
-    monkeypatch.setattr(studies, "run_experiment", fake_run)
+    monkeypatch.setattr("retrieval_lib.course.expansion.run_experiment", fake_run)
     exp = config.get_experiment("minimind38_96k", "demo")  # configured init: random
-    runs = studies.run_expansion_with_ablation(exp, None, {}, "identity", resume=True)
+    runs = course.run_expansion_with_ablation(exp, None, {}, "identity", resume=True)
     assert list(runs) == ["random", "identity"]  # the configured one first: tables keep it first
     assert runs == {"random": {"init": "random"}, "identity": {"init": "identity"}}
     assert calls == [("minimind38_96k", "random", True),
                      ("minimind38_96k-identity", "identity", True)]  # its own run folder
     for ablation in (None, "", "random"):  # no ablation, or the configured init again
         calls.clear()
-        assert list(studies.run_expansion_with_ablation(exp, None, {}, ablation)) == ["random"]
+        assert list(course.run_expansion_with_ablation(exp, None, {}, ablation)) == ["random"]
         assert calls == [("minimind38_96k", "random", False)]
 
 
@@ -136,7 +137,7 @@ def test_expansion_summary_of_hand_made_runs():
     base = _expansion_run([0.5, 1.0, 0.0], [0.5, 1.0, 0.5], 510_400)
     runs = {"random": _expansion_run([0.1, 1.0, 0.0], [1.0, 1.0, 0.5], 602_816),
             "identity": _expansion_run([0.5, 1.0, 0.0], [0.5, 1.0, 1.0], 602_816)}
-    summary = studies.expansion_summary(exp, base_exp, {"name": "lm"}, base, runs)
+    summary = course.expansion_summary(exp, base_exp, {"name": "lm"}, base, runs)
     assert summary["inits"] == ["random", "identity"] and summary["num_layers"] == 4
     assert summary["new_layers"] == [2, 3]
     params = summary["parameters"]
@@ -158,7 +159,7 @@ def test_expansion_summary_of_hand_made_runs():
     assert summary["runs"]["identity"]["untrained"]["ndcg@10"] == pytest.approx(0.5)
     assert summary["runs"]["random"]["trained"]["ndcg@10"] == pytest.approx(2.5 / 3)
     # without a base run: no comparison with it, no untrained gap
-    alone = studies.expansion_summary(exp, base_exp, {}, None, runs)
+    alone = course.expansion_summary(exp, base_exp, {}, None, runs)
     assert alone["runs"]["base"] is None and alone["untrained_max_difference"] == {}
     assert set(alone["paired_tests"]) == {"identity − random · ndcg@10",
                                           "identity − random · recall@100"}
@@ -182,12 +183,12 @@ def _ablation():
 
 
 def test_ablation_table_and_sentences_say_what_the_saved_numbers_say():
-    table = studies.ablation_table(_ablation())
+    table = course.ablation_table(_ablation())
     assert list(table.index) == ["不变", "改 A", "改 B"]
     assert table.loc["改 A", "占 BM25 的比例（测试）"] == "25%"  # 0.2 / 0.8
     assert table.loc["改 A", "与不变相比（验证）"] == "+0.1000 [+0.0500, +0.1500] p=0.001"
     assert table.loc["不变", "与不变相比（验证）"] == "—"
-    sentences = studies.ablation_sentences(_ablation())
+    sentences = course.ablation_sentences(_ablation())
     assert len(sentences) == 2 and sentences[0].startswith(
         "在 200 个验证查询上，改 A的 NDCG@10 比不变的 demo 配置高 0.1000")
     assert sentences[1] == "其余 1 个改动在验证集上与不变的配置相比没有显著差别。"
@@ -200,7 +201,7 @@ def test_ablation_sentences_say_how_much_a_second_corpus_added_and_what_it_did()
         **saved["variants"]["b"], "what": "加语料 C", "heldout_perplexity": 150.0,
         "pretraining_chars": 1600, "extra_pretraining_texts": 30, "extra_pretraining_chars": 600,
         "extra_corpus_report": {"read": 45, "dropped": {"duplicate": 14, "blank_line": 1}}}
-    sentences = studies.ablation_sentences(saved)
+    sentences = course.ablation_sentences(saved)
     assert sentences[0] == ("「加语料 C」：语言模型共用 1,600 字预训练，其中第二份语料 30 条、"
                             "600 字（读入 45 行，去掉重复 14 行、空行 1 行）；不变的配置只用训练池"
                             "的 1,000 字。新闻验证文本上的留出困惑度 123.5 → 150.0。")
@@ -209,8 +210,8 @@ def test_ablation_sentences_say_how_much_a_second_corpus_added_and_what_it_did()
 
 
 def test_the_saved_demo_ablation_reads_as_a_table():
-    saved = studies.load_ablation()
+    saved = course.load_ablation()
     assert saved is not None, "benchmarks/demo_ablation.json is missing: run the script"
-    table = studies.ablation_table(saved)
+    table = course.ablation_table(saved)
     assert "baseline" in saved["variants"] and len(table) == len(saved["variants"])
-    assert studies.load_ablation(studies.ABLATION_RESULTS.with_name("missing.json")) is None
+    assert course.load_ablation(course.ABLATION_RESULTS.with_name("missing.json")) is None

@@ -5,7 +5,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 
-from retrieval_lib import plotting  # noqa: E402
+from retrieval_lib import course  # noqa: E402
 
 
 def _expansion_history():
@@ -17,8 +17,8 @@ def _expansion_history():
 
 
 def test_unfreeze_epochs_are_the_epochs_where_a_layer_joins():
-    assert plotting.unfreeze_epochs(_expansion_history()) == [2, 3]
-    assert plotting.unfreeze_epochs({"epochs": [{"epoch": 1, "trainable_new_layers": None}]}) == []
+    assert course.unfreeze_epochs(_expansion_history()) == [2, 3]
+    assert course.unfreeze_epochs({"epochs": [{"epoch": 1, "trainable_new_layers": None}]}) == []
 
 
 def _has_glyphs(font_path, text: str) -> bool:
@@ -33,8 +33,8 @@ def test_the_pip_installed_font_has_the_glyphs_of_the_labels():
     file holds the glyphs of the course's labels (a Latin-only font does not)."""
     from matplotlib import font_manager
 
-    path = plotting.bundled_cjk_font()
-    assert path is not None and path.name == plotting.BUNDLED_FONT
+    path = course.bundled_cjk_font()
+    assert path is not None and path.name == course.BUNDLED_FONT
     labels = "逐步解冻：每轮训练哪些层 训练曲线 测试集指标 长度分布（字符）"
     assert _has_glyphs(path, labels.replace(" ", ""))
     assert not _has_glyphs(font_manager.findfont("DejaVu Sans"), "检索")
@@ -43,21 +43,22 @@ def test_the_pip_installed_font_has_the_glyphs_of_the_labels():
 def test_without_a_system_font_the_bundled_one_is_registered(monkeypatch):
     from matplotlib import font_manager
 
-    system = [f for f in font_manager.fontManager.ttflist if f.name not in plotting.CJK_FONTS]
+    system = [f for f in font_manager.fontManager.ttflist if f.name not in course.CJK_FONTS]
     monkeypatch.setattr(font_manager.fontManager, "ttflist", system)  # no CJK font at all
-    monkeypatch.setattr(plotting, "_FONT_DIRS", ())
-    monkeypatch.setattr(plotting, "_chosen_font", None)
-    assert plotting.setup_cjk_font(strict=True) == "Noto Sans CJK SC"
+    monkeypatch.setattr("retrieval_lib.course.plotting._FONT_DIRS", ())
+    monkeypatch.setattr("retrieval_lib.course.plotting._chosen_font", None)
+    assert course.setup_cjk_font(strict=True) == "Noto Sans CJK SC"
     registered = [f.fname for f in font_manager.fontManager.ttflist
                   if f.name == "Noto Sans CJK SC"]
-    assert registered == [str(plotting.bundled_cjk_font())]
-    monkeypatch.setattr(plotting, "_chosen_font", None)  # the next test picks again
+    assert registered == [str(course.bundled_cjk_font())]
+    # the next test picks again
+    monkeypatch.setattr("retrieval_lib.course.plotting._chosen_font", None)
 
 
 def test_chinese_labels_render_without_missing_glyphs(tmp_path):
     history = _expansion_history()
-    font = plotting.setup_cjk_font(strict=True)
-    assert font in plotting.CJK_FONTS
+    font = course.setup_cjk_font(strict=True)
+    assert font in course.CJK_FONTS
     from matplotlib import font_manager
 
     chosen = font_manager.findfont(font_manager.FontProperties(family=font),
@@ -65,41 +66,41 @@ def test_chinese_labels_render_without_missing_glyphs(tmp_path):
     assert _has_glyphs(chosen, "逐步解冻时间表训练曲线")  # the chosen file really draws Chinese
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fig = plotting.plot_length_distributions(
+        fig = course.plot_length_distributions(
             {"人民日报": {"query": [3, 5, 8], "passage": [200, 900, 3000]}}, "字符", title="长度")
-        path = plotting.save_figure(fig, "test", "lengths", folder=tmp_path)
+        path = course.save_figure(fig, "test", "lengths", folder=tmp_path)
         figs = [
-            plotting.plot_split_counts({"train": 5, "validation": 2, "test": 3}, {"10k": 1}),
-            plotting.plot_temperature_softmax({1.0: [0.5, 0.5], 0.1: [0.9, 0.1]}, [0.8, 0.6],
+            course.plot_split_counts({"train": 5, "validation": 2, "test": 3}, {"10k": 1}),
+            course.plot_temperature_softmax({1.0: [0.5, 0.5], 0.1: [0.9, 0.1]}, [0.8, 0.6],
                                               ["正例", "负例"]),
-            plotting.plot_negative_gradients({0.05: np.array([0.1, 0.7])},
+            course.plot_negative_gradients({0.05: np.array([0.1, 0.7])},
                                              {0.05: np.array([1e-4, 1e-2])},
                                              np.array([False, True])),
-            plotting.plot_optimisation_history([
+            course.plot_optimisation_history([
                 {"step": 0, "loss": 2.0, "mean_positive_similarity": 0.0,
                  "mean_negative_similarity": 0.0},
                 {"step": 1, "loss": 1.0, "mean_positive_similarity": 0.3,
                  "mean_negative_similarity": -0.1}]),
-            plotting.plot_training_curves({"扩展": history}),
-            plotting.plot_unfreeze_schedule(history, num_layers=4, new_layers=[2, 3]),
-            plotting.plot_memory_plan(
+            course.plot_training_curves({"扩展": history}),
+            course.plot_unfreeze_schedule(history, num_layers=4, new_layers=[2, 3]),
+            course.plot_memory_plan(
                 [{"batch_size": b, "gradient_checkpointing": c, "static_gib": 1.0,
                   "total_gib": 1.0 + b * (0.1 if c else 1.0)} for b in (1, 2) for c in (0, 1)],
                 {"RTX 3060": 12}),
-            plotting.plot_metric_panels(
+            course.plot_metric_panels(
                 {"模型": {"ndcg@5": {"mean": 0.3, "ci_low": 0.2, "ci_high": 0.4}},
                  "BM25": {"ndcg@5": {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}}},
                 ["ndcg@5"], reference="BM25"),
-            plotting.plot_efficiency_frontier(
+            course.plot_efficiency_frontier(
                 {"小": {"parameters": 1e6, "mean": 0.3, "ci_low": 0.2, "ci_high": 0.4},
                  "大": {"parameters": 1e7, "mean": 0.2, "ci_low": 0.1, "ci_high": 0.3}},
                 "ndcg@5", lines={"BM25": 0.5}),
-            plotting.plot_per_query_distributions({"模型": [0.0, 1.0, 0.5]}, "ndcg@5"),
-            plotting.plot_loss_parts({name: [1.0, 0.8, 0.5] for name in plotting.LOSS_PART_LABELS},
+            course.plot_per_query_distributions({"模型": [0.0, 1.0, 0.5]}, "ndcg@5"),
+            course.plot_loss_parts({name: [1.0, 0.8, 0.5] for name in course.LOSS_PART_LABELS},
                                      window=2),
         ]
         for i, f in enumerate(figs):
-            plotting.save_figure(f, "test", f"fig{i}", folder=tmp_path)
+            course.save_figure(f, "test", f"fig{i}", folder=tmp_path)
     glyph_warnings = [str(w.message) for w in caught if "Glyph" in str(w.message)
                       or "missing from" in str(w.message)]
     assert glyph_warnings == []

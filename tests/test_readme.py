@@ -1,4 +1,5 @@
-"""The README's code examples run as written (on a toy model and toy data in their places)."""
+"""The README's and the docs' code examples run as written (on a toy model and toy data in
+their places), their tables name what exists, and no link between the pages is broken."""
 
 import re
 from dataclasses import replace
@@ -7,13 +8,15 @@ from pathlib import Path
 from toy import toy_model, toy_records
 
 from retrieval_lib import data
-from retrieval_lib.records import LoadReport
+from retrieval_lib.data import LoadReport
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
 
-def _python_block_after(heading: str) -> str:
-    text = README.read_text(encoding="utf-8")
+def _python_block_after(heading: str, page: Path = README) -> str:
+    text = page.read_text(encoding="utf-8")
     section = text[text.index(heading):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
@@ -21,8 +24,8 @@ def _python_block_after(heading: str) -> str:
 def test_the_search_example_runs_as_written(tok, tmp_path, monkeypatch, capsys):
     """`make demo` leaves the prepared data and the 108M@288K run; here a toy retriever stands in
     the run folder and toy splits come from the data cache, and the snippet runs unchanged."""
-    from retrieval_lib import config
-    from retrieval_lib.runs import run_dir
+    from retrieval_lib.results import run_dir
+    from retrieval_lib.settings import config
 
     monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -32,7 +35,8 @@ def test_the_search_example_runs_as_written(tok, tmp_path, monkeypatch, capsys):
     splits = data.prepare_splits(records, small, {"toy": LoadReport(read=60, kept=60)})
     monkeypatch.setattr(data, "prepare_data", lambda cfg: splits)
     toy_model(tok).save(run_dir("demo", "minimind108_288k") / "best")
-    exec(compile(_python_block_after("## Searching a large corpus"), "README.md", "exec"), {})
+    exec(compile(_python_block_after("## Searching a large corpus", DOCS / "serving.md"),
+                 "docs/serving.md", "exec"), {})
     out = capsys.readouterr().out
     assert f"{splits.test['query'][0]} -> [" in out
     recall = float(out.split("HNSW recall@10 against exact search:")[1])
@@ -40,10 +44,44 @@ def test_the_search_example_runs_as_written(tok, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "my_index" / "index.faiss").exists()
 
 
+def test_the_quick_start_example_runs_as_written(tok, tmp_path, monkeypatch, capsys):
+    """The README's first Python lines load the run `make demo` leaves (a toy one here)."""
+    from retrieval_lib.results import run_dir
+
+    monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
+    model = toy_model(tok)
+    model.save(run_dir("demo", "minimind27_10k") / "best")
+    exec(compile(_python_block_after("## Quick start"), "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == f"(1, {model.projection_dim})"
+
+
+def _links(page: Path) -> list[str]:
+    """Relative link targets of a Markdown page (images included), without anchors."""
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:", t) and t.split("#")[0]]
+
+
+def test_every_link_of_the_readme_and_the_docs_resolves_and_every_page_is_linked():
+    pages = [README, *sorted(DOCS.glob("*.md")), *sorted((ROOT / "reports").glob("*.md"))]
+    broken = [f"{p.relative_to(ROOT)} -> {t}" for p in pages for t in _links(p)
+              if not (p.parent / t).exists()]
+    assert broken == []
+    linked = {(README.parent / t).resolve() for t in _links(README)}
+    assert {p.resolve() for p in DOCS.glob("*.md")} <= linked
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 200  # a front door
+
+
+def test_the_link_check_sees_a_broken_link(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("[ok](page.md) [gone](docs/nothing.md#x) [web](https://x.org) "
+                    "```\n[code](skipped.md)\n```")
+    assert _links(page) == ["page.md", "docs/nothing.md"]
+
+
 def test_every_test_the_reliability_table_names_exists():
     """The table cannot name a test that was renamed or removed."""
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("## What survives faults"):text.index("## Performance")]
+    section = (DOCS / "reliability.md").read_text(encoding="utf-8")
     named = set(re.findall(r"`(test_\w+)`", section))
     defined = {m for path in README.parent.glob("tests/test_*.py")
                for m in re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), re.M)}
@@ -56,7 +94,7 @@ def test_the_mutation_table_is_rendered_from_the_saved_results():
     import mutation_check
 
     saved = json.loads(mutation_check.RESULTS.read_text(encoding="utf-8"))
-    text = README.read_text(encoding="utf-8")
+    text = mutation_check.DOC.read_text(encoding="utf-8")
     block = text[text.index(mutation_check.TABLE_START) + len(mutation_check.TABLE_START):
                  text.index(mutation_check.TABLE_END)]
     assert block.strip() == mutation_check.render_table(saved).strip()

@@ -10,8 +10,10 @@ import torch
 from datasets import Dataset
 from toy import toy_records
 
-from retrieval_lib import config, export, reranker, tokenizer
-from retrieval_lib.reranker import CrossEncoderReranker, listwise_loss, rerank_run
+from retrieval_lib.data import tokenizer
+from retrieval_lib.results import CrossEncoderReranker, listwise_loss, rerank_run, reranker
+from retrieval_lib.serving import export
+from retrieval_lib.settings import config
 
 
 def _tiny(tok, base=config.MINIMIND_27M, max_length=40, seed=0):
@@ -220,9 +222,9 @@ def test_rerank_study_saves_the_reranked_runs_and_the_published_reranker(
     miniature; then again with a published reranker that cannot be found."""
     from toy import toy_model
 
-    from retrieval_lib import data, studies
-    from retrieval_lib.modeling import build_encoder
-    from retrieval_lib.runs import collect_runs
+    from retrieval_lib import course, data
+    from retrieval_lib.models import build_encoder
+    from retrieval_lib.results import collect_runs
 
     monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path / "home"))
     base = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
@@ -239,10 +241,10 @@ def test_rerank_study_saves_the_reranked_runs_and_the_published_reranker(
     dense_run = {"out_dir": tmp_path / "dense"}
     cfg = config.RerankerConfig(epochs=1, batch_size=8, num_negatives=2, learning_rate=1e-3,
                                 max_length=48, top_k=5, gradient_checkpointing=False)
-    study = studies.rerank_study(exp, splits, dense_run, cfg, published=str(published_miniature),
+    study = course.rerank_study(exp, splits, dense_run, cfg, published=str(published_miniature),
                                  device="cpu")
     assert study["published"] == "done"
-    labels = studies.RERANK_LABELS
+    labels = course.RERANK_LABELS
     assert set(study["results"]) == {labels[k][0] for k in labels}
     saved = collect_runs("demo")
     assert {"rerank-dense", "rerank-bm25", "rerank_published-dense",
@@ -254,7 +256,7 @@ def test_rerank_study_saves_the_reranked_runs_and_the_published_reranker(
                 for k in (first, second))
         assert a == b
     capsys.readouterr()
-    again = studies.rerank_study(exp, splits, dense_run, cfg, published=str(tmp_path / "none"),
+    again = course.rerank_study(exp, splits, dense_run, cfg, published=str(tmp_path / "none"),
                                  device="cpu")
     assert "reusing the finished training" in capsys.readouterr().out
     assert "neither a local folder" in again["published"]

@@ -7,7 +7,7 @@ import pytest
 
 from retrieval_lib import evaluation, results
 from retrieval_lib.evaluation import HEADLINE_METRICS
-from retrieval_lib.runs import (
+from retrieval_lib.results import (
     collect_runs,
     environment_info,
     metrics_block,
@@ -130,7 +130,7 @@ def test_environment_names_the_commit_command_and_versions(monkeypatch, tmp_path
     (the demo run of the notebooks recorded None there)."""
     import subprocess
 
-    from retrieval_lib import runs
+    from retrieval_lib.results import runs
 
     monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
     info = environment_info("demo", 42)
@@ -142,7 +142,7 @@ def test_environment_names_the_commit_command_and_versions(monkeypatch, tmp_path
         assert info["git_commit"] is None
     assert info["torch_threads"] >= 1 and info["packages"]["torch"]
     assert (info["preset"], info["seed"]) == ("demo", 42) and info["command"]
-    monkeypatch.setattr("retrieval_lib.runs._checkout", lambda: Path("/"))  # not a checkout
+    monkeypatch.setattr("retrieval_lib.results.runs.CHECKOUT", Path("/"))  # not a checkout
     assert environment_info()["git_commit"] is None
 
 

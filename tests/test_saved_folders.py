@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import toy
 
-from retrieval_lib import checkpoint, runs
-from retrieval_lib.checkpoint import CheckpointError
-from retrieval_lib.export import export_sentence_transformer
-from retrieval_lib.index import PassageIndex
-from retrieval_lib.modeling import DualTowerRetriever
+from retrieval_lib.models import DualTowerRetriever
+from retrieval_lib.results import runs
+from retrieval_lib.serving import PassageIndex, export_sentence_transformer
+from retrieval_lib.settings import CheckpointError, checkpoint
 
 TEXTS = ["长江新闻", "足球与音乐。今天本报记者报道了有关情况"]
 
@@ -188,7 +187,7 @@ def base_folder(tok, tmp_path):
     ("cut config", r"config\.json: not valid JSON \(.*\); cut or edited"),
 ])
 def test_a_cut_file_of_a_base_model_folder_is_named(base_folder, fault, expected):
-    from retrieval_lib.modeling import load_encoder
+    from retrieval_lib.models import load_encoder
 
     name = "model.safetensors" if fault == "cut weights" else "config.json"
     path = base_folder / name
@@ -198,7 +197,7 @@ def test_a_cut_file_of_a_base_model_folder_is_named(base_folder, fault, expected
 
 
 def test_a_missing_or_cut_tokenizer_is_named(base_folder):
-    from retrieval_lib.tokenizer import load_pretrained_tokenizer
+    from retrieval_lib.data import load_pretrained_tokenizer
 
     tokenizer_json = base_folder / "tokenizer.json"
     text = tokenizer_json.read_text(encoding="utf-8")

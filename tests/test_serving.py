@@ -9,10 +9,10 @@ import torch
 from datasets import Dataset
 from toy import toy_model, toy_records
 
-from retrieval_lib import config, evaluation, serving
-from retrieval_lib.checkpoint import CheckpointError
-from retrieval_lib.modeling import DualTowerRetriever
-from retrieval_lib.reranker import CrossEncoderReranker, rerank_run
+from retrieval_lib import evaluation, serving
+from retrieval_lib.models import DualTowerRetriever
+from retrieval_lib.results import CrossEncoderReranker, rerank_run
+from retrieval_lib.settings import CheckpointError, config
 
 
 def _texts(n=24):

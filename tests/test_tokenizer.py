@@ -1,4 +1,4 @@
-from retrieval_lib import tokenizer
+from retrieval_lib.data import tokenizer
 
 TEXTS = ["北京举行新年音乐会", "李鹏在北京考察企业", "淮河治污第一战役告捷",
          "新年音乐会在北京举行"] * 5

@@ -6,10 +6,12 @@ import torch
 from datasets import Dataset
 from toy import toy_config, toy_model, toy_records
 
-from retrieval_lib import config, experiment, losses, pretraining, studies, training
-from retrieval_lib.batching import batch_plan
-from retrieval_lib.modeling import DualTowerRetriever, load_encoder
-from retrieval_lib.runs import load_run
+from retrieval_lib import course, training
+from retrieval_lib.course import experiment
+from retrieval_lib.models import DualTowerRetriever, load_encoder, losses, pretraining
+from retrieval_lib.results import load_run
+from retrieval_lib.settings import config
+from retrieval_lib.training import batch_plan
 
 
 def test_collator_layout_and_negative_fallbacks(tok):
@@ -197,7 +199,7 @@ def test_demo_pretraining_keeps_the_weights_of_the_lowest_heldout_perplexity(tok
 def test_a_shipped_demo_lm_is_copied_only_for_its_exact_inputs(tok, tmp_path, monkeypatch):
     import shutil
 
-    from retrieval_lib import checkpoint
+    from retrieval_lib.settings import checkpoint
 
     cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
@@ -254,8 +256,7 @@ def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
 
 
 def _toy_experiment(tok, tmp_path):
-    from retrieval_lib.data import prepare_splits
-    from retrieval_lib.records import LoadReport
+    from retrieval_lib.data import LoadReport, prepare_splits
 
     records = toy_records(90, 9)
     dcfg = replace(config.get_data_config("demo"), val_size=15, test_size=20,
@@ -312,7 +313,7 @@ def test_finished_runs_are_read_back_and_reused_only_with_the_same_setup(tok, tm
 
 def test_the_hybrid_fuses_the_dense_run_with_bm25_and_is_saved_as_a_baseline(tok, tmp_path,
                                                                              monkeypatch):
-    from retrieval_lib import baselines, runs
+    from retrieval_lib.results import baselines, runs
 
     monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
     exp, splits = _toy_experiment(tok, tmp_path)
@@ -334,7 +335,7 @@ def test_the_hybrid_fuses_the_dense_run_with_bm25_and_is_saved_as_a_baseline(tok
     assert all(out["result"]["per_query"]["mrr"][q] == 1.0 for q in both)
     # and the fused run is RRF (k 60) of exactly those two runs
     from retrieval_lib import evaluation
-    from retrieval_lib.modeling import DualTowerRetriever
+    from retrieval_lib.models import DualTowerRetriever
     best = DualTowerRetriever.load(trained["out_dir"] / "best")
     qrels, dense_run, _ = evaluation.retrieve(best, splits.test)
     lexical = baselines.bm25_run(splits.test)[1]
@@ -368,7 +369,7 @@ def test_the_hybrid_fuses_the_dense_run_with_bm25_and_is_saved_as_a_baseline(tok
 
 
 def test_the_dense_run_of_the_hybrid_is_chosen_on_validation_at_its_best_epoch(monkeypatch):
-    from retrieval_lib import baselines
+    from retrieval_lib.results import baselines
 
     def run(best, values):
         return {"status": "done", "kind": "experiment", "history": {
@@ -413,7 +414,7 @@ def test_the_step_is_fitted_to_the_memory_and_said_before_training(tok, tmp_path
     """Given less memory than the configured step needs, the run turns on checkpointing (same
     batch), says so with the device and the precision before training, and records it; the run
     folder keeps the settings asked for, so a finished run is still reused on another GPU."""
-    from retrieval_lib import memory
+    from retrieval_lib.training import memory
 
     exp, splits = _toy_experiment(tok, tmp_path)
     exp = replace(exp, training=toy_config(epochs=1))
@@ -457,7 +458,7 @@ def test_progressive_unfreezing_keeps_frozen_layers_fixed(tok, tmp_path):
     epoch-end checkpoints show each new layer bit-identical until its stage begins."""
     from safetensors.torch import load_file
 
-    from retrieval_lib.expansion import UnfreezeSchedule, expand_layers
+    from retrieval_lib.models import UnfreezeSchedule, expand_layers
 
     train, val = Dataset.from_list(toy_records(32, 12)), Dataset.from_list(toy_records(8, 13))
     model = toy_model(tok)
@@ -483,7 +484,7 @@ def test_progressive_unfreezing_keeps_frozen_layers_fixed(tok, tmp_path):
 
 
 def test_a_schedule_that_cannot_complete_is_refused_and_spread_completes(tok, tmp_path):
-    from retrieval_lib.expansion import UnfreezeSchedule, expand_layers
+    from retrieval_lib.models import UnfreezeSchedule, expand_layers
 
     train, val = Dataset.from_list(toy_records(32, 12)), Dataset.from_list(toy_records(8, 13))
     model = toy_model(tok)
@@ -521,14 +522,14 @@ def test_expansion_gaps_and_comparisons_by_hand():
     base = run({"q0": 0.5, "q1": 1.0}, {"q0": 0.5, "q1": 0.5})
     runs = {"random": run({"q0": 0.4, "q1": 1.0}, {"q0": 1.0, "q1": 0.5}),
             "identity": run({"q0": 0.5, "q1": 1.0}, {"q0": 1.0, "q1": 1.0})}
-    gaps = studies.untrained_gaps(base, runs)
+    gaps = course.untrained_gaps(base, runs)
     assert gaps["identity"] == 0.0 and gaps["random"] == pytest.approx(0.1)
-    assert studies.untrained_gaps(None, runs) == {}
-    tests = studies.expansion_comparisons(base, runs)
+    assert course.untrained_gaps(None, runs) == {}
+    tests = course.expansion_comparisons(base, runs)
     assert tests["扩容（random）− 对照 · ndcg@10"]["mean_difference"] == pytest.approx(0.25)
     assert tests["扩容（identity）− 对照 · recall@100"]["mean_difference"] == pytest.approx(0.5)
     assert tests["identity − random · ndcg@10"]["mean_difference"] == pytest.approx(0.25)
-    assert set(studies.expansion_comparisons(None, runs)) == {
+    assert set(course.expansion_comparisons(None, runs)) == {
         "identity − random · ndcg@10", "identity − random · recall@100"}
 
 
@@ -632,7 +633,7 @@ def _collated_positives(model, collator, rows, k):
 
 
 def test_a_long_positive_trains_as_a_random_window_drawn_from_its_windows(tok):
-    from retrieval_lib import windows
+    from retrieval_lib.evaluation import windows
 
     model = toy_model(tok)
     model.max_passage_length = 10  # the toy positives are longer: 2-4 windows each
@@ -658,7 +659,7 @@ def test_a_long_positive_trains_as_a_random_window_drawn_from_its_windows(tok):
 def test_the_best_window_is_the_one_the_current_model_scores_highest(tok):
     import numpy as np
 
-    from retrieval_lib import windows
+    from retrieval_lib.evaluation import windows
 
     model = toy_model(tok, seed=3)
     model.max_passage_length = 10

