@@ -92,6 +92,22 @@ def test_int8_graph_is_quantised_and_close(tok, tmp_path):
     assert np.min(np.sum(got * model.encode_passages(passages), axis=1)) > 0.99
 
 
+@pytest.mark.parametrize(("machine", "vnni", "reduced"), [
+    ("x86_64", False, True),  # AVX2 / AVX-512 without VNNI: VPMADDUBSW saturates
+    ("x86_64", True, False),
+    ("AMD64", None, True),  # a torch without the check: assume the saturating kernel
+    ("aarch64", False, False),  # another architecture, other kernels
+])
+def test_int8_weights_lose_a_bit_only_where_the_cpu_kernel_saturates(monkeypatch, machine, vnni,
+                                                                     reduced):
+    monkeypatch.setattr(serving.onnx_runtime.platform, "machine", lambda: machine)
+    if vnni is None:
+        monkeypatch.delattr(torch.cpu, "_is_vnni_supported", raising=False)
+    else:
+        monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
+    assert serving.int8_needs_reduced_range() is reduced
+
+
 def test_onnx_reranker_scores_equal_the_pytorch_ones(tok, tmp_path):
     cfg = replace(config.QWEN2_05B, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=1, intermediate_size=64, vocab_size=len(tok))

@@ -8,8 +8,8 @@ from .export import (
     ST_POOLING, export_cross_encoder, export_sentence_transformer, to_sentence_transformer
 )
 from .onnx_runtime import (
-    ONNX_OPSET, export_reranker_onnx, export_retriever_onnx, OnnxReranker, OnnxRetriever,
-    quantize_int8
+    ONNX_OPSET, export_reranker_onnx, export_retriever_onnx, int8_needs_reduced_range,
+    OnnxReranker, OnnxRetriever, quantize_int8
 )
 from .index import (
     INDEX_KINDS, PassageIndex, recall_against_exact
@@ -18,6 +18,6 @@ from .index import (
 __all__ = [
     "ST_POOLING", "to_sentence_transformer", "export_sentence_transformer",
     "export_cross_encoder", "ONNX_OPSET", "export_retriever_onnx", "export_reranker_onnx",
-    "quantize_int8", "OnnxRetriever", "OnnxReranker", "INDEX_KINDS", "PassageIndex",
-    "recall_against_exact"
+    "quantize_int8", "int8_needs_reduced_range", "OnnxRetriever", "OnnxReranker", "INDEX_KINDS",
+    "PassageIndex", "recall_against_exact"
 ]

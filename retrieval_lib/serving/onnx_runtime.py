@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import os
+import platform
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ from ..results.reranker import CrossEncoderReranker, pair_tokens
 from ..settings.checkpoint import atomic_folder, verify_checksums, write_checksums
 
 __all__ = ["ONNX_OPSET", "export_retriever_onnx", "export_reranker_onnx", "quantize_int8",
-           "OnnxRetriever", "OnnxReranker"]
+           "int8_needs_reduced_range", "OnnxRetriever", "OnnxReranker"]
 
 ONNX_OPSET = 18
 _MODEL, _INT8 = "model.onnx", "model_int8.onnx"
@@ -108,15 +109,31 @@ def _export(graph: nn.Module, example: dict, outputs: list[str], path: Path) -> 
         graph.train(was_training)
 
 
-def quantize_int8(source: str | os.PathLike, target: str | os.PathLike) -> None:
+def int8_needs_reduced_range() -> bool:
+    """True on an x86 CPU without VNNI. There onnxruntime multiplies uint8 activations by int8
+    weights with ``VPMADDUBSW``, whose int16 sums of two products saturate (its quantisation
+    guide: "try reduce_range"); 7-bit weights keep every sum in range. With VNNI, and on other
+    architectures, the full 8 bits are used."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return False
+    check = getattr(torch.cpu, "_is_vnni_supported", None)
+    return not (check is not None and check())
+
+
+def quantize_int8(source: str | os.PathLike, target: str | os.PathLike,
+                  reduce_range: bool | None = None) -> None:
     """onnxruntime's dynamic int8 quantisation of ``source`` (weights of MatMul / Gemm in
-    signed int8, per channel; activations quantised at run time) into ``target``."""
+    signed int8, per channel; activations quantised at run time) into ``target``.
+    ``reduce_range`` (7-bit weights) defaults to :func:`int8_needs_reduced_range` of this CPU:
+    a graph quantised here is meant to be served on a CPU of the same kind."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if reduce_range is None:
+        reduce_range = int8_needs_reduced_range()
     logging.disable(logging.WARNING)  # "consider pre-processing": for static quantisation
     try:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
-                         per_channel=True)
+                         per_channel=True, reduce_range=reduce_range)
     finally:
         logging.disable(logging.NOTSET)
 
