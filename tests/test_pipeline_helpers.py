@@ -1,6 +1,7 @@
 """The notebooks' table and comparison helpers on inputs whose answers are worked out by hand
 (until now only the notebook runs exercised them)."""
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -215,3 +216,21 @@ def test_the_saved_demo_ablation_reads_as_a_table():
     table = course.ablation_table(saved)
     assert "baseline" in saved["variants"] and len(table) == len(saved["variants"])
     assert course.load_ablation(course.ABLATION_RESULTS.with_name("missing.json")) is None
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    (["10k", "96k"], ["10k", "96k"]),  # the parameters cell, or papermill -y
+    ("10k", ["10k"]),  # papermill -p passes text: one name,
+    ("10k,288k", ["10k", "288k"]),  # comma-separated (a trailing comma is no name),
+    ("10k, ", ["10k"]),
+    (' ["96k", "10k"] ', ["96k", "10k"]),  # or a list literal
+])
+def test_a_list_parameter_takes_every_form_papermill_passes(given, expected):
+    assert course.list_parameter(given, "subsets", course.SUBSETS) == expected
+
+
+@pytest.mark.parametrize("given", ['["10k"', "minimind108_[", "", " , ", 5, [3], ["1k"]])
+def test_a_list_parameter_that_is_not_a_list_of_known_names_names_the_forms_that_work(given):
+    forms = """-p subsets 10k,96k  or  -p subsets '["10k", "96k"]'  or  -y 'subsets: [10k, 96k]'"""
+    with pytest.raises(ValueError, match=r"^subsets.*" + re.escape(forms)):
+        course.list_parameter(given, "subsets", course.SUBSETS)

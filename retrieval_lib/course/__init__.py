@@ -35,7 +35,7 @@ from .beyond import (
     option_variants, rerank_study, reranker_folder, serving_study, windowed_variant
 )
 from .start import (
-    OVERRIDES, start_expansion, start_experiments
+    OVERRIDES, SUBSETS, list_parameter, start_expansion, start_experiments
 )
 from .notebooks import (
     notebook_paths, run_notebook
@@ -59,5 +59,6 @@ __all__ = [
     "option_variants", "option_systems", "option_comparisons", "AGGREGATION_LABELS",
     "WINDOWED_LABEL", "windowed_variant", "aggregation_study", "RERANK_LABELS",
     "reranker_folder", "rerank_study", "SERVING_LABELS", "serving_study", "OVERRIDES",
-    "start_experiments", "start_expansion", "notebook_paths", "run_notebook"
+    "SUBSETS", "list_parameter", "start_experiments", "start_expansion", "notebook_paths",
+    "run_notebook"
 ]

@@ -8,10 +8,12 @@ under the full preset, stops at once when weights or data are missing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import ast
+from collections.abc import Collection, Mapping, Sequence
 
 from ..settings.config import (
     ExperimentConfig,
+    get_data_config,
     get_experiment,
     resolve_preset,
     set_project_home,
@@ -20,12 +22,15 @@ from ..settings.config import (
 from .expansion import expansion_experiments
 from .experiment import check_full_inputs
 
-__all__ = ["OVERRIDES", "start_experiments", "start_expansion"]
+__all__ = ["OVERRIDES", "SUBSETS", "list_parameter", "start_experiments", "start_expansion"]
 
 #: Notebook parameters that override an experiment's settings (``with_overrides`` keywords).
 OVERRIDES = ("data_dir", "model_path", "trust_remote_code", "expansion_init", "unfreeze_every",
              "epochs", "batch_size", "learning_rate", "temperature", "num_hard_negatives",
              "gradient_checkpointing")
+
+#: The nested training subsets, smallest first (``DataConfig.subset_sizes`` of every preset).
+SUBSETS = tuple(get_data_config("full").subset_sizes)
 
 
 def _start(parameters: Mapping) -> tuple[str, dict]:
@@ -63,3 +68,42 @@ def start_expansion(name: str, parameters: Mapping
     with the notebook's ``parameters`` (its ``globals()``)."""
     preset, overrides = _start(parameters)
     return (preset, *expansion_experiments(name, preset, **overrides))
+
+
+def list_parameter(value, name: str, allowed: Collection[str] | None = None) -> list[str]:
+    """A list parameter of a notebook as any way of passing it gives it: a list (the cell, or
+    ``papermill -y``), or a string (``papermill -p``, which passes text): comma-separated
+    (``10k,96k``) or a list literal (``'["10k"]'``). Every item must be one of ``allowed``;
+    anything else stops with the forms that work.
+
+    >>> list_parameter("10k, 96k", "subsets"), list_parameter('["10k"]', "subsets")
+    (['10k', '96k'], ['10k'])
+    >>> list_parameter("10k,1k", "subsets", ["10k", "96k"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: subsets: '1k' is not one of 10k, 96k. Pass a list ... -p subsets 10k,96k  or ...
+    """
+    items = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith(("[", "(")):
+            try:
+                items = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                items = None
+        else:
+            items = [x.strip() for x in text.split(",") if x.strip()]
+    example = list(allowed)[:2] if allowed else ["a", "b"]
+    quoted = ", ".join(f'"{x}"' for x in example)
+    forms = (f"-p {name} {','.join(example)}  or  -p {name} '[{quoted}]'  or  "
+             f"-y '{name}: [{', '.join(example)}]'")
+    if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+        raise ValueError(f"{name}: {value!r} is not a list of names. Pass a list in any of "
+                         f"these forms: {forms}")
+    if not items:
+        raise ValueError(f"{name} is empty. Pass a list in any of these forms: {forms}")
+    unknown = [x for x in items if allowed is not None and x not in allowed]
+    if unknown:
+        raise ValueError(f"{name}: {unknown[0]!r} is not one of {', '.join(allowed)}. Pass a "
+                         f"list in any of these forms: {forms}")
+    return list(items)
