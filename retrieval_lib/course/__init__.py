@@ -18,7 +18,7 @@ from .result_plots import (
 )
 from .experiment import (
     check_full_inputs, describe, ensure_run, fit_to_device, MissingInputsError,
-    prepare_base_model, result_summary, run_experiment
+    prepare_base_model, repeat_command, result_summary, run_experiment
 )
 from .expansion import (
     SHARED_INPUTS, differences_note, expansion_comparisons, expansion_experiments,
@@ -50,15 +50,15 @@ __all__ = [
     "unfreeze_epochs", "plot_unfreeze_schedule", "plot_memory_plan", "plot_metric_panels",
     "plot_efficiency_frontier", "plot_per_query_distributions", "MissingInputsError",
     "check_full_inputs", "prepare_base_model", "fit_to_device", "run_experiment", "ensure_run",
-    "result_summary", "describe", "run_differences", "differences_note", "unfreeze_plan",
-    "show_plan", "SHARED_INPUTS", "expansion_experiments", "expansion_parameters",
-    "parameter_table", "run_expansion_with_ablation", "untrained_gaps", "expansion_comparisons",
-    "expansion_systems", "expansion_histories", "unfreeze_table", "expansion_summary",
-    "ExpansionStudy", "ABLATION_RESULTS", "load_ablation", "ablation_sentences",
-    "ablation_table", "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION", "OPTION_LABELS",
-    "option_variants", "option_systems", "option_comparisons", "AGGREGATION_LABELS",
-    "WINDOWED_LABEL", "windowed_variant", "aggregation_study", "RERANK_LABELS",
-    "reranker_folder", "rerank_study", "SERVING_LABELS", "serving_study", "OVERRIDES",
-    "SUBSETS", "list_parameter", "start_experiments", "start_expansion", "notebook_paths",
-    "run_notebook"
+    "result_summary", "describe", "repeat_command", "run_differences", "differences_note",
+    "unfreeze_plan", "show_plan", "SHARED_INPUTS", "expansion_experiments",
+    "expansion_parameters", "parameter_table", "run_expansion_with_ablation", "untrained_gaps",
+    "expansion_comparisons", "expansion_systems", "expansion_histories", "unfreeze_table",
+    "expansion_summary", "ExpansionStudy", "ABLATION_RESULTS", "load_ablation",
+    "ablation_sentences", "ablation_table", "OPTIONS_EXPERIMENT", "QUERY_INSTRUCTION",
+    "OPTION_LABELS", "option_variants", "option_systems", "option_comparisons",
+    "AGGREGATION_LABELS", "WINDOWED_LABEL", "windowed_variant", "aggregation_study",
+    "RERANK_LABELS", "reranker_folder", "rerank_study", "SERVING_LABELS", "serving_study",
+    "OVERRIDES", "SUBSETS", "list_parameter", "start_experiments", "start_expansion",
+    "notebook_paths", "run_notebook"
 ]

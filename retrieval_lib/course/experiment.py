@@ -17,6 +17,7 @@ From a shell (one process, or several with ``torchrun``)::
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -61,7 +62,8 @@ from ..training.memory import GIB, fit_step
 from ..training.optim import training_device
 
 __all__ = ["MissingInputsError", "check_full_inputs", "prepare_base_model", "fit_to_device",
-           "run_experiment", "ensure_run", "result_summary", "describe", "main"]
+           "run_experiment", "ensure_run", "result_summary", "describe", "repeat_command",
+           "main"]
 
 
 class MissingInputsError(FileNotFoundError):
@@ -246,12 +248,37 @@ def run_experiment(exp: ExperimentConfig, splits: Splits, base_info: dict | None
     env = {**environment_info(exp.preset, seed), "wall_time_s": wall, "fitted_to_device": fitted,
            "world_size": history["world_size"],
            "resumed_from": history.get("resumed_from", []),
-           "repeat": f"python -m retrieval_lib experiment --experiment {exp.name} "
-                     f"--preset {exp.preset} (with the settings of config.json)"}
+           "repeat": repeat_command(exp) + " (with the settings of config.json)"}
     if is_main():  # under torchrun every process evaluates the same model; one writes
         write_run(out, config, metrics, env)
     return {"out_dir": out, "history": history, "untrained": untrained, "test": test,
             "parameters": parameters, "expansion": expansion, "wall_time_s": wall, "m3": m3}
+
+
+def repeat_command(exp: ExperimentConfig) -> str:
+    """The command line that runs ``exp`` again: its experiment and preset, and under the full
+    preset the data folder and base model where the run was given its own (a local path);
+    the demo prepares both itself.
+
+    >>> exp = with_overrides(get_experiment("minimind27_10k", "full"), data_dir="/d/bge m3",
+    ...                      model_path="/models/minimind")
+    >>> for part in repeat_command(exp).split(" --")[1:]: print(part)
+    experiment minimind27_10k
+    preset full
+    data-dir '/d/bge m3'
+    model-path /models/minimind
+    >>> repeat_command(get_experiment("minimind27_10k", "demo"))
+    'python -m retrieval_lib experiment --experiment minimind27_10k --preset demo'
+    """
+    parts = ["python -m retrieval_lib experiment", f"--experiment {exp.name}",
+             f"--preset {exp.preset}"]
+    if exp.preset != "full":
+        return " ".join(parts)
+    if exp.data.data_dir:
+        parts.append(f"--data-dir {shlex.quote(str(exp.data.data_dir))}")
+    if exp.model.base_model != get_experiment(exp.name, exp.preset).model.base_model:
+        parts.append(f"--model-path {shlex.quote(str(exp.model.base_model))}")
+    return " ".join(parts)
 
 
 def _same_setup(saved: dict, exp: ExperimentConfig, splits: Splits) -> bool:
