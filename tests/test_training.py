@@ -248,6 +248,10 @@ def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
     assert (f"huggingface-cli download jingyaogong/minimind-v1 --local-dir {tmp_path}"
             in str(err.value))
     assert "does not exist" in str(err.value)  # the data folder
+    # a path the user passed is where the fix is, not the demo preset
+    assert str(err.value).endswith(f"(data_dir {str(tmp_path / 'no')!r}, model_path "
+                                   f"{str(tmp_path)!r}): the fix is there.")
+    assert "preset demo" not in str(err.value) and "preset demo" in message
     # the command line (single process or torchrun) stops the same way, before any work
     with pytest.raises(experiment.MissingInputsError, match="minimind-v1"):
         experiment.main(["--experiment", "minimind108_10k", "--preset", "full"])

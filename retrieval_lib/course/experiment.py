@@ -100,10 +100,17 @@ def check_full_inputs(exp: ExperimentConfig) -> None:
                 f"extract it and run with `-p data_dir DIR` (notebook 01 prepares the splits); "
                 f"or set HF_ENDPOINT to a mirror.")
     if missing:
+        given = [f"{name} {value!r}" for name, value in (
+            ("data_dir", exp.data.data_dir),
+            ("model_path", exp.model.base_model
+             if exp.model.base_model != get_experiment(exp.name, "full").model.base_model
+             else "")) if value]
+        advice = (f"\nCheck the path(s) you passed ({', '.join(given)}): the fix is there." if given
+                  else "\nOn a machine without GPU or hub access, run with `-p preset demo` "
+                       "instead.")
         raise MissingInputsError(
             f"the full preset of experiment {exp.name} ({exp.section}) cannot start:\n"
-            + "\n".join(missing)
-            + "\nOn a machine without GPU or hub access, run with `-p preset demo` instead.")
+            + "\n".join(missing) + advice)
 
 
 def prepare_base_model(exp: ExperimentConfig, splits: Splits,
