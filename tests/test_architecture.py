@@ -4,6 +4,7 @@ every module imports only modules of earlier stages, or those before it in its o
 
 import ast
 import importlib
+import types
 import warnings
 from pathlib import Path
 
@@ -120,8 +121,7 @@ def test_an_old_import_path_still_gives_the_same_object_and_names_the_new_one(ol
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 assert getattr(module, name) is getattr(new, name)
-            if module.__name__ != f"retrieval_lib.{old.split('.')[0]}" or not hasattr(
-                    type(module), "__getattr__"):
+            if type(module) is types.ModuleType:  # a real package now: nothing to warn about
                 continue
             assert any(f"from {new.__name__}" in str(w.message) for w in caught), (old, name)
 
