@@ -196,3 +196,57 @@ def test_a_bf16_saved_checkpoint_trains_with_float32_master_weights(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     vectors = model.encode_queries(TEXTS)
     assert vectors.shape == (len(TEXTS), 8)
+
+
+@pytest.mark.parametrize("release", ["v1-2024", "v1-2025", "minimind2"])
+def test_training_script_state_dicts_load_with_their_releases_config(tmp_path, release):
+    """``out/pretrain_512.pth`` as MiniMind's scripts save it (tensors only, in half precision,
+    ``torch.compile`` prefixes possible), the tokenizer in the repository's ``model/``: read
+    with the config of the release whose tensors it has, equal to that release's forward."""
+    from published_formats import _v1_state, _v2_state, write_tokenizer
+
+    repo = tmp_path / "minimind"
+    vocab = write_tokenizer(repo / "model")
+    if release == "minimind2":
+        cfg = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
+               "num_key_value_heads": 2, "vocab_size": vocab, "intermediate_size": 192,
+               "rope_theta": 1e6, "rms_norm_eps": 1e-5}
+        state = _v2_state(cfg, seed=3)
+        reference = lambda ids: minimind2_reference(state, cfg, ids)  # noqa: E731
+    else:
+        heads, kv, theta = (16, 8, 1e4) if release == "v1-2024" else (8, 2, 1e6)
+        cfg = {"dim": 64, "n_layers": 2, "n_heads": heads, "n_kv_heads": kv, "norm_eps": 1e-5}
+        state = _v1_state(64, 2, heads, kv, vocab, 192, seed=3)
+        reference = lambda ids: v1_reference(state, cfg, ids, theta=theta)  # noqa: E731
+    half = {f"_orig_mod.{k}": v.half() for k, v in state.items()}
+    state = {k.removeprefix("_orig_mod."): v.half().float() for k, v in half.items()}
+    (repo / "out").mkdir()
+    pth = repo / "out" / "pretrain_64.pth"
+    torch.save(half, pth)
+    assert models.check_base_model(str(pth)) == []
+    encoder, path, report = _converted(pth, tmp_path)
+    assert report["state_dict_file"] == str(pth.resolve())
+    assert report["release_assumed"].startswith(
+        {"v1-2024": "v1 (2024", "v1-2025": "v1 layout (2025", "minimind2": "MiniMind2"}[release])
+    tok = models.DualTowerRetriever(encoder, _tok(path)).tokenizer
+    assert _max_error(encoder, tok, reference) < 1e-5
+
+
+def test_state_dicts_that_fit_no_release_are_refused_with_what_they_are(tmp_path):
+    from published_formats import _v1_state, write_tokenizer
+
+    vocab = write_tokenizer(tmp_path)
+    torch.save(_v1_state(64, 2, 4, 4, vocab, 192, seed=0), tmp_path / "odd.pth")  # MHA: 1:1
+    problems = models.check_base_model(str(tmp_path / "odd.pth"))
+    assert len(problems) == 1 and "a minimind-v1 state dict (width 64, 2 layers)" in \
+        problems[0] and "config.json it was trained with" in problems[0]
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")
+    assert "neither MiniMind v1 keys" in models.check_base_model(str(tmp_path / "other.pth"))[0]
+    (tmp_path / "notes.txt").write_text("x")
+    assert "is a file, not a model folder" in models.check_base_model(
+        str(tmp_path / "notes.txt"))[0]
+    no_tok = tmp_path / "bare"
+    no_tok.mkdir()
+    torch.save(_v1_state(64, 2, 16, 8, vocab, 192, seed=0), no_tok / "pretrain_64.pth")
+    assert "no tokenizer.json next to it" in models.check_base_model(
+        str(no_tok / "pretrain_64.pth"))[0]

@@ -17,7 +17,13 @@ from torch import nn
 
 from ..settings.checkpoint import unreadable_files
 from ..settings.config import ModelConfig, project_root
-from .minimind import ConversionError, checkpoint_format, convert_checkpoint, llama_config
+from .minimind import (
+    ConversionError,
+    checkpoint_format,
+    convert_checkpoint,
+    llama_config,
+    stage_training_file,
+)
 
 __all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "how_to_supply",
            "check_base_model", "resolve_base_model", "dtype_kwarg", "load_encoder",
@@ -189,6 +195,26 @@ def _problems_in_files(names: set[str], config: dict | None, where: str,
     return problems
 
 
+def _models_cache() -> Path:
+    return project_root() / "data_cache" / "models"
+
+
+def _problems_of_file(path: Path) -> list[str]:
+    """A file given as the model: a state dict of MiniMind's training scripts can be staged
+    as a checkpoint folder (:func:`~retrieval_lib.models.minimind.stage_training_file`);
+    anything else is named for what it is."""
+    if path.suffix not in (".pth", ".pt", ".bin"):
+        return [f"{path} is a file, not a model folder; pass the folder that holds its "
+                f"config.json, weights and tokenizer"]
+    try:
+        folder, _ = stage_training_file(path, _models_cache())
+    except ConversionError as exc:
+        return [str(exc)]
+    names = {p.name for p in folder.iterdir()}
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return _problems_in_files(names, config, str(path), False)
+
+
 def check_base_model(name_or_path: str, trust_remote_code: bool = False,
                      hub_id: str | None = None) -> list[str]:
     """What is missing to load ``name_or_path``, checked without downloading weights: the
@@ -199,6 +225,8 @@ def check_base_model(name_or_path: str, trust_remote_code: bool = False,
         name_or_path.startswith((".", "~"))
     if local:
         folder = Path(name_or_path).expanduser()
+        if folder.is_file():
+            return _problems_of_file(folder)
         if not folder.is_dir():
             return [f"model folder {folder} does not exist; "
                     f"{how_to_supply(str(folder), hub_id)}"]
@@ -243,9 +271,20 @@ def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = 
     MiniMind checkpoints in their own format (v1 or MiniMind2 custom code) are converted once
     to a standard ``LlamaModel`` under ``cache_dir`` (default ``<project>/data_cache/models``)
     by :func:`retrieval_lib.models.minimind.convert_checkpoint`, without running their code; the
-    report says what was converted. Every other model (Qwen2, Llama-format MiniMind2,
-    BERT/XLM-R) is returned as given, with ``None``.
+    report says what was converted. A ``.pth`` state dict of MiniMind's training scripts is
+    staged as a checkpoint folder first, with the config of the release that wrote it
+    (:func:`~retrieval_lib.models.minimind.stage_training_file`; the report names it). Every
+    other model (Qwen2, Llama-format MiniMind2, BERT/XLM-R) is returned as given, with ``None``.
     """
+    staged = None
+    if os.path.isfile(os.path.expanduser(name_or_path)):  # MiniMind's out/pretrain_512.pth
+        folder, release = stage_training_file(name_or_path, cache_dir or _models_cache())
+        staged = {"state_dict_file": str(Path(name_or_path).expanduser().resolve()),
+                  "release_assumed": release}
+        print(f"{name_or_path}: a state dict written by MiniMind's training scripts, read with "
+              f"the config of {release} (recognised from its tensors); to use another config, "
+              f"put it as pytorch_model.bin in a folder with its config.json")
+        name_or_path = str(folder)
     raw, folder = _read_config(name_or_path)
     if checkpoint_format(raw) is None:
         return name_or_path, None
@@ -257,10 +296,10 @@ def resolve_base_model(name_or_path: str, cache_dir: str | os.PathLike | None = 
         except Exception as exc:
             raise OSError(f"cannot download the weights of {name_or_path!r} "
                           f"({type(exc).__name__}); {how_to_supply(name_or_path)}") from exc
-    cache = Path(cache_dir) if cache_dir else project_root() / "data_cache" / "models"
+    cache = Path(cache_dir) if cache_dir else _models_cache()
     hub_id = None if os.path.isdir(name_or_path) else name_or_path
     target, report = convert_checkpoint(folder, cache, label=hub_id)
-    return str(target), report
+    return str(target), {**report, **(staged or {})}
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict:
