@@ -2,7 +2,7 @@
 dual-tower retriever, expansion with new layers, and the demo LMs' pretraining.
 
 Modules, each importing only those before it: ``losses``, ``gradcache``, ``m3``, ``minimind``,
-``base``, ``retriever``, ``expansion``, ``pretraining``.
+``minimind_scripts``, ``base``, ``retriever``, ``expansion``, ``pretraining``.
 """
 
 from .losses import (
@@ -21,6 +21,9 @@ from .minimind import (
     MINIMIND2, MINIMIND_V1, TOKENIZER_FILES, V1_ROPE_THETA, checkpoint_format, ConversionError,
     convert_checkpoint, convert_state_dict, interleaved_to_half, llama_config, read_state_dict,
     rope_theta_of, weight_files
+)
+from .minimind_scripts import (
+    stage_training_file, TRAINING_CONFIGS
 )
 from .base import (
     POOLINGS, PRECISIONS, autocast_for, build_encoder, check_base_model, choose_precision,
@@ -48,7 +51,8 @@ __all__ = [
     "evaluate_m3", "MINIMIND_V1", "MINIMIND2", "V1_ROPE_THETA", "ConversionError",
     "checkpoint_format", "llama_config", "rope_theta_of", "interleaved_to_half",
     "convert_state_dict", "read_state_dict", "weight_files", "convert_checkpoint",
-    "TOKENIZER_FILES", "POOLINGS", "hf_config_from_shape", "build_encoder", "how_to_supply",
+    "TOKENIZER_FILES", "TRAINING_CONFIGS", "stage_training_file", "POOLINGS",
+    "hf_config_from_shape", "build_encoder", "how_to_supply",
     "check_base_model", "resolve_base_model", "dtype_kwarg", "load_encoder", "count_parameters",
     "parameter_count_from_config", "PRECISIONS", "cpu_has_native_bf16", "choose_precision",
     "autocast_for", "pool", "text_token_ids", "pad_token_ids", "DualTowerRetriever", "INITS",

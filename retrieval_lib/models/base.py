@@ -22,8 +22,8 @@ from .minimind import (
     checkpoint_format,
     convert_checkpoint,
     llama_config,
-    stage_training_file,
 )
+from .minimind_scripts import stage_training_file
 
 __all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "how_to_supply",
            "check_base_model", "resolve_base_model", "dtype_kwarg", "load_encoder",
