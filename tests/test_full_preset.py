@@ -91,6 +91,39 @@ def test_other_published_formats_pass_the_checks_load_and_expand(home, writer, n
     assert vectors.shape == (2, 128)
 
 
+def test_data_prepared_from_a_folder_is_found_again_without_it(home, monkeypatch):
+    """01 runs with ``-p data_dir DIR`` (here relative, with a trailing slash); the notebooks
+    after it leave data_dir empty and must find the same prepared splits."""
+    monkeypatch.chdir(home)
+    small = {"val_size": 8, "test_size": 10}
+    first = data.prepare_data(config.get_data_config("full", data_dir="bge-m3-data/", **small))
+    later = config.get_data_config("full", **small)
+    assert later.data_dir == str(home / "bge-m3-data")
+    assert data.data_config_hash(later) == first.manifest["config_hash"]
+    exp = config.get_experiment("minimind27_10k", "full")
+    assert exp.data.data_dir == str(home / "bge-m3-data")
+    monkeypatch.chdir("/")  # another working directory: the same folder
+    assert config.get_data_config("full").data_dir == str(home / "bge-m3-data")
+    # a folder given later is the one used, and remembered
+    other = home / "other-copy"
+    (home / "bge-m3-data").rename(other)
+    data.prepare_data(config.get_data_config("full", data_dir=str(other), **small))
+    assert config.get_data_config("full").data_dir == str(other)
+
+
+def test_the_full_tokenizer_says_which_parameter_to_set_when_the_hub_is_out_of_reach(
+        tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError) as err:
+        data.tokenizer_for_preset("full", None, tmp_path)
+    assert "`-p tokenizer_name DIR`" in str(err.value) and "HF_ENDPOINT" in str(err.value)
+    write_minimind_v1(tmp_path / "local")  # a local folder is used as it is
+    tok = data.tokenizer_for_preset("full", None, tmp_path, str(tmp_path / "local"))
+    assert tok("长江")["input_ids"]
+
+
 def test_missing_files_are_named_before_anything_is_downloaded(home):
     folder = home / "incomplete"
     write_minimind_v1(folder)

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..settings.config import SEED, DataConfig, cache_path
+from ..settings.config import (
+    DATA_DIR_RECORD,
+    SEED,
+    DataConfig,
+    cache_path,
+    remembered_data_dir,
+)
 from .demo_corpus import load_demo_records, people_daily_path
 from .records import (
     DataUnavailableError,
@@ -234,6 +240,8 @@ def data_config_hash(cfg: DataConfig) -> str:
     from dataclasses import asdict
 
     key = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "download_dir")}
+    if cfg.data_dir:  # the folder, however it was written (relative, with a trailing slash)
+        key["data_dir"] = _absolute(cfg.data_dir)
     key["prepare_version"] = PREPARE_VERSION
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -254,7 +262,9 @@ def prepare_data(cfg: DataConfig, out_dir: str | os.PathLike | None = None,
     if (out / "manifest.json").exists() and not rebuild:
         changed, before = _changed_sources(cfg, out / "manifest.json")
         if not changed:
-            return load_splits(out)
+            splits = load_splits(out)
+            _remember_data_dir(cfg)
+            return splits
         print(f"the source files changed since {out} was prepared ({'; '.join(changed)}): "
               f"preparing the splits again")
     if cfg.kind == "demo":
@@ -268,12 +278,29 @@ def prepare_data(cfg: DataConfig, out_dir: str | os.PathLike | None = None,
     extra["config_hash"] = data_config_hash(cfg)
     extra["source_files"] = source_files_state(cfg)
     splits = prepare_splits(records, cfg, reports, out, extra)
+    _remember_data_dir(cfg)
     if before is not None:
         print("the records are the same as before: the splits did not change"
               if splits.manifest["fingerprint"] == before else
               "the records differ from before: runs trained on the old splits are not "
               "comparable with new ones; train them again")
     return splits
+
+
+def _absolute(folder: str) -> str:
+    return os.path.abspath(os.path.expanduser(folder))
+
+
+def _remember_data_dir(cfg: DataConfig) -> None:
+    """Record the local folder the full data came from (:data:`DATA_DIR_RECORD`), so a later
+    notebook run without ``data_dir`` prepares, and finds, the same splits."""
+    if cfg.kind != "bge_m3_zh" or not cfg.data_dir:
+        return
+    record = cache_path(cfg) / DATA_DIR_RECORD
+    folder = _absolute(cfg.data_dir)
+    if remembered_data_dir(cfg) != folder:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"data_dir": folder}, ensure_ascii=False), encoding="utf-8")
 
 
 def source_files_state(cfg: DataConfig) -> dict[str, list[int]] | None:

@@ -74,6 +74,24 @@ def cache_path(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else project_root() / "data_cache"
 
 
+#: File in the data cache naming the folder of local source files the full data was last
+#: prepared from (written by :func:`retrieval_lib.data.splits.prepare_data`), so notebooks
+#: after 01 find the same prepared splits without repeating ``-p data_dir``.
+DATA_DIR_RECORD = "full-data_dir.json"
+
+
+def remembered_data_dir(cfg: DataConfig) -> str | None:
+    """The ``data_dir`` the full data was last prepared from in ``cfg``'s cache, if any."""
+    record = cache_path(cfg) / DATA_DIR_RECORD
+    if not record.exists():
+        return None
+    try:
+        return json.loads(record.read_text(encoding="utf-8"))["data_dir"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{record}: not the record of a data folder ({exc}); delete it and "
+                         f"pass `-p data_dir DIR`") from exc
+
+
 #: Presets a notebook may ask for.
 PRESETS = ("full", "demo", "auto")
 
@@ -443,10 +461,19 @@ def resolve_preset(preset: str) -> str:
 
 
 def get_data_config(preset: str = "auto", **overrides) -> DataConfig:
-    """The data settings of a preset, with optional field overrides (e.g. ``data_dir``)."""
+    """The data settings of a preset, with optional field overrides (e.g. ``data_dir``).
+
+    Under the full preset without a ``data_dir``, the folder the data was last prepared from
+    (notebook 01 with ``-p data_dir DIR``, :data:`DATA_DIR_RECORD`) is used, so later notebooks
+    find the same prepared splits; with no such record the data comes from the hub.
+    """
     preset = resolve_preset(preset)
-    base = copy.deepcopy(DEMO_DATA) if preset == "demo" else DataConfig()
-    return replace(base, **overrides)
+    if preset == "demo":
+        return replace(copy.deepcopy(DEMO_DATA), **overrides)
+    cfg = replace(DataConfig(), **overrides)
+    if not cfg.data_dir:
+        cfg = replace(cfg, data_dir=remembered_data_dir(cfg))
+    return cfg
 
 
 def get_experiment(name: str, preset: str = "auto") -> ExperimentConfig:
@@ -469,7 +496,7 @@ def get_experiment(name: str, preset: str = "auto") -> ExperimentConfig:
     else:
         model = replace(model, num_new_layers=new_layers)
         training = replace(training)
-        data = DataConfig()
+        data = get_data_config("full")
     return ExperimentConfig(
         name=name, section=spec.section, title=spec.title, preset=preset, subset=spec.subset,
         data=data, model=model, training=training, base_experiment=spec.base_experiment,
