@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..settings.checkpoint import unreadable_files
 from ..settings.config import MINIMIND_108M
+from ..settings.hub import model_available
 
 __all__ = ["SPECIAL_TOKENS", "train_bpe_tokenizer", "load_pretrained_tokenizer",
            "demo_tokenizer", "count_tokens", "tokenizer_for_preset", "with_eos_template"]
@@ -50,6 +51,11 @@ def load_pretrained_tokenizer(name_or_path: str, trust_remote_code: bool = False
     """``AutoTokenizer.from_pretrained`` with a message that says how to supply missing files."""
     from transformers import AutoTokenizer
 
+    how = (f"Download the model (huggingface-cli download {name_or_path} --local-dir DIR) and "
+           f"pass DIR as the model path, or set HF_ENDPOINT to a reachable mirror.")
+    if not model_available(name_or_path):  # one quick probe instead of ~25 s of retries
+        raise OSError(f"cannot load the tokenizer of {name_or_path!r}: not a local folder, not "
+                      f"in the Hugging Face cache, and the hub is not reachable\n{how}")
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -62,10 +68,7 @@ def load_pretrained_tokenizer(name_or_path: str, trust_remote_code: bool = False
                       f"tokenizer needs tokenizer.json (or the files it is built from)"]
         raise OSError(
             f"cannot load the tokenizer of {name_or_path!r}: "
-            f"{'; '.join(broken) if broken else str(exc).splitlines()[0]}\n"
-            f"Download the model (huggingface-cli download {name_or_path} --local-dir DIR) and "
-            f"pass DIR as the model path, or set HF_ENDPOINT to a reachable mirror."
-        ) from exc
+            f"{'; '.join(broken) if broken else str(exc).splitlines()[0]}\n{how}") from exc
 
 
 def demo_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: str | Path):
@@ -101,9 +104,20 @@ def tokenizer_for_preset(preset: str, train_split, cache_dir: str | Path,
     ``demo``: a byte-level BPE of ``vocab_size`` trained on the queries and positive passages of
     ``train_split`` (training data only, so the test set never shapes the vocabulary), cached.
     """
-    if preset == "full" or name_or_path:
-        return load_pretrained_tokenizer(name_or_path or MINIMIND_108M.base_model,
-                                         trust_remote_code=trust_remote_code)
+    if name_or_path:
+        return load_pretrained_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    if preset == "full":
+        default = MINIMIND_108M.base_model
+        try:
+            return load_pretrained_tokenizer(default, trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise OSError(
+                f"the full preset measures token lengths with MiniMind's tokenizer ({default}), "
+                f"which is neither in the local Hugging Face cache nor reachable "
+                f"({str(exc).splitlines()[0]}).\nPass the local folder of a MiniMind checkpoint "
+                f"you downloaded (the one you give the training notebooks as model_path): "
+                f"`-p tokenizer_name DIR`; or set HF_ENDPOINT to a reachable mirror "
+                f"(e.g. HF_ENDPOINT=https://hf-mirror.com).") from exc
     texts = [row["query"] for row in train_split]
     texts += [p["text"] for row in train_split for p in row["positive_passages"]]
     return demo_tokenizer(texts, vocab_size, cache_dir)
