@@ -203,3 +203,19 @@ def test_compared_runs_say_what_else_differs():
     table = course.run_differences(pair, ("model.num_new_layers",))
     assert bool(table.loc["training.gradient_checkpointing", "intended"])  # same maths
     assert "gradient_checkpointing" not in course.differences_note(table, "新增层数")
+
+
+def test_auto_refuses_to_drop_the_full_inputs_it_was_given(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
+    given = {"preset": "auto", "project_home": "", "data_dir": "/data/bge-m3-data",
+             "model_path": ""}
+    with pytest.raises(ValueError) as err:
+        course.start_experiments(["minimind27_10k"], given)
+    assert "data_dir='/data/bge-m3-data'" in str(err.value) and "model_path" not in str(
+        err.value) and "`-p preset full`" in str(err.value)
+    # without them auto still chooses the demo, and an explicit demo is what was asked for
+    assert course.start_experiments(["minimind27_10k"], {**given, "data_dir": ""})[0] == "demo"
+    assert course.start_experiments(["minimind27_10k"], {**given, "preset": "demo"})[0] == "demo"

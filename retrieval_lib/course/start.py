@@ -29,6 +29,9 @@ OVERRIDES = ("data_dir", "model_path", "trust_remote_code", "expansion_init", "u
              "epochs", "batch_size", "learning_rate", "temperature", "num_hard_negatives",
              "gradient_checkpointing")
 
+#: Notebook parameters that only the full preset reads: ``auto`` refuses to drop them.
+FULL_INPUTS = ("data_dir", "model_path")
+
 #: The nested training subsets, smallest first (``DataConfig.subset_sizes`` of every preset).
 SUBSETS = tuple(get_data_config("full").subset_sizes)
 
@@ -40,7 +43,7 @@ def _start(parameters: Mapping) -> tuple[str, dict]:
         raise KeyError(f"the notebook defines no parameter {', '.join(missing)}: its "
                        "`parameters` cell must set it")
     set_project_home(parameters["project_home"])
-    preset = resolve_preset(parameters["preset"])
+    preset = resolve_preset(parameters["preset"], {k: parameters.get(k) for k in FULL_INPUTS})
     return preset, {k: parameters[k] for k in OVERRIDES if k in parameters}
 
 

@@ -440,8 +440,16 @@ def _demo_training(full: TrainingConfig, new_layers: int = 0) -> TrainingConfig:
     return replace(full, epochs=4, early_stopping_patience=2, **demo)
 
 
-def resolve_preset(preset: str) -> str:
-    """Turn ``"auto"`` into ``"full"`` (a CUDA GPU is visible) or ``"demo"``, and say so."""
+def resolve_preset(preset: str, full_inputs: dict[str, object] | None = None) -> str:
+    """Turn ``"auto"`` into ``"full"`` (a CUDA GPU is visible) or ``"demo"``, and say so.
+
+    ``full_inputs`` are the notebook's parameters that only the full preset reads (``data_dir``,
+    ``model_path`` ...): when ``auto`` would choose ``demo`` while one of them is set, it stops
+    and names them instead of ignoring them.
+
+    >>> resolve_preset("demo", {"data_dir": "/data"})  # asked for explicitly: no question
+    'demo'
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if preset != "auto":
@@ -454,6 +462,13 @@ def resolve_preset(preset: str) -> str:
         has_gpu = False
     chosen = "full" if has_gpu else "demo"
     reason = "a CUDA GPU is available" if has_gpu else "no CUDA GPU was found"
+    given = {k: v for k, v in (full_inputs or {}).items() if v}
+    if chosen == "demo" and given:
+        raise ValueError(
+            f"preset 'auto' would run the offline demo here ({reason}), which ignores "
+            f"{', '.join(f'{k}={v!r}' for k, v in given.items())}: only the full preset reads "
+            f"them. Pass `-p preset full` to use them on this machine, or leave them out for "
+            f"the demo.")
     message = f"preset 'auto' -> '{chosen}' ({reason})"
     print(message)
     logger.info(message)
