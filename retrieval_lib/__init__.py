@@ -45,14 +45,14 @@ MODULES = (
     "data.splits", "data.statistics",
     "evaluation.windows", "evaluation.metrics", "evaluation.search",
     "models.losses", "models.gradcache", "models.m3", "models.minimind",
-    "models.minimind_scripts", "models.base",
+    "models.minimind_scripts", "models.checkpoints", "models.base",
     "models.retriever", "models.expansion", "models.pretraining",
     "training.batching", "training.collator", "training.mining", "training.optim",
     "training.resume", "training.loop", "training.memory",
     "results.runs", "results.tables", "results.baselines", "results.reranker",
     "serving.export", "serving.onnx_runtime", "serving.index",
-    "course.plotting", "course.result_plots", "course.experiment", "course.expansion",
-    "course.ablation", "course.beyond", "course.start", "course.notebooks",
+    "course.plotting", "course.result_plots", "course.inputs", "course.experiment",
+    "course.expansion", "course.ablation", "course.beyond", "course.start", "course.notebooks",
 )
 
 __all__ = ["MOVED", "MODULES", "PACKAGES", "__version__"]

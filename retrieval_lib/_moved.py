@@ -31,7 +31,8 @@ MOVED: dict[str, tuple[str, ...]] = {
     "windows": ("evaluation.windows",),
     "evaluation": ("evaluation.metrics", "evaluation.search"),
     "losses": ("models.losses",), "gradcache": ("models.gradcache",), "m3": ("models.m3",),
-    "minimind": ("models.minimind",), "modeling": ("models.base", "models.retriever"),
+    "minimind": ("models.minimind",), "modeling": ("models.base", "models.checkpoints",
+                                                       "models.retriever"),
     "expansion": ("models.expansion",), "pretraining": ("models.pretraining",),
     "batching": ("training.batching",), "mining": ("training.mining",),
     "training": ("training.collator", "training.optim", "training.resume", "training.loop"),
@@ -40,7 +41,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "baselines": ("results.baselines",), "reranker": ("results.reranker",),
     "export": ("serving.export",), "serving": ("serving.onnx_runtime",),
     "index": ("serving.index",),
-    "experiment": ("course.experiment",), "notebook_utils": ("course.notebooks",),
+    "experiment": ("course.experiment", "course.inputs"), "notebook_utils": ("course.notebooks",),
     "plotting": ("course.plotting", "course.result_plots"),
     "studies": ("course.expansion", "course.beyond", "course.ablation"),
 }
@@ -58,8 +59,11 @@ def new_home(old: str, name: str) -> str | None:
     >>> new_home("modeling", "DualTowerRetriever")
     'retrieval_lib.models.retriever'
     """
-    for target in MOVED[old]:
-        module = importlib.import_module(f"{PACKAGE}.{target}")
+    modules = [importlib.import_module(f"{PACKAGE}.{target}") for target in MOVED[old]]
+    for module in modules:  # the module that defines it, not one that imports it
+        if name in getattr(module, "__all__", ()):
+            return module.__name__
+    for module in modules:
         if name in vars(module):
             return module.__name__
     return None

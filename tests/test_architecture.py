@@ -130,5 +130,6 @@ def test_an_unknown_name_of_an_old_module_names_where_the_module_went():
     import retrieval_lib.modeling as modeling
 
     with pytest.raises(AttributeError, match="retrieval_lib.models.base, "
+                                             "retrieval_lib.models.checkpoints, "
                                              "retrieval_lib.models.retriever"):
         modeling.no_such_name  # noqa: B018

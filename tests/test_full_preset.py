@@ -46,7 +46,7 @@ def home(tmp_path, monkeypatch):
 def test_27m_base_and_38m_expansion_run_on_a_minimind_v1_checkpoint(home):
     write_minimind_v1(home / "minimind-v1-small")
     base = _full("minimind27_10k", home, home / "minimind-v1-small", epochs=2, batch_size=4)
-    experiment.check_full_inputs(base)  # everything there: passes
+    course.check_full_inputs(base)  # everything there: passes
     splits = data.prepare_data(base.data)
     load = splits.manifest["load"]
     assert {s: r["kept"] for s, r in load.items()} == {s: 12 for s in config.BGE_M3_ZH_SOURCES}
@@ -83,7 +83,7 @@ def test_other_published_formats_pass_the_checks_load_and_expand(home, writer, n
 
     writer(home / "model")
     exp = _full(name, home, home / "model")
-    experiment.check_full_inputs(exp)
+    course.check_full_inputs(exp)
     model = DualTowerRetriever.from_config(exp.model)
     new = expand_layers(model.encoder, 2, init="identity")
     assert new == [2, 3]
@@ -148,8 +148,8 @@ def test_missing_files_are_named_before_anything_is_downloaded(home):
     (home / "bge-m3-data" / "DuReader" / "dureader_len-0-500.jsonl").rename(
         home / "bge-m3-data" / "DuReader" / "du_reader_len-0-500.jsonl")
     exp = _full("minimind27_10k", home, folder)
-    with pytest.raises(experiment.MissingInputsError) as err:
-        experiment.check_full_inputs(exp)
+    with pytest.raises(course.MissingInputsError) as err:
+        course.check_full_inputs(exp)
     message = str(err.value)
     assert "no weights" in message and "no tokenizer" in message
     assert "dureader (pattern *dureader*_len-*.jsonl): no file name contains 'dureader'" in \

@@ -1,7 +1,8 @@
 """The course: figures, one experiment end to end (and its command line), the studies the
 notebooks show, and running the notebooks.
 
-Modules, each importing only those before it: ``plotting``, ``result_plots``, ``experiment``,
+Modules, each importing only those before it: ``plotting``, ``result_plots``, ``inputs``,
+``experiment``,
 ``expansion``, ``ablation``, ``beyond``, ``start``, ``notebooks``.
 """
 
@@ -16,9 +17,13 @@ from .result_plots import (
     plot_metrics_vs_data_size, plot_per_query_distributions, plot_training_curves,
     plot_unfreeze_schedule, unfreeze_epochs
 )
+from .inputs import (
+    check_full_inputs, MissingInputsError, realised, with_checkpoint_shape,
+    with_prepared_records
+)
 from .experiment import (
-    check_full_inputs, describe, ensure_run, fit_to_device, MissingInputsError,
-    prepare_base_model, repeat_command, result_summary, run_experiment
+    describe, ensure_run, fit_to_device, prepare_base_model, repeat_command, result_summary,
+    run_experiment
 )
 from .expansion import (
     SHARED_INPUTS, differences_note, expansion_comparisons, expansion_experiments,
@@ -35,7 +40,7 @@ from .beyond import (
     option_variants, rerank_study, reranker_folder, serving_study, windowed_variant
 )
 from .start import (
-    OVERRIDES, SUBSETS, list_parameter, start_expansion, start_experiments
+    OVERRIDES, SUBSETS, distinct_subsets, list_parameter, start_expansion, start_experiments
 )
 from .notebooks import (
     notebook_paths, run_notebook
@@ -49,7 +54,8 @@ __all__ = [
     "log_x_axis", "plot_training_curves", "plot_metric_bars", "plot_metrics_vs_data_size",
     "unfreeze_epochs", "plot_unfreeze_schedule", "plot_memory_plan", "plot_metric_panels",
     "plot_efficiency_frontier", "plot_per_query_distributions", "MissingInputsError",
-    "check_full_inputs", "prepare_base_model", "fit_to_device", "run_experiment", "ensure_run",
+    "check_full_inputs", "with_checkpoint_shape", "with_prepared_records", "realised",
+    "prepare_base_model", "fit_to_device", "run_experiment", "ensure_run",
     "result_summary", "describe", "repeat_command", "run_differences", "differences_note",
     "unfreeze_plan", "show_plan", "SHARED_INPUTS", "expansion_experiments",
     "expansion_parameters", "parameter_table", "run_expansion_with_ablation", "untrained_gaps",
@@ -60,5 +66,6 @@ __all__ = [
     "AGGREGATION_LABELS", "WINDOWED_LABEL", "windowed_variant", "aggregation_study",
     "RERANK_LABELS", "reranker_folder", "rerank_study", "SERVING_LABELS", "serving_study",
     "OVERRIDES", "SUBSETS", "list_parameter", "start_experiments", "start_expansion",
+    "distinct_subsets",
     "notebook_paths", "run_notebook"
 ]

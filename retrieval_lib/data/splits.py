@@ -35,7 +35,7 @@ from .records import (
 from .sources import find_source_files, load_bge_m3_zh
 
 __all__ = ["dedup_records", "make_splits", "Splits", "prepare_splits", "load_splits", "corpus_of",
-           "check_splits", "prepare_data", "data_config_hash"]
+           "check_splits", "prepare_data", "data_config_hash", "prepared_dir"]
 
 #: Bumped whenever preparation changes what it produces, so cached splits are rebuilt.
 PREPARE_VERSION = 1
@@ -246,6 +246,11 @@ def data_config_hash(cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def prepared_dir(cfg: DataConfig) -> Path:
+    """Where :func:`prepare_data` keeps the prepared splits of ``cfg`` by default."""
+    return cache_path(cfg) / f"prepared-{cfg.kind}-{data_config_hash(cfg)}"
+
+
 def prepare_data(cfg: DataConfig, out_dir: str | os.PathLike | None = None,
                  rebuild: bool = False) -> Splits:
     """Load, validate, deduplicate and split the data of ``cfg``; cached by configuration.
@@ -256,8 +261,7 @@ def prepare_data(cfg: DataConfig, out_dir: str | os.PathLike | None = None,
     manifest): then they are prepared again, and the changed files are named.
     ``rebuild=True`` prepares them again in any case.
     """
-    out = Path(out_dir) if out_dir else (
-        cache_path(cfg) / f"prepared-{cfg.kind}-{data_config_hash(cfg)}")
+    out = Path(out_dir) if out_dir else prepared_dir(cfg)
     before = None
     if (out / "manifest.json").exists() and not rebuild:
         changed, before = _changed_sources(cfg, out / "manifest.json")

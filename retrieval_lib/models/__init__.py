@@ -2,7 +2,7 @@
 dual-tower retriever, expansion with new layers, and the demo LMs' pretraining.
 
 Modules, each importing only those before it: ``losses``, ``gradcache``, ``m3``, ``minimind``,
-``minimind_scripts``, ``base``, ``retriever``, ``expansion``, ``pretraining``.
+``minimind_scripts``, ``checkpoints``, ``base``, ``retriever``, ``expansion``, ``pretraining``.
 """
 
 from .losses import (
@@ -25,10 +25,13 @@ from .minimind import (
 from .minimind_scripts import (
     stage_training_file, TRAINING_CONFIGS
 )
+from .checkpoints import (
+    SHAPE_FIELDS, check_base_model, checkpoint_shape, how_to_supply, resolve_base_model
+)
 from .base import (
-    POOLINGS, PRECISIONS, autocast_for, build_encoder, check_base_model, choose_precision,
-    count_parameters, cpu_has_native_bf16, dtype_kwarg, hf_config_from_shape, how_to_supply,
-    load_encoder, parameter_count_from_config, resolve_base_model
+    POOLINGS, PRECISIONS, autocast_for, build_encoder, choose_precision, count_parameters,
+    cpu_has_native_bf16, dtype_kwarg, hf_config_from_shape, load_encoder,
+    parameter_count_from_config
 )
 from .retriever import (
     DualTowerRetriever, pad_token_ids, pool, text_token_ids
@@ -51,9 +54,9 @@ __all__ = [
     "evaluate_m3", "MINIMIND_V1", "MINIMIND2", "V1_ROPE_THETA", "ConversionError",
     "checkpoint_format", "llama_config", "rope_theta_of", "interleaved_to_half",
     "convert_state_dict", "read_state_dict", "weight_files", "convert_checkpoint",
-    "TOKENIZER_FILES", "TRAINING_CONFIGS", "stage_training_file", "POOLINGS",
-    "hf_config_from_shape", "build_encoder", "how_to_supply",
-    "check_base_model", "resolve_base_model", "dtype_kwarg", "load_encoder", "count_parameters",
+    "TOKENIZER_FILES", "TRAINING_CONFIGS", "stage_training_file", "how_to_supply",
+    "check_base_model", "resolve_base_model", "SHAPE_FIELDS", "checkpoint_shape", "POOLINGS",
+    "hf_config_from_shape", "build_encoder", "dtype_kwarg", "load_encoder", "count_parameters",
     "parameter_count_from_config", "PRECISIONS", "cpu_has_native_bf16", "choose_precision",
     "autocast_for", "pool", "text_token_ids", "pad_token_ids", "DualTowerRetriever", "INITS",
     "POSITIONS", "decoder_layers", "new_layer_positions", "expand_layers", "UnfreezeSchedule",

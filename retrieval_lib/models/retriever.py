@@ -30,8 +30,8 @@ from .base import (
     build_encoder,
     choose_precision,
     load_encoder,
-    resolve_base_model,
 )
+from .checkpoints import resolve_base_model
 from .m3 import M3Heads
 
 __all__ = ["pool", "text_token_ids", "pad_token_ids", "DualTowerRetriever"]

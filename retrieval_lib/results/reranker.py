@@ -58,8 +58,8 @@ from ..models.base import (
     choose_precision,
     dtype_kwarg,
     hf_config_from_shape,
-    resolve_base_model,
 )
+from ..models.checkpoints import resolve_base_model
 from ..settings.checkpoint import atomic_folder, verify_checksums, write_checksums
 from ..settings.config import ModelConfig, RerankerConfig
 from ..training.collator import draw_negatives, set_seed

@@ -274,12 +274,18 @@ class ExperimentConfig:
     model: ModelConfig
     training: TrainingConfig
     base_experiment: str | None = None  # the experiment whose model this one grows from
+    # training records the prepared data holds for ``subset`` (fewer than asked when the data
+    # is smaller); None until the data is known
+    prepared_records: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @property
     def train_size(self) -> int:
+        """Training records: the prepared count once known, else the subset's nominal size."""
+        if self.prepared_records is not None:
+            return self.prepared_records
         return self.data.subset_sizes[self.subset]
 
 
