@@ -298,3 +298,49 @@ def write_bge_m3_data(root: Path, per_source: int = 12, negatives: int = 4) -> d
     english.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": []}) + "\n",
                        encoding="utf-8")
     return counts
+
+
+def write_bge_m3(folder: Path, seed: int = 3) -> None:
+    """A BAAI/bge-m3 folder in its published layout at a tiny size: ``XLMRobertaModel`` weights
+    with its config, an XLM-R tokenizer (a Unigram ``tokenizer.json`` with ``<s>``, ``<pad>``,
+    ``</s>``, ``<unk>`` as ids 0-3 and ``<mask>`` last; ``XLMRobertaTokenizer`` in
+    ``tokenizer_config.json``, ``model_max_length`` 8192) and the two heads the repository ships
+    as state dicts, ``sparse_linear.pt`` (hidden -> 1) and ``colbert_linear.pt``
+    (hidden -> hidden)."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    tok.train_from_iterator(ZH_TEXTS * 3 + [t[::-1] for t in ZH_TEXTS], trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=specials, unk_token="<unk>", show_progress=False))
+    tok.add_special_tokens(["<mask>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "XLMRobertaTokenizer", "model_max_length": 8192, "bos_token": "<s>",
+         "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>", "unk_token": "<unk>",
+         "pad_token": "<pad>", "mask_token": "<mask>"}), encoding="utf-8")
+    torch.manual_seed(seed)
+    hidden = 32
+    XLMRobertaModel(XLMRobertaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=8194,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    ).save_pretrained(str(folder))
+    torch.save(torch.nn.Linear(hidden, 1).state_dict(), folder / "sparse_linear.pt")
+    torch.save(torch.nn.Linear(hidden, hidden).state_dict(), folder / "colbert_linear.pt")
