@@ -71,8 +71,6 @@ def test_option_variants_change_only_what_each_option_names():
 
 
 def test_an_expansion_and_its_base_share_only_where_the_inputs_are(tmp_path):
-    from retrieval_lib.course import experiment
-
     data_dir, model_path = str(tmp_path / "data"), str(tmp_path / "model")
     exp, base = course.expansion_experiments(
         "minimind186_288k", "demo", data_dir=data_dir, model_path=model_path,
@@ -95,7 +93,7 @@ def test_an_expansion_and_its_base_share_only_where_the_inputs_are(tmp_path):
     with pytest.raises(ValueError, match="not an expansion"):
         course.expansion_experiments("minimind27_10k", "demo")
     # the full preset stops on the missing inputs (the demo, above, does not look for them)
-    with pytest.raises(experiment.MissingInputsError, match="model"):
+    with pytest.raises(course.MissingInputsError, match="model"):
         course.expansion_experiments("minimind38_96k", "full", data_dir=data_dir,
                                       model_path=model_path)
 

@@ -235,14 +235,14 @@ def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
     monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     exp = config.get_experiment("minimind108_10k", "full")
-    with pytest.raises(experiment.MissingInputsError) as err:
-        experiment.check_full_inputs(exp)
+    with pytest.raises(course.MissingInputsError) as err:
+        course.check_full_inputs(exp)
     message = str(err.value)
     assert "jingyaogong/minimind-v1" in message and "Shitao/bge-m3-data" in message
     assert "model_path" in message and "data_dir" in message and "HF_ENDPOINT" in message
     local = config.with_overrides(exp, model_path=str(tmp_path), data_dir=str(tmp_path / "no"))
-    with pytest.raises(experiment.MissingInputsError) as err:
-        experiment.check_full_inputs(local)
+    with pytest.raises(course.MissingInputsError) as err:
+        course.check_full_inputs(local)
     # a local folder: what it lacks, and which hub repository to download into it
     assert f"{tmp_path}: no config.json" in str(err.value)
     assert (f"huggingface-cli download jingyaogong/minimind-v1 --local-dir {tmp_path}"
@@ -253,7 +253,7 @@ def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
                                    f"{str(tmp_path)!r}): the fix is there.")
     assert "preset demo" not in str(err.value) and "preset demo" in message
     # the command line (single process or torchrun) stops the same way, before any work
-    with pytest.raises(experiment.MissingInputsError, match="minimind-v1"):
+    with pytest.raises(course.MissingInputsError, match="minimind-v1"):
         experiment.main(["--experiment", "minimind108_10k", "--preset", "full"])
     with pytest.raises(SystemExit):
         experiment.main(["--experiment", "minimind999", "--preset", "demo"])
