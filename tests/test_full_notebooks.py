@@ -1,9 +1,9 @@
-"""The full preset as the README tells a user to run it: the papermill command lines of
-docs/full-preset.md, in course order, on miniatures of the published checkpoints and data.
+"""The full preset as the README tells a user to run it: the papermill command lines of its
+full-preset section, in course order, on miniatures of the published checkpoints and data.
 
 The folders are what a user downloads (MiniMind v1 checkpoints with their own code, BGE-M3, the
 extracted bge-m3-data archive), written at tiny sizes by ``published_formats``; the commands
-are read from the documentation page itself, so the page and this test cannot drift apart.
+are read from the README itself, so the README and this test cannot drift apart.
 01 is the only notebook given the data folder. The data holds 1,700 records: the fixed test
 and validation sets of 800 each, and a training pool of 100 that every subset is capped to.
 """
@@ -20,7 +20,7 @@ from published_formats import write_bge_m3, write_bge_m3_data, write_minimind_v1
 
 from retrieval_lib.settings.config import CHECKOUT
 
-PAGE = CHECKOUT / "docs" / "full-preset.md"
+PAGE = CHECKOUT / "README.md"
 
 #: The stand-in for each placeholder of the page's commands.
 FOLDERS = {"DATA": "bge-m3-data", "MINIMIND27": "minimind-v1-small",
@@ -28,7 +28,7 @@ FOLDERS = {"DATA": "bge-m3-data", "MINIMIND27": "minimind-v1-small",
 
 
 def page_commands() -> list[str]:
-    """The papermill lines of the page's "Run the course on your own folders" block."""
+    """The papermill lines of the README's full-preset block."""
     text = PAGE.read_text(encoding="utf-8")
     block = text.split("<!-- full-preset-commands -->")[1].split("```")[1]
     return [line for line in block.splitlines() if line.startswith("papermill ")]
