@@ -305,11 +305,22 @@ def test_finished_runs_are_read_back_and_reused_only_with_the_same_setup(tok, tm
     del older["training"]["positive_window"], older["model"]["passage_aggregation"]
     saved.write_text(json.dumps(older), encoding="utf-8")
     assert experiment.ensure_run(exp, splits)["test"]["per_query"] == trained["test"]["per_query"]
-    windowed = replace(exp, training=replace(exp.training, positive_window="random"))
-    assert experiment.ensure_run(windowed, splits, allow_training=False) is None
-    other = replace(exp, training=replace(exp.training, learning_rate=1e-4))
-    assert experiment.ensure_run(other, splits, allow_training=False) is None
-    assert "other settings" in capsys.readouterr().out
+    # a run of other training settings (a user's own, e.g. -p epochs 2) is reused, never
+    # replaced, and every difference is named
+    capsys.readouterr()
+    other = replace(exp, training=replace(exp.training, learning_rate=1e-4, epochs=3))
+    kept = experiment.ensure_run(other, splits, allow_training=False)
+    assert kept["test"]["per_query"] == trained["test"]["per_query"]
+    assert kept["differs"] == {"training.epochs": (exp.training.epochs, 3),
+                               "training.learning_rate": (exp.training.learning_rate, 1e-4)}
+    printed = capsys.readouterr().out
+    assert f"training.epochs: {exp.training.epochs} in the run, 3 here" in printed
+    assert "move that folder away" in printed
+    # one of another model is not replaced either: it stops, naming what differs
+    wider = replace(exp, model=replace(exp.model, projection_dim=8))
+    with pytest.raises(RuntimeError, match="model.projection_dim: 16 in the run, 8 here"):
+        experiment.ensure_run(wider, splits)
+    assert load_run(trained["out_dir"])["test"]["per_query"] == trained["test"]["per_query"]
     (trained["out_dir"] / "env.json").unlink()
     with pytest.raises(FileNotFoundError, match="env.json missing"):
         load_run(trained["out_dir"])

@@ -23,7 +23,7 @@ from .inputs import (
 )
 from .experiment import (
     describe, ensure_run, fit_to_device, prepare_base_model, repeat_command, result_summary,
-    run_experiment
+    run_experiment, setup_differences
 )
 from .expansion import (
     SHARED_INPUTS, differences_note, expansion_comparisons, expansion_experiments,
@@ -55,7 +55,7 @@ __all__ = [
     "unfreeze_epochs", "plot_unfreeze_schedule", "plot_memory_plan", "plot_metric_panels",
     "plot_efficiency_frontier", "plot_per_query_distributions", "MissingInputsError",
     "check_full_inputs", "with_checkpoint_shape", "with_prepared_records", "realised",
-    "prepare_base_model", "fit_to_device", "run_experiment", "ensure_run",
+    "prepare_base_model", "fit_to_device", "run_experiment", "setup_differences", "ensure_run",
     "result_summary", "describe", "repeat_command", "run_differences", "differences_note",
     "unfreeze_plan", "show_plan", "SHARED_INPUTS", "expansion_experiments",
     "expansion_parameters", "parameter_table", "run_expansion_with_ablation", "untrained_gaps",

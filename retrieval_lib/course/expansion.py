@@ -254,7 +254,8 @@ def expansion_summary(exp: ExperimentConfig, base_exp: ExperimentConfig, base_in
                       base_run: dict | None, runs: dict[str, dict]) -> dict:
     """What an expansion notebook measured, for its ``summary.json``: parameters from the
     configs (full and this preset) and counted on the trained model, the schedule, every run's
-    summary, the paired tests and the identity check."""
+    summary, the paired tests, the identity check, and the settings in which a reused base run
+    differs from its notebook's."""
     first = next(iter(runs.values()))
     return {
         "experiment": exp.name, "base_experiment": base_exp.name, "base_model": base_info,
@@ -269,6 +270,8 @@ def expansion_summary(exp: ExperimentConfig, base_exp: ExperimentConfig, base_in
                  **{init: result_summary(run) for init, run in runs.items()}},
         "paired_tests": expansion_comparisons(base_run, runs),
         "untrained_max_difference": untrained_gaps(base_run, runs),
+        # a reused base run trained with other settings than its notebook's: which, and how
+        "base_run_differs": {k: list(v) for k, v in (base_run or {}).get("differs", {}).items()},
     }
 
 

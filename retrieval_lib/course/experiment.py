@@ -57,7 +57,8 @@ from ..training.memory import GIB, fit_step
 from ..training.optim import training_device
 from .inputs import check_full_inputs, realised
 
-__all__ = ["prepare_base_model", "fit_to_device", "run_experiment", "ensure_run",
+__all__ = ["prepare_base_model", "fit_to_device", "run_experiment", "setup_differences",
+           "ensure_run",
            "result_summary", "describe", "repeat_command", "main"]
 
 
@@ -240,28 +241,55 @@ def repeat_command(exp: ExperimentConfig) -> str:
     return " ".join(parts)
 
 
-def _same_setup(saved: dict, exp: ExperimentConfig, splits: Splits) -> bool:
-    """True when a saved run used ``exp``'s model, training, subset and exactly this data."""
+def setup_differences(saved: dict, exp: ExperimentConfig, splits: Splits
+                      ) -> dict[str, tuple]:
+    """``{setting: (saved, now)}`` for every setting in which a saved run's config differs from
+    ``exp`` on ``splits``: ``data`` (the records' fingerprint), ``subset``, ``model.<field>``
+    and ``training.<field>``. Empty when the run is ``exp`` on this data."""
     current = json.loads(json.dumps(exp.to_dict()))  # as saved: tuples become lists
     saved = {**saved, "model": with_defaults(saved["model"], ModelConfig),  # settings newer
              "training": with_defaults(saved["training"], TrainingConfig)}  # than the run
-    return (saved["data_manifest"]["fingerprint"] == splits.manifest["fingerprint"]
-            and all(saved[k] == current[k] for k in ("model", "training", "subset")))
+    differs = {}
+    if saved["data_manifest"]["fingerprint"] != splits.manifest["fingerprint"]:
+        differs["data"] = (saved["data_manifest"]["fingerprint"], splits.manifest["fingerprint"])
+    if saved["subset"] != current["subset"]:
+        differs["subset"] = (saved["subset"], current["subset"])
+    for part in ("model", "training"):
+        for key in sorted(set(saved[part]) | set(current[part])):
+            if saved[part].get(key) != current[part].get(key):
+                differs[f"{part}.{key}"] = (saved[part].get(key), current[part].get(key))
+    return differs
 
 
 def ensure_run(exp: ExperimentConfig, splits: Splits, base_info: dict | None = None,
                allow_training: bool = True, show_progress: bool = True,
                resume: bool = False) -> dict | None:
-    """The run of ``exp``: read from its run folder when a finished run with the same model,
-    training settings and data is there, else trained now (or ``None`` when
-    ``allow_training`` is false; ``resume`` as in :func:`run_experiment`). Says which."""
+    """The run of ``exp``: read from its run folder when a finished run is there, else trained
+    now (or ``None`` when ``allow_training`` is false; ``resume`` as in :func:`run_experiment`).
+
+    A finished run is never replaced. One that differs from ``exp`` only in training settings
+    (a user's own run of that notebook, e.g. with ``-p epochs 2``) is reused, with every
+    differing setting named and kept in the returned run under ``"differs"``; one trained on
+    other data, another model or subset stops with those differences named.
+    """
     folder = run_dir(exp.preset, exp.name)
     if (folder / "metrics.json").exists():
         run = load_run(folder)
-        if _same_setup(run["config"], exp, splits):
+        differs = setup_differences(run["config"], exp, splits)
+        listed = "; ".join(f"{k}: {a!r} in the run, {b!r} here" for k, (a, b) in differs.items())
+        if not differs:
             print(f"{exp.name}: reusing the finished run in {folder}")
-            return run
-        print(f"{exp.name}: the run in {folder} used other settings or data; not reused")
+        elif all(k.startswith("training.") for k in differs):
+            print(f"{exp.name}: reusing the finished run in {folder}, trained with other "
+                  f"training settings than asked here ({listed}); it is compared as it is. To "
+                  f"train it with these settings instead, move that folder away first")
+        else:
+            raise RuntimeError(
+                f"{exp.name}: the finished run in {folder} differs in more than its training "
+                f"settings ({listed}) and is not replaced. Move that folder away to train "
+                f"{exp.name} again here, or go on without it (run_base=False in the expansion "
+                f"notebooks).")
+        return {**run, "differs": differs}
     if not allow_training:
         print(f"{exp.name}: no finished run with these settings, and training it was not "
               f"asked for")
