@@ -219,3 +219,20 @@ def test_auto_refuses_to_drop_the_full_inputs_it_was_given(monkeypatch, tmp_path
     # without them auto still chooses the demo, and an explicit demo is what was asked for
     assert course.start_experiments(["minimind27_10k"], {**given, "data_dir": ""})[0] == "demo"
     assert course.start_experiments(["minimind27_10k"], {**given, "preset": "demo"})[0] == "demo"
+
+
+def test_an_unreachable_hub_id_fails_at_once_without_retrying_downloads(monkeypatch):
+    """Offline, each download retries for ~25 s: a hub id that is neither cached nor reachable
+    is refused after one probe, with the way to supply it."""
+    import huggingface_hub
+
+    from retrieval_lib.models import checkpoints
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(checkpoints, "hub_has", lambda repo, kind: False)
+    with pytest.raises(OSError, match="not in the Hugging Face cache and the hub is not "
+                                      "reachable; download it"):
+        checkpoints.checkpoint_shape("jingyaogong/minimind-v1-small")

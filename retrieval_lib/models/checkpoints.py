@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ..settings.config import project_root
+from ..settings.hub import hub_has
 from .minimind import (
     ConversionError,
     checkpoint_format,
@@ -52,13 +53,21 @@ def _read_config(name_or_path: str) -> tuple[dict, Path | None]:
             raise FileNotFoundError(f"{name_or_path}: no config.json; "
                                     f"{how_to_supply(name_or_path)}")
     else:
-        from huggingface_hub import hf_hub_download
+        import huggingface_hub
 
-        try:
-            path = Path(hf_hub_download(name_or_path, "config.json"))
-        except Exception as exc:  # offline, no such repo, auth
-            raise OSError(f"cannot read config.json of {name_or_path!r} "
-                          f"({type(exc).__name__}); {how_to_supply(name_or_path)}") from exc
+        cached = huggingface_hub.try_to_load_from_cache(name_or_path, "config.json")
+        if isinstance(cached, str):  # no network round trip (offline: ~25 s of retries)
+            path = Path(cached)
+        elif not hub_has(name_or_path, "model"):
+            raise OSError(f"cannot read config.json of {name_or_path!r}: not in the Hugging "
+                          f"Face cache and the hub is not reachable; "
+                          f"{how_to_supply(name_or_path)}")
+        else:
+            try:
+                path = Path(huggingface_hub.hf_hub_download(name_or_path, "config.json"))
+            except Exception as exc:  # no such repo, auth
+                raise OSError(f"cannot read config.json of {name_or_path!r} "
+                              f"({type(exc).__name__}); {how_to_supply(name_or_path)}") from exc
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
