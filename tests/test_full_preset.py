@@ -236,3 +236,19 @@ def test_an_unreachable_hub_id_fails_at_once_without_retrying_downloads(monkeypa
     with pytest.raises(OSError, match="not in the Hugging Face cache and the hub is not "
                                       "reachable; download it"):
         checkpoints.checkpoint_shape("jingyaogong/minimind-v1-small")
+
+
+def test_the_bf16_hint_names_a_setting_that_exists(monkeypatch):
+    import inspect
+
+    import torch
+
+    from retrieval_lib.models import base
+
+    monkeypatch.setattr(base, "cpu_has_native_bf16", lambda: True)
+    precision, why = base.choose_precision(torch.device("cpu"))
+    assert precision == "fp32" and "--precision bf16" in why and "precision='bf16'" in why
+    # what it names exists: the command line's choices and run_experiment's keyword
+    assert "bf16" in base.PRECISIONS
+    assert "--precision" in inspect.getsource(experiment.main)
+    assert "precision" in inspect.signature(course.run_experiment).parameters

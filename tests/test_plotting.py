@@ -106,3 +106,31 @@ def test_chinese_labels_render_without_missing_glyphs(tmp_path):
     assert glyph_warnings == []
     assert path.name == "test_lengths.png" and path.stat().st_size > 10_000
     assert matplotlib.rcParams["axes.unicode_minus"] is False
+
+
+def _histories(n):
+    steps = [{"step": s, "epoch": 1 + s // 5, "loss": 3.0 - 0.1 * s} for s in range(10)]
+    epochs = [{"epoch": e, "val_ndcg@10": 0.1 * e, "val_recall@10": 0.2 * e,
+               "trainable_new_layers": []} for e in (1, 2)]
+    return {f"run {i}": {"steps": steps, "epochs": epochs, "best_epoch": 2} for i in range(n)}
+
+
+def test_many_runs_get_their_own_colours_and_a_legend_that_covers_no_panel():
+    """05 draws every run of a preset (15 in the demo): each needs its own colour, and the
+    legend must sit below both panels, not over curves or axis labels."""
+    fig = course.plot_training_curves(_histories(15), title="所有训练运行")
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    colours = {line.get_color() for line in legend.get_lines()}
+    assert len(legend.get_texts()) == 15 and len(colours) == 15
+    renderer = fig.canvas.get_renderer()
+    top = legend.get_window_extent(renderer).y1
+    for ax in fig.axes:  # the whole panel, its tick and axis labels included
+        assert ax.get_tightbbox(renderer).y0 >= top
+    points = {f"s{i}": {"parameters": 10.0 ** (i / 3 + 5), "mean": 0.1, "ci_low": 0.05,
+                        "ci_high": 0.15} for i in range(15)}
+    fig = course.plot_efficiency_frontier(points, "ndcg@5", lines={"bm25": 0.3})
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    colours = {str(h.lines[0].get_color() if hasattr(h, "lines") else h.get_color())
+               for h, label in zip(handles, labels, strict=True) if label != "效率前沿"}
+    assert len(colours) == 16  # 15 systems and the BM25 line

@@ -15,7 +15,7 @@ from .plotting import (
 from .result_plots import (
     plot_efficiency_frontier, plot_memory_plan, plot_metric_bars, plot_metric_panels,
     plot_metrics_vs_data_size, plot_per_query_distributions, plot_training_curves,
-    plot_unfreeze_schedule, unfreeze_epochs
+    plot_unfreeze_schedule, run_styles, unfreeze_epochs
 )
 from .inputs import (
     check_full_inputs, MissingInputsError, realised, with_checkpoint_shape,
@@ -51,7 +51,8 @@ __all__ = [
     "figure_title", "file_slug", "save_figure", "plot_length_distributions",
     "plot_split_counts", "plot_temperature_softmax", "plot_negative_gradients",
     "plot_optimisation_history", "plot_loss_parts", "LOSS_PART_LABELS", "moving_average",
-    "log_x_axis", "plot_training_curves", "plot_metric_bars", "plot_metrics_vs_data_size",
+    "log_x_axis", "run_styles", "plot_training_curves", "plot_metric_bars",
+    "plot_metrics_vs_data_size",
     "unfreeze_epochs", "plot_unfreeze_schedule", "plot_memory_plan", "plot_metric_panels",
     "plot_efficiency_frontier", "plot_per_query_distributions", "MissingInputsError",
     "check_full_inputs", "with_checkpoint_shape", "with_prepared_records", "realised",

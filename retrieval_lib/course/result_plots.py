@@ -10,7 +10,7 @@ import numpy as np
 
 from .plotting import log_x_axis, moving_average, setup_cjk_font
 
-__all__ = ["plot_training_curves", "plot_metric_bars", "plot_metrics_vs_data_size",
+__all__ = ["run_styles", "plot_training_curves", "plot_metric_bars", "plot_metrics_vs_data_size",
            "unfreeze_epochs", "plot_unfreeze_schedule", "plot_memory_plan", "plot_metric_panels",
            "plot_efficiency_frontier", "plot_per_query_distributions"]
 
@@ -32,25 +32,48 @@ def unfreeze_epochs(history: Mapping) -> list[int]:
     return out
 
 
+def run_styles(n: int) -> list[tuple[str, str]]:
+    """``n`` distinguishable (colour, marker) pairs: matplotlib's ten default colours while
+    they suffice, else the twenty of ``tab20``, with the marker changing every twenty.
+
+    >>> run_styles(2)
+    [('C0', 'o'), ('C1', 'o')]
+    >>> len(set(run_styles(25))), run_styles(21)[20][1]
+    (25, 's')
+    """
+    import matplotlib
+
+    if n <= 10:
+        return [(f"C{i}", "o") for i in range(n)]
+    colours = [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
+    markers = "osD^vP"
+    return [(colours[i % 20], markers[(i // 20) % len(markers)]) for i in range(n)]
+
+
 def plot_training_curves(histories: Mapping[str, Mapping], title: str | None = None):
     """Training loss per step (moving average) and validation metrics per epoch, per run;
-    dotted lines mark the epochs where an expansion run unfroze one more new layer."""
+    dotted lines mark the epochs where an expansion run unfroze one more new layer. One
+    legend below both panels names the runs (one colour each, :func:`run_styles`); the line
+    style tells NDCG@10 from Recall@10."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     setup_cjk_font()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    columns = 2 if len(histories) > 4 else max(1, len(histories))
+    rows = -(-len(histories) // columns)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4 + 0.22 * rows), layout="constrained")
     marked = False
-    for i, (label, history) in enumerate(histories.items()):
-        color = f"C{i}"
+    for (label, history), (color, marker) in zip(histories.items(), run_styles(len(histories)),
+                                                 strict=True):
         losses = [s["loss"] for s in history["steps"]]
         window = max(1, len(losses) // 30)
         smooth = moving_average(losses, window)
         ax1.plot(np.arange(len(smooth)) + window, smooth, color=color, label=label)
         epochs = [e["epoch"] for e in history["epochs"]]
-        ax2.plot(epochs, [e["val_ndcg@10"] for e in history["epochs"]], "-o", color=color,
-                 label=f"{label} NDCG@10")
-        ax2.plot(epochs, [e["val_recall@10"] for e in history["epochs"]], "--s", color=color,
-                 alpha=0.6, label=f"{label} Recall@10")
+        ax2.plot(epochs, [e["val_ndcg@10"] for e in history["epochs"]], "-", marker=marker,
+                 color=color)
+        ax2.plot(epochs, [e["val_recall@10"] for e in history["epochs"]], "--", marker=marker,
+                 color=color, alpha=0.6, markersize=4)
         if history.get("best_epoch"):
             best = history["epochs"][history["best_epoch"] - 1]
             ax2.scatter([best["epoch"]], [best["val_ndcg@10"]], s=120, facecolors="none",
@@ -63,18 +86,14 @@ def plot_training_curves(histories: Mapping[str, Mapping], title: str | None = N
     ax1.set_xlabel("训练步数")
     ax1.set_ylabel("InfoNCE 损失（滑动平均）")
     ax1.set_title("训练损失" + ("（点线：又解冻一个新层）" if marked else ""))
-    ax1.legend()
-    from matplotlib.ticker import MaxNLocator
-
     ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_xlabel("轮次（epoch）")
     ax2.set_ylabel("验证集指标")
     ax2.set_title("验证集 NDCG@10（实线）与 Recall@10（虚线），圆圈为最佳轮次")
-    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18),
-               ncol=min(2, 2 * len(histories)))
+    fig.legend(*ax1.get_legend_handles_labels(), loc="outside lower center", ncol=columns,
+               fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -263,10 +282,11 @@ def plot_efficiency_frontier(points: Mapping[str, Mapping[str, float]], metric: 
 
     setup_cjk_font()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for i, (label, p) in enumerate(points.items()):
+    styles = run_styles(len(points) + len(lines or {}))
+    for (label, p), (color, marker) in zip(points.items(), styles, strict=False):
         ax.errorbar([p["parameters"]], [p["mean"]],
                     yerr=[[p["mean"] - p["ci_low"]], [p["ci_high"] - p["mean"]]],
-                    fmt="o", color=f"C{i % 10}", capsize=3, label=label)
+                    fmt=marker, color=color, capsize=3, label=label)
     ordered = sorted(points.values(), key=lambda p: p["parameters"])
     frontier, best = [], -np.inf
     for p in ordered:  # the models no smaller model beats
@@ -275,8 +295,9 @@ def plot_efficiency_frontier(points: Mapping[str, Mapping[str, float]], metric: 
             best = p["mean"]
     ax.plot([p["parameters"] for p in frontier], [p["mean"] for p in frontier], "-",
             color="gray", alpha=0.6, label="效率前沿")
-    for j, (label, value) in enumerate((lines or {}).items()):
-        ax.axhline(value, linestyle="--", color=f"C{(len(points) + j) % 10}", label=label)
+    for (label, value), (color, _) in zip((lines or {}).items(), styles[len(points):],
+                                          strict=True):
+        ax.axhline(value, linestyle="--", color=color, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("参数量（对数轴）")
     ax.set_ylabel(f"测试集 {metric}（误差线：95% 置信区间）")

@@ -56,7 +56,9 @@ def choose_precision(device: torch.device, precision: str = "auto") -> tuple[str
         return ("bf16" if major >= 8 else "fp16"), (
             f"compute capability {major}.{minor}: "
             + ("native bf16" if major >= 8 else "no native bf16, fp16 with loss scaling"))
-    hint = (" (this CPU has native bf16: precision='bf16' trains real-size models faster)"
+    hint = (" (this CPU has native bf16, which trains real-size models faster: "
+            "`python -m retrieval_lib experiment ... --precision bf16`, or "
+            "run_experiment(..., precision='bf16'))"
             if device.type == "cpu" and cpu_has_native_bf16() else "")
     return "fp32", f"{device.type}: full precision by default{hint}"
 
