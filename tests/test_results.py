@@ -108,7 +108,9 @@ def test_markdown_report_says_what_made_it(registry):
     assert path == registry / "reports" / "results_demo.md"
     text = path.read_text(encoding="utf-8")
     assert "runs/demo/" in text and "not how the real models compare" in text
-    assert text.endswith("\n\n" + results.markdown_table(table))  # a table needs a blank line
+    assert "\n\n" + results.markdown_table(table) + "\n" in text  # blank lines around a table
+    assert text.endswith("- `bge_m3` not run: no weights here. To run it: pass -p "
+                         "bge_m3_path.\n")
 
 
 def test_figure_inputs_come_from_the_registry(registry):
@@ -156,3 +158,16 @@ def test_write_between_markers_replaces_only_the_marked_block(tmp_path):
                                                "<!-- t: end -->\noutro\n")
     with pytest.raises(ValueError, match="markers"):
         write_between_markers(doc, "<!-- u: start -->", "<!-- t: end -->", "x")
+
+
+def test_markdown_report_says_how_to_run_what_was_not_run(registry):
+    from retrieval_lib.results import record_not_run
+
+    record_not_run("bge_m3", "demo", "the model is not reachable",
+                   "pass `-p bge_m3_path DIR`", root=registry)
+    table = results.report_table(collect_runs("demo", registry))
+    text = results.write_markdown_report(table, "demo", root=registry).read_text(
+        encoding="utf-8")
+    assert "| bge_m3 |  |  | not run |" in text
+    assert text.endswith("\n\nNot in the table's numbers:\n\n- `bge_m3` not run: the model is "
+                         "not reachable. To run it: pass `-p bge_m3_path DIR`.\n")

@@ -59,6 +59,7 @@ def report_table(runs: dict[str, dict], metrics=HEADLINE_METRICS, reference: str
         row = {"system": name, "kind": run["kind"], "status": run["status"]}
         if run["status"] != "done":
             row["note"] = run["reason"]
+            row["how_to_run"] = run.get("how_to_run")
             rows.append(row)
             continue
         row.update({"title": run["title"], "parameters": run["parameters"],
@@ -152,7 +153,8 @@ def save_benchmark(saved: dict, results: str | os.PathLike, readme: str | os.Pat
 
 def write_markdown_report(table, preset: str, root: str | os.PathLike | None = None) -> Path:
     """``<root>/reports/results_<preset>.md``: the report table with what made it (preset,
-    reference, machine, versions), for the README to link."""
+    reference, machine, versions), for the README to link; below it, each system that was not
+    run (or whose run is broken) with the reason and, where known, how to run it."""
     env = environment_info(preset)
     reference = table.attrs.get("reference") or "none"
     lines = [f"# Results: `{preset}` preset", "",
@@ -166,9 +168,14 @@ def write_markdown_report(table, preset: str, root: str | os.PathLike | None = N
     if preset == "demo":
         lines += ["The demo preset uses tiny models and the People's Daily 1998 corpus: these "
                   "numbers show that the pipeline works, not how the real models compare.", ""]
+    missing = [f"- `{name}` {row['status']}: {row['note']}."
+               + (f" To run it: {row['how_to_run']}." if row.get("how_to_run") else "")
+               for name, row in table.iterrows() if row["status"] != "done"]
+    notes = (["", "Not in the table's numbers:", ""] + missing) if missing else []
     path = Path(root or project_root()) / "reports" / f"results_{preset}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n" + markdown_table(table), encoding="utf-8")
+    path.write_text("\n".join(lines) + "\n" + markdown_table(table) + "\n".join(notes)
+                    + ("\n" if notes else ""), encoding="utf-8")
     return path
 
 
