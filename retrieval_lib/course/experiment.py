@@ -1,7 +1,7 @@
 """One experiment end to end, as the ``03_*`` notebooks run it.
 
-``check_full_inputs`` stops a full run at once when its weights or data are missing;
-``prepare_base_model`` gives the base LM (the real checkpoint, or the demo LM pretrained on the
+``check_full_inputs`` (:mod:`~retrieval_lib.course.inputs`) stops a full run at once when its
+weights or data are missing; ``prepare_base_model`` gives the base LM (the real checkpoint, or the demo LM pretrained on the
 demo corpus); ``run_experiment`` measures the untrained retriever, trains it, evaluates the best
 epoch on the shared test set and writes the run folder that the results notebook reads:
 ``config.json``, ``history.json``, ``metrics.json`` (test metrics with per-query values) and
@@ -58,8 +58,7 @@ from ..training.optim import training_device
 from .inputs import check_full_inputs, realised
 
 __all__ = ["prepare_base_model", "fit_to_device", "run_experiment", "setup_differences",
-           "ensure_run",
-           "result_summary", "describe", "repeat_command", "main"]
+           "ensure_run", "result_summary", "describe", "repeat_command", "main"]
 
 
 def prepare_base_model(exp: ExperimentConfig, splits: Splits,

@@ -18,9 +18,7 @@ from pathlib import Path
 from ..data.records import DataUnavailableError
 from ..data.sources import find_source_files
 from ..data.splits import prepared_dir
-from ..models.base import (
-    parameter_count_from_config,
-)
+from ..models.base import parameter_count_from_config
 from ..models.checkpoints import check_base_model, checkpoint_shape
 from ..settings.config import PUBLISHED_BASE_MODELS, ExperimentConfig, get_experiment
 from ..settings.hub import hub_has
@@ -45,7 +43,7 @@ def check_full_inputs(exp: ExperimentConfig) -> None:
     """Raise :class:`MissingInputsError` naming every missing model file and data source,
     before anything is downloaded or prepared.
 
-    The model (:func:`~retrieval_lib.models.base.check_base_model`): a local folder must hold
+    The model (:func:`~retrieval_lib.models.checkpoints.check_base_model`): a local folder must hold
     config.json, weights and a tokenizer (a MiniMind checkpoint must also be convertible); a
     hub id must be reachable or cached and hold the same. The data: prepared splits exist,
     ``exp.data.data_dir`` holds a file for every source, or the hub dataset is reachable.
@@ -86,7 +84,7 @@ def check_full_inputs(exp: ExperimentConfig) -> None:
 
 def with_checkpoint_shape(exp: ExperimentConfig) -> ExperimentConfig:
     """Under the full preset, ``exp`` with its model's shape read from the checkpoint it loads
-    (``model_path`` or the hub id; :func:`~retrieval_lib.models.base.checkpoint_shape`).
+    (``model_path`` or the hub id; :func:`~retrieval_lib.models.checkpoints.checkpoint_shape`).
 
     A checkpoint of another architecture than the experiment's is refused. One of another
     size runs under its own name (the checkpoint's folder and parameter count) instead of the
