@@ -1,9 +1,10 @@
 """One experiment end to end, as the ``03_*`` notebooks run it.
 
 ``check_full_inputs`` (:mod:`~retrieval_lib.course.inputs`) stops a full run at once when its
-weights or data are missing; ``prepare_base_model`` gives the base LM (the real checkpoint, or the demo LM pretrained on the
-demo corpus); ``run_experiment`` measures the untrained retriever, trains it, evaluates the best
-epoch on the shared test set and writes the run folder that the results notebook reads:
+weights or data are missing; ``prepare_base_model`` gives the base LM (the real checkpoint, or
+the demo LM pretrained on the demo corpus); ``run_experiment`` measures the untrained
+retriever, trains it, evaluates the best epoch on the shared test set and writes the run folder
+that the results notebook reads:
 ``config.json``, ``history.json``, ``metrics.json`` (test metrics with per-query values) and
 ``env.json`` (versions, device, preset, seed, wall time).
 
