@@ -128,3 +128,23 @@ def _png_title(path: Path) -> str:
 
     with Image.open(path) as image:
         return image.text.get("Title", "")
+
+
+@pytest.mark.notebook
+def test_auto_on_a_machine_without_gpu_refuses_the_full_inputs_it_is_given(tmp_path):
+    """``preset`` left at ``auto`` with a model folder: the demo would ignore it, so the
+    notebook stops at its first cell and says which preset reads it."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("auto chooses the full preset where a GPU is visible")
+    write_minimind_v1(tmp_path / "minimind-v1-small")
+    done = subprocess.run(
+        [sys.executable, "-m", "papermill", "notebooks/03_train_minimind27.ipynb",
+         str(tmp_path / "27.ipynb"), "-p", "model_path", str(tmp_path / "minimind-v1-small")],
+        cwd=CHECKOUT, env={**os.environ, "RETRIEVAL_HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "preset 'auto' would run the offline demo here" in done.stderr + done.stdout
+    assert "`-p preset full`" in done.stderr + done.stdout
+    assert not (tmp_path / "runs").exists()  # nothing was trained

@@ -61,6 +61,16 @@ def test_27m_base_and_38m_expansion_run_on_a_minimind_v1_checkpoint(home):
     saved = json.loads((run["out_dir"] / "metrics.json").read_text())
     assert saved["preset"] == "full" and 0 <= saved["test"]["aggregate"]["ndcg@5"]["mean"] <= 1
     assert run["parameters"] == load_run(run["out_dir"])["config"]["parameters"]
+    # the 38M notebook's base is 27M with its notebook's defaults (5 epochs, batch 32): the
+    # user's run above (2 epochs, batch 4) is reused and the differences named, not retrained
+    _, held = course.expansion_experiments("minimind38_96k", "full",
+                                           model_path=str(home / "minimind-v1-small"),
+                                           data_dir=str(home / "bge-m3-data"))
+    held = replace(held, data=base.data, model=replace(held.model, max_passage_length=64,
+                                                       max_query_length=16))
+    reused = experiment.ensure_run(held, splits, allow_training=False)
+    assert reused["out_dir"] == run["out_dir"]
+    assert reused["differs"] == {"training.batch_size": (4, 32), "training.epochs": (2, 5)}
 
     grown = _full("minimind38_96k", home, home / "minimind-v1-small", epochs=1, batch_size=4)
     grown, info = experiment.prepare_base_model(grown, splits)
