@@ -52,10 +52,17 @@ def _read_config(name_or_path: str) -> tuple[dict, Path | None]:
         if not path.exists():
             raise FileNotFoundError(f"{name_or_path}: no config.json; "
                                     f"{how_to_supply(name_or_path)}")
+    elif os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")):
+        folder = os.path.abspath(os.path.expanduser(name_or_path))
+        raise OSError(f"model folder {folder} does not exist; {how_to_supply(folder)}")
     else:
         import huggingface_hub
 
-        cached = huggingface_hub.try_to_load_from_cache(name_or_path, "config.json")
+        try:
+            cached = huggingface_hub.try_to_load_from_cache(name_or_path, "config.json")
+        except ValueError as exc:  # not a repository id either
+            raise OSError(f"{name_or_path!r} is neither a model folder nor a hub id ({exc}); "
+                          f"{how_to_supply(name_or_path)}") from exc
         if isinstance(cached, str):  # no network round trip (offline: ~25 s of retries)
             path = Path(cached)
         elif not hub_has(name_or_path, "model"):
