@@ -14,7 +14,7 @@ from published_formats import (
 )
 
 from retrieval_lib import models
-from retrieval_lib.models import DualTowerRetriever, minimind
+from retrieval_lib.models import DualTowerRetriever, minimind, minimind_scripts
 from retrieval_lib.settings import config
 
 TEXTS = ["长江流域今年的降水", "国家足球队在主场赢得了比赛，球迷们欢呼", "新",
@@ -250,3 +250,22 @@ def test_state_dicts_that_fit_no_release_are_refused_with_what_they_are(tmp_path
     torch.save(_v1_state(64, 2, 16, 8, vocab, 192, seed=0), no_tok / "pretrain_64.pth")
     assert "no tokenizer.json next to it" in models.check_base_model(
         str(no_tok / "pretrain_64.pth"))[0]
+
+
+def test_a_staged_state_dict_is_read_once(tmp_path, monkeypatch):
+    """The input check, the shape and the conversion all stage the same ``.pth``: only the
+    first reads the (large) file; a changed file is read again."""
+    from published_formats import _v1_state, write_tokenizer
+
+    vocab = write_tokenizer(tmp_path)
+    torch.save(_v1_state(64, 2, 16, 8, vocab, 192, seed=0), tmp_path / "pretrain_64.pth")
+    first = minimind_scripts.stage_training_file(tmp_path / "pretrain_64.pth", tmp_path / "c")
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    assert minimind_scripts.stage_training_file(tmp_path / "pretrain_64.pth",
+                                                tmp_path / "c") == first
+    assert loads == []
+    torch.save(_v1_state(64, 2, 8, 2, vocab, 192, seed=0), tmp_path / "pretrain_64.pth")
+    again = minimind_scripts.stage_training_file(tmp_path / "pretrain_64.pth", tmp_path / "c")
+    assert len(loads) == 1 and again[1].startswith("v1 layout (2025")

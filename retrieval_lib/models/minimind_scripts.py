@@ -93,6 +93,12 @@ def stage_training_file(path: str | os.PathLike, cache_dir: str | os.PathLike
     :func:`convert_checkpoint` then converts the folder like a published one. To override the
     assumed config, put the file as ``pytorch_model.bin`` in a folder with a config.json."""
     path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / f"{path.stem}-pth-{key}"
+    if (folder / "config.json").exists():  # staged before: the file is not read again
+        staged = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return folder, staged["minimind_release_assumed"]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -111,20 +117,16 @@ def stage_training_file(path: str | os.PathLike, cache_dir: str | os.PathLike
             f"{path}: a MiniMind {release} state dict, but no tokenizer.json next to it or in "
             f"{path.parent.parent / 'model'}; copy tokenizer.json and tokenizer_config.json "
             f"from the MiniMind repository's model/ folder next to the file")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = Path(cache_dir) / f"{path.stem}-pth-{key}"
-    if not (folder / "config.json").exists():
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / "pytorch_model.bin").symlink_to(path)
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).exists():
-                shutil.copy2(tokenizer_dir / name, tmp / name)
-        (tmp / "config.json").write_text(json.dumps(
-            {**config, "minimind_release_assumed": release, "state_dict_file": str(path)},
-            indent=2), encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "pytorch_model.bin").symlink_to(path)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy2(tokenizer_dir / name, tmp / name)
+    (tmp / "config.json").write_text(json.dumps(
+        {**config, "minimind_release_assumed": release, "state_dict_file": str(path)},
+        indent=2), encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
     return folder, release
