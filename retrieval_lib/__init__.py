@@ -4,8 +4,9 @@ The thin shared library behind the course notebooks. Its folders are the stages 
 in order; a module imports only modules of earlier stages, or those before it in its own folder
 (``MODULES``, checked by ``tests/test_architecture.py``):
 
-1. ``settings``: presets (every number of the report, once), freed memory kept for reuse, hub
-   look-ups, atomic checksummed checkpoints, process groups.
+1. ``settings``: where a figure's numbers come from, presets (every number of the report,
+   once), freed memory kept for reuse, hub look-ups, atomic checksummed checkpoints, process
+   groups.
 2. ``data``: the unified record and its validation, BM25, tokenizers, the demo corpus (People's
    Daily 1998), BGE-M3's sources, the fixed splits and nested subsets, their statistics.
 3. ``evaluation``: windows of long documents (FirstP, MaxP, SumP), trec_eval metrics with
@@ -39,8 +40,8 @@ PACKAGES = ("settings", "data", "evaluation", "models", "training", "results", "
 
 #: Every module in stage order: each may import only modules listed before it.
 MODULES = (
-    "settings.config", "settings.allocator", "settings.hub", "settings.checkpoint",
-    "settings.distributed",
+    "settings.provenance", "settings.config", "settings.allocator", "settings.hub",
+    "settings.checkpoint", "settings.distributed",
     "data.records", "data.bm25", "data.tokenizer", "data.demo_corpus", "data.sources",
     "data.splits", "data.statistics",
     "evaluation.windows", "evaluation.metrics", "evaluation.search",

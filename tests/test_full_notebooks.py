@@ -101,7 +101,7 @@ def test_the_full_preset_runs_from_01_to_05_as_the_page_says(full_run):
             if line.startswith("| ") and not line.startswith("| system")]
     assert sorted(rows) == ["bge_m3", "bge_m3-sparse", "bm25", "hybrid", "minimind108_10k",
                             "minimind27_10k"]
-    titles = {p.name: _png_title(p) for p in (home / "figures").glob("*.png")}
+    titles = {p.name: _png_title(p) for p in (home / "figures" / "full").glob("*.png")}
     assert len(titles) == 12 and all("full" in t for t in titles.values()), titles
     for notebook in ("01_data_preprocessing", "03_train_minimind27", "03_train_minimind108",
                      "04_bge_m3_baseline", "05_results_and_plots"):

@@ -28,7 +28,7 @@ def test_make_demo_streams_the_cells_and_ends_with_the_figures_and_the_table(
     monkeypatch.setenv("RETRIEVAL_HOME", str(home))
     first = _notebook(tmp_path / "01_first.ipynb",
                       "from retrieval_lib.settings.config import project_root\n"
-                      "figures = project_root() / 'figures'\n"
+                      "figures = project_root() / 'figures' / 'demo'\n"
                       "figures.mkdir(parents=True, exist_ok=True)\n"
                       "(figures / 'a.png').write_bytes(b'png')\n"
                       "print(f'epoch 1: preset {preset}')")
@@ -37,16 +37,20 @@ def test_make_demo_streams_the_cells_and_ends_with_the_figures_and_the_table(
                      "table = project_root() / 'reports' / 'results_demo.md'\n"
                      "table.parent.mkdir(parents=True, exist_ok=True)\n"
                      "table.write_text('| system | ndcg@5 |\\n| BM25 | 0.770 |\\n')")
-    (home / "figures").mkdir(parents=True)
-    (home / "figures" / "old.png").write_bytes(b"made before this run")
+    (home / "figures" / "demo").mkdir(parents=True)
+    (home / "figures" / "demo" / "old.png").write_bytes(b"made before this run")
     out = tmp_path / "executed"
     assert notebooks.main(["--out", str(out), str(first), str(last)]) == 0
     printed = capsys.readouterr().out
     assert "epoch 1: preset demo" in printed  # the cell's print, streamed
     assert printed.index("epoch 1: preset demo") < printed.index("[2/2] running 05_last")
-    assert f"figures: 1 written to {home / 'figures'}" in printed  # not the older one
+    assert f"figures: 1 written to {home / 'figures' / 'demo'}" in printed  # not the older one
     assert f"results table: {home / 'reports' / 'results_demo.md'}" in printed
     assert printed.rstrip().endswith("| system | ndcg@5 |\n| BM25 | 0.770 |")
+    chapter = nbformat.read(home / "reports" / "notebooks" / "demo" / "01_first.ipynb", 4)
+    assert chapter.metadata["parameters"] == {"preset": "demo"}  # rendered to read, no timings
+    assert "papermill" not in chapter.metadata
+    assert chapter.cells[-1].outputs[0]["text"] == "epoch 1: preset demo\n"
     walls = json.loads((out / notebooks.WALL_TIMES).read_text(encoding="utf-8"))
     assert set(walls) == {"01_first", "05_last"} and all(s > 0 for s in walls.values())
 

@@ -9,6 +9,7 @@ from retrieval_lib import course
 from retrieval_lib.course import notebooks
 from retrieval_lib.models import SHIPPED_DEMO_LMS, PretrainConfig
 from retrieval_lib.results import runs
+from retrieval_lib.settings import provenance
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ALL = notebooks.notebook_paths(NOTEBOOKS)
@@ -303,7 +304,10 @@ def check_05(summary, home):
               "efficiency_frontier": "参数量与 NDCG@5", "metric_bars": "所有运行的测试集指标",
               "per_query_distributions": "逐查询 NDCG@5 的分布", "training_curves": "所有训练运行"}
     for name, title in titles.items():
-        assert _png_title(home / "figures" / f"05_results_and_plots_{name}.png").startswith(title)
+        figure = home / "figures" / "demo" / f"05_results_and_plots_{name}.png"
+        assert _png_title(figure).startswith(title)
+    # every figure of every notebook so far was drawn from the runs of this table, as saved
+    assert provenance.stale_figures(home / "figures" / "demo", report.with_suffix(".json")) == {}
     return sorted(titles)
 
 
@@ -344,6 +348,7 @@ def test_notebook_runs_with_demo_preset(path, home, monkeypatch):
     summary = runs.load_summary(home / "outputs" / path.stem / "demo")
     assert summary["preset"] == "demo" and summary["env"]["preset"] == "demo"
     figures = CHECKS[path.stem](summary, home)
-    written = sorted(p.name for p in (home / "figures").glob(f"{path.stem}_*.png"))
+    folder = home / "figures" / "demo"
+    written = sorted(p.name for p in folder.glob(f"{path.stem}_*.png"))
     assert written == [f"{path.stem}_{name}.png" for name in figures]
-    assert all(_png_title(home / "figures" / name) for name in written)  # every figure titled
+    assert all(_png_title(folder / name) for name in written)  # every figure titled

@@ -43,7 +43,7 @@ from .start import (
     OVERRIDES, SUBSETS, distinct_subsets, list_parameter, start_expansion, start_experiments
 )
 from .notebooks import (
-    notebook_paths, run_notebook
+    chapters_dir, notebook_paths, render_chapter, run_notebook
 )
 
 __all__ = [
@@ -68,5 +68,5 @@ __all__ = [
     "RERANK_LABELS", "reranker_folder", "rerank_study", "SERVING_LABELS", "serving_study",
     "OVERRIDES", "SUBSETS", "list_parameter", "start_experiments", "start_expansion",
     "distinct_subsets",
-    "notebook_paths", "run_notebook"
+    "notebook_paths", "run_notebook", "chapters_dir", "render_chapter"
 ]

@@ -2,7 +2,10 @@
 
 ``python -m retrieval_lib notebooks --preset demo`` executes every notebook of
 ``notebooks/`` into ``outputs/notebooks/<preset>/`` (executed copies never go back into
-``notebooks/``, which stays free of outputs). ``make demo`` calls it: what the notebooks print
+``notebooks/``, which stays free of outputs and parameterised) and writes each as a chapter to
+read into ``reports/notebooks/<preset>/`` (:func:`render_chapter`; the demo's are committed,
+with the figures of ``figures/demo/`` and the results page, which the notebooks write in the
+same run). ``make demo`` calls it: what the notebooks print
 (devices, epochs, reused runs) streams to the terminal as they run, with the training progress
 bars and their ETA where the terminal shows them; each notebook's line gives the wall time of
 its last run here as an estimate; at the end come the wall time per notebook, where the figures
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from ..settings.config import CHECKOUT, project_root
 
-__all__ = ["notebook_paths", "run_notebook", "main"]
+__all__ = ["notebook_paths", "run_notebook", "main", "chapters_dir", "render_chapter"]
 
 
 #: The narrative order of the experiments inside the ``03_*`` group (model size, then data).
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         target = run_notebook(path, out, {"preset": args.preset},
                               stdout=None if args.quiet else sys.stdout, stderr=stderr)
         walls[path.stem] = time.perf_counter() - start
-        print(f"  done in {walls[path.stem]:.1f} s -> {target}", flush=True)
+        chapter = render_chapter(target, chapters_dir(args.preset))
+        print(f"  done in {walls[path.stem]:.1f} s -> {target} (to read: {chapter})", flush=True)
         record.write_text(json.dumps({**last, **walls}, indent=2), encoding="utf-8")
     print(f"\nwall time per notebook (preset {args.preset}):")
     for name, seconds in walls.items():
@@ -102,14 +106,71 @@ def main(argv: list[str] | None = None) -> int:
 #: Wall time of each notebook's last run, in the folder of the executed copies.
 WALL_TIMES = "wall_times.json"
 
+#: Output types a reader of a rendered chapter cannot see: live progress bars (widget views
+#: have no state once the kernel is gone).
+_WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def chapters_dir(preset: str) -> Path:
+    """``reports/notebooks/<preset>/``: the chapters as the notebooks ran, to read without running
+    them (the demo's are committed)."""
+    return project_root() / "reports" / "notebooks" / preset
+
+
+def render_chapter(executed: str | Path, out_dir: str | Path) -> Path:
+    """Write the executed notebook ``executed`` into ``out_dir`` as a chapter to read: its
+    outputs kept (text, tables, figures), what changes from run to run without telling the
+    reader anything removed, so that a re-run's diff shows what changed in the results.
+
+    Removed: papermill's and the kernel's timings (notebook and cell metadata; the notebook
+    keeps the parameters it ran with), progress-bar widgets and the widget state, and the
+    project root's absolute path in text outputs (shown relative to the project root, as
+    ``runs/demo/...``). Returns the chapter's path.
+    """
+    import nbformat
+
+    executed = Path(executed)
+    nb = nbformat.read(str(executed), as_version=4)
+    ran = nb.metadata.get("papermill", {}).get("parameters", {})
+    nb.metadata.pop("widgets", None)
+    nb.metadata.pop("papermill", None)
+    nb.metadata["parameters"] = ran
+    root = str(project_root())
+    for cell in nb.cells:
+        for key in ("execution", "papermill"):
+            cell.metadata.pop(key, None)
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for output in cell.outputs:
+            if _WIDGET in output.get("data", {}):
+                continue
+            if "text" in output:
+                output["text"] = _relative(output["text"], root)
+            for mime, value in output.get("data", {}).items():
+                if mime.startswith("text/") and isinstance(value, str):
+                    output["data"][mime] = _relative(value, root)
+            kept.append(output)
+        cell.outputs = kept
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / executed.name
+    nbformat.write(nb, str(target))
+    return target
+
+
+def _relative(text: str, root: str) -> str:
+    return text.replace(root + "/", "").replace(root, ".")
+
 
 def where_results_are(preset: str, since: float) -> str:
     """Where the figures and the results table are (what changed since ``since``, a
     ``time.time()``), followed by the table itself."""
     root = project_root()
-    figures = sorted(p for p in (root / "figures").glob("*.png") if p.stat().st_mtime >= since)
+    folder = root / "figures" / preset
+    figures = sorted(p for p in folder.glob("*.png") if p.stat().st_mtime >= since)
     table = root / "reports" / f"results_{preset}.md"
-    lines = [f"\nfigures: {len(figures)} written to {root / 'figures'}"]
+    lines = [f"\nfigures: {len(figures)} written to {folder}"]
     if table.exists() and table.stat().st_mtime >= since:
         lines += [f"results table: {table}", "", table.read_text(encoding="utf-8")]
     else:

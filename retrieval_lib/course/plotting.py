@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -12,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..results.runs import git_commit
 from ..settings.config import project_root
+from ..settings.provenance import active_preset, sources
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +106,12 @@ def log_x_axis(ax) -> None:
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
 
 
-def figures_dir() -> Path:
-    path = project_root() / "figures"
+def figures_dir(preset: str | None = None) -> Path:
+    """``figures/<preset>/`` under the project root, for ``preset`` or the one this process
+    resolved (``figures/`` when none is known). The demo's folder is committed: what a reader
+    sees without running anything."""
+    preset = preset or active_preset()
+    path = project_root() / "figures" / (preset or "")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -124,14 +133,48 @@ def file_slug(text: str) -> str:
 
 
 def save_figure(fig, notebook: str, name: str, folder: str | Path | None = None) -> Path:
-    """Save ``fig`` as ``<folder>/<notebook>_<name>.png`` (folder defaults to ``figures/``),
-    with the figure's title in the PNG's ``Title`` field, so a file can be checked against
-    what its name says."""
-    out = Path(folder) if folder is not None else figures_dir()
+    """Save ``fig`` as ``<folder>/<notebook>_<name>.png`` (folder defaults to
+    ``figures/<preset>/``) and return the path.
+
+    The PNG's text fields say what it shows: ``Title`` (the figure's title, so a file can be
+    checked against its name), ``Preset``, ``Commit`` (of the library's checkout) and ``Sources``
+    (the saved runs and data this process had read, with their digests: ``settings.provenance``,
+    whose ``stale_figures`` checks a figure against the results it claims). A file that already
+    holds the same drawing (pixels and fields other than ``Commit``) is left as it is, so
+    drawing again at a later commit changes no committed figure whose data did not change.
+    """
+    preset = active_preset()
+    out = Path(folder) if folder is not None else figures_dir(preset)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{notebook}_{name}.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight", metadata={"Title": figure_title(fig)})
+    fields = {"Title": figure_title(fig), "Preset": preset or "", "Commit": git_commit() or "",
+              "Sources": json.dumps(sources(), sort_keys=True)}
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight", metadata=fields)
+    if path.exists() and _same_drawing(path, buffer.getvalue()):
+        os.utime(path)  # drawn by this run all the same
+    else:
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_bytes(buffer.getvalue())
+        tmp.replace(path)
     return path
+
+
+def _same_drawing(path: Path, png: bytes) -> bool:
+    """Whether the PNG file ``path`` and the PNG bytes ``png`` hold the same pixels and the same
+    text fields, the commit aside."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as old, Image.open(io.BytesIO(png)) as new:
+            old.load()
+            new.load()
+            fields = [{k: v for k, v in image.text.items() if k != "Commit"}
+                      for image in (old, new)]
+            return (fields[0] == fields[1] and old.size == new.size and old.mode == new.mode
+                    and old.tobytes() == new.tobytes())
+    except OSError:  # an unreadable file is drawn again
+        return False
 
 
 def plot_length_distributions(lengths: Mapping[str, Mapping[str, Sequence[int]]], unit: str,

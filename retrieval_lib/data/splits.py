@@ -26,6 +26,7 @@ from ..settings.config import (
     cache_path,
     remembered_data_dir,
 )
+from ..settings.provenance import record_data
 from .demo_corpus import load_demo_records, people_daily_path
 from .records import (
     DataUnavailableError,
@@ -268,6 +269,7 @@ def prepare_data(cfg: DataConfig, out_dir: str | os.PathLike | None = None,
         if not changed:
             splits = load_splits(out)
             _remember_data_dir(cfg)
+            record_data(cfg.kind, splits.manifest["fingerprint"])
             return splits
         print(f"the source files changed since {out} was prepared ({'; '.join(changed)}): "
               f"preparing the splits again")
@@ -283,6 +285,7 @@ def prepare_data(cfg: DataConfig, out_dir: str | os.PathLike | None = None,
     extra["source_files"] = source_files_state(cfg)
     splits = prepare_splits(records, cfg, reports, out, extra)
     _remember_data_dir(cfg)
+    record_data(cfg.kind, splits.manifest["fingerprint"])
     if before is not None:
         print("the records are the same as before: the splits did not change"
               if splits.manifest["fingerprint"] == before else

@@ -5,13 +5,14 @@ Modules, each importing only those before it: ``runs``, ``tables``, ``baselines`
 """
 
 from .runs import (
-    collect_runs, default_output_dir, environment_info, load_run, load_summary, metrics_block,
-    record_not_run, run_dir, RunError, runs_root, save_baseline_run, save_summary,
+    collect_runs, default_output_dir, environment_info, git_commit, load_run, load_summary,
+    metrics_block, record_not_run, run_dir, RunError, runs_root, save_baseline_run, save_summary,
     scores_from_block, write_json_files, write_run
 )
 from .tables import (
-    PUBLISHED_RESULTS, data_scaling_groups, efficiency_points, markdown_table, reference_system,
-    report_table, save_benchmark, system_summaries, write_between_markers, write_markdown_report
+    KEY_FIGURES, PUBLISHED_RESULTS, data_scaling_groups, efficiency_points, markdown_table,
+    reference_system, report_sources, report_table, save_benchmark, system_summaries,
+    write_between_markers, write_markdown_report
 )
 from .baselines import (
     BGE_M3, BGE_M3_MODES, FUSION_WEIGHTS, HYBRID_WEIGHTS, best_dense_run, bge_m3_available,
@@ -27,7 +28,9 @@ __all__ = [
     "environment_info", "default_output_dir", "save_summary", "load_summary", "metrics_block",
     "scores_from_block", "run_dir", "write_run", "load_run", "RunError", "runs_root",
     "save_baseline_run", "record_not_run", "collect_runs", "write_json_files",
+    "git_commit",
     "reference_system", "report_table", "markdown_table", "write_markdown_report",
+    "report_sources", "KEY_FIGURES",
     "write_between_markers", "save_benchmark", "system_summaries", "efficiency_points",
     "data_scaling_groups", "PUBLISHED_RESULTS", "bm25_run", "evaluate_bm25", "BGE_M3",
     "HYBRID_WEIGHTS", "BGE_M3_MODES", "lexical_score", "colbert_score", "bge_m3_available",

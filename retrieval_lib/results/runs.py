@@ -22,11 +22,12 @@ from pathlib import Path
 
 from ..evaluation.metrics import aggregate, summarize_metrics
 from ..settings.config import CHECKOUT, EXPERIMENTS, project_root
+from ..settings.provenance import record_run
 
 __all__ = ["environment_info", "default_output_dir", "save_summary", "load_summary",
            "metrics_block", "scores_from_block", "run_dir", "write_run", "load_run", "RunError",
            "runs_root", "save_baseline_run", "record_not_run", "collect_runs",
-           "write_json_files"]
+           "write_json_files", "git_commit"]
 
 _PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "numpy", "pandas", "jieba",
              "bm25s", "faiss-cpu", "matplotlib", "retrieval_lib")
@@ -51,7 +52,7 @@ def environment_info(preset: str | None = None, seed: int | None = None) -> dict
     return {
         "preset": preset,
         "seed": seed,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": " ".join(sys.argv),
         "torch_threads": _torch_threads(),
         "python": sys.version.split()[0],
@@ -63,7 +64,7 @@ def environment_info(preset: str | None = None, seed: int | None = None) -> dict
     }
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """The commit of the library's checkout, with ``+dirty`` when files differ from it; None
     outside git."""
     import subprocess
@@ -192,6 +193,7 @@ def load_run(path: str | os.PathLike) -> dict:
                        f"({type(exc).__name__}: {exc})") from None
     if (out / "history.json").exists():
         run["history"] = read("history.json")
+    record_run(out)  # a figure drawn from it names it (settings.provenance)
     return run
 
 
@@ -221,6 +223,7 @@ def write_run(out: str | os.PathLike, config: dict, metrics: dict, env: dict) ->
     out.mkdir(parents=True, exist_ok=True)
     # metrics.json last: it is what marks a run finished (collect_runs)
     write_json_files(out, {"config.json": config, "env.json": env, "metrics.json": metrics})
+    record_run(out)
     return out
 
 
@@ -236,6 +239,7 @@ def save_baseline_run(name: str, result: dict, preset: str, info: dict,
                "test": metrics_block(result, seed)}
     write_json_files(out, {"config.json": config, "env.json": environment_info(preset, seed),
                       "metrics.json": metrics})
+    record_run(out)
     return out
 
 

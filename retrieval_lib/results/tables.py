@@ -8,15 +8,18 @@ model's gain over its base and paired tests, and :func:`markdown_table` writes i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 from ..evaluation.metrics import HEADLINE_METRICS, bootstrap_ci, paired_test, summarize_systems
 from ..settings.config import project_root
+from ..settings.provenance import png_text
 from .runs import environment_info
 
 __all__ = ["reference_system", "report_table", "markdown_table", "write_markdown_report",
+           "report_sources", "KEY_FIGURES",
            "write_between_markers", "save_benchmark", "system_summaries", "efficiency_points",
            "data_scaling_groups", "PUBLISHED_RESULTS"]
 
@@ -151,11 +154,69 @@ def save_benchmark(saved: dict, results: str | os.PathLike, readme: str | os.Pat
     print(json.dumps(saved, ensure_ascii=False))
 
 
-def write_markdown_report(table, preset: str, root: str | os.PathLike | None = None) -> Path:
+#: The figures the report page shows beside its table, when they were drawn: file name patterns
+#: under ``figures/<preset>/`` (notebook + name) and what to look for in each.
+KEY_FIGURES = (
+    ("05_results_and_plots_metric_bars.png",
+     "Every run's test metrics with 95% confidence intervals; the reference system is red and "
+     "its mean dashed: how far each dense model is from it."),
+    ("05_results_and_plots_training_curves.png",
+     "Training loss and validation NDCG@10 / Recall@10 of every training run; dotted lines mark "
+     "where an expansion unfreezes its next new layer."),
+    ("05_results_and_plots_data_scaling_*.png",
+     "One model trained on the nested subsets: does more labelled data still help?"),
+    ("05_results_and_plots_efficiency_frontier.png",
+     "Parameters against NDCG@5; the grey line joins the models that no smaller model beats, "
+     "baselines without parameters are horizontal lines."),
+    ("03_train_minimind38_unfreeze_schedule.png",
+     "The expansion schedule: the pretrained layers always train, the new layers join one per "
+     "stage."),
+    ("03_train_minimind27_test_metrics.png",
+     "The first experiment before and after fine-tuning: what contrastive training adds to an "
+     "LM that never learned to embed a text."),
+    ("03_beyond_the_report_test_metrics.png",
+     "The options beyond the report, each changing one thing of the 27M baseline."),
+    ("03_beyond_the_report_rerank_metrics.png",
+     "A cross-encoder reranking the first stages' top candidates, against those first stages "
+     "and a random order."),
+    ("05_results_and_plots_per_query_distributions.png",
+     "Per-query NDCG@5: most queries score 0 or 1, which is why the standard deviations are "
+     "large."),
+)
+
+
+def report_sources(runs: dict[str, dict], preset: str) -> dict[str, str]:
+    """The saved results behind a table, keyed as ``settings.provenance`` keys them: each done
+    run by the digest of its ``metrics.json``, and the prepared data its runs were trained on by
+    its fingerprint (``mixed:...`` when they were not all trained on the same)."""
+    keys, data = {}, {}
+    for name, run in runs.items():
+        if run.get("status") != "done":
+            continue
+        metrics = Path(run["out_dir"]) / "metrics.json"
+        keys[f"runs/{preset}/{name}"] = hashlib.sha256(metrics.read_bytes()).hexdigest()
+        config = run.get("config") or {}
+        fingerprint = (config.get("data_manifest") or {}).get("fingerprint")
+        if fingerprint:
+            data.setdefault((config.get("data") or {}).get("kind", preset), set()).add(fingerprint)
+    for kind, prints in data.items():
+        keys[f"data/{kind}"] = (next(iter(prints)) if len(prints) == 1
+                                else "mixed:" + ",".join(sorted(prints)))
+    return dict(sorted(keys.items()))
+
+
+def write_markdown_report(table, preset: str, root: str | os.PathLike | None = None,
+                          runs: dict[str, dict] | None = None) -> Path:
     """``<root>/reports/results_<preset>.md``: the report table with what made it (preset,
     reference, machine, versions), for the README to link; below it, each system that was not
-    run (or whose run is broken) with the reason and, where known, how to run it."""
+    run (or whose run is broken) with the reason and, where known, how to run it, then the key
+    figures of ``figures/<preset>/`` (:data:`KEY_FIGURES`) that were drawn.
+
+    Beside it, ``results_<preset>.json``: the same table and, given the ``runs`` it was built
+    from, the digests of their results (:func:`report_sources`), which the committed figures
+    are checked against (``settings.provenance.stale_figures``)."""
     env = environment_info(preset)
+    root = Path(root or project_root())
     reference = table.attrs.get("reference") or "none"
     lines = [f"# Results: `{preset}` preset", "",
              f"Built by `05_results_and_plots.ipynb` from the saved runs in `runs/{preset}/` on "
@@ -168,15 +229,36 @@ def write_markdown_report(table, preset: str, root: str | os.PathLike | None = N
     if preset == "demo":
         lines += ["The demo preset uses tiny models and the People's Daily 1998 corpus: these "
                   "numbers show that the pipeline works, not how the real models compare.", ""]
+    rendered = markdown_table(table)
     missing = [f"- `{name}` {row['status']}: {row['note']}."
                + (f" To run it: {row['how_to_run']}." if row.get("how_to_run") else "")
                for name, row in table.iterrows() if row["status"] != "done"]
     notes = (["", "Not in the table's numbers:", ""] + missing) if missing else []
-    path = Path(root or project_root()) / "reports" / f"results_{preset}.md"
+    figures = _key_figures(root / "figures" / preset)
+    if figures:
+        notes += ["", "## Figures", "", f"Drawn from the same runs by the notebooks (all of them "
+                  f"are in `figures/{preset}/`); each PNG names the runs it was drawn from in its "
+                  f"metadata.", ""]
+        for path, what in figures:
+            notes += [f"![{png_text(path).get('Title', path.stem)}](../figures/{preset}/"
+                      f"{path.name})", "", what, ""]
+    path = root / "reports" / f"results_{preset}.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n" + markdown_table(table) + "\n".join(notes)
+    path.write_text("\n".join(lines) + "\n" + rendered + "\n".join(notes)
                     + ("\n" if notes else ""), encoding="utf-8")
+    saved = {"preset": preset, "commit": env["git_commit"], "time_utc": env["time_utc"],
+             "reference": table.attrs.get("reference"),
+             "sources": report_sources(runs, preset) if runs is not None else {},
+             "table_markdown": rendered}
+    path.with_suffix(".json").write_text(json.dumps(saved, ensure_ascii=False, indent=2) + "\n",
+                                         encoding="utf-8")
     return path
+
+
+def _key_figures(folder: Path) -> list[tuple[Path, str]]:
+    """The :data:`KEY_FIGURES` found in ``folder``, in their order, with what to look for."""
+    return [(path, what) for pattern, what in KEY_FIGURES
+            for path in sorted(folder.glob(pattern))]
 
 
 def system_summaries(runs: dict[str, dict], metrics=HEADLINE_METRICS, seed: int = 0) -> dict:

@@ -1,10 +1,15 @@
-"""Settings and shared helpers: presets (every number of the report, once), memory kept
-for reuse, hub look-ups, atomic checksummed checkpoints, process groups.
+"""Settings and shared helpers: the ledger of saved results a figure is drawn from, presets
+(every number of the report, once), memory kept for reuse, hub look-ups, atomic checksummed
+checkpoints, process groups.
 
-Modules, each importing only those before it: ``config``, ``allocator``, ``hub``,
-``checkpoint``, ``distributed``.
+Modules, each importing only those before it: ``provenance``, ``config``, ``allocator``,
+``hub``, ``checkpoint``, ``distributed``.
 """
 
+from .provenance import (
+    active_preset, clear_sources, FIGURE_FIELDS, png_text, record_data, record_run,
+    set_active_preset, sources, stale_figures
+)
 from .config import (
     BGE_M3_ZH_SOURCES, CHECKOUT, DEMO_DATA, DEMO_LENGTHS, DEMO_NEW_LAYERS, DEMO_RERANKER,
     DEMO_SHAPES, EXPERIMENTS, MINIMIND_108M, MINIMIND_27M, PRESETS, PUBLISHED_BASE_MODELS,
@@ -30,6 +35,8 @@ from .distributed import (
 )
 
 __all__ = [
+    "record_run", "record_data", "sources", "clear_sources", "set_active_preset",
+    "active_preset", "png_text", "stale_figures", "FIGURE_FIELDS",
     "SEED", "CHECKOUT", "project_root", "set_project_home", "cache_path", "PRESETS",
     "BGE_M3_ZH_SOURCES", "DataConfig", "ModelConfig", "TrainingConfig", "RerankerConfig",
     "DEMO_RERANKER", "get_reranker_config", "ExperimentConfig", "MINIMIND_27M", "MINIMIND_108M",

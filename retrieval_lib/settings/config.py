@@ -24,6 +24,8 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .provenance import set_active_preset
+
 __all__ = ["SEED", "CHECKOUT", "project_root", "set_project_home", "cache_path", "PRESETS",
            "BGE_M3_ZH_SOURCES", "DataConfig", "ModelConfig", "TrainingConfig", "RerankerConfig",
            "DEMO_RERANKER", "get_reranker_config", "ExperimentConfig", "MINIMIND_27M",
@@ -256,7 +258,7 @@ DEMO_RERANKER = RerankerConfig(epochs=4, batch_size=16, num_negatives=3, learnin
 
 def get_reranker_config(preset: str = "auto", **overrides) -> RerankerConfig:
     """The reranker settings of a preset, with optional field overrides."""
-    preset = resolve_preset(preset)
+    preset = _resolve(preset)
     base = DEMO_RERANKER if preset == "demo" else RerankerConfig()
     return replace(base, **overrides)
 
@@ -453,9 +455,21 @@ def resolve_preset(preset: str, full_inputs: dict[str, object] | None = None) ->
     ``model_path`` ...): when ``auto`` would choose ``demo`` while one of them is set, it stops
     and names them instead of ignoring them.
 
+    The preset it returns is the one this process works under: the folder (``figures/<preset>``)
+    and the ``Preset`` field of the figures it saves (``settings.provenance``). Every notebook
+    calls it once, first; the library's own look-ups of a preset's settings do not change it.
+
     >>> resolve_preset("demo", {"data_dir": "/data"})  # asked for explicitly: no question
     'demo'
     """
+    chosen = _resolve(preset, full_inputs)
+    set_active_preset(chosen)
+    return chosen
+
+
+def _resolve(preset: str, full_inputs: dict[str, object] | None = None) -> str:
+    """:func:`resolve_preset` without making it the preset of this process's figures: for the
+    library's own look-ups (another preset's settings, compared in a table)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if preset != "auto":
@@ -488,7 +502,7 @@ def get_data_config(preset: str = "auto", **overrides) -> DataConfig:
     (notebook 01 with ``-p data_dir DIR``, :data:`DATA_DIR_RECORD`) is used, so later notebooks
     find the same prepared splits; with no such record the data comes from the hub.
     """
-    preset = resolve_preset(preset)
+    preset = _resolve(preset)
     if preset == "demo":
         return replace(copy.deepcopy(DEMO_DATA), **overrides)
     cfg = replace(DataConfig(), **overrides)
@@ -506,7 +520,7 @@ def get_experiment(name: str, preset: str = "auto") -> ExperimentConfig:
     """
     if name not in _EXPERIMENTS:
         raise KeyError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
-    preset = resolve_preset(preset)
+    preset = _resolve(preset)
     spec = _EXPERIMENTS[name]
     model, training, new_layers = spec.base_model, spec.training, spec.new_layers
     if preset == "demo":
