@@ -1,10 +1,12 @@
 # Two commands: `make demo` (install + every notebook offline with the demo preset) and `make test`.
+# `make demo` also rewrites what the repository shows without a run: figures/demo/, the chapters in
+# reports/notebooks/demo/ and reports/results_demo.md (+ .json), one consistent set to commit.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint book clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +35,11 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 
+# The course site from the committed chapters (nothing is executed): build/book/html/index.html.
+book: install
+	$(BIN)/pip install -q -r requirements-book.txt
+	$(BIN)/python book/build.py
+
+# leaves the committed figures/demo/ and reports/ alone
 clean:
-	rm -rf outputs runs data_cache figures .pytest_cache
+	rm -rf outputs runs data_cache build .pytest_cache figures/full
