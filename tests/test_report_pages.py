@@ -13,6 +13,7 @@ import matplotlib
 import nbformat
 import pandas as pd
 import pytest
+from PIL import Image, PngImagePlugin
 
 from retrieval_lib import course, results
 from retrieval_lib.course import notebooks
@@ -44,6 +45,82 @@ def _image_links(text: str) -> list[str]:
     found = re.findall(r"!\[[^\]]*\]\(([^)\s]+)", text) + re.findall(r'<img [^>]*src="([^"]+)"',
                                                                      text)
     return [t for t in found if not re.match(r"[a-z]+://", t)]
+
+
+# --- the committed set ----------------------------------------------------------------------
+
+
+def test_committed_figures_match_the_committed_results():
+    figures = sorted(FIGURES.glob("*.png"))
+    assert len(figures) >= 20, "figures/demo/ is incomplete: run `make demo` and commit it"
+    assert provenance.stale_figures(FIGURES, RESULTS) == {}
+    saved = json.loads(RESULTS.read_text(encoding="utf-8"))
+    for path in figures:
+        text = provenance.png_text(path)
+        assert text["Preset"] == "demo" and re.fullmatch(r"[0-9a-f]{40}(\+dirty)?",
+                                                         text["Commit"]), path.name
+    # the results figures name the runs of the table: each in the results with that digest
+    drawn = json.loads(provenance.png_text(
+        FIGURES / "05_results_and_plots_metric_bars.png")["Sources"])
+    assert {k for k in saved["sources"] if k.startswith("runs/")} <= set(drawn)
+
+
+def test_the_results_page_is_its_saved_table_and_shows_committed_figures():
+    page = (ROOT / "reports" / "results_demo.md").read_text(encoding="utf-8")
+    saved = json.loads(RESULTS.read_text(encoding="utf-8"))
+    assert saved["table_markdown"] in page
+    rows = [line for line in saved["table_markdown"].splitlines()[2:]]
+    done = [r for r in rows if "not run" not in r]
+    assert len(done) == len([k for k in saved["sources"] if k.startswith("runs/")])
+    links = _image_links(page)
+    assert len(links) >= 6
+    assert all((ROOT / "reports" / link).resolve().parent == FIGURES for link in links)
+
+
+def test_every_image_link_of_the_readme_and_the_reports_resolves_to_a_committed_file():
+    tracked = _tracked()
+    pages = [ROOT / "README.md", *sorted((ROOT / "reports").glob("*.md")),
+             *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for link in _image_links(page.read_text(encoding="utf-8")):
+            target = (page.parent / link).resolve()
+            assert target.is_file(), f"{page.name}: {link} does not exist"
+            if tracked is not None:
+                assert str(target.relative_to(ROOT)) in tracked, f"{page.name}: {link} untracked"
+            checked += 1
+    readme_figures = _image_links((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert 2 <= len(readme_figures) <= 4 and checked >= len(readme_figures) + 6
+
+
+def test_every_notebook_has_a_current_rendered_chapter_with_its_outputs():
+    sources = notebooks.notebook_paths()
+    assert [p.name for p in notebooks.notebook_paths(CHAPTERS)] == [p.name for p in sources]
+    for source in sources:
+        nb = nbformat.read(source, as_version=4)
+        chapter = nbformat.read(CHAPTERS / source.name, as_version=4)
+        # the chapter is this source as executed: same cells, plus papermill's parameters cell
+        ran = [c for c in chapter.cells
+               if "injected-parameters" not in c.metadata.get("tags", [])]
+        assert [c.source for c in ran] == [c.source for c in nb.cells], (
+            f"{source.name} changed since its chapter was rendered: run `make demo`")
+        assert chapter.metadata["parameters"]["preset"] == "demo"
+        assert "papermill" not in chapter.metadata and "widgets" not in chapter.metadata
+        outputs = [o for c in chapter.cells if c.cell_type == "code" for o in c.outputs]
+        assert outputs and not any(o.get("output_type") == "error" for o in outputs)
+        for cell in chapter.cells:
+            assert not {"execution", "papermill"} & set(cell.metadata), source.name
+        text = json.dumps([o for o in outputs if "image/png" not in o.get("data", {})],
+                          ensure_ascii=False)
+        assert str(ROOT) not in text or str(ROOT) == "/"
+        saved = sorted(FIGURES.glob(f"{source.stem}_*.png"))
+        images = [o for o in outputs if "image/png" in o.get("data", {})]
+        assert len(images) >= len(saved), f"{source.name} shows fewer figures than it saved"
+
+
+def test_figures_and_chapters_stay_small():
+    size = sum(p.stat().st_size for p in [*FIGURES.glob("*.png"), *CHAPTERS.glob("*.ipynb")])
+    assert 0 < size < SIZE_LIMIT, f"{size / 2**20:.1f} MB"
 
 
 # --- the pieces -----------------------------------------------------------------------------
@@ -104,6 +181,25 @@ def test_a_figure_names_the_runs_it_was_drawn_from_and_a_stale_one_is_found(
     plt.figure().savefig(figures / "05_x_plain.png")
     assert "Preset, Commit, Sources" in provenance.stale_figures(figures, current)[
         "05_x_plain.png"]
+
+
+def test_a_planted_stale_committed_figure_is_named(tmp_path):
+    """The check on the committed set fails once one figure's data is not the results'."""
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    source = FIGURES / "05_results_and_plots_metric_bars.png"
+    with Image.open(source) as image:
+        image.load()
+        fields = dict(image.text)
+        drawn = json.loads(fields["Sources"])
+        key = next(k for k in drawn if k.startswith("runs/"))
+        drawn[key] = "f" * 64  # drawn from an older training of that run
+        info = PngImagePlugin.PngInfo()
+        for k, v in {**fields, "Sources": json.dumps(drawn)}.items():
+            info.add_itxt(k, v)
+        image.save(folder / source.name, pnginfo=info)
+    stale = provenance.stale_figures(folder, RESULTS)
+    assert list(stale) == [source.name] and key in stale[source.name]
 
 
 def test_drawing_the_same_figure_again_keeps_the_file(tmp_path, ledger, monkeypatch):
