@@ -257,8 +257,8 @@ def plot_metric_panels(summaries: Mapping[str, Mapping[str, Mapping[str, float]]
         high = np.array([summaries[s][metric]["ci_high"] for s in systems]) - means
         colors = ["C3" if s == reference else "C0" for s in systems]
         ax.barh(y, means, xerr=[low, high], color=colors, capsize=2, alpha=0.85)
-        for yi, m in zip(y, means, strict=True):
-            ax.text(m, yi, f" {m:.3f}", va="center", fontsize=7)
+        for yi, m, h in zip(y, means, high, strict=True):  # beyond the error bar, not on it
+            ax.text(m + h, yi, f"  {m:.3f}", va="center", fontsize=7)
         if reference in summaries:
             ax.axvline(summaries[reference][metric]["mean"], color="C3", linestyle="--",
                        linewidth=1)
