@@ -251,14 +251,17 @@ def test_a_rendered_chapter_keeps_the_outputs_and_drops_what_changes_every_run(
                                text=f"运行目录： {home}/runs/demo/a\nroot {home}\n"),
         nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo=",
                                                      "text/plain": "<Figure>"})]
-    nb.cells = [cell]
+    injected = nbformat.v4.new_code_cell('preset = "demo"')
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells = [injected, cell]
     executed = tmp_path / "01_x.ipynb"
     nbformat.write(nb, executed)
     chapter = nbformat.read(notebooks.render_chapter(executed, tmp_path / "out"), 4)
     assert chapter.metadata["parameters"] == {"preset": "demo"}
     assert "papermill" not in chapter.metadata and "widgets" not in chapter.metadata
-    assert chapter.cells[0].metadata == {"tags": ["x"]}
-    outputs = chapter.cells[0].outputs
+    assert chapter.cells[0].id == "injected-parameters"  # the same in every run's chapter
+    assert chapter.cells[1].metadata == {"tags": ["x"]}
+    outputs = chapter.cells[1].outputs
     assert [o["output_type"] for o in outputs] == ["stream", "display_data"]
     assert outputs[0]["text"] == "运行目录： runs/demo/a\nroot .\n"
     assert outputs[1]["data"]["image/png"] == "iVBORw0KGgo="
@@ -297,3 +300,25 @@ def test_the_report_page_embeds_the_drawn_key_figures_and_saves_its_sources(tmp_
                                 "runs/demo/bm25": hashlib.sha256(b"22").hexdigest(),
                                 "runs/demo/minimind27_10k": hashlib.sha256(b"1").hexdigest()}
     assert saved["table_markdown"] in page
+
+
+def test_the_commit_is_dirty_for_a_changed_source_not_for_the_notebooks_outputs(tmp_path,
+                                                                                 monkeypatch):
+    repo = tmp_path / "checkout"
+    (repo / "figures").mkdir(parents=True)
+    (repo / "code.py").write_text("a = 1\n")
+    (repo / "figures" / "f.png").write_bytes(b"1")
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=repo, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "x")
+    head = git("rev-parse", "HEAD").strip()
+    monkeypatch.setattr(results.runs, "CHECKOUT", repo)
+    (repo / "figures" / "f.png").write_bytes(b"2")  # make demo redrew a figure
+    assert results.git_commit() == head
+    (repo / "code.py").write_text("a = 2\n")
+    assert results.git_commit() == head + "+dirty"

@@ -123,8 +123,9 @@ def render_chapter(executed: str | Path, out_dir: str | Path) -> Path:
     reader anything removed, so that a re-run's diff shows what changed in the results.
 
     Removed: papermill's and the kernel's timings (notebook and cell metadata; the notebook
-    keeps the parameters it ran with), progress-bar widgets and the widget state, and the
-    project root's absolute path in text outputs (shown relative to the project root, as
+    keeps the parameters it ran with), the random id of papermill's parameters cell,
+    progress-bar widgets and the widget state, and the project root's absolute path in text
+    outputs (shown relative to the project root, as
     ``runs/demo/...``). Returns the chapter's path.
     """
     import nbformat
@@ -139,6 +140,8 @@ def render_chapter(executed: str | Path, out_dir: str | Path) -> Path:
     for cell in nb.cells:
         for key in ("execution", "papermill"):
             cell.metadata.pop(key, None)
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.id = "injected-parameters"  # papermill draws a new random id every run
         if cell.cell_type != "code":
             continue
         kept = []

@@ -64,9 +64,14 @@ def environment_info(preset: str | None = None, seed: int | None = None) -> dict
     }
 
 
+#: What the notebooks write into the checkout (figures, the results page, the chapters): a
+#: change there is their output, not a change to the code that made it.
+OUTPUT_FOLDERS = ("figures", "reports")
+
+
 def git_commit() -> str | None:
-    """The commit of the library's checkout, with ``+dirty`` when files differ from it; None
-    outside git."""
+    """The commit of the library's checkout, with ``+dirty`` when tracked files other than the
+    notebooks' outputs (:data:`OUTPUT_FOLDERS`) differ from it; None outside git."""
     import subprocess
 
     def git(*args: str) -> str:
@@ -74,7 +79,8 @@ def git_commit() -> str | None:
                               text=True, timeout=10, check=True).stdout.strip()
 
     try:
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    *(f":(exclude){folder}" for folder in OUTPUT_FOLDERS))
         return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
