@@ -8,14 +8,13 @@ model's gain over its base and paired tests, and :func:`markdown_table` writes i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from ..evaluation.metrics import HEADLINE_METRICS, bootstrap_ci, paired_test, summarize_systems
 from ..settings.config import project_root
-from ..settings.provenance import png_text
+from ..settings.provenance import png_text, run_source
 from .runs import environment_info
 
 __all__ = ["reference_system", "report_table", "markdown_table", "write_markdown_report",
@@ -193,8 +192,7 @@ def report_sources(runs: dict[str, dict], preset: str) -> dict[str, str]:
     for name, run in runs.items():
         if run.get("status") != "done":
             continue
-        metrics = Path(run["out_dir"]) / "metrics.json"
-        keys[f"runs/{preset}/{name}"] = hashlib.sha256(metrics.read_bytes()).hexdigest()
+        _, keys[f"runs/{preset}/{name}"] = run_source(run["out_dir"])
         config = run.get("config") or {}
         fingerprint = (config.get("data_manifest") or {}).get("fingerprint")
         if fingerprint:

@@ -8,7 +8,7 @@ Modules, each importing only those before it: ``provenance``, ``config``, ``allo
 
 from .provenance import (
     active_preset, clear_sources, FIGURE_FIELDS, png_text, record_data, record_run,
-    set_active_preset, sources, stale_figures
+    run_source, set_active_preset, sources, stale_figures
 )
 from .config import (
     BGE_M3_ZH_SOURCES, CHECKOUT, DEMO_DATA, DEMO_LENGTHS, DEMO_NEW_LAYERS, DEMO_RERANKER,
@@ -35,7 +35,7 @@ from .distributed import (
 )
 
 __all__ = [
-    "record_run", "record_data", "sources", "clear_sources", "set_active_preset",
+    "run_source", "record_run", "record_data", "sources", "clear_sources", "set_active_preset",
     "active_preset", "png_text", "stale_figures", "FIGURE_FIELDS",
     "SEED", "CHECKOUT", "project_root", "set_project_home", "cache_path", "PRESETS",
     "BGE_M3_ZH_SOURCES", "DataConfig", "ModelConfig", "TrainingConfig", "RerankerConfig",

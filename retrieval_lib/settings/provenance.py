@@ -21,8 +21,8 @@ import hashlib
 import json
 from pathlib import Path
 
-__all__ = ["record_run", "record_data", "sources", "clear_sources", "set_active_preset",
-           "active_preset", "png_text", "stale_figures", "FIGURE_FIELDS"]
+__all__ = ["run_source", "record_run", "record_data", "sources", "clear_sources",
+           "set_active_preset", "active_preset", "png_text", "stale_figures", "FIGURE_FIELDS"]
 
 _LEDGER: dict[str, str] = {}
 _PRESET: list[str] = []
@@ -31,16 +31,24 @@ _PRESET: list[str] = []
 FIGURE_FIELDS = ("Title", "Preset", "Commit", "Sources")
 
 
-def record_run(folder: str | Path) -> str | None:
-    """Enter the run saved in ``folder`` (``.../runs/<preset>/<name>``) with the digest of its
-    ``metrics.json``; returns the key (None when the run has no ``metrics.json``)."""
+def run_source(folder: str | Path) -> tuple[str, str] | None:
+    """``(key, digest)`` of the run saved in ``folder`` (``.../runs/<preset>/<name>``): the key
+    ``runs/<preset>/<name>`` and the SHA-256 of its ``metrics.json`` (None without one)."""
     folder = Path(folder)
     metrics = folder / "metrics.json"
     if not metrics.is_file():
         return None
-    key = f"runs/{folder.parent.name}/{folder.name}"
-    _LEDGER[key] = hashlib.sha256(metrics.read_bytes()).hexdigest()
-    return key
+    return f"runs/{folder.parent.name}/{folder.name}", hashlib.sha256(
+        metrics.read_bytes()).hexdigest()
+
+
+def record_run(folder: str | Path) -> str | None:
+    """Enter the run saved in ``folder`` in the ledger (:func:`run_source`); returns its key."""
+    source = run_source(folder)
+    if source is None:
+        return None
+    _LEDGER[source[0]] = source[1]
+    return source[0]
 
 
 def record_data(kind: str, fingerprint: str) -> None:
