@@ -8,14 +8,15 @@ in order; a module imports only modules of earlier stages, or those before it in
    once), freed memory kept for reuse, hub look-ups, atomic checksummed checkpoints, process
    groups.
 2. ``data``: the unified record and its validation, BM25, tokenizers, the demo corpus (People's
-   Daily 1998), BGE-M3's sources, the fixed splits and nested subsets, their statistics.
+   Daily 1998), BGE-M3's sources, the fixed splits and nested subsets, their statistics, pairs
+   mined from unlabeled text.
 3. ``evaluation``: windows of long documents (FirstP, MaxP, SumP), trec_eval metrics with
    confidence intervals and paired tests, exact search, fusion.
 4. ``models``: InfoNCE and its cross-device form, GradCache, M3 heads, published MiniMind
    checkpoints converted to Llama, base models, the dual-tower retriever, expansion with new
-   layers, the demo LMs' pretraining.
+   layers, the demo LMs' pretraining, RetroMAE auto-encoding for decoder LMs.
 5. ``training``: length buckets, the collator, hard-negative mining, the optimizer step,
-   resuming, the loop, memory and time plans.
+   resuming, the loop, memory and time plans, the RetroMAE loop.
 6. ``results``: run folders (their one owner), report tables, baselines (BM25, BGE-M3, hybrid),
    the cross-encoder reranker.
 7. ``serving``: sentence-transformers export, ONNX graphs run by onnxruntime (fp32, int8),
@@ -43,16 +44,17 @@ MODULES = (
     "settings.provenance", "settings.config", "settings.allocator", "settings.hub",
     "settings.checkpoint", "settings.distributed",
     "data.records", "data.bm25", "data.tokenizer", "data.demo_corpus", "data.sources",
-    "data.splits", "data.statistics",
+    "data.splits", "data.statistics", "data.pairs",
     "evaluation.windows", "evaluation.metrics", "evaluation.search",
     "models.losses", "models.gradcache", "models.m3", "models.minimind",
     "models.minimind_scripts", "models.checkpoints", "models.base",
-    "models.retriever", "models.expansion", "models.pretraining",
+    "models.retriever", "models.expansion", "models.pretraining", "models.retromae",
     "training.batching", "training.collator", "training.mining", "training.optim",
-    "training.resume", "training.loop", "training.memory",
+    "training.resume", "training.loop", "training.memory", "training.stage1",
     "results.runs", "results.tables", "results.baselines", "results.reranker",
     "serving.export", "serving.onnx_runtime", "serving.index",
-    "course.plotting", "course.result_plots", "course.inputs", "course.experiment",
+    "course.plotting", "course.result_plots", "course.inputs", "course.stage1",
+    "course.experiment",
     "course.expansion", "course.ablation", "course.beyond", "course.start", "course.notebooks",
 )
 

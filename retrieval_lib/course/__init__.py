@@ -2,7 +2,7 @@
 notebooks show, and running the notebooks.
 
 Modules, each importing only those before it: ``plotting``, ``result_plots``, ``inputs``,
-``experiment``,
+``stage1``, ``experiment``,
 ``expansion``, ``ablation``, ``beyond``, ``start``, ``notebooks``.
 """
 
@@ -20,6 +20,9 @@ from .result_plots import (
 from .inputs import (
     check_full_inputs, MissingInputsError, realised, with_checkpoint_shape,
     with_prepared_records
+)
+from .stage1 import (
+    check_stages, ensure_stages, run_stage, stage_folder, stage_texts
 )
 from .experiment import (
     describe, ensure_run, fit_to_device, prepare_base_model, repeat_command, result_summary,
@@ -68,5 +71,6 @@ __all__ = [
     "RERANK_LABELS", "reranker_folder", "rerank_study", "SERVING_LABELS", "serving_study",
     "OVERRIDES", "SUBSETS", "list_parameter", "start_experiments", "start_expansion",
     "distinct_subsets",
-    "notebook_paths", "run_notebook", "chapters_dir", "render_chapter"
+    "notebook_paths", "run_notebook", "chapters_dir", "render_chapter",
+    "check_stages", "stage_texts", "stage_folder", "run_stage", "ensure_stages"
 ]

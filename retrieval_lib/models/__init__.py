@@ -1,8 +1,10 @@
 """Models: losses, GradCache, M3 heads, published checkpoints converted, base models, the
-dual-tower retriever, expansion with new layers, and the demo LMs' pretraining.
+dual-tower retriever, expansion with new layers, the demo LMs' pretraining, and RetroMAE
+auto-encoding for decoder LMs (stage 1a).
 
 Modules, each importing only those before it: ``losses``, ``gradcache``, ``m3``, ``minimind``,
-``minimind_scripts``, ``checkpoints``, ``base``, ``retriever``, ``expansion``, ``pretraining``.
+``minimind_scripts``, ``checkpoints``, ``base``, ``retriever``, ``expansion``, ``pretraining``,
+``retromae``.
 """
 
 from .losses import (
@@ -29,9 +31,9 @@ from .checkpoints import (
     SHAPE_FIELDS, check_base_model, checkpoint_shape, how_to_supply, resolve_base_model
 )
 from .base import (
-    POOLINGS, PRECISIONS, autocast_for, build_encoder, choose_precision, count_parameters,
-    cpu_has_native_bf16, dtype_kwarg, hf_config_from_shape, load_encoder,
-    parameter_count_from_config
+    HEAD_FILE, POOLINGS, PRECISIONS, autocast_for, build_encoder, choose_precision,
+    count_parameters, cpu_has_native_bf16, dtype_kwarg, hf_config_from_shape, load_encoder,
+    load_stage_projection, parameter_count_from_config
 )
 from .retriever import (
     DualTowerRetriever, pad_token_ids, pool, text_token_ids
@@ -42,6 +44,9 @@ from .expansion import (
 )
 from .pretraining import (
     SHIPPED_DEMO_LMS, perplexity, pretrain_demo_lm, PretrainConfig, token_blocks
+)
+from .retromae import (
+    RetroMAEBatch, mask_token_id, make_batch, decoder_visibility, RetroMAE
 )
 
 __all__ = [
@@ -58,8 +63,10 @@ __all__ = [
     "check_base_model", "resolve_base_model", "SHAPE_FIELDS", "checkpoint_shape", "POOLINGS",
     "hf_config_from_shape", "build_encoder", "dtype_kwarg", "load_encoder", "count_parameters",
     "parameter_count_from_config", "PRECISIONS", "cpu_has_native_bf16", "choose_precision",
-    "autocast_for", "pool", "text_token_ids", "pad_token_ids", "DualTowerRetriever", "INITS",
+    "autocast_for", "HEAD_FILE", "load_stage_projection", "pool", "text_token_ids",
+    "pad_token_ids", "DualTowerRetriever", "INITS",
     "POSITIONS", "decoder_layers", "new_layer_positions", "expand_layers", "UnfreezeSchedule",
     "UnfreezePlan", "PretrainConfig", "SHIPPED_DEMO_LMS", "token_blocks", "perplexity",
-    "pretrain_demo_lm"
+    "pretrain_demo_lm",
+    "RetroMAEBatch", "mask_token_id", "make_batch", "decoder_visibility", "RetroMAE"
 ]

@@ -8,6 +8,8 @@ tiny twins of the demo and the tests).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -17,7 +19,11 @@ from .checkpoints import how_to_supply, resolve_base_model
 
 __all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "dtype_kwarg", "load_encoder",
            "count_parameters", "parameter_count_from_config", "PRECISIONS", "cpu_has_native_bf16",
-           "choose_precision", "autocast_for"]
+           "choose_precision", "autocast_for", "HEAD_FILE", "load_stage_projection"]
+
+#: The projection a retrieval-oriented pretraining stage (:mod:`retrieval_lib.course.stage1`)
+#: leaves beside its encoder; a retriever built on that encoder starts from it.
+HEAD_FILE = "retrieval_head.safetensors"
 
 POOLINGS = ("mean", "last_token", "cls")
 
@@ -153,6 +159,24 @@ def load_encoder(name_or_path: str, trust_remote_code: bool = False,
         raise OSError(f"cannot load the base model {name_or_path!r}: {first}.{hint}\n"
                       f"{how_to_supply(name_or_path)[0].upper()}"
                       f"{how_to_supply(name_or_path)[1:]}.") from exc
+
+
+def load_stage_projection(projections, folder: str) -> None:
+    """Load each of ``projections`` (linear layers) from ``folder``'s :data:`HEAD_FILE` when
+    it has one (a pretraining stage's encoder folder); a projection of another size is named
+    with the file."""
+    from safetensors.torch import load_file
+
+    head = Path(folder) / HEAD_FILE
+    if not head.exists():
+        return
+    weights = {k.split(".", 1)[1]: v for k, v in load_file(str(head)).items()}
+    for projection in projections:
+        try:
+            projection.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise ValueError(f"{head} does not fit this retriever's projection "
+                             f"({projection}): {str(exc).splitlines()[-1].strip()}") from exc
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -30,6 +30,7 @@ from .base import (
     build_encoder,
     choose_precision,
     load_encoder,
+    load_stage_projection,
 )
 from .checkpoints import resolve_base_model
 from .m3 import M3Heads
@@ -139,8 +140,7 @@ class DualTowerRetriever(nn.Module):
                     dtype: torch.dtype | None = torch.float32) -> DualTowerRetriever:
         """Build the retriever of ``cfg``: pretrained weights (``pretrained``, in ``dtype``:
         float32 master weights by default, see :func:`load_encoder`) or a fresh model of the
-        configured shape (demo twins, tests); the tokenizer defaults to the model's own.
-        """
+        configured shape (demo twins, tests); tokenizer: the model's own; projection: a stage's."""
         if pretrained:
             path, _ = resolve_base_model(cfg.base_model)  # MiniMind: the converted folder
             encoder = load_encoder(path, cfg.trust_remote_code, dtype)
@@ -150,13 +150,16 @@ class DualTowerRetriever(nn.Module):
             if tokenizer is None:
                 raise ValueError("a model built from a config needs a tokenizer")
             encoder = build_encoder(cfg)
-        return cls(encoder, tokenizer, pooling=cfg.pooling, projection_dim=cfg.projection_dim,
+        model = cls(encoder, tokenizer, pooling=cfg.pooling, projection_dim=cfg.projection_dim,
                    separate_projections=cfg.separate_projections,
                    max_query_length=cfg.max_query_length,
                    max_passage_length=cfg.max_passage_length, architecture=cfg.architecture,
                    m3_heads=cfg.m3_heads, query_instruction=cfg.query_instruction,
                    passage_aggregation=cfg.passage_aggregation,
                    passage_stride=cfg.passage_stride)
+        if pretrained:  # a pretraining stage's projection, where the folder has one
+            load_stage_projection({model.query_projection, model.passage_projection}, path)
+        return model
 
     # -- tokenisation ---------------------------------------------------------------------------
 
@@ -189,8 +192,7 @@ class DualTowerRetriever(nn.Module):
         return self._pad([known[tower, t] for t in texts], pad_to_multiple_of)
 
     def clear_token_cache(self) -> None:
-        """Forget the token ids :meth:`tokenize` kept: the next encoding tokenises afresh, as
-        texts never seen before are (what a benchmark of serving new texts must time)."""
+        """Forget the kept token ids: the next encoding tokenises afresh, as new texts are."""
         self._token_cache = None
 
     def _token_ids(self, texts: list[str], tower: str, max_length: int) -> list[list[int]]:

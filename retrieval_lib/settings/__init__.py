@@ -14,7 +14,8 @@ from .config import (
     BGE_M3_ZH_SOURCES, CHECKOUT, DEMO_DATA, DEMO_LENGTHS, DEMO_NEW_LAYERS, DEMO_RERANKER,
     DEMO_SHAPES, EXPERIMENTS, MINIMIND_108M, MINIMIND_27M, PRESETS, PUBLISHED_BASE_MODELS,
     QWEN2_05B, SEED, cache_path, check_unfreezing, DataConfig, ExperimentConfig, ExperimentSpec,
-    get_data_config, get_experiment, get_reranker_config, ModelConfig, project_root,
+    get_data_config, get_experiment, get_reranker_config, get_stage1_config, ModelConfig,
+    PRETRAINING_STAGES, Stage1Config, DEMO_STAGE1, project_root,
     RerankerConfig, resolve_preset, set_project_home, TrainingConfig, variant, with_defaults,
     with_overrides
 )
@@ -39,7 +40,8 @@ __all__ = [
     "active_preset", "png_text", "stale_figures", "FIGURE_FIELDS",
     "SEED", "CHECKOUT", "project_root", "set_project_home", "cache_path", "PRESETS",
     "BGE_M3_ZH_SOURCES", "DataConfig", "ModelConfig", "TrainingConfig", "RerankerConfig",
-    "DEMO_RERANKER", "get_reranker_config", "ExperimentConfig", "MINIMIND_27M", "MINIMIND_108M",
+    "DEMO_RERANKER", "get_reranker_config", "PRETRAINING_STAGES", "Stage1Config", "DEMO_STAGE1",
+    "get_stage1_config", "ExperimentConfig", "MINIMIND_27M", "MINIMIND_108M",
     "QWEN2_05B", "PUBLISHED_BASE_MODELS", "DEMO_SHAPES", "DEMO_LENGTHS", "ExperimentSpec",
     "DEMO_NEW_LAYERS", "EXPERIMENTS", "DEMO_DATA", "resolve_preset", "get_data_config",
     "get_experiment", "with_overrides", "check_unfreezing", "variant", "with_defaults",

@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from .provenance import set_active_preset
 
 __all__ = ["SEED", "CHECKOUT", "project_root", "set_project_home", "cache_path", "PRESETS",
            "BGE_M3_ZH_SOURCES", "DataConfig", "ModelConfig", "TrainingConfig", "RerankerConfig",
-           "DEMO_RERANKER", "get_reranker_config", "ExperimentConfig", "MINIMIND_27M",
+           "DEMO_RERANKER", "get_reranker_config", "PRETRAINING_STAGES", "Stage1Config",
+           "DEMO_STAGE1", "get_stage1_config", "ExperimentConfig", "MINIMIND_27M",
            "MINIMIND_108M", "QWEN2_05B", "PUBLISHED_BASE_MODELS", "DEMO_SHAPES", "DEMO_LENGTHS",
            "ExperimentSpec", "DEMO_NEW_LAYERS", "EXPERIMENTS", "DEMO_DATA", "resolve_preset",
            "get_data_config", "get_experiment", "with_overrides", "check_unfreezing", "variant",
@@ -178,6 +180,9 @@ class ModelConfig:
     # epochs per unfreezing stage (the report: 2); 0: the K + 1 stages (0, 1, ..., K new layers
     # trainable) split the run's optimizer steps evenly, so the schedule always completes
     unfreeze_every: float = 0
+    # retrieval-oriented pretraining before fine-tuning (retrieval_lib.course.stage1), a subset
+    # of PRETRAINING_STAGES in that order: () starts from the LM, ("retromae",) from RetroMAE
+    pretraining_stages: tuple[str, ...] = ()
 
 
 @dataclass
@@ -254,6 +259,58 @@ class RerankerConfig:
 #: a few epochs at the demo retrievers' learning rate, the top 20 reordered.
 DEMO_RERANKER = RerankerConfig(epochs=4, batch_size=16, num_negatives=3, learning_rate=3e-4,
                                max_length=160, top_k=20, gradient_checkpointing=False)
+
+
+#: Retrieval-oriented pretraining stages (:mod:`retrieval_lib.course.stage1`), in the order
+#: they run when an experiment asks for several (``ModelConfig.pretraining_stages``).
+PRETRAINING_STAGES = ("retromae", "contrastive")
+
+
+@dataclass
+class Stage1Config:
+    """BGE-M3's first stage for the course's LMs, before retrieval fine-tuning.
+
+    ``retromae_*``: stage 1a (:mod:`retrieval_lib.models.retromae`); the mask ratios are
+    FlagEmbedding's ``retromae_pretrain`` defaults (``encoder_mlm_probability`` 0.3,
+    ``decoder_mlm_probability`` 0.5), its example learning rate 2e-5 for a pretrained BGE.
+    ``contrastive_*``: stage 1b, InfoNCE over in-batch negatives on pairs mined from the
+    training passages (:mod:`retrieval_lib.data.pairs`): Contriever's crops of 10%-50% of a
+    document, ICT's sentence -> rest of its document (the sentence left in 10% of the time),
+    title -> body where a passage has a title.
+    """
+
+    retromae_steps: int = 20_000
+    retromae_batch_size: int = 32
+    retromae_learning_rate: float = 2e-5
+    retromae_max_length: int = 512  # tokens of a text (the fine-tuning passage length)
+    encoder_mask_ratio: float = 0.3
+    decoder_mask_ratio: float = 0.5
+    eval_every: int = 1000  # held-out loss every this many steps; the lowest's weights are kept
+    heldout_fraction: float = 0.02  # of the training passages, for that held-out loss
+    checkpoint_steps: int = 1000  # resumable checkpoint every this many steps
+    pair_kinds: tuple[str, ...] = ("crop", "ict", "title")
+    crop_ratio: tuple[float, float] = (0.1, 0.5)  # Contriever's ratio_min / ratio_max
+    ict_keep_sentence: float = 0.1  # ICT: how often the sentence stays in its context
+    pairs_per_text: int = 1  # pairs mined per passage and kind
+    contrastive_epochs: int = 1
+    contrastive_batch_size: int = 64
+    contrastive_learning_rate: float = 2e-5
+    temperature: float = 0.05
+    seed: int = SEED
+
+
+#: The demo's stage 1: the tiny twins, from scratch-pretrained LMs, on the CPU in minutes.
+DEMO_STAGE1 = Stage1Config(retromae_steps=1000, retromae_batch_size=32,
+                           retromae_learning_rate=1e-3, retromae_max_length=128, eval_every=250,
+                           heldout_fraction=0.05, checkpoint_steps=500, pairs_per_text=4,
+                           contrastive_epochs=3, contrastive_batch_size=32,
+                           contrastive_learning_rate=3e-4)
+
+
+def get_stage1_config(preset: str = "auto", **overrides) -> Stage1Config:
+    """The retrieval-oriented pretraining settings of a preset, with optional overrides."""
+    preset = _resolve(preset)
+    return replace(DEMO_STAGE1 if preset == "demo" else Stage1Config(), **overrides)
 
 
 def get_reranker_config(preset: str = "auto", **overrides) -> RerankerConfig:
@@ -541,14 +598,16 @@ def get_experiment(name: str, preset: str = "auto") -> ExperimentConfig:
 def with_overrides(exp: ExperimentConfig, *, data_dir: str | None = None,
                    model_path: str | None = None, expansion_init: str | None = None,
                    unfreeze_every: float | None = None, trust_remote_code: bool | None = None,
+                   pretraining_stages: str | Sequence[str] | None = None,
                    **training) -> ExperimentConfig:
     """``exp`` with notebook parameters applied; ``None`` (or "") keeps the preset's value.
 
     ``data_dir`` sets ``data.data_dir``, ``model_path`` sets ``model.base_model``,
     ``trust_remote_code`` lets a checkpoint that truly needs its own code run it (MiniMind never
     does: it is converted), ``expansion_init`` and ``unfreeze_every`` the model's expansion
-    settings, and every other
-    keyword a field of ``training`` (e.g. ``epochs``, ``learning_rate``, ``temperature``).
+    settings, ``pretraining_stages`` the stages before fine-tuning (names, or one string joined
+    with ``+``: ``"retromae+contrastive"``; ``"none"`` for none), and every other keyword a
+    field of ``training`` (e.g. ``epochs``, ``learning_rate``, ``temperature``).
 
     >>> exp = with_overrides(get_experiment("minimind27_10k", "full"), epochs=1, temperature=None)
     >>> exp.training.epochs, exp.training.temperature
@@ -565,6 +624,11 @@ def with_overrides(exp: ExperimentConfig, *, data_dir: str | None = None,
         model = replace(model, trust_remote_code=bool(trust_remote_code))
     if unfreeze_every is not None and unfreeze_every != "":
         model = replace(model, unfreeze_every=float(unfreeze_every))
+    if pretraining_stages is not None and pretraining_stages != "":
+        if isinstance(pretraining_stages, str):
+            pretraining_stages = [] if pretraining_stages == "none" else \
+                pretraining_stages.split("+")
+        model = replace(model, pretraining_stages=tuple(pretraining_stages))
     changes = {k: v for k, v in training.items() if v is not None and v != ""}
     exp = replace(exp, data=data, model=model, training=replace(exp.training, **changes))
     check_unfreezing(exp)

@@ -2,7 +2,7 @@
 loop, and memory and time plans.
 
 Modules, each importing only those before it: ``batching``, ``collator``, ``mining``, ``optim``,
-``resume``, ``loop``, ``memory``.
+``resume``, ``loop``, ``memory``, ``stage1``.
 """
 
 from .batching import (
@@ -29,6 +29,9 @@ from .memory import (
     largest_batches, plan_table, saved_activation_bytes, static_bytes, step_activation_bytes,
     training_flops, training_memory_plan, training_plan
 )
+from .stage1 import (
+    token_windows, train_retromae
+)
 
 __all__ = [
     "BucketBatchSampler", "batch_plan", "equal_count_edges", "passage_token_lengths",
@@ -38,5 +41,6 @@ __all__ = [
     "CHECKPOINTS", "data_fingerprint", "resume_state", "train_retriever",
     "saved_activation_bytes", "activation_bytes_per_token", "static_bytes",
     "step_activation_bytes", "training_memory_plan", "fit_step", "largest_batches", "GIB",
-    "CUDA_CONTEXT_GIB", "GPUS", "UTILISATION", "training_flops", "training_plan", "plan_table"
+    "CUDA_CONTEXT_GIB", "GPUS", "UTILISATION", "training_flops", "training_plan", "plan_table",
+    "token_windows", "train_retromae"
 ]

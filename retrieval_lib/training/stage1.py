@@ -1,0 +1,155 @@
+"""The loop of stage 1a, RetroMAE auto-encoding (:mod:`retrieval_lib.models.retromae`).
+
+Texts are cut into windows of the fine-tuning passage length, so every token of a long passage
+is read; a small share of the texts is held out, and its loss (with masks fixed once) is
+measured every ``eval_every`` steps; the encoder of the lowest held-out loss is the result, as
+the demo LMs' pretraining keeps its lowest perplexity. Each step's batch and masks come from a
+generator seeded with ``(seed, step)``, so a run resumed from a checkpoint draws exactly what
+the uninterrupted run would have drawn: resume is bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..models.retromae import RetroMAE, make_batch, mask_token_id
+from ..settings.checkpoint import (
+    atomic_folder,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_checksums,
+)
+from ..settings.config import Stage1Config, TrainingConfig
+from .optim import make_optimizer
+
+__all__ = ["token_windows", "train_retromae"]
+
+#: Windows shorter than this many tokens (the tail of a passage) are left out and counted.
+MIN_WINDOW_TOKENS = 8
+
+
+def token_windows(tokenizer, texts: Sequence[str], max_length: int, append_eos: bool
+                  ) -> tuple[list[list[int]], int]:
+    """Consecutive windows of at most ``max_length`` tokens of each text (with ``append_eos``
+    each window ends with EOS, within the length, as the retriever reads a passage), and how
+    many tails shorter than :data:`MIN_WINDOW_TOKENS` were left out."""
+    room = max_length - 1 if append_eos else max_length
+    windows, short = [], 0
+    for start in range(0, len(texts), 256):
+        for ids in tokenizer(list(texts[start:start + 256]), add_special_tokens=False
+                             )["input_ids"]:
+            for at in range(0, len(ids), room):
+                piece = ids[at:at + room]
+                if len(piece) < MIN_WINDOW_TOKENS:
+                    short += 1
+                    continue
+                windows.append(piece + [tokenizer.eos_token_id] if append_eos else piece)
+    return windows, short
+
+
+def _batch(model: RetroMAE, windows, rows, tokenizer, cfg: Stage1Config, generator):
+    special = set(tokenizer.all_special_ids)
+    return make_batch([windows[i] for i in rows], tokenizer.pad_token_id,
+                      mask_token_id(tokenizer), special, cfg.encoder_mask_ratio,
+                      cfg.decoder_mask_ratio, generator)
+
+
+@torch.no_grad()
+def _heldout_loss(model: RetroMAE, batches) -> dict[str, float]:
+    model.eval()
+    totals = {"loss": 0.0, "encoder_loss": 0.0, "decoder_loss": 0.0}
+    for batch in batches:
+        out = model(batch)
+        for key in totals:
+            totals[key] += out[key].item() / len(batches)
+    model.train()
+    return totals
+
+
+def train_retromae(encoder, tokenizer, texts: Sequence[str], heldout: Sequence[str],
+                   cfg: Stage1Config, out_dir: str | Path, pooling: str = "mean",
+                   resume: bool = True, show_progress: bool = True) -> dict:
+    """Train ``encoder`` (an ``AutoModel`` decoder LM, changed in place) with RetroMAE on
+    ``texts``; returns the history and writes ``out_dir/encoder`` (the encoder of the lowest
+    held-out loss, with the tokenizer and ``checksums.json``) and ``out_dir/history.json``.
+
+    Checkpoints (model, decoder, optimizer, schedule, history) go to ``out_dir/checkpoints``
+    every ``cfg.checkpoint_steps`` steps; ``resume`` continues from the newest good one.
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    out = Path(out_dir)
+    append_eos = pooling == "last_token"
+    windows, short = token_windows(tokenizer, texts, cfg.retromae_max_length, append_eos)
+    held, held_short = token_windows(tokenizer, heldout, cfg.retromae_max_length, append_eos)
+    if not windows or not held:
+        raise ValueError(f"RetroMAE needs training and held-out windows of at least "
+                         f"{MIN_WINDOW_TOKENS} tokens: {len(windows)} and {len(held)} were cut "
+                         f"from {len(texts)} and {len(heldout)} texts")
+    model = RetroMAE(encoder, pooling, seed=cfg.seed)
+    model.train()
+    optimizer = make_optimizer(model, TrainingConfig(
+        epochs=1, batch_size=cfg.retromae_batch_size,
+        learning_rate=cfg.retromae_learning_rate))
+    schedule = get_linear_schedule_with_warmup(optimizer, math.ceil(0.1 * cfg.retromae_steps),
+                                               cfg.retromae_steps)
+    fixed = torch.Generator().manual_seed(cfg.seed)  # the held-out masks, drawn once
+    heldout_batches = [_batch(model, held, range(i, min(i + cfg.retromae_batch_size,
+                                                        len(held))), tokenizer, cfg, fixed)
+                       for i in range(0, len(held), cfg.retromae_batch_size)]
+    history = {"steps": [], "heldout": [], "best_step": 0, "best_loss": None,
+               "windows": len(windows), "heldout_windows": len(held),
+               "short_tails_left_out": short + held_short, "texts": len(texts),
+               "heldout_texts": len(heldout), "mask_token_id": mask_token_id(tokenizer),
+               "resumed_from": [], "wall_time_s": 0.0}
+    done = 0
+    if not resume:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    folder = latest_checkpoint(out / "checkpoints") if resume else None
+    if folder is not None:
+        state = load_checkpoint(folder, model, optimizer, schedule, None)
+        done, history = state["step"], state["history"]
+        history["resumed_from"].append(done)
+    if done == 0:
+        history["heldout"].append([0, _heldout_loss(model, heldout_batches)])
+    started = time.perf_counter() - history["wall_time_s"]
+    for step in tqdm(range(done + 1, cfg.retromae_steps + 1), desc="RetroMAE",
+                     disable=not show_progress, initial=done, total=cfg.retromae_steps):
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        rows = torch.randint(len(windows), (cfg.retromae_batch_size,), generator=generator)
+        out_step = model(_batch(model, windows, rows.tolist(), tokenizer, cfg, generator))
+        out_step["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        history["steps"].append([step, out_step["encoder_loss"].item(),
+                                 out_step["decoder_loss"].item()])
+        if step % cfg.eval_every == 0 or step == cfg.retromae_steps:
+            loss = _heldout_loss(model, heldout_batches)
+            history["heldout"].append([step, loss])
+            if history["best_loss"] is None or loss["loss"] < history["best_loss"]:
+                history["best_step"], history["best_loss"] = step, loss["loss"]
+                with atomic_folder(out / "best") as tmp:
+                    encoder.save_pretrained(str(tmp), safe_serialization=True)
+        if step % cfg.checkpoint_steps == 0 and step < cfg.retromae_steps:
+            history["wall_time_s"] = time.perf_counter() - started
+            save_checkpoint(out / "checkpoints", step, model, optimizer, schedule, None,
+                            {"step": step, "history": history})
+    history["wall_time_s"] = time.perf_counter() - started
+    with atomic_folder(out / "encoder") as tmp:
+        for path in (out / "best").iterdir():
+            (tmp / path.name).write_bytes(path.read_bytes())
+        tokenizer.save_pretrained(str(tmp))
+        write_checksums(tmp)
+    (out / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+    return history

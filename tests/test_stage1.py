@@ -1,0 +1,357 @@
+"""Stage 1 (retrieval-oriented pretraining): RetroMAE's masks and loss, the pair miners, the
+texts they may read, the stage runs (resume, reuse, composition) and the full preset's path."""
+
+import json
+import math
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+from published_formats import write_bge_m3_data, write_minimind_v1
+from toy import toy_records
+
+from retrieval_lib import data
+from retrieval_lib.course import experiment, stage1
+from retrieval_lib.data import pairs
+from retrieval_lib.models import DualTowerRetriever, retromae
+from retrieval_lib.settings import config
+from retrieval_lib.training import stage1 as loop
+
+
+def _llama(arch="llama", vocab=40, hidden=32, heads=4, kv=2):
+    from transformers import AutoModel, LlamaConfig, Qwen2Config
+
+    cls = LlamaConfig if arch == "llama" else Qwen2Config
+    cfg = cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=1,
+              num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=48,
+              attn_implementation="eager")
+    torch.manual_seed(0)
+    return AutoModel.from_config(cfg)
+
+
+# -- masks ----------------------------------------------------------------------------------
+
+
+def test_make_batch_masks_what_retromae_masks():
+    g = torch.Generator().manual_seed(0)
+    b = retromae.make_batch([[4, 5, 6, 7, 8, 9, 2], [1, 10, 11, 2]], pad_id=0, mask_id=3,
+                            special_ids={1, 2}, encoder_ratio=0.3, decoder_ratio=0.5,
+                            generator=g)
+    # maskable: real tokens after position 0 (its key slot holds the embedding, special or
+    # not) that are not special -> 5 and 2 tokens;
+    # the encoder masks round(0.3 * 5) = 2 and max(1, round(0.3 * 2)) = 1 of them
+    assert (b.encoder_labels != -100).sum(1).tolist() == [2, 1]
+    masked = b.encoder_labels != -100
+    assert (b.encoder_input_ids[masked] == 3).all()
+    assert (b.encoder_labels[masked] == b.input_ids[masked]).all()
+    assert (b.encoder_input_ids[~masked] == b.input_ids[~masked]).all()
+    assert b.decoder_labels.tolist() == [[-100, 5, 6, 7, 8, 9, -100],
+                                         [-100, 10, 11, -100, -100, -100, -100]]
+    assert b.attention_mask.tolist() == [[1] * 7, [1, 1, 1, 1, 0, 0, 0]]
+
+
+def test_decoder_visibility_keeps_the_embedding_hides_self_and_padding():
+    maskable = torch.tensor([[False, True, True, True, False]])  # slot 0, 3 tokens, padding
+    g = torch.Generator().manual_seed(0)
+    none_hidden = retromae.decoder_visibility(maskable, 0.0, g)[0]
+    # ratio 0: every row sees slot 0 and every other real token, never itself or padding
+    assert none_hidden.int().tolist() == [[1, 1, 1, 1, 0], [1, 0, 1, 1, 0], [1, 1, 0, 1, 0],
+                                          [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+    all_hidden = retromae.decoder_visibility(maskable, 1.0, g)[0]
+    assert all_hidden.int().tolist() == [[1, 0, 0, 0, 0]] * 5
+    big = torch.ones((1, 400), dtype=torch.bool)
+    share = retromae.decoder_visibility(big, 0.5, g)[0, :, 1:].float().mean().item()
+    assert abs(share - 0.5) < 0.01  # each other token hidden with probability 0.5
+
+
+def test_mask_token_falls_back_to_unknown_then_padding():
+    class Tok:
+        mask_token_id, unk_token_id, pad_token_id = None, 7, 9
+    assert retromae.mask_token_id(Tok()) == 7
+    Tok.unk_token_id = None
+    assert retromae.mask_token_id(Tok()) == 9
+
+
+# -- the loss against an independent computation --------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decoder_equals_the_library_layer_on_a_two_stream_sequence(arch):
+    """Enhanced decoding, computed independently: the architecture's own decoder layer run on
+    ``[kv stream; query stream]`` with positions ``[0..L-1, 0..L-1]`` and a 4-D mask in which
+    query row i sees exactly the keys ``visible[i]`` gives the decoder's states."""
+    encoder = _llama(arch)
+    model = retromae.RetroMAE(encoder, "mean", seed=1)
+    g = torch.Generator().manual_seed(3)
+    b = retromae.make_batch([[1, 5, 6, 7, 8, 9, 2], [1, 10, 11, 12, 2]], 0, 3, {1, 2}, 0.3,
+                            0.5, g)
+    _, emb = model.sentence_embedding(b.encoder_input_ids, b.attention_mask)
+    got = model.decode(emb, b.input_ids, b.decoder_visible)
+    n = b.input_ids.shape[1]
+    tokens = encoder.embed_tokens(b.input_ids)
+    stream = torch.cat([emb[:, None], tokens[:, 1:]], 1)
+    x = torch.cat([stream, emb[:, None].expand(-1, n, -1)], 1)
+    positions = torch.cat([torch.arange(n), torch.arange(n)])[None].expand(2, -1)
+    allowed = torch.zeros((2, 2 * n, 2 * n), dtype=torch.bool)
+    allowed[:, :n, :n] = True  # the stream rows: anything (their outputs are not read)
+    allowed[:, n:, :n] = b.decoder_visible
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))[:, None]
+    out = model.decoder(x, attention_mask=mask, position_ids=positions,
+                        position_embeddings=encoder.rotary_emb(x, positions))
+    out = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(got, model.decoder_norm(out[:, n:]), atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_the_two_cross_entropies_worked_out_position_by_position():
+    encoder = _llama()
+    model = retromae.RetroMAE(encoder, "mean", seed=1).eval()
+    g = torch.Generator().manual_seed(5)
+    b = retromae.make_batch([[1, 5, 6, 7, 8, 9, 2], [1, 10, 11, 12, 2]], 0, 3, {1, 2}, 0.3,
+                            0.5, g)
+    out = model(b)
+    hidden = encoder(input_ids=b.encoder_input_ids, attention_mask=b.attention_mask
+                     ).last_hidden_state
+    embed = encoder.embed_tokens.weight
+    enc, dec = [], []
+    for row in range(2):
+        for i in range(1, b.input_ids.shape[1]):
+            target = b.encoder_labels[row, i].item()
+            if target != -100:  # predicted by the state before it, from the masked text
+                enc.append(-torch.log_softmax(hidden[row, i - 1] @ embed.T, -1)[target])
+    mask = b.attention_mask[..., None].float()
+    emb = (hidden * mask).sum(1) / mask.sum(1)  # mean pooling over real tokens
+    states = model.decode(emb, b.input_ids, b.decoder_visible)
+    for row in range(2):
+        for i in range(b.input_ids.shape[1]):
+            target = b.decoder_labels[row, i].item()
+            if target != -100:
+                dec.append(-torch.log_softmax(states[row, i] @ embed.T, -1)[target])
+    assert len(enc) == 3 and len(dec) == 8  # 2 + 1 masked; 5 + 3 rebuilt
+    torch.testing.assert_close(out["encoder_loss"], torch.stack(enc).mean())
+    torch.testing.assert_close(out["decoder_loss"], torch.stack(dec).mean())
+    torch.testing.assert_close(out["loss"], out["encoder_loss"] + out["decoder_loss"])
+
+
+def test_the_embedding_is_the_only_way_into_the_decoder_for_a_hidden_token():
+    """With every other token hidden (decoder ratio 1), the decoder's states of one text do not
+    depend on its tokens at all, only on the embedding: change a token, same states."""
+    model = retromae.RetroMAE(_llama(), "mean", seed=1)
+    emb = torch.randn(1, 32)
+    visible = retromae.decoder_visibility(torch.tensor([[False, True, True, True]]), 1.0,
+                                          torch.Generator().manual_seed(0))
+    a = model.decode(emb, torch.tensor([[1, 5, 6, 7]]), visible)
+    b = model.decode(emb, torch.tensor([[1, 9, 9, 9]]), visible)
+    torch.testing.assert_close(a, b)
+    c = model.decode(emb + 1, torch.tensor([[1, 5, 6, 7]]), visible)
+    assert not torch.allclose(a, c)
+
+
+# -- pair miners ----------------------------------------------------------------------------
+
+
+def test_sentences_and_ict_pairs_by_hand():
+    text = "甲说了话。乙回答？丙笑了！“好。”\n丁"
+    assert pairs.sentences(text) == ["甲说了话。", "乙回答？", "丙笑了！", "“好。”", "丁"]
+
+    class Fixed(random.Random):
+        def randrange(self, n):
+            return 1
+
+        def random(self):
+            return 0.5  # above keep_sentence: the sentence is taken out
+
+    assert pairs.ict_pair(text, Fixed(), 0.1) == ("乙回答？", "甲说了话。丙笑了！“好。”丁")
+    assert pairs.ict_pair(text, Fixed(), 0.9) == ("乙回答？", "甲说了话。乙回答？丙笑了！“好。”丁")
+    assert pairs.ict_pair("只有一句。", Fixed()) is None
+
+
+def test_crops_are_spans_of_the_text_within_the_ratio():
+    text = "".join(chr(0x4E00 + i) for i in range(200))
+    rng = random.Random(0)
+    for _ in range(200):
+        a, b = pairs.crop_pair(text, rng, (0.1, 0.5))
+        for span in (a, b):
+            assert span in text and 20 <= len(span) <= 100
+    assert pairs.crop_pair("短文", rng) is None  # 2 characters < 2 x 4
+
+
+def test_mine_pairs_counts_what_each_kind_gave_and_dropped():
+    passages = [{"text": "第一句。第二句。第三句。"}, {"text": "只有一句没有句号"},
+                {"text": "标题下的正文，足够长的一段。", "title": "标题"}, {"text": "短"}]
+    records, report = pairs.mine_pairs(passages, pairs_per_text=2, seed=0)
+    # crops: 3 texts of >= 8 characters x 2; ICT: only the first has two sentences (a comma
+    # ends none), x 2; title: the third
+    assert report == {"crop": {"pairs": 6, "too_short": 1}, "ict": {"pairs": 2,
+                      "one_sentence": 3}, "title": {"pairs": 1, "no_title": 3}}
+    title = [r for r in records if r["source"] == "title"]
+    assert title == [{"query": "标题", "positive_passages": [{"text": passages[2]["text"]}],
+                      "negative_passages": [], "source": "title"}]
+    with pytest.raises(ValueError, match="unknown pair kind"):
+        pairs.mine_pairs(passages, ["crops"])
+
+
+def test_no_validation_or_test_article_reaches_a_mined_pair():
+    train, val, test = toy_records(30, 0), toy_records(6, 1), toy_records(6, 2)
+    for i, row in enumerate(train):  # distinct articles, so that only the planted ones leak
+        row["positive_passages"][0]["text"] += f"第{i}篇训练文章的结尾。"
+    leaked = val[0]["positive_passages"][0]["text"]
+    train[3]["positive_passages"][0]["text"] = "  " + leaked + "\u200b"  # same after normalising
+    train[4]["positive_passages"][0]["text"] = test[1]["positive_passages"][0]["text"]
+    train[5]["positive_passages"][0]["text"] = train[6]["query"]  # a query is never a text
+    train[7]["positive_passages"][0]["text"] = test[2]["query"]
+    test[0]["negative_passages"][0]["text"] = train[8]["positive_passages"][0]["text"]
+    kept, report = pairs.unlabeled_texts(train, [val, test])
+    assert report["held_out_articles"] == 3 and report["queries"] == 1
+    assert report["held_out_negatives"] == 1  # a training article the test lists as negative
+    assert report["kept"] + report["held_out_articles"] + report["queries"] + report[
+        "repeats"] == report["passages"] == 30
+    forbidden = {data.normalise_text(t) for split in (val, test) for r in split
+                 for t in [r["query"], *(p["text"] for p in r["positive_passages"])]}
+    assert not {data.normalise_text(p["text"]) for p in kept} & forbidden
+    records, _ = pairs.mine_pairs(kept, ("crop", "ict"), pairs_per_text=3)
+    texts = [p["text"] for p in kept]
+    for r in records:  # each pair comes from one kept article, whole spans or sentences
+        query, positive = r["query"], r["positive_passages"][0]["text"]
+        parts = [positive] if r["source"] == "crop" else pairs.sentences(positive)
+        assert any(query in t and all(part in t for part in parts) for t in texts), r
+
+
+# -- the stage-1a loop ----------------------------------------------------------------------
+
+
+_STAGE1_CONFIG = config.Stage1Config  # the tests below replace the full preset's defaults
+
+
+def _stage_cfg(**kw):
+    base = dict(retromae_steps=6, retromae_batch_size=4, retromae_learning_rate=1e-3,
+                retromae_max_length=24, eval_every=3, checkpoint_steps=2, heldout_fraction=0.2,
+                pairs_per_text=1, contrastive_epochs=1, contrastive_batch_size=4,
+                contrastive_learning_rate=1e-3)
+    base.update(kw)
+    return _STAGE1_CONFIG(**base)
+
+
+def _texts(n=20):
+    return [p["text"] for r in toy_records(n, 0) for p in r["positive_passages"]]
+
+
+def test_windows_cover_long_texts_and_count_short_tails(tok):
+    ids = tok(["长江黄河" * 20], add_special_tokens=False)["input_ids"][0]
+    windows, short = loop.token_windows(tok, ["长江黄河" * 20], 10, append_eos=True)
+    assert [w[:-1] for w in windows] == [ids[i:i + 9] for i in range(0, len(ids), 9)
+                                         if len(ids[i:i + 9]) >= loop.MIN_WINDOW_TOKENS]
+    assert all(w[-1] == tok.eos_token_id and len(w) <= 10 for w in windows)
+    assert short == sum(len(ids[i:i + 9]) < loop.MIN_WINDOW_TOKENS
+                        for i in range(0, len(ids), 9))
+
+
+def test_a_killed_retromae_run_resumes_bit_identically(tok, tmp_path, monkeypatch):
+    from transformers import AutoModel, LlamaConfig
+
+    def encoder():
+        torch.manual_seed(0)
+        return AutoModel.from_config(LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, intermediate_size=48))
+
+    texts, cfg = _texts(), _stage_cfg()
+    whole = loop.train_retromae(encoder(), tok, texts[:16], texts[16:], cfg, tmp_path / "a",
+                                show_progress=False)
+    calls = {"n": 0}
+    real = loop.save_checkpoint
+
+    def killed_after_second_checkpoint(*args, **kwargs):
+        real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed after step 4's checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", killed_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train_retromae(encoder(), tok, texts[:16], texts[16:], cfg, tmp_path / "b",
+                            show_progress=False)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    resumed = loop.train_retromae(encoder(), tok, texts[:16], texts[16:], cfg, tmp_path / "b",
+                                  show_progress=False)
+    assert resumed["resumed_from"] == [4]
+    assert resumed["steps"] == whole["steps"] and resumed["heldout"] == whole["heldout"]
+    assert (tmp_path / "a/encoder/model.safetensors").read_bytes() == (
+        tmp_path / "b/encoder/model.safetensors").read_bytes()
+    assert whole["heldout"][-1][1]["loss"] < whole["heldout"][0][1]["loss"]  # it learns
+
+
+def test_every_step_draws_its_own_batch_and_masks(tok, tmp_path):
+    """With a learning rate of 0 the model never changes, so equal step losses would mean
+    equal batches: each of the 6 steps must differ."""
+    from transformers import AutoModel, LlamaConfig
+
+    torch.manual_seed(0)
+    encoder = AutoModel.from_config(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=48))
+    texts = _texts()
+    history = loop.train_retromae(encoder, tok, texts[:16], texts[16:],
+                                  _stage_cfg(retromae_learning_rate=0.0), tmp_path,
+                                  show_progress=False)
+    assert len({(enc, dec) for _, enc, dec in history["steps"]}) == 6
+
+
+# -- stages compose, are reused, and run on the full preset's miniature ----------------------
+
+
+@pytest.fixture
+def full_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
+    write_bge_m3_data(tmp_path / "bge-m3-data")
+    write_minimind_v1(tmp_path / "minimind-v1-small")
+    return tmp_path
+
+
+def test_check_stages_refuses_unknown_names_repeats_and_order():
+    assert stage1.check_stages(["retromae", "contrastive"]) == ("retromae", "contrastive")
+    for bad in (["retroMAE"], ["contrastive", "retromae"], ["retromae", "retromae"]):
+        with pytest.raises(ValueError):
+            stage1.check_stages(bad)
+
+
+def test_the_full_preset_runs_both_stages_then_fine_tunes_from_their_encoder(full_home,
+                                                                              monkeypatch):
+    monkeypatch.setattr(config, "Stage1Config", lambda: _stage_cfg(heldout_fraction=0.3))
+    exp = config.with_overrides(config.get_experiment("minimind27_10k", "full"),
+                                model_path=str(full_home / "minimind-v1-small"),
+                                data_dir=str(full_home / "bge-m3-data"), epochs=1,
+                                batch_size=4, pretraining_stages="retromae+contrastive")
+    exp = replace(exp, data=replace(exp.data, val_size=8, test_size=10,
+                                    subset_sizes={"10k": 20, "96k": 40, "288k": 42}),
+                  model=replace(exp.model, max_passage_length=64, max_query_length=16))
+    splits = data.prepare_data(exp.data)
+    ready, info = experiment.prepare_base_model(exp, splits, show_progress=False)
+    first, second = info["pretraining_stages"]
+    assert first["stage"] == "retromae" and second["stage"] == "contrastive"
+    assert second["source"] == first["folder"] + "/encoder"
+    assert ready.model.base_model == second["folder"] + "/encoder"
+    texts = first["texts"]
+    assert texts["train"] + texts["heldout"] == texts["kept"] > 0
+    assert second["pairs"]["crop"]["pairs"] > 0 and second["pairs"]["title"]["pairs"] == 0
+    for stage in (first, second):
+        folder = config.project_root() / "runs" / "full" / "stage1"
+        assert stage["folder"].startswith(str(folder))
+        assert json.loads((folder / stage["folder"].split("/")[-1] / "config.json"
+                           ).read_text())["source_digest"] == stage["source_digest"]
+    # the fine-tuning starts from stage 1b's encoder and projection
+    model = DualTowerRetriever.from_config(ready.model)
+    trained = DualTowerRetriever.load(second["folder"] + "/best")
+    torch.testing.assert_close(model.query_projection.weight,
+                               trained.query_projection.weight)
+    run = experiment.run_experiment(ready, splits, info, show_progress=False)
+    assert math.isfinite(run["test"]["aggregate"]["ndcg@5"]["mean"])
+    # asked again: both reused, nothing trained
+    monkeypatch.setattr(stage1, "train_retromae", None)
+    monkeypatch.setattr(stage1, "train_retriever", None)
+    again, info2 = experiment.prepare_base_model(exp, splits, show_progress=False)
+    assert again.model.base_model == ready.model.base_model
+    # another stage-1 setting is another run beside it, not the old one reused
+    monkeypatch.setattr(config, "Stage1Config", lambda: _stage_cfg(retromae_steps=4))
+    assert stage1.stage_folder(exp, "retromae", exp.model.base_model, splits,
+                               config.get_stage1_config("full"))[0].name != first[
+        "folder"].split("/")[-1]
