@@ -391,7 +391,7 @@ def test_a_killed_training_process_resumes_to_the_uninterrupted_result(tmp_path)
 
 def test_a_folder_is_swapped_in_whole_or_not_at_all(tmp_path):
     def write(text, fail=False):
-        with checkpoint.atomic_folder(target) as folder:
+        with checkpoint.atomic_folder(target, owns=("weights",)) as folder:
             (folder / "weights").write_text(text)
             if fail:
                 raise OSError("disk full")

@@ -79,6 +79,51 @@ def test_an_index_save_that_fails_part_way_leaves_the_previous_index(tmp_path, m
     assert _listing(tmp_path / "idx") == before
 
 
+def _savers(tok):
+    """Every save that replaces a folder, as ``name -> save(path, overwrite)``."""
+    from test_reranker import _tiny
+
+    from retrieval_lib.serving import export, onnx_runtime
+
+    model, reranker = toy.toy_model(tok), _tiny(tok, max_length=24)
+    index = PassageIndex.build(np.random.default_rng(0).normal(size=(3, 4)), list("abc"))
+    return {
+        "retriever": lambda p, o: model.save(p, overwrite=o),
+        "reranker": lambda p, o: reranker.save(p, overwrite=o),
+        "index": lambda p, o: index.save(p, overwrite=o),
+        "sentence-transformers": lambda p, o: export.export_sentence_transformer(model, p, o),
+        "cross-encoder": lambda p, o: export.export_cross_encoder(reranker, p, o),
+        "onnx retriever": lambda p, o: onnx_runtime.export_retriever_onnx(model, p,
+                                                                          overwrite=o),
+        "onnx reranker": lambda p, o: onnx_runtime.export_reranker_onnx(reranker, p,
+                                                                        overwrite=o),
+    }
+
+
+@pytest.mark.parametrize("kind", ["retriever", "reranker", "index", "sentence-transformers",
+                                  "cross-encoder", "onnx retriever", "onnx reranker"])
+def test_a_save_never_deletes_what_it_does_not_own(tok, tmp_path, kind):
+    """Given a run folder (or any folder of other files) instead of a folder of its own, a
+    save refuses before writing, names the folder and what it holds, and deletes nothing; it
+    replaces an earlier save of its own kind, and anything when asked to overwrite."""
+    save = _savers(tok)[kind]
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000010").mkdir(parents=True)
+    for name in ("history.json", "metrics.json", "notes.txt"):
+        (run / name).write_text("{}")
+    before = _listing(run)
+    with pytest.raises(FileExistsError, match=rf"{run}.* holds 4 entries \(checkpoints, "
+                                              rf"history.json, metrics.json, notes.txt\)"):
+        save(run, False)
+    assert _listing(run) == before and not list(tmp_path.glob(".tmp-*"))
+    save(tmp_path / "own", False)  # a new folder, then its own earlier save: replaced
+    save(tmp_path / "own", False)
+    (tmp_path / "empty").mkdir()
+    save(tmp_path / "empty", False)  # an empty folder is nobody's
+    save(run, True)  # asked for: the folder is replaced whole
+    assert not (run / "history.json").exists()
+
+
 def _flip_exponent_bit(path, offset_from_end=64):
     """Flip the top exponent bit of a float32 near the end of a safetensors file (its data)."""
     data = bytearray(path.read_bytes())

@@ -43,7 +43,7 @@ from ..settings.config import (
 )
 from ..training.collator import set_seed
 from ..training.loop import train_retriever
-from ..training.stage1 import train_retromae
+from ..training.stage1 import ENCODER_FILES, train_retromae
 
 __all__ = ["check_stages", "stage_texts", "stage_folder", "run_stage", "ensure_stages"]
 
@@ -150,7 +150,7 @@ def _contrastive(exp: ExperimentConfig, source: str, train: list[dict], heldout:
                               show_progress=show_progress, resume=resume)
     best = folder / "best"
     verify_checksums(best)
-    with atomic_folder(folder / "encoder") as tmp:
+    with atomic_folder(folder / "encoder", owns=ENCODER_FILES) as tmp:
         shutil.copytree(best / "encoder", tmp, dirs_exist_ok=True)
         shutil.copy2(best / "head.safetensors", tmp / HEAD_FILE)
         write_checksums(tmp)

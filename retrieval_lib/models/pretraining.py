@@ -119,7 +119,7 @@ def pretrain_demo_lm(cfg: ModelConfig, tokenizer, train_texts: Sequence[str],
     shipped = SHIPPED_DEMO_LMS / path.name
     if (shipped / "pretrain.json").exists():  # pretrained once with these exact inputs
         verify_checksums(shipped)
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, owns=("pretrain.json",)) as tmp:
             shutil.copytree(shipped, tmp, dirs_exist_ok=True)
         return path
     allocator = keep_freed_memory()  # the logits are larger than malloc's mmap threshold
@@ -168,7 +168,7 @@ def pretrain_demo_lm(cfg: ModelConfig, tokenizer, train_texts: Sequence[str],
               "loss_curve": losses, "wall_time_s": time.perf_counter() - start,
               "cpu_allocator": allocator,
               "config": pcfg.__dict__}
-    with atomic_folder(path) as tmp:
+    with atomic_folder(path, owns=("pretrain.json",)) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "pretrain.json").write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -331,14 +331,14 @@ class DualTowerRetriever(nn.Module):
                 "passage_aggregation": self.passage_aggregation,
                 "passage_stride": self.passage_stride}
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``encoder/`` (weights as safetensors, config, tokenizer), ``head.safetensors``
         (the projection), ``retriever_config.json`` and ``checksums.json`` (size and SHA-256 of
         each, checked by :meth:`load`). The folder is written whole or not at all: a save that
-        fails part-way leaves the previous one at ``path`` as it was. ``path`` is replaced
-        whole, so give the retriever a folder of its own."""
+        fails part-way leaves the previous one at ``path`` as it was. A ``path`` that holds
+        anything but an earlier saved retriever is refused unless ``overwrite``."""
         path = Path(path)
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, ("retriever_config.json",), overwrite) as tmp:
             self._write(tmp)
             write_checksums(tmp)
         return path

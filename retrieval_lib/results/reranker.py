@@ -193,11 +193,12 @@ class CrossEncoderReranker(nn.Module):
 
     # -- persistence ----------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the classifier and tokenizer (``save_pretrained``, safetensors),
-        ``reranker_config.json`` and ``checksums.json``; written whole or not at all."""
+        ``reranker_config.json`` and ``checksums.json``; written whole or not at all. A ``path``
+        that holds anything but an earlier saved reranker is refused unless ``overwrite``."""
         path = Path(path)
-        with atomic_folder(path) as tmp:
+        with atomic_folder(path, ("reranker_config.json",), overwrite) as tmp:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
             self.tokenizer.save_pretrained(str(tmp))
             (tmp / "reranker_config.json").write_text(

@@ -87,10 +87,12 @@ def to_sentence_transformer(model: DualTowerRetriever, workdir: str | Path):
     return SentenceTransformer(modules=modules, device="cpu", prompts=prompts)
 
 
-def export_sentence_transformer(model: DualTowerRetriever, path: str | Path) -> Path:
+def export_sentence_transformer(model: DualTowerRetriever, path: str | Path,
+                                overwrite: bool = False) -> Path:
     """Write ``model`` as a sentence-transformers folder at ``path``; returns ``path``. The
     folder is written whole or not at all (a failed re-export leaves the previous one), with
-    ``checksums.json`` recording each file; ``path`` is replaced whole (a folder of its own)."""
+    ``checksums.json`` recording each file; a ``path`` holding anything but an earlier export
+    of a retriever is refused unless ``overwrite``."""
     import tempfile
 
     path = Path(path)
@@ -98,7 +100,8 @@ def export_sentence_transformer(model: DualTowerRetriever, path: str | Path) -> 
     windows = {"aggregation": model.passage_aggregation, "window_tokens": size,
                "stride": window_stride(size, model.passage_stride),
                "document_length": model.max_passage_length}
-    with tempfile.TemporaryDirectory() as workdir, atomic_folder(path) as tmp:
+    with tempfile.TemporaryDirectory() as workdir, \
+            atomic_folder(path, ("modules.json", "passage_windows.json"), overwrite) as tmp:
         to_sentence_transformer(model, workdir).save(str(tmp))
         (tmp / "passage_windows.json").write_text(json.dumps(windows, indent=2) + "\n",
                                                   encoding="utf-8")
@@ -106,7 +109,12 @@ def export_sentence_transformer(model: DualTowerRetriever, path: str | Path) -> 
     return path
 
 
-def export_cross_encoder(reranker: CrossEncoderReranker, path: str | Path) -> Path:
+#: What every sentence-transformers CrossEncoder folder holds (``CrossEncoder.save``).
+CROSS_ENCODER_FILES = ("config.json", "config_sentence_transformers.json")
+
+
+def export_cross_encoder(reranker: CrossEncoderReranker, path: str | Path,
+                         overwrite: bool = False) -> Path:
     """Write ``reranker`` as a sentence-transformers ``CrossEncoder`` folder at ``path``
     (written by sentence-transformers itself, whole or not at all, with ``checksums.json``):
 
@@ -116,13 +124,15 @@ def export_cross_encoder(reranker: CrossEncoderReranker, path: str | Path) -> Pa
     The scores are the raw logits (the folder names ``Identity`` as the activation; the
     sentence-transformers default for one label would be a sigmoid, which keeps the order),
     pairs are cut at the reranker's ``max_length``, and a decoder's tokenizer keeps its
-    ``query EOS passage EOS`` template (saved in ``tokenizer.json``)."""
+    ``query EOS passage EOS`` template (saved in ``tokenizer.json``). A ``path`` holding
+    anything but an earlier cross-encoder export is refused unless ``overwrite``."""
     import tempfile
 
     from sentence_transformers import CrossEncoder
 
     path = Path(path)
-    with tempfile.TemporaryDirectory() as workdir, atomic_folder(path) as tmp:
+    with tempfile.TemporaryDirectory() as workdir, \
+            atomic_folder(path, CROSS_ENCODER_FILES, overwrite) as tmp:
         reranker.model.save_pretrained(workdir, safe_serialization=True)
         reranker.tokenizer.save_pretrained(workdir)
         model = CrossEncoder(workdir, max_length=reranker.max_length, device="cpu",

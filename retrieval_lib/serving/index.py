@@ -164,13 +164,13 @@ class PassageIndex:
             out[i, :len(best)] = list(best.values())
         return [list(b) for b in found], out
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write ``index.faiss``, ``ids.json`` and ``checksums.json`` as ``folder``, whole or
-        not at all (a failed save leaves the previous index there); ``folder`` is replaced
-        whole, so give the index a folder of its own."""
+        not at all (a failed save leaves the previous index there); a ``folder`` holding anything
+        but an earlier saved index is refused unless ``overwrite``."""
         import faiss
 
-        with atomic_folder(folder) as out:
+        with atomic_folder(folder, ("index.faiss", "ids.json"), overwrite) as out:
             faiss.write_index(self.index, str(out / "index.faiss"))
             meta = {"kind": self.kind, "settings": self.settings, "dim": self.index.d,
                     "count": len(self), "ids": self.ids, "documents": self.documents}

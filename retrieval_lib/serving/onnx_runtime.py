@@ -139,12 +139,13 @@ def quantize_int8(source: str | os.PathLike, target: str | os.PathLike,
 
 
 def export_retriever_onnx(model: DualTowerRetriever, path: str | os.PathLike,
-                          quantize: bool = False) -> Path:
+                          quantize: bool = False, overwrite: bool = False) -> Path:
     """Write ``model`` as an ONNX serving folder at ``path`` (see the module docstring);
-    ``quantize`` adds the int8 graph. Returns ``path``."""
+    ``quantize`` adds the int8 graph. A ``path`` holding anything but an earlier export of a
+    retriever is refused unless ``overwrite``. Returns ``path``."""
     example = model.tokenize(["示例查询", "一段更长一些的示例文章文本"], "passage")
     path = Path(path)
-    with atomic_folder(path) as tmp:
+    with atomic_folder(path, (_MODEL, "retriever_config.json"), overwrite) as tmp:
         with _on_cpu_in_fp32(model):
             _export(_RetrieverGraph(model), example, ["query_vectors", "passage_vectors"],
                     tmp / _MODEL)
@@ -158,13 +159,14 @@ def export_retriever_onnx(model: DualTowerRetriever, path: str | os.PathLike,
 
 
 def export_reranker_onnx(reranker: CrossEncoderReranker, path: str | os.PathLike,
-                         quantize: bool = False) -> Path:
+                         quantize: bool = False, overwrite: bool = False) -> Path:
     """Write ``reranker`` as an ONNX serving folder at ``path``: ``model.onnx`` (``scores``
     of the pairs), the tokenizer (its pair template saved in ``tokenizer.json``) and
-    ``reranker_config.json``; ``quantize`` adds the int8 graph. Returns ``path``."""
+    ``reranker_config.json``; ``quantize`` adds the int8 graph. A ``path`` holding anything but
+    an earlier export of a reranker is refused unless ``overwrite``. Returns ``path``."""
     example = reranker.tokenize(["示例查询", "查询"], ["一段示例文章", "另一段更长一些的示例文章"])
     path = Path(path)
-    with atomic_folder(path) as tmp:
+    with atomic_folder(path, (_MODEL, "reranker_config.json"), overwrite) as tmp:
         with _on_cpu_in_fp32(reranker):
             _export(_RerankerGraph(reranker), example, ["scores"], tmp / _MODEL)
         if quantize:

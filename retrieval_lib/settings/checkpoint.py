@@ -42,8 +42,8 @@ import torch
 
 __all__ = ["CheckpointError", "WEIGHT_LIMIT", "save_checkpoint", "load_checkpoint",
            "load_optimizer_state", "latest_checkpoint", "verify_checkpoint", "list_checkpoints",
-           "remove_partial", "rng_state", "set_rng_state", "atomic_folder", "write_checksums",
-           "verify_checksums", "CHECKSUMS", "file_sha256", "unreadable_files"]
+           "remove_partial", "rng_state", "set_rng_state", "atomic_folder", "check_replaceable",
+           "write_checksums", "verify_checksums", "CHECKSUMS", "file_sha256", "unreadable_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -256,11 +256,19 @@ def _check_shapes(file: Path, model) -> None:
 
 
 @contextmanager
-def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(target: str | os.PathLike, owns: tuple[str, ...],
+                  overwrite: bool = False) -> Iterator[Path]:
     """Write a folder whole or not at all: yields an empty hidden folder beside ``target``; when
     the block ends, it replaces ``target``. An exception (disk full, a bug, Ctrl-C) removes it
     and leaves ``target`` as it was; a killed process leaves the old folder or the new one, never
-    a mix (or, killed between the two renames, ``.old-<name>-<pid>`` holding the old one)."""
+    a mix (or, killed between the two renames, ``.old-<name>-<pid>`` holding the old one).
+
+    A save replaces only what it owns: an existing ``target`` that is not empty and lacks one of
+    the files ``owns`` names (what every save of this kind writes, so: not a previous save of
+    it) is refused before anything is written, naming the folder and what it holds, unless
+    ``overwrite``. Giving a save the run folder instead of ``run/best`` cannot delete a run.
+    """
+    check_replaceable(target, owns, overwrite)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
@@ -278,6 +286,25 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_replaceable(target: str | os.PathLike, owns: tuple[str, ...],
+                      overwrite: bool = False) -> None:
+    """Raise ``FileExistsError`` when a save of the kind that writes ``owns`` may not replace
+    ``target`` (see :func:`atomic_folder`)."""
+    target = Path(target)
+    if overwrite or not (target.exists() or target.is_symlink()):
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} is a file, not a folder a save can replace; choose "
+                              f"another path (or pass overwrite=True to replace it)")
+    held = sorted(p.name for p in target.iterdir())
+    if held and not all((target / name).exists() for name in owns):
+        shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        raise FileExistsError(
+            f"{target} holds {len(held)} entries ({shown}) and is not an earlier save of this "
+            f"kind (it has no {' / '.join(owns)}); nothing was written or deleted. Save into a "
+            f"folder of its own, or pass overwrite=True to replace the folder and all it holds")
 
 
 #: Size and SHA-256 of every other file of a saved folder (retriever, export, index).

@@ -32,6 +32,9 @@ from .optim import make_optimizer
 
 __all__ = ["token_windows", "train_retromae"]
 
+#: What every saved encoder folder holds (``save_pretrained`` of a model in safetensors).
+ENCODER_FILES = ("config.json", "model.safetensors")
+
 #: Windows shorter than this many tokens (the tail of a passage) are left out and counted.
 MIN_WINDOW_TOKENS = 8
 
@@ -139,14 +142,14 @@ def train_retromae(encoder, tokenizer, texts: Sequence[str], heldout: Sequence[s
             history["heldout"].append([step, loss])
             if history["best_loss"] is None or loss["loss"] < history["best_loss"]:
                 history["best_step"], history["best_loss"] = step, loss["loss"]
-                with atomic_folder(out / "best") as tmp:
+                with atomic_folder(out / "best", owns=ENCODER_FILES) as tmp:
                     encoder.save_pretrained(str(tmp), safe_serialization=True)
         if step % cfg.checkpoint_steps == 0 and step < cfg.retromae_steps:
             history["wall_time_s"] = time.perf_counter() - started
             save_checkpoint(out / "checkpoints", step, model, optimizer, schedule, None,
                             {"step": step, "history": history})
     history["wall_time_s"] = time.perf_counter() - started
-    with atomic_folder(out / "encoder") as tmp:
+    with atomic_folder(out / "encoder", owns=ENCODER_FILES) as tmp:
         for path in (out / "best").iterdir():
             (tmp / path.name).write_bytes(path.read_bytes())
         tokenizer.save_pretrained(str(tmp))
