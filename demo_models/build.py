@@ -26,7 +26,7 @@ from pathlib import Path
 from retrieval_lib import data
 from retrieval_lib.course import experiment
 from retrieval_lib.models import pretraining
-from retrieval_lib.settings import checkpoint, config
+from retrieval_lib.settings import config, saved_folder
 
 HERE = Path(__file__).resolve().parent
 #: One experiment per demo base-model shape.
@@ -48,7 +48,7 @@ def main() -> int:
             if shipped.exists():
                 shutil.rmtree(shipped)
             shutil.copytree(folder, shipped)
-            checkpoint.write_checksums(shipped)
+            saved_folder.write_checksums(shipped)
             report = json.loads((folder / "pretrain.json").read_text(encoding="utf-8"))
             entries.append({"folder": folder.name, "experiment": name,
                             "architecture": exp.model.architecture,

@@ -5,8 +5,8 @@ in order; a module imports only modules of earlier stages, or those before it in
 (``MODULES``, checked by ``tests/test_architecture.py``):
 
 1. ``settings``: where a figure's numbers come from, presets (every number of the report,
-   once), freed memory kept for reuse, hub look-ups, atomic checksummed checkpoints, process
-   groups.
+   once), freed memory kept for reuse, hub look-ups, atomic checksummed checkpoints and saved
+   folders, one writer per run folder, process groups.
 2. ``data``: the unified record and its validation, BM25, tokenizers, the demo corpus (People's
    Daily 1998), BGE-M3's sources, the fixed splits and nested subsets, their statistics, pairs
    mined from unlabeled text.
@@ -42,7 +42,7 @@ PACKAGES = ("settings", "data", "evaluation", "models", "training", "results", "
 #: Every module in stage order: each may import only modules listed before it.
 MODULES = (
     "settings.provenance", "settings.config", "settings.allocator", "settings.hub",
-    "settings.checkpoint", "settings.distributed",
+    "settings.runlock", "settings.checkpoint", "settings.saved_folder", "settings.distributed",
     "data.records", "data.bm25", "data.tokenizer", "data.demo_corpus", "data.sources",
     "data.splits", "data.statistics", "data.pairs",
     "evaluation.windows", "evaluation.metrics", "evaluation.search",

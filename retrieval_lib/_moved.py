@@ -23,7 +23,7 @@ PACKAGE = __name__.rpartition(".")[0]
 #: Old flat module -> the modules its names live in now (first match wins).
 MOVED: dict[str, tuple[str, ...]] = {
     "config": ("settings.config",), "allocator": ("settings.allocator",),
-    "hub": ("settings.hub",), "checkpoint": ("settings.checkpoint",),
+    "hub": ("settings.hub",), "checkpoint": ("settings.checkpoint", "settings.saved_folder"),
     "distributed": ("settings.distributed",),
     "records": ("data.records",), "bm25": ("data.bm25",), "tokenizer": ("data.tokenizer",),
     "demo_corpus": ("data.demo_corpus",),

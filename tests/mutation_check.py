@@ -124,7 +124,7 @@ MUTATIONS = [
     Mutation("checkpoint", "diverged weights count as a good checkpoint", "settings/checkpoint.py",
              "if not math.isfinite(largest) or largest > WEIGHT_LIMIT:",
              "if not math.isfinite(largest):", ("tests/test_checkpoint.py",)),
-    Mutation("checkpoint", "a failed folder write still swaps in", "settings/checkpoint.py",
+    Mutation("checkpoint", "a failed folder write still swaps in", "settings/saved_folder.py",
              "        shutil.rmtree(tmp, ignore_errors=True)\n        raise\n",
              "        pass\n", ("tests/test_checkpoint.py", "tests/test_saved_folders.py")),
     # data validation and splits

@@ -213,3 +213,29 @@ def test_the_step_share_table_is_rendered_from_the_saved_results():
     block = _readme_block(module)
     assert block.strip() == module.render_table(saved).strip()
     assert f"{r['bound_outside_encoder']:.2f}×" in block
+
+
+def test_stage1_ablation_smoke():
+    """Four recipes of the 27M twin on a sliver of the demo: each row is a real run, the
+    stage recipes name the stage runs they started from, and recipe 1 has none."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "stage1_ablation.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = saved["models"]["minimind27_10k"]["recipes"]
+    assert list(rows) == ["lm", "retromae", "retromae_contrastive", "contrastive"]
+    assert [[s["stage"] for s in r["stage_runs"]] for r in rows.values()] == [
+        [], ["retromae"], ["retromae", "contrastive"], ["contrastive"]]
+    both = rows["retromae_contrastive"]["stage_runs"]
+    assert both[0]["folder"] == rows["retromae"]["stage_runs"][0]["folder"]  # 1a reused
+    assert both[1]["folder"] != rows["contrastive"]["stage_runs"][0]["folder"]  # other source
+    for key, r in rows.items():
+        assert 0 <= r["test_ndcg@5"] <= 1
+        assert ("validation_vs_lm" in r) == (key != "lm")
+
+
+def test_the_stage1_table_is_rendered_from_the_saved_results():
+    module = _script("stage1_ablation")
+    saved = json.loads((BENCHMARKS / "stage1_ablation.json").read_text(encoding="utf-8"))
+    assert not saved["smoke"] and list(saved["models"]) == list(module.MODELS)
+    assert _readme_block(module).strip() == module.render_table(saved).strip()

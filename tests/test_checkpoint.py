@@ -15,7 +15,7 @@ from toy import toy_config, toy_model, toy_records
 
 from retrieval_lib import training
 from retrieval_lib.models import losses as retrieval_losses
-from retrieval_lib.settings import CheckpointError, checkpoint
+from retrieval_lib.settings import CheckpointError, checkpoint, saved_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("resume_worker.py")
@@ -391,7 +391,7 @@ def test_a_killed_training_process_resumes_to_the_uninterrupted_result(tmp_path)
 
 def test_a_folder_is_swapped_in_whole_or_not_at_all(tmp_path):
     def write(text, fail=False):
-        with checkpoint.atomic_folder(target, owns=("weights",)) as folder:
+        with saved_folder.atomic_folder(target, owns=("weights",)) as folder:
             (folder / "weights").write_text(text)
             if fail:
                 raise OSError("disk full")

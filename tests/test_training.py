@@ -199,7 +199,7 @@ def test_demo_pretraining_keeps_the_weights_of_the_lowest_heldout_perplexity(tok
 def test_a_shipped_demo_lm_is_copied_only_for_its_exact_inputs(tok, tmp_path, monkeypatch):
     import shutil
 
-    from retrieval_lib.settings import checkpoint
+    from retrieval_lib.settings import saved_folder
 
     cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
@@ -209,7 +209,7 @@ def test_a_shipped_demo_lm_is_copied_only_for_its_exact_inputs(tok, tmp_path, mo
                                          show_progress=False)
     shipped = tmp_path / "shipped"
     shutil.copytree(built, shipped / built.name)
-    checkpoint.write_checksums(shipped / built.name)
+    saved_folder.write_checksums(shipped / built.name)
     monkeypatch.setattr(pretraining, "SHIPPED_DEMO_LMS", shipped)
     monkeypatch.setattr(pretraining.torch, "manual_seed", lambda seed: (_ for _ in ()).throw(
         AssertionError("a shipped model must be copied, not pretrained again")))
@@ -224,7 +224,7 @@ def test_a_shipped_demo_lm_is_copied_only_for_its_exact_inputs(tok, tmp_path, mo
     # a damaged shipped file is named, never used
     weights = shipped / built.name / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
-    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors"):
+    with pytest.raises(saved_folder.CheckpointError, match="model.safetensors"):
         pretraining.pretrain_demo_lm(cfg, tok, texts[:50], texts[50:], tmp_path / "d", pcfg,
                                      show_progress=False)
 

@@ -33,7 +33,7 @@ from ..data.tokenizer import load_pretrained_tokenizer
 from ..models.base import HEAD_FILE, load_encoder
 from ..models.retriever import DualTowerRetriever
 from ..results.runs import runs_root
-from ..settings.checkpoint import atomic_folder, file_sha256, verify_checksums, write_checksums
+from ..settings.checkpoint import file_sha256
 from ..settings.config import (
     PRETRAINING_STAGES,
     ExperimentConfig,
@@ -41,6 +41,7 @@ from ..settings.config import (
     TrainingConfig,
     get_stage1_config,
 )
+from ..settings.saved_folder import atomic_folder, verify_checksums, write_checksums
 from ..training.collator import set_seed
 from ..training.loop import train_retriever
 from ..training.stage1 import ENCODER_FILES, train_retromae

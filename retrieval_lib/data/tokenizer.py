@@ -10,9 +10,9 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..settings.checkpoint import unreadable_files
 from ..settings.config import MINIMIND_108M
 from ..settings.hub import model_available
+from ..settings.saved_folder import unreadable_files
 
 __all__ = ["SPECIAL_TOKENS", "train_bpe_tokenizer", "load_pretrained_tokenizer",
            "demo_tokenizer", "count_tokens", "tokenizer_for_preset", "with_eos_template"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..settings.checkpoint import unreadable_files
 from ..settings.config import ModelConfig
+from ..settings.saved_folder import unreadable_files
 from .checkpoints import how_to_supply, resolve_base_model
 
 __all__ = ["POOLINGS", "hf_config_from_shape", "build_encoder", "dtype_kwarg", "load_encoder",

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from ..settings.allocator import keep_freed_memory
-from ..settings.checkpoint import atomic_folder, verify_checksums
 from ..settings.config import CHECKOUT, SEED, ModelConfig
+from ..settings.saved_folder import atomic_folder, verify_checksums
 from .base import hf_config_from_shape
 
 __all__ = ["PretrainConfig", "SHIPPED_DEMO_LMS", "token_blocks", "perplexity",

@@ -22,8 +22,13 @@ from torch import nn
 from ..data.tokenizer import load_pretrained_tokenizer
 from ..evaluation.windows import AGGREGATIONS
 from ..settings.allocator import keep_freed_memory
-from ..settings.checkpoint import atomic_folder, verify_checksums, write_checksums
 from ..settings.config import ModelConfig
+from ..settings.saved_folder import (
+    atomic_folder,
+    restore_interrupted,
+    verify_checksums,
+    write_checksums,
+)
 from .base import (
     POOLINGS,
     autocast_for,
@@ -343,19 +348,19 @@ class DualTowerRetriever(nn.Module):
             write_checksums(tmp)
         return path
 
+    def _head_parts(self) -> dict[str, nn.Module]:
+        """The modules of ``head.safetensors`` by key prefix."""
+        parts = {"query_projection": self.query_projection, "m3": self.m3, "passage_projection":
+                 self.passage_projection if self.separate_projections else None}
+        return {name: part for name, part in parts.items() if part is not None}
+
     def _write(self, path: Path) -> None:
         from safetensors.torch import save_file
 
         self.encoder.save_pretrained(str(path / "encoder"), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path / "encoder"))
-        head = {f"query_projection.{k}": v.detach().cpu().contiguous()
-                for k, v in self.query_projection.state_dict().items()}
-        if self.separate_projections:
-            head.update({f"passage_projection.{k}": v.detach().cpu().contiguous()
-                         for k, v in self.passage_projection.state_dict().items()})
-        if self.m3 is not None:
-            head.update({f"m3.{k}": v.detach().cpu().contiguous()
-                         for k, v in self.m3.state_dict().items()})
+        head = {f"{name}.{k}": v.detach().cpu().contiguous()
+                for name, part in self._head_parts().items() for k, v in part.state_dict().items()}
         save_file(head, str(path / "head.safetensors"))
         (path / "retriever_config.json").write_text(
             json.dumps(self.retriever_config(), indent=2), encoding="utf-8")
@@ -370,6 +375,7 @@ class DualTowerRetriever(nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         path = Path(path)
+        restore_interrupted(path)  # a save killed between its renames parked the old copy
         config_path = path / "retriever_config.json"
         if not config_path.exists():
             raise FileNotFoundError(f"{path} is not a saved retriever (no retriever_config.json)")
@@ -388,13 +394,7 @@ class DualTowerRetriever(nn.Module):
                     passage_aggregation=rc.get("passage_aggregation", "first"),
                     passage_stride=rc.get("passage_stride", 0))
         head = load_file(str(path / "head.safetensors"))
-        model.query_projection.load_state_dict(
-            {k.split(".", 1)[1]: v for k, v in head.items() if k.startswith("query_projection.")})
-        if rc["separate_projections"]:
-            model.passage_projection.load_state_dict(
-                {k.split(".", 1)[1]: v for k, v in head.items()
-                 if k.startswith("passage_projection.")})
-        if model.m3 is not None:
-            model.m3.load_state_dict({k.split(".", 1)[1]: v for k, v in head.items()
-                                      if k.startswith("m3.")})
+        for name, part in model._head_parts().items():
+            part.load_state_dict({k.split(".", 1)[1]: v for k, v in head.items()
+                                  if k.startswith(f"{name}.")})
         return model.to(device)

@@ -60,8 +60,14 @@ from ..models.base import (
     hf_config_from_shape,
 )
 from ..models.checkpoints import resolve_base_model
-from ..settings.checkpoint import atomic_folder, verify_checksums, write_checksums
 from ..settings.config import ModelConfig, RerankerConfig
+from ..settings.runlock import writes_run_folder
+from ..settings.saved_folder import (
+    atomic_folder,
+    restore_interrupted,
+    verify_checksums,
+    write_checksums,
+)
 from ..training.collator import draw_negatives, set_seed
 from ..training.loop import VALIDATION_METRIC
 from ..training.optim import (
@@ -215,6 +221,7 @@ class CrossEncoderReranker(nn.Module):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         folder = Path(path)
+        restore_interrupted(folder)
         if (folder / "checksums.json").exists():
             verify_checksums(folder)
         saved = folder / "reranker_config.json"
@@ -333,6 +340,7 @@ def reranker_is_trained(out_dir: str | Path, cfg: RerankerConfig, base: str, tra
             and saved == json.loads(json.dumps(_fingerprint(cfg, base, train))))
 
 
+@writes_run_folder("reranker training")
 def train_reranker(reranker: CrossEncoderReranker, train, validation, cfg: RerankerConfig,
                    out_dir: str | Path, base: str = "", device=None,
                    show_progress: bool = False) -> dict:

@@ -37,7 +37,7 @@ from ..data.tokenizer import with_eos_template
 from ..evaluation.windows import window_stride, window_tokens
 from ..models.retriever import DualTowerRetriever
 from ..results.reranker import CrossEncoderReranker
-from ..settings.checkpoint import atomic_folder, write_checksums
+from ..settings.saved_folder import atomic_folder, write_checksums
 
 __all__ = ["ST_POOLING", "to_sentence_transformer", "export_sentence_transformer",
            "export_cross_encoder"]

@@ -29,7 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluation.windows import split_windows, window_tokens
-from ..settings.checkpoint import atomic_folder, verify_checksums, write_checksums
+from ..settings.saved_folder import (
+    atomic_folder,
+    restore_interrupted,
+    verify_checksums,
+    write_checksums,
+)
 
 __all__ = ["INDEX_KINDS", "PassageIndex", "recall_against_exact"]
 
@@ -186,6 +191,7 @@ class PassageIndex:
         import faiss
 
         folder = Path(folder)
+        restore_interrupted(folder)
         for name in ("index.faiss", "ids.json"):
             if not (folder / name).exists():
                 raise FileNotFoundError(f"{folder / name} is missing: not a saved PassageIndex")

@@ -43,7 +43,12 @@ from torch import nn
 
 from ..models.retriever import DualTowerRetriever, pad_token_ids, text_token_ids
 from ..results.reranker import CrossEncoderReranker, pair_tokens
-from ..settings.checkpoint import atomic_folder, verify_checksums, write_checksums
+from ..settings.saved_folder import (
+    atomic_folder,
+    restore_interrupted,
+    verify_checksums,
+    write_checksums,
+)
 
 __all__ = ["ONNX_OPSET", "export_retriever_onnx", "export_reranker_onnx", "quantize_int8",
            "int8_needs_reduced_range", "OnnxRetriever", "OnnxReranker"]
@@ -182,6 +187,7 @@ def _session(folder: Path, quantized: bool, threads: int | None):
     import onnxruntime as ort
 
     name = _INT8 if quantized else _MODEL
+    restore_interrupted(folder)
     if not (folder / name).exists():
         raise FileNotFoundError(f"{folder / name} does not exist"
                                 + (" (export with quantize=True)" if quantized else ""))

@@ -1,9 +1,9 @@
 """Settings and shared helpers: the ledger of saved results a figure is drawn from, presets
 (every number of the report, once), memory kept for reuse, hub look-ups, atomic checksummed
-checkpoints, process groups.
+checkpoints and saved folders, one writer per run folder, process groups.
 
 Modules, each importing only those before it: ``provenance``, ``config``, ``allocator``,
-``hub``, ``checkpoint``, ``distributed``.
+``hub``, ``runlock``, ``checkpoint``, ``saved_folder``, ``distributed``.
 """
 
 from .provenance import (
@@ -25,11 +25,18 @@ from .allocator import (
 from .hub import (
     hub_has, model_available
 )
+from .runlock import (
+    HEARTBEAT_S, LOCK_FILE, leftover_pid, pid_alive, run_lock, RunLockedError, STALE_AFTER_S,
+    writes_run_folder
+)
 from .checkpoint import (
-    CHECKSUMS, WEIGHT_LIMIT, atomic_folder, CheckpointError, file_sha256, latest_checkpoint,
-    list_checkpoints, load_checkpoint, load_optimizer_state, remove_partial, rng_state,
-    save_checkpoint, set_rng_state, unreadable_files, verify_checkpoint, verify_checksums,
-    write_checksums
+    WEIGHT_LIMIT, CheckpointError, file_sha256, latest_checkpoint, list_checkpoints,
+    load_checkpoint, load_optimizer_state, remove_partial, rng_state, save_checkpoint,
+    set_rng_state, verify_checkpoint
+)
+from .saved_folder import (
+    CHECKSUMS, atomic_folder, check_replaceable, restore_interrupted, unreadable_files,
+    verify_checksums, write_checksums
 )
 from .distributed import (
     barrier, finish, gather_with_grad, init_from_env, is_distributed, is_main, main_first
@@ -48,7 +55,9 @@ __all__ = [
     "ENV_VAR", "keep_freed_memory", "hub_has", "model_available", "CheckpointError",
     "WEIGHT_LIMIT", "save_checkpoint", "load_checkpoint", "load_optimizer_state",
     "latest_checkpoint", "verify_checkpoint", "list_checkpoints", "remove_partial", "rng_state",
-    "set_rng_state", "atomic_folder", "write_checksums", "verify_checksums", "CHECKSUMS",
-    "file_sha256", "unreadable_files", "is_distributed", "init_from_env", "is_main", "barrier",
-    "finish", "main_first", "gather_with_grad"
+    "set_rng_state", "atomic_folder", "check_replaceable", "restore_interrupted",
+    "write_checksums", "verify_checksums", "CHECKSUMS", "file_sha256", "unreadable_files",
+    "RunLockedError", "run_lock", "writes_run_folder", "pid_alive", "leftover_pid",
+    "LOCK_FILE", "HEARTBEAT_S", "STALE_AFTER_S", "is_distributed",
+    "init_from_env", "is_main", "barrier", "finish", "main_first", "gather_with_grad"
 ]

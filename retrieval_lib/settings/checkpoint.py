@@ -17,9 +17,8 @@ warning naming what was wrong. The last ``keep`` checkpoints and the one of the 
 kept; older ones are deleted.
 
 The same two guarantees serve every other folder the library writes (saved retrievers,
-sentence-transformers exports, faiss indexes): :func:`atomic_folder` writes into a hidden folder
-beside the target and swaps it in whole, and :func:`write_checksums` / :func:`verify_checksums`
-record and check the size and SHA-256 of every file in it.
+sentence-transformers exports, faiss indexes) in :mod:`.saved_folder`. Temporary folders are
+named after the process writing them, and only those of dead processes are cleaned up.
 """
 
 from __future__ import annotations
@@ -33,17 +32,16 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .runlock import leftover_pid, pid_alive
+
 __all__ = ["CheckpointError", "WEIGHT_LIMIT", "save_checkpoint", "load_checkpoint",
            "load_optimizer_state", "latest_checkpoint", "verify_checkpoint", "list_checkpoints",
-           "remove_partial", "rng_state", "set_rng_state", "atomic_folder", "check_replaceable",
-           "write_checksums", "verify_checksums", "CHECKSUMS", "file_sha256", "unreadable_files"]
+           "remove_partial", "rng_state", "set_rng_state", "file_sha256"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +145,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, model, optimizer, schedu
 
 
 def remove_partial(root: str | os.PathLike) -> list[str]:
-    """Delete the temporary folders a process killed while writing left under ``root``;
-    returns their names."""
-    stale = sorted(Path(root).glob(".tmp-step-*")) if Path(root).is_dir() else []
+    """Delete the temporary folders that processes killed while writing left under ``root``
+    (those of a process that still runs are its work in progress and stay); returns their
+    names."""
+    stale = [p for p in sorted(Path(root).glob(".tmp-step-*")) if _left_by_dead(p.name)] \
+        if Path(root).is_dir() else []
     for folder in stale:
         shutil.rmtree(folder, ignore_errors=True)
     return [p.name for p in stale]
@@ -255,115 +255,11 @@ def _check_shapes(file: Path, model) -> None:
             f"run was started with, or train from the start without resume")
 
 
-@contextmanager
-def atomic_folder(target: str | os.PathLike, owns: tuple[str, ...],
-                  overwrite: bool = False) -> Iterator[Path]:
-    """Write a folder whole or not at all: yields an empty hidden folder beside ``target``; when
-    the block ends, it replaces ``target``. An exception (disk full, a bug, Ctrl-C) removes it
-    and leaves ``target`` as it was; a killed process leaves the old folder or the new one, never
-    a mix (or, killed between the two renames, ``.old-<name>-<pid>`` holding the old one).
-
-    A save replaces only what it owns: an existing ``target`` that is not empty and lacks one of
-    the files ``owns`` names (what every save of this kind writes, so: not a previous save of
-    it) is refused before anything is written, naming the folder and what it holds, unless
-    ``overwrite``. Giving a save the run folder instead of ``run/best`` cannot delete a run.
-    """
-    check_replaceable(target, owns, overwrite)
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    old = target.with_name(f".old-{target.name}-{os.getpid()}")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def check_replaceable(target: str | os.PathLike, owns: tuple[str, ...],
-                      overwrite: bool = False) -> None:
-    """Raise ``FileExistsError`` when a save of the kind that writes ``owns`` may not replace
-    ``target`` (see :func:`atomic_folder`)."""
-    target = Path(target)
-    if overwrite or not (target.exists() or target.is_symlink()):
-        return
-    if not target.is_dir():
-        raise FileExistsError(f"{target} is a file, not a folder a save can replace; choose "
-                              f"another path (or pass overwrite=True to replace it)")
-    held = sorted(p.name for p in target.iterdir())
-    if held and not all((target / name).exists() for name in owns):
-        shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
-        raise FileExistsError(
-            f"{target} holds {len(held)} entries ({shown}) and is not an earlier save of this "
-            f"kind (it has no {' / '.join(owns)}); nothing was written or deleted. Save into a "
-            f"folder of its own, or pass overwrite=True to replace the folder and all it holds")
-
-
-#: Size and SHA-256 of every other file of a saved folder (retriever, export, index).
-CHECKSUMS = "checksums.json"
-
-
-def write_checksums(folder: str | os.PathLike) -> Path:
-    """Record the size and SHA-256 of every file under ``folder`` in ``CHECKSUMS``."""
-    folder = Path(folder)
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS):
-        _fsync(path)
-        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size,
-                                                      "sha256": file_sha256(path)}
-    (folder / CHECKSUMS).write_text(json.dumps({"files": files}, indent=2), encoding="utf-8")
-    return folder / CHECKSUMS
-
-
-def verify_checksums(folder: str | os.PathLike) -> bool:
-    """Check every file ``CHECKSUMS`` lists: raise :class:`CheckpointError` naming the first
-    file that is missing, of another size or another checksum. ``False`` when the folder has no
-    ``CHECKSUMS`` (written before the library recorded them: nothing to check), else ``True``."""
-    folder = Path(folder)
-    record = folder / CHECKSUMS
-    if not record.exists():
-        return False
-    try:
-        files = json.loads(record.read_text(encoding="utf-8"))["files"]
-        expected = {name: (int(f["bytes"]), str(f["sha256"])) for name, f in files.items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{record}: unreadable ({type(exc).__name__}: {exc})") from None
-    for name, (size, sha) in expected.items():
-        _check_file(folder / name, size, sha, CHECKSUMS)
-    return True
-
-
-def unreadable_files(folder: str | os.PathLike) -> list[str]:
-    """``"<file>: <fault>"`` for each JSON file of ``folder`` that does not parse and each
-    safetensors file whose header cannot be read (cut or not safetensors): what to name when a
-    library's own error names no file. Empty for a missing folder (a hub id, say)."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    faults = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            faults.append(f"{path}: not valid JSON ({exc}); cut or edited")
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except Exception as exc:  # safetensors raises its own error type for a bad header
-            faults.append(f"{path}: not a readable safetensors file ({exc}); cut or "
-                          f"corrupt, download it again")
-    return faults
+def _left_by_dead(name: str) -> bool:
+    """Whether a ``.tmp-``/``.old-`` name ending in a process id was left by a process that is
+    gone (or by this one, which is not writing it now); a name without an id counts as dead."""
+    pid = leftover_pid(name)
+    return pid is None or pid == os.getpid() or not pid_alive(pid)
 
 
 def _check_file(path: Path, size: int, sha256: str, record: str) -> None:

@@ -16,6 +16,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from ..settings.checkpoint import (
 )
 from ..settings.config import TrainingConfig
 from ..settings.distributed import barrier, init_from_env, is_main
+from ..settings.runlock import run_lock
 from .batching import BucketBatchSampler, batch_plan
 from .collator import RetrievalCollator, set_seed
 from .mining import remine_epoch
@@ -319,7 +321,8 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
     ``("learning_rate",)`` after a divergence); each change is recorded in the history.
     ``resume=False`` deletes old checkpoints. A non-finite loss stops the run with the step,
     the last finite loss and the last good checkpoint (under the fp16 scaler the step is
-    skipped and counted instead).
+    skipped and counted instead). One process at a time trains a run folder
+    (:func:`~retrieval_lib.settings.runlock.run_lock`): a second is refused, naming the first.
 
     ``precision`` (:data:`PRECISIONS`, :func:`mixed_precision`) is recorded in the history with
     the reason it was chosen. The loss comes from :func:`make_loss`, the batches from
@@ -333,7 +336,13 @@ def train_retriever(model, train, validation, cfg: TrainingConfig, out_dir: str 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     init_from_env()
-    show_progress = show_progress and is_main()
+    with run_lock(out) if is_main() else nullcontext():  # one writer per run folder
+        return _train(model, train, validation, cfg, out, device, show_progress and is_main(),
+                      eval_batch_size, unfreeze, resume, precision, resume_overrides)
+
+
+def _train(model, train, validation, cfg, out, device, show_progress, eval_batch_size,
+           unfreeze, resume, precision, resume_overrides) -> dict:
     handler = _file_logger(out) if is_main() else None
     try:
         run = _setup(model, train, cfg, out, device, unfreeze, precision)

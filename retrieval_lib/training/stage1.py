@@ -20,14 +20,10 @@ from pathlib import Path
 import torch
 
 from ..models.retromae import RetroMAE, make_batch, mask_token_id
-from ..settings.checkpoint import (
-    atomic_folder,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    write_checksums,
-)
+from ..settings.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..settings.config import Stage1Config, TrainingConfig
+from ..settings.runlock import writes_run_folder
+from ..settings.saved_folder import atomic_folder, write_checksums
 from .optim import make_optimizer
 
 __all__ = ["token_windows", "train_retromae"]
@@ -77,6 +73,7 @@ def _heldout_loss(model: RetroMAE, batches) -> dict[str, float]:
     return totals
 
 
+@writes_run_folder("RetroMAE training")
 def train_retromae(encoder, tokenizer, texts: Sequence[str], heldout: Sequence[str],
                    cfg: Stage1Config, out_dir: str | Path, pooling: str = "mean",
                    resume: bool = True, show_progress: bool = True) -> dict:
