@@ -46,7 +46,7 @@ MODULES = (
     "data.records", "data.bm25", "data.tokenizer", "data.demo_corpus", "data.sources",
     "data.splits", "data.statistics", "data.pairs",
     "evaluation.windows", "evaluation.metrics", "evaluation.search",
-    "models.losses", "models.gradcache", "models.m3", "models.minimind",
+    "models.losses", "models.gradcache", "models.m3", "models.shape_check", "models.minimind",
     "models.minimind_scripts", "models.checkpoints", "models.base",
     "models.retriever", "models.expansion", "models.pretraining", "models.retromae",
     "training.batching", "training.collator", "training.mining", "training.optim",

@@ -2,6 +2,7 @@
 published architectures compute (checked against independent reference forwards)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -269,3 +270,47 @@ def test_a_staged_state_dict_is_read_once(tmp_path, monkeypatch):
     torch.save(_v1_state(64, 2, 8, 2, vocab, 192, seed=0), tmp_path / "pretrain_64.pth")
     again = minimind_scripts.stage_training_file(tmp_path / "pretrain_64.pth", tmp_path / "c")
     assert len(loads) == 1 and again[1].startswith("v1 layout (2025")
+
+
+@pytest.mark.parametrize("writer, field, value, says", [
+    ("v1", "n_heads", 0, "n_heads is 0; it must be from 1 to 1024"),
+    ("v1", "dim", "512", "dim is '512' (str); it must be a whole number"),
+    ("v1", "dim", -64, "dim is -64; it must be from 1 to 65536"),
+    ("v1", "n_layers", 10 ** 8, "n_layers is 100000000; it must be from 1 to 1024"),
+    ("v1", "n_kv_heads", 3, "n_heads 4 is not divisible by n_kv_heads 3"),
+    ("v1", "dim", 68, "a head is 68 / 4 = 17 wide, an odd number"),
+    ("v1", "dim", 66, "dim 66 is not divisible by n_heads 4"),
+    ("v1", "norm_eps", -1e-5, "norm_eps is -1e-05; it must be a positive number"),
+    ("v2", "num_attention_heads", 0, "num_attention_heads is 0"),
+    ("v2", "num_key_value_heads", 3, "num_attention_heads 4 is not divisible by "
+                                     "num_key_value_heads 3"),
+    ("v2", "vocab_size", 1.5, "vocab_size is 1.5 (float)"),
+    ("qwen2", "num_hidden_layers", 10 ** 8, "num_hidden_layers is 100000000"),
+    ("qwen2", "hidden_size", 63, "a head is 63 / 7 = 9 wide, an odd number"),
+])
+def test_a_published_config_with_a_bad_shape_is_named_before_anything_is_allocated(
+        tmp_path, monkeypatch, writer, field, value, says):
+    folder = tmp_path / writer
+    {"v1": write_minimind_v1, "v2": write_minimind2, "qwen2": write_qwen2}[writer](folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, field: value}))
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("a model was built before the config was checked")
+
+    import transformers
+    monkeypatch.setattr(transformers.LlamaModel, "__init__", no_allocation)
+    problems = models.check_base_model(str(folder))
+    assert len(problems) == 1 and problems[0].startswith(f"{folder}/config.json: {says}")
+    if writer != "qwen2":  # the conversion itself refuses the same way
+        with pytest.raises(models.ConversionError, match=re.escape(f"config.json: {says}")):
+            models.convert_checkpoint(folder, tmp_path / "cache")
+
+
+def test_a_cut_config_json_is_named_by_check_base_model(tmp_path):
+    write_minimind_v1(tmp_path / "m")
+    text = (tmp_path / "m" / "config.json").read_text()
+    (tmp_path / "m" / "config.json").write_text(text[: len(text) // 2])
+    (problem,) = models.check_base_model(str(tmp_path / "m"))
+    assert problem.startswith(f"{tmp_path / 'm' / 'config.json'}: not valid JSON (")
+    assert "cut or edited" in problem

@@ -2,7 +2,8 @@
 dual-tower retriever, expansion with new layers, the demo LMs' pretraining, and RetroMAE
 auto-encoding for decoder LMs (stage 1a).
 
-Modules, each importing only those before it: ``losses``, ``gradcache``, ``m3``, ``minimind``,
+Modules, each importing only those before it: ``losses``, ``gradcache``, ``m3``,
+``shape_check``, ``minimind``,
 ``minimind_scripts``, ``checkpoints``, ``base``, ``retriever``, ``expansion``, ``pretraining``,
 ``retromae``.
 """
@@ -19,10 +20,13 @@ from .m3 import (
     LOSS_WEIGHTS, MODES, SCORE_WEIGHTS, colbert_score, colbert_scores, evaluate_m3,
     evaluate_reranked, lexical_score, M3Heads, sparse_scores, unified_loss, UnifiedM3Loss
 )
+from .shape_check import (
+    check_shape, ConversionError, SHAPE_LIMITS, TRANSFORMERS_FIELDS
+)
 from .minimind import (
-    MINIMIND2, MINIMIND_V1, TOKENIZER_FILES, V1_ROPE_THETA, checkpoint_format, ConversionError,
-    convert_checkpoint, convert_state_dict, interleaved_to_half, llama_config, read_state_dict,
-    rope_theta_of, weight_files
+    MINIMIND2, MINIMIND_V1, SHAPE_FIELDS_BY_FORMAT, TOKENIZER_FILES, V1_ROPE_THETA,
+    checkpoint_format, convert_checkpoint, convert_state_dict, interleaved_to_half, llama_config,
+    read_state_dict, rope_theta_of, weight_files
 )
 from .minimind_scripts import (
     stage_training_file, TRAINING_CONFIGS
@@ -57,6 +61,7 @@ __all__ = [
     "SCORE_WEIGHTS", "LOSS_WEIGHTS", "MODES", "M3Heads", "sparse_scores", "colbert_scores",
     "lexical_score", "colbert_score", "unified_loss", "UnifiedM3Loss", "evaluate_reranked",
     "evaluate_m3", "MINIMIND_V1", "MINIMIND2", "V1_ROPE_THETA", "ConversionError",
+    "check_shape", "SHAPE_LIMITS", "TRANSFORMERS_FIELDS", "SHAPE_FIELDS_BY_FORMAT",
     "checkpoint_format", "llama_config", "rope_theta_of", "interleaved_to_half",
     "convert_state_dict", "read_state_dict", "weight_files", "convert_checkpoint",
     "TOKENIZER_FILES", "TRAINING_CONFIGS", "stage_training_file", "how_to_supply",

@@ -20,6 +20,7 @@ from .minimind import (
     rope_theta_of,
 )
 from .minimind_scripts import stage_training_file
+from .shape_check import TRANSFORMERS_FIELDS, check_shape
 
 __all__ = ["how_to_supply", "check_base_model", "resolve_base_model", "SHAPE_FIELDS",
            "checkpoint_shape"]
@@ -75,13 +76,9 @@ def _read_config(name_or_path: str) -> tuple[dict, Path | None]:
             except Exception as exc:  # no such repo, auth
                 raise OSError(f"cannot read config.json of {name_or_path!r} "
                               f"({type(exc).__name__}); {how_to_supply(name_or_path)}") from exc
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OSError(f"{path}: not valid JSON ({exc}); cut or edited. "
-                      f"{how_to_supply(name_or_path)}") from None
-    if not isinstance(config, dict):
-        raise OSError(f"{path}: a JSON {type(config).__name__}, not a model configuration")
+    config = _parse_config(path)
+    if isinstance(config, str):
+        raise OSError(f"{config}; {how_to_supply(name_or_path)}")
     return config, folder
 
 
@@ -103,12 +100,14 @@ def _problems_in_files(names: set[str], config: dict | None, where: str,
     if not any(n in names for n in _TOKENIZER_NAMES):
         problems.append(f"{where}: no tokenizer (one of {', '.join(_TOKENIZER_NAMES)})")
     fmt = checkpoint_format(config)
-    if fmt is not None:
-        try:
+    try:  # the shape is checked before anything is downloaded or allocated
+        if fmt is not None:
             llama_config(config, fmt, f"{where}/config.json")
-        except ConversionError as exc:
-            problems.append(str(exc))
-    elif "auto_map" in config and not trust_remote_code:
+        elif config.get("model_type") in ("llama", "qwen2"):
+            check_shape(config, TRANSFORMERS_FIELDS, f"{where}/config.json")
+    except ConversionError as exc:
+        problems.append(str(exc))
+    if fmt is None and "auto_map" in config and not trust_remote_code:
         from transformers import CONFIG_MAPPING
 
         if config.get("model_type") not in CONFIG_MAPPING:
@@ -185,6 +184,17 @@ def checkpoint_shape(name_or_path: str) -> dict:
     return shape
 
 
+def _parse_config(path: Path) -> dict | str:
+    """The configuration in ``path``, or what is wrong with the file."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"{path}: not valid JSON ({exc}); cut or edited"
+    if not isinstance(config, dict):
+        return f"{path}: a JSON {type(config).__name__}, not a model configuration"
+    return config
+
+
 def check_base_model(name_or_path: str, trust_remote_code: bool = False,
                      hub_id: str | None = None) -> list[str]:
     """What is missing to load ``name_or_path``, checked without downloading weights: the
@@ -201,8 +211,11 @@ def check_base_model(name_or_path: str, trust_remote_code: bool = False,
             return [f"model folder {folder} does not exist; "
                     f"{how_to_supply(str(folder), hub_id)}"]
         names = {p.name for p in folder.iterdir() if p.is_file()}
-        config = (json.loads((folder / "config.json").read_text(encoding="utf-8"))
-                  if "config.json" in names else None)
+        config = None
+        if "config.json" in names:
+            config = _parse_config(folder / "config.json")
+            if isinstance(config, str):
+                return [f"{config}; {how_to_supply(str(folder), hub_id)}"]
         problems = _problems_in_files(names, config, str(folder), trust_remote_code)
         return [f"{p}; {how_to_supply(str(folder), hub_id)}" for p in problems]
     import huggingface_hub
@@ -220,7 +233,9 @@ def check_base_model(name_or_path: str, trust_remote_code: bool = False,
         return [f"model {name_or_path!r}: not a local folder, not in the hub cache, and the "
                 f"hub does not answer; {how_to_supply(name_or_path)}"]
     if isinstance(cached, str):
-        config = json.loads(Path(cached).read_text(encoding="utf-8"))
+        config = _parse_config(Path(cached))
+        if isinstance(config, str):
+            return [f"{config}; {how_to_supply(name_or_path)}"]
         if names is None:  # offline with a cache: trust what the cache holds
             return []
     elif "config.json" in names:

@@ -54,10 +54,12 @@ from pathlib import Path
 import torch
 
 from ..settings.checkpoint import file_sha256
+from .shape_check import TRANSFORMERS_FIELDS, ConversionError, check_shape
 
-__all__ = ["MINIMIND_V1", "MINIMIND2", "V1_ROPE_THETA", "ConversionError", "checkpoint_format",
-           "llama_config", "rope_theta_of", "interleaved_to_half", "convert_state_dict",
-           "read_state_dict", "weight_files", "convert_checkpoint", "TOKENIZER_FILES"]
+__all__ = ["MINIMIND_V1", "MINIMIND2", "V1_ROPE_THETA", "checkpoint_format",
+           "SHAPE_FIELDS_BY_FORMAT", "llama_config", "rope_theta_of", "interleaved_to_half",
+           "convert_state_dict", "read_state_dict", "weight_files", "convert_checkpoint",
+           "TOKENIZER_FILES"]
 
 MINIMIND_V1 = "minimind-v1"
 MINIMIND2 = "minimind2"
@@ -76,10 +78,6 @@ _V2_DEFAULTS = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads
 #: Tokenizer files copied next to a converted model (whichever exist).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
-
-
-class ConversionError(ValueError):
-    """A MiniMind checkpoint that cannot be converted; the message names the file and why."""
 
 
 def checkpoint_format(config: dict) -> str | None:
@@ -112,6 +110,15 @@ def _v1_intermediate_size(dim: int, hidden_dim: int | None, multiple_of: int) ->
     return multiple_of * ((width + multiple_of - 1) // multiple_of)
 
 
+#: role -> field name in (MiniMind v1, MiniMind2 and transformers) config.json files.
+SHAPE_FIELDS_BY_FORMAT = {
+    MINIMIND_V1: {"hidden": "dim", "layers": "n_layers", "heads": "n_heads",
+                  "kv_heads": "n_kv_heads", "vocab": "vocab_size", "positions": "max_seq_len",
+                  "intermediate": "hidden_dim"},
+    MINIMIND2: TRANSFORMERS_FIELDS,
+}
+
+
 def llama_config(config: dict, fmt: str, source: str = "config.json"):
     """The ``LlamaConfig`` that computes what the MiniMind checkpoint computes."""
     from transformers import LlamaConfig
@@ -121,6 +128,10 @@ def llama_config(config: dict, fmt: str, source: str = "config.json"):
                               f"have no Llama equivalent; use a dense MiniMind checkpoint")
     common = dict(hidden_act="silu", tie_word_embeddings=True, attention_bias=False,
                   mlp_bias=False, bos_token_id=1, eos_token_id=2)
+    if fmt in SHAPE_FIELDS_BY_FORMAT:
+        defaults = _V1_DEFAULTS if fmt == MINIMIND_V1 else _V2_DEFAULTS
+        check_shape({**defaults, **{k: v for k, v in config.items() if v is not None}},
+                    SHAPE_FIELDS_BY_FORMAT[fmt], source)
     if fmt == MINIMIND_V1:
         c = {**_V1_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
         return LlamaConfig(
