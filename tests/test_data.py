@@ -346,6 +346,54 @@ def test_prepared_splits_follow_their_source_files(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
+
+def test_a_source_file_replaced_while_it_is_read_is_read_again(tmp_path, monkeypatch, capsys):
+    """An editor or a download saves by writing a new file and renaming it over the old one;
+    if that happens while prepare_data reads, the records of the old file must not be recorded
+    as those of the new one (later calls would serve them as up to date)."""
+    from retrieval_lib.data import splits as splits_module
+
+    root = tmp_path / "bge-m3-data"
+    _write_fake_bge_m3(root)
+    dureader = root / SOURCE_FILES["dureader"][0]
+    read = splits_module.load_bge_m3_zh
+    calls = []
+
+    def replaced_during_the_first_read(cfg, reports):
+        for i, record in enumerate(read(cfg, reports)):
+            if not calls and i == 3:  # part-way through: the new version is renamed over it
+                calls.append("replaced")
+                new = dureader.with_name("new.tmp")
+                new.write_text(dureader.read_text(encoding="utf-8")
+                               + _flag("改过的文件里的新查询", ["新的正文"]) + "\n",
+                               encoding="utf-8")
+                os.replace(new, dureader)
+            yield record
+
+    monkeypatch.setattr(splits_module, "load_bge_m3_zh", replaced_during_the_first_read)
+    cfg = _full_cfg(tmp_path)
+    first = data.prepare_data(cfg)
+    assert "1 source file(s) changed while they were read (zh/DuReader/" in capsys.readouterr().out
+    everything = [q for part in (first.train, first.validation, first.test)
+                  for q in part["query"]]
+    assert "改过的文件里的新查询" in everything  # the records of the file as it is now
+    again = data.prepare_data(cfg)  # and the manifest records that file: served from cache
+    assert capsys.readouterr().out == "" and again.test["query"] == first.test["query"]
+
+
+def test_full_width_and_half_width_forms_of_one_query_are_one_query(tmp_path):
+    rows = [{"query": "ＧＤＰ增长了多少？", "positive_passages": [{"text": "增长了５％。"}]},
+            {"query": "GDP增长了多少?", "positive_passages": [{"text": "增长了5%。"}]},
+            {"query": "ＧＤＰ增长了多少?", "positive_passages": [{"text": "另一段正文"}]},
+            {"query": "别的问题", "positive_passages": [{"text": "正文"}]}]
+    report = data.LoadReport()
+    kept = data.dedup_records(rows, report)
+    assert [r["query"] for r in kept] == ["ＧＤＰ增长了多少？", "别的问题"]  # kept as written
+    # the second is the same record in other widths; the third another answer to it
+    assert report.dropped == {"duplicate_record": 1, "duplicate_query": 1}
+    assert report.flagged == {"duplicate_by_width_form": 2}
+    assert data.normalise_text("　ＡＢＣ　１２３") == "ABC 123"  # the ideographic space too
+
 def test_every_bad_input_in_the_data_folder_is_accounted_for_in_the_manifest(tmp_path):
     root = tmp_path / "bge-m3-data"
     _write_fake_bge_m3(root)

@@ -9,7 +9,7 @@ Modules, each importing only those before it: ``records``, ``bm25``, ``tokenizer
 from .records import (
     MAX_TEXT_CHARS, DataError, DataUnavailableError, from_flag_embedding, LoadReport,
     normalise_text, query_passage_pairs, read_jsonl, to_simplified, traditional_characters,
-    validate_record
+    validate_record, width_forms_differ
 )
 from .bm25 import (
     BM25Retriever, tokenize_zh
@@ -39,7 +39,8 @@ from .pairs import (
 
 __all__ = [
     "DataError", "DataUnavailableError", "LoadReport", "MAX_TEXT_CHARS", "normalise_text",
-    "validate_record", "traditional_characters", "to_simplified", "from_flag_embedding",
+    "width_forms_differ", "validate_record", "traditional_characters", "to_simplified",
+    "from_flag_embedding",
     "read_jsonl", "query_passage_pairs", "tokenize_zh", "BM25Retriever", "SPECIAL_TOKENS",
     "train_bpe_tokenizer", "load_pretrained_tokenizer", "demo_tokenizer", "count_tokens",
     "tokenizer_for_preset", "with_eos_template", "people_daily_path", "strip_pos_tags",

@@ -20,14 +20,15 @@ import functools
 import json
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["DataError", "DataUnavailableError", "LoadReport", "MAX_TEXT_CHARS",
-           "normalise_text", "validate_record", "traditional_characters", "to_simplified",
-           "from_flag_embedding", "read_jsonl", "query_passage_pairs"]
+           "normalise_text", "width_forms_differ", "validate_record", "traditional_characters",
+           "to_simplified", "from_flag_embedding", "read_jsonl", "query_passage_pairs"]
 
 
 class DataError(ValueError):
@@ -99,14 +100,26 @@ _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
 
 
 def normalise_text(text: str) -> str:
-    """Invisible characters removed, whitespace runs collapsed to one space, ends stripped: the
-    form in which texts are compared (duplicates, a positive equal to its query, a negative
-    equal to a positive).
+    """Unicode NFKC (full-width and half-width forms of one text are one text: ＧＤＰ and GDP,
+    ？ and ?, the ideographic space and a space), invisible characters removed, whitespace runs
+    collapsed to one space, ends stripped: the form in which texts are compared (duplicates,
+    the split-overlap guard, a positive equal to its query, a negative equal to a positive).
+    Only comparisons use it; the texts themselves are kept as written.
 
     >>> normalise_text("  北京 \t \u200b 上海  ")
     '北京 上海'
+    >>> normalise_text("ＧＤＰ增长了多少？") == normalise_text("GDP增长了多少?")
+    True
     """
-    return re.sub(r"\s+", " ", _INVISIBLE.sub("", text)).strip()
+    return re.sub(r"\s+", " ", _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))).strip()
+
+
+def width_forms_differ(a: str, b: str) -> bool:
+    """Whether two texts that :func:`normalise_text` makes equal differ by more than
+    whitespace and invisible characters (a full-width / half-width merge, counted as such)."""
+    def loose(text: str) -> str:
+        return re.sub(r"\s+", " ", _INVISIBLE.sub("", text)).strip()
+    return loose(a) != loose(b)
 
 
 #: Longest text kept, in characters; longer ones are cut and counted (``text_truncated``).

@@ -29,9 +29,11 @@ from ..settings.config import (
 from ..settings.provenance import record_data
 from .demo_corpus import load_demo_records, people_daily_path
 from .records import (
+    DataError,
     DataUnavailableError,
     LoadReport,
     normalise_text,
+    width_forms_differ,
 )
 from .sources import find_source_files, load_bge_m3_zh
 
@@ -39,27 +41,32 @@ __all__ = ["dedup_records", "make_splits", "Splits", "prepare_splits", "load_spl
            "check_splits", "prepare_data", "data_config_hash", "prepared_dir"]
 
 #: Bumped whenever preparation changes what it produces, so cached splits are rebuilt.
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: NFKC in the comparison form; source files read twice
 
 
 def dedup_records(records: Iterable[dict], report: LoadReport | None = None) -> list[dict]:
-    """Keep the first record of each query (whitespace-normalised); count the rest.
+    """Keep the first record of each query (as :func:`normalise_text` compares texts); count
+    the rest, and among them (``flagged["duplicate_by_width_form"]``) those that only NFKC
+    made equal to the first (a full-width and a half-width form of one query).
 
     A query repeated with the same positives is a ``duplicate_record``; a query repeated with
     other positives is a ``duplicate_query`` (kept once, so no query can sit in two splits).
     """
     report = report if report is not None else LoadReport()
     first_pos: dict[str, frozenset] = {}
+    first_query: dict[str, str] = {}
     kept = []
     for r in records:
         report.read += 1
         key = normalise_text(r["query"])
-        positives = frozenset(p["text"] for p in r["positive_passages"])
+        positives = frozenset(normalise_text(p["text"]) for p in r["positive_passages"])
         if key in first_pos:
             same = first_pos[key] == positives
             report.drop("duplicate_record" if same else "duplicate_query")
+            if width_forms_differ(r["query"], first_query[key]):
+                report.flagged["duplicate_by_width_form"] += 1  # e.g. ＧＤＰ？ and GDP?
             continue
-        first_pos[key] = positives
+        first_pos[key], first_query[key] = positives, r["query"]
         report.kept += 1
         kept.append(r)
     return kept
@@ -258,8 +265,9 @@ def prepare_data(cfg: DataConfig, out_dir: str | os.PathLike | None = None,
 
     The prepared splits live in ``out_dir`` (default ``<cache>/prepared-<kind>-<hash>``); when
     they exist already they are loaded instead of rebuilt, so every notebook shares the same
-    test set, unless a source file changed since (size or modification time, recorded in the
-    manifest): then they are prepared again, and the changed files are named.
+    test set, unless a source file changed since (size, modification time or the file itself,
+    recorded in the manifest): then they are prepared again, and the changed files are named.
+    A source file replaced while it is read is noticed and read again.
     ``rebuild=True`` prepares them again in any case.
     """
     out = Path(out_dir) if out_dir else prepared_dir(cfg)
@@ -273,16 +281,8 @@ def prepare_data(cfg: DataConfig, out_dir: str | os.PathLike | None = None,
             return splits
         print(f"the source files changed since {out} was prepared ({'; '.join(changed)}): "
               f"preparing the splits again")
-    if cfg.kind == "demo":
-        records, report, stats = load_demo_records(cfg)
-        reports, extra = {"people_daily_1998": report}, {"demo_parse": stats}
-    elif cfg.kind == "bge_m3_zh":
-        reports, extra = {}, {"data_dir": str(cfg.data_dir or cfg.hub_repo)}
-        records = list(load_bge_m3_zh(cfg, reports))
-    else:
-        raise ValueError(f"unknown data kind {cfg.kind!r}; expected 'bge_m3_zh' or 'demo'")
+    records, reports, extra = _read_sources(cfg)
     extra["config_hash"] = data_config_hash(cfg)
-    extra["source_files"] = source_files_state(cfg)
     splits = prepare_splits(records, cfg, reports, out, extra)
     _remember_data_dir(cfg)
     record_data(cfg.kind, splits.manifest["fingerprint"])
@@ -292,6 +292,38 @@ def prepare_data(cfg: DataConfig, out_dir: str | os.PathLike | None = None,
               "the records differ from before: runs trained on the old splits are not "
               "comparable with new ones; train them again")
     return splits
+
+
+#: How often the source files are read again when one changes while it is read.
+READ_ATTEMPTS = 3
+
+
+def _read_sources(cfg: DataConfig) -> tuple[list[dict], dict, dict]:
+    """The records of ``cfg``'s source files, their load reports and the manifest's extra
+    fields, with ``source_files`` the state the records were read from: a file replaced while
+    it was read (a rename-over, as editors and downloads save) is noticed by comparing the
+    state before and after, and the files are read again."""
+    if cfg.kind not in ("demo", "bge_m3_zh"):
+        raise ValueError(f"unknown data kind {cfg.kind!r}; expected 'bge_m3_zh' or 'demo'")
+    for _ in range(READ_ATTEMPTS):
+        before = source_files_state(cfg)
+        if cfg.kind == "demo":
+            records, report, stats = load_demo_records(cfg)
+            reports, extra = {"people_daily_1998": report}, {"demo_parse": stats}
+        else:
+            reports, extra = {}, {"data_dir": str(cfg.data_dir or cfg.hub_repo)}
+            records = list(load_bge_m3_zh(cfg, reports))
+        after = source_files_state(cfg)
+        changed = sorted(name for name in set(before or {}) | set(after or {})
+                         if (before or {}).get(name) != (after or {}).get(name)) \
+            if before is not None else []  # None: downloaded by this very read
+        if not changed:
+            extra["source_files"] = after
+            return records, reports, extra
+        print(f"{len(changed)} source file(s) changed while they were read "
+              f"({', '.join(changed[:3])}): reading them again")
+    raise DataError(f"the source files keep changing while they are read ({', '.join(changed)}"
+                    f"); wait until whatever writes them has finished, then prepare again")
 
 
 def _absolute(folder: str) -> str:
@@ -311,7 +343,7 @@ def _remember_data_dir(cfg: DataConfig) -> None:
 
 
 def source_files_state(cfg: DataConfig) -> dict[str, list[int]] | None:
-    """``{file: [bytes, mtime_ns]}`` of every file the data of ``cfg`` is read from, relative
+    """``{file: [bytes, mtime_ns, inode]}`` of every file the data of ``cfg`` is read from, relative
     to its folder; ``None`` while the files are not on this machine (before a download)."""
     if cfg.kind == "demo":
         path = people_daily_path()
@@ -322,8 +354,12 @@ def source_files_state(cfg: DataConfig) -> dict[str, list[int]] | None:
             paths = [p for found in find_source_files(root, cfg.sources).values() for p in found]
         except DataUnavailableError:
             return None
-    return {p.relative_to(root).as_posix(): [p.stat().st_size, p.stat().st_mtime_ns]
-            for p in sorted(paths)}
+    states = {}
+    for path in sorted(paths):
+        stat = path.stat()  # the inode too: a file renamed over another of equal size and time
+        states[path.relative_to(root).as_posix()] = [stat.st_size, stat.st_mtime_ns,
+                                                     stat.st_ino]
+    return states
 
 
 def _changed_sources(cfg: DataConfig, manifest_path: Path) -> tuple[list[str], str | None]:
