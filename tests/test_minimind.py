@@ -2,7 +2,9 @@
 published architectures compute (checked against independent reference forwards)."""
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +112,103 @@ def test_conversion_is_cached_and_never_runs_the_checkpoint_code(tmp_path):
     # trust_remote_code=True changes nothing: the trap in model.py would raise if imported
     models.load_encoder(first, trust_remote_code=True)
 
+
+
+def _weights_of(folder):
+    from safetensors.torch import load_file
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_the_conversion_cache_cannot_serve_a_stale_or_damaged_conversion(tmp_path):
+    source, cache = tmp_path / "v1", tmp_path / "c"
+    write_minimind_v1(source, seed=0)
+    first, _ = models.resolve_base_model(str(source), cache)
+    # other weights of equal size and modification time: another conversion
+    stamps = {f: f.stat() for f in source.iterdir()}
+    write_minimind_v1(source, seed=1)
+    for f, stamp in stamps.items():
+        os.utime(f, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        assert f.stat().st_size == stamp.st_size
+    other, _ = models.resolve_base_model(str(source), cache)
+    assert other != first
+    a, b = _weights_of(first), _weights_of(other)
+    assert not torch.equal(a["layers.0.self_attn.q_proj.weight"],
+                           b["layers.0.self_attn.q_proj.weight"])
+    # a changed tokenizer in the source: another conversion, with that tokenizer
+    tokenizer = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "pad_token": "</s>"}))
+    retokenized, _ = models.resolve_base_model(str(source), cache)
+    assert retokenized != other
+    assert json.loads((Path(retokenized) / "tokenizer_config.json").read_text())[
+        "pad_token"] == "</s>"
+    # a cached conversion with a flipped byte is converted again, with a warning naming it
+    weights = Path(retokenized) / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-3] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=r"model.safetensors: checksum differs"):
+        again, _ = models.resolve_base_model(str(source), cache)
+    assert again == retokenized
+    for name, tensor in _weights_of(again).items():
+        assert torch.equal(tensor, b[name]), name
+
+
+CONVERTER = """
+import sys, time
+from pathlib import Path
+import safetensors.torch
+from retrieval_lib import models
+
+write = safetensors.torch.save_file
+
+def slow_save(*args, **kwargs):  # widen the window in which two conversions overlap
+    write(*args, **kwargs)
+    time.sleep(1.5)
+
+safetensors.torch.save_file = slow_save
+print("ready", flush=True)
+while not Path(sys.argv[3]).exists():
+    time.sleep(0.02)
+path, _ = models.resolve_base_model(sys.argv[1], sys.argv[2])
+models.load_encoder(path)
+print(path)
+"""
+
+
+def test_two_processes_converting_at_once_each_use_a_folder_of_their_own(tmp_path):
+    """Two notebooks converting the same checkpoint at once both succeed (one shared
+    temporary folder made one of them crash); a dead process's unfinished folder is removed."""
+    import subprocess
+    import sys
+
+    source, cache, go = tmp_path / "v1", tmp_path / "c", tmp_path / "go"
+    write_minimind_v1(source)
+    name = f"v1-{minimind._source_fingerprint(source)}"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (cache / f".tmp-{name}-{dead}").mkdir(parents=True)
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERTER, str(source), str(cache), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1]) for _ in range(2)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready"
+    go.touch()
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {str(cache / name)}
+    assert [p.name for p in cache.iterdir()] == [name]
+
+
+def test_a_tokenizer_missing_from_the_source_is_named_against_the_source(tmp_path):
+    from retrieval_lib.data import load_pretrained_tokenizer
+
+    write_minimind_v1(tmp_path / "v1")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "v1" / name).unlink()
+    path, _ = models.resolve_base_model(str(tmp_path / "v1"), tmp_path / "c")
+    with pytest.raises(OSError, match=rf"cannot load the tokenizer of {tmp_path / 'v1'}: that "
+                                      rf"folder holds no tokenizer file"):
+        load_pretrained_tokenizer(path)
 
 def test_broken_checkpoints_name_the_file_and_the_fault(tmp_path):
     made = write_minimind_v1(tmp_path / "v1")

@@ -7,6 +7,7 @@ texts of the demo corpus, so token counts and models of the demo behave like the
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -61,6 +62,14 @@ def load_pretrained_tokenizer(name_or_path: str, trust_remote_code: bool = False
     except (OSError, ValueError) as exc:
         folder = Path(name_or_path)
         broken = unreadable_files(folder)
+        source = _converted_from(folder)
+        if source is not None:  # a MiniMind conversion copies the tokenizer of its source
+            raise OSError(
+                f"cannot load the tokenizer of {source}: that folder holds no tokenizer file "
+                f"(tokenizer.json, tokenizer.model, vocab.json ...), so its conversion "
+                f"{folder} has none either. Put the tokenizer files of the checkpoint into "
+                f"{source} (the conversion is then made again), or give the tokenizer "
+                f"separately (notebook parameter `tokenizer_name`)") from exc
         if folder.is_dir() and not broken:
             present = sorted(p.name for p in folder.iterdir() if "token" in p.name
                              or p.suffix in (".model", ".txt"))
@@ -69,6 +78,16 @@ def load_pretrained_tokenizer(name_or_path: str, trust_remote_code: bool = False
         raise OSError(
             f"cannot load the tokenizer of {name_or_path!r}: "
             f"{'; '.join(broken) if broken else str(exc).splitlines()[0]}\n{how}") from exc
+
+
+def _converted_from(folder: Path) -> str | None:
+    """The source folder of a converted MiniMind checkpoint that copied no tokenizer file
+    (``conversion.json``, written by ``models.minimind.convert_checkpoint``), else None."""
+    try:
+        report = json.loads((folder / "conversion.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return None if report.get("tokenizer_files") else report.get("source_folder")
 
 
 def demo_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: str | Path):

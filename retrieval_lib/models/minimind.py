@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from ..settings.checkpoint import file_sha256
+from ..settings.saved_folder import reusable, write_checksums
 from .shape_check import TRANSFORMERS_FIELDS, ConversionError, check_shape
 
 __all__ = ["MINIMIND_V1", "MINIMIND2", "V1_ROPE_THETA", "checkpoint_format",
@@ -292,11 +293,13 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _source_fingerprint(folder: Path) -> str:
-    """Hash of the config and the weight files' names, sizes and modification times."""
+    """Hash of everything a conversion reads: config.json, and the names and contents of the
+    weight files and tokenizer files (contents, not sizes and times: other weights of equal
+    size and time are another checkpoint)."""
     h = hashlib.sha256((folder / "config.json").read_bytes())
-    for path in weight_files(folder):
-        stat = path.stat()
-        h.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for path in [*weight_files(folder), *(folder / f for f in TOKENIZER_FILES)]:
+        if path.is_file():
+            h.update(f"{path.name}:{file_sha256(path)}".encode())
     return h.hexdigest()[:12]
 
 
@@ -305,9 +308,12 @@ def convert_checkpoint(source: str | os.PathLike, cache_dir: str | os.PathLike,
     """Convert the MiniMind checkpoint folder ``source`` once; returns the folder of the
     converted ``LlamaModel`` (safetensors, config, tokenizer) and its ``conversion.json``.
 
-    The result is cached under ``cache_dir`` by a fingerprint of the source (config and weight
-    files), written to a temporary folder and renamed, so an interrupted conversion is never
-    taken for a finished one. The checkpoint's own Python files are never imported.
+    The result is cached under ``cache_dir`` by a fingerprint of all the source files it reads
+    (config, weights and tokenizer, by content), written to a temporary folder of this process
+    with checksums and renamed, so an interrupted conversion is never taken for a finished
+    one, two processes converting at once do not share a folder, and a cached conversion is
+    checked file by file before it is reused (a damaged one is converted again). The
+    checkpoint's own Python files are never imported.
     """
     from safetensors.torch import save_file
     from transformers import LlamaModel
@@ -323,7 +329,7 @@ def convert_checkpoint(source: str | os.PathLike, cache_dir: str | os.PathLike,
                               f"MiniMind custom-code checkpoint")
     name = (label or source.name).replace("/", "--")
     target = Path(cache_dir) / f"{name}-{_source_fingerprint(source)}"
-    if (target / "conversion.json").exists():
+    if reusable(target, "conversion.json"):
         return target, json.loads((target / "conversion.json").read_text(encoding="utf-8"))
     config = llama_config(raw, fmt, str(config_path))
     state = convert_state_dict(read_state_dict(source), fmt, config,
@@ -340,7 +346,7 @@ def convert_checkpoint(source: str | os.PathLike, cache_dir: str | os.PathLike,
     if missing or unexpected:
         raise ConversionError(f"{source}: converted weights do not fit LlamaModel (missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]})")
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")  # one per process
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config.architectures = ["LlamaModel"]
@@ -371,8 +377,12 @@ def convert_checkpoint(source: str | os.PathLike, cache_dir: str | os.PathLike,
     }
     (tmp / "conversion.json").write_text(json.dumps(report, ensure_ascii=False, indent=2),
                                          encoding="utf-8")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    write_checksums(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished the same conversion first: use its folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not reusable(target, "conversion.json"):
+            raise
     return target, report
 

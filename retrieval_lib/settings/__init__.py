@@ -35,8 +35,8 @@ from .checkpoint import (
     set_rng_state, verify_checkpoint
 )
 from .saved_folder import (
-    CHECKSUMS, atomic_folder, check_replaceable, restore_interrupted, unreadable_files,
-    verify_checksums, write_checksums
+    CHECKSUMS, atomic_folder, check_replaceable, restore_interrupted, reusable,
+    unreadable_files, verify_checksums, write_checksums
 )
 from .distributed import (
     barrier, finish, gather_with_grad, init_from_env, is_distributed, is_main, main_first
@@ -56,7 +56,8 @@ __all__ = [
     "WEIGHT_LIMIT", "save_checkpoint", "load_checkpoint", "load_optimizer_state",
     "latest_checkpoint", "verify_checkpoint", "list_checkpoints", "remove_partial", "rng_state",
     "set_rng_state", "atomic_folder", "check_replaceable", "restore_interrupted",
-    "write_checksums", "verify_checksums", "CHECKSUMS", "file_sha256", "unreadable_files",
+    "reusable", "write_checksums", "verify_checksums", "CHECKSUMS", "file_sha256",
+    "unreadable_files",
     "RunLockedError", "run_lock", "writes_run_folder", "pid_alive", "leftover_pid",
     "LOCK_FILE", "HEARTBEAT_S", "STALE_AFTER_S", "is_distributed",
     "init_from_env", "is_main", "barrier", "finish", "main_first", "gather_with_grad"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, _check_file, _fsync, _left_by_dead, file_sha256
 
-__all__ = ["atomic_folder", "check_replaceable", "restore_interrupted", "CHECKSUMS",
+__all__ = ["atomic_folder", "check_replaceable", "restore_interrupted", "reusable", "CHECKSUMS",
            "write_checksums", "verify_checksums", "unreadable_files"]
 
 logger = logging.getLogger(__name__)
@@ -178,3 +178,25 @@ def unreadable_files(folder: str | os.PathLike) -> list[str]:
             faults.append(f"{path}: not a readable safetensors file ({exc}); cut or "
                           f"corrupt, download it again")
     return faults
+
+
+def reusable(folder: str | os.PathLike, marker: str) -> bool:
+    """Whether a cached folder (written with :func:`write_checksums`, ``marker`` its last file
+    before them) is finished and intact, so that it can be reused. A damaged one is deleted,
+    with a warning naming its fault, so that the caller builds it again; the unfinished
+    folders that dead processes left beside it are deleted too."""
+    folder = Path(folder)
+    restore_interrupted(folder)
+    if not (folder / marker).exists():
+        return False
+    fault = f"no {CHECKSUMS}: written before checksums were recorded"
+    try:
+        if (folder / CHECKSUMS).exists() and verify_checksums(folder):
+            return True
+    except CheckpointError as exc:
+        fault = str(exc)
+    message = f"the cached folder {folder} is damaged ({fault}); building it again"
+    logger.warning(message)
+    warnings.warn(message, stacklevel=2)
+    shutil.rmtree(folder, ignore_errors=True)
+    return False
