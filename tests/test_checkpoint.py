@@ -497,3 +497,47 @@ def test_random_positive_windows_resume_bit_identical_with_their_count(tok, data
     _assert_same_weights(_weights(full), _weights(resumed))
     assert again["steps"] == history["steps"]
     assert again["windowed_positives"] == history["windowed_positives"]
+
+
+class _RunsCode:
+    """A pickle that would call print when loaded: what a tampered or foreign file can hold."""
+
+    def __reduce__(self):
+        return (print, ("code from a checkpoint ran",))
+
+
+def test_a_checkpoint_file_that_holds_code_is_never_loaded_and_resume_uses_the_previous(
+        tok, data, tmp_path, capsys):
+    train, val = data
+    cfg = toy_config(epochs=1, batch_size=8, checkpoint_steps=2, keep_checkpoints=100)
+    whole = training.train_retriever(toy_model(tok), train, val, cfg, tmp_path,
+                                     show_progress=False)
+    newest = checkpoint.list_checkpoints(tmp_path / "checkpoints")[-1]
+    torch.save({"state": _RunsCode()}, newest / "optimizer.pt")
+    manifest = json.loads((newest / "manifest.json").read_text())  # consistent, as if written so
+    manifest["files"]["optimizer.pt"] = {
+        "bytes": (newest / "optimizer.pt").stat().st_size,
+        "sha256": checkpoint.file_sha256(newest / "optimizer.pt")}
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(RuntimeWarning, match=rf"skipping checkpoint {newest.name}: .*optimizer.pt: "
+                                            rf"holds more than tensors"):
+        again = training.train_retriever(toy_model(tok), train, val, cfg, tmp_path,
+                                         show_progress=False, resume=True)
+    assert "code from a checkpoint ran" not in capsys.readouterr().out
+    previous = checkpoint.list_checkpoints(tmp_path / "checkpoints")[-2]
+    assert again["resumed_from"][0]["checkpoint"] == str(previous)
+    assert [e["val_ndcg@10"] for e in again["epochs"]] == [e["val_ndcg@10"]
+                                                          for e in whole["epochs"]]
+
+
+def test_the_nan_advice_without_a_good_checkpoint_is_to_start_again(tok, data, tmp_path,
+                                                                      monkeypatch):
+    _nan_at(monkeypatch, 1)
+    train, val = data
+    with pytest.raises(FloatingPointError) as err:
+        training.train_retriever(toy_model(tok), train, val,
+                                 toy_config(epochs=1, batch_size=8, checkpoint_steps=2), tmp_path,
+                                 show_progress=False)
+    message = str(err.value)
+    assert "No checkpoint is good to continue from" in message and "resume=False" in message
+    assert "resume=True" not in message

@@ -505,6 +505,28 @@ def test_archive_extraction_keeps_folders_copies_hard_links_and_reports_skips(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "out"]
 
 
+
+def test_a_hard_link_into_a_folder_no_earlier_member_created_is_copied(tmp_path):
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(_tar_members([
+        ("d/zh/mldr-zh_len-0-500.jsonl", MLDR),
+        ("d/new/folder/dureader_len-0-500.jsonl", ("link", "d/zh/mldr-zh_len-0-500.jsonl"))]))
+    extracted, skipped = data.extract_matching(archive, tmp_path / "out", SOURCES)
+    assert extracted["d/new/folder/dureader_len-0-500.jsonl"] == len(MLDR) and not skipped
+    assert (tmp_path / "out/d/new/folder/dureader_len-0-500.jsonl").read_bytes() == MLDR
+
+
+def test_cut_prepared_splits_name_the_folder_and_how_to_rebuild(tmp_path):
+    _write_fake_bge_m3(tmp_path / "bge-m3-data")
+    cfg = _full_cfg(tmp_path)
+    out = data.prepare_data(cfg).manifest and data.prepared_dir(cfg)
+    arrow = sorted((out / "train").glob("*.arrow"))[0]
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    with pytest.raises(data.DataError, match=rf"{out / 'train'}: the prepared train split cannot "
+                                             rf"be read .*prepare_data\(cfg, rebuild=True\)"):
+        data.prepare_data(cfg)
+    assert len(data.prepare_data(cfg, rebuild=True).train) > 0  # and the advice works
+
 @pytest.mark.parametrize("cut", ["inside a member", "at a member boundary", "gzip stream"])
 def test_a_cut_archive_is_named_and_never_marked_complete(tmp_path, cut):
     import gzip

@@ -78,3 +78,23 @@ def test_bad_input_and_damaged_files_are_named(corpus, tmp_path):
     (folder / "index.faiss").unlink()
     with pytest.raises(FileNotFoundError, match="index.faiss is missing"):
         PassageIndex.load(folder)
+
+
+def test_an_index_folder_without_count_or_with_a_cut_index_file_is_named(tmp_path):
+    rng = np.random.default_rng(0)
+    PassageIndex.build(rng.normal(size=(4, 3)).astype("float32"), list("abcd")).save(
+        tmp_path / "idx")
+    (tmp_path / "idx" / "checksums.json").unlink()  # an older index: nothing to check against
+    meta_path = tmp_path / "idx" / "ids.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "count"}))
+    with pytest.warns(UserWarning, match="no checksums.json"):
+        with pytest.raises(ValueError, match=rf"{meta_path}: no field count: not written by "
+                                             rf"PassageIndex.save"):
+            PassageIndex.load(tmp_path / "idx")
+    meta_path.write_text(json.dumps(meta))
+    faiss_file = tmp_path / "idx" / "index.faiss"
+    faiss_file.write_bytes(faiss_file.read_bytes()[:40])
+    with pytest.warns(UserWarning, match="no checksums.json"):
+        with pytest.raises(ValueError, match=rf"{faiss_file}: not a readable faiss index"):
+            PassageIndex.load(tmp_path / "idx")

@@ -13,7 +13,7 @@ from toy import toy_records
 from retrieval_lib.data import tokenizer
 from retrieval_lib.results import CrossEncoderReranker, listwise_loss, rerank_run, reranker
 from retrieval_lib.serving import export
-from retrieval_lib.settings import config
+from retrieval_lib.settings import CheckpointError, config
 
 
 def _tiny(tok, base=config.MINIMIND_27M, max_length=40, seed=0):
@@ -264,3 +264,32 @@ def test_rerank_study_saves_the_reranked_runs_and_the_published_reranker(
     saved = collect_runs("demo")  # the first call's published numbers do not stay behind
     assert saved["rerank_published-dense"]["status"] == "not run"
     assert saved["rerank_published-bm25"]["status"] == "not run"
+
+
+@pytest.mark.parametrize("cut", ["tokenizer.json", "model.safetensors"])
+def test_a_reranker_folder_without_checksums_names_a_cut_file(tok, tmp_path, cut):
+    _tiny(tok).save(tmp_path / "r")
+    (tmp_path / "r" / "checksums.json").unlink()
+    path = tmp_path / "r" / cut
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="no checksums.json"):
+        with pytest.raises(CheckpointError, match=rf"cannot load the reranker .*{path}: not "):
+            CrossEncoderReranker.load(str(tmp_path / "r"))
+
+
+def test_a_reranker_folder_without_its_config_says_which_length_it_uses(tok, tmp_path):
+    _tiny(tok, max_length=40).save(tmp_path / "r")
+    for name in ("checksums.json", "reranker_config.json"):
+        (tmp_path / "r" / name).unlink()
+    with pytest.warns(UserWarning, match=rf"{tmp_path / 'r'} has no reranker_config.json: "
+                                         rf"scoring with max_length 512"):
+        assert CrossEncoderReranker.load(str(tmp_path / "r")).max_length == 512
+    assert CrossEncoderReranker.load(str(tmp_path / "r"), max_length=40).max_length == 40
+
+
+def test_a_cut_reranker_history_is_named(tok, tmp_path):
+    _tiny(tok).save(tmp_path / "run" / "best")
+    (tmp_path / "run" / "history.json").write_text('{"epochs": [')
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'run' / 'history.json'}: cannot "
+                                              rf"be read"):
+        reranker.load_trained(tmp_path / "run")

@@ -203,7 +203,8 @@ def extract_matching(archive: Path, target: Path, sources: dict[str, str]
                     continue
                 out = target.joinpath(*path.parts)
                 link = PurePosixPath(member.linkname).as_posix() if member.islnk() else None
-                if link in extracted:
+                if link in extracted:  # its folder may be one no earlier member created
+                    out.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(target.joinpath(*PurePosixPath(link).parts), out)
                     extracted[path.as_posix()] = extracted[link]
                     continue

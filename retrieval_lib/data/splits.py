@@ -180,8 +180,20 @@ def load_splits(out_dir: str | os.PathLike) -> Splits:
     if not manifest_path.exists():
         raise FileNotFoundError(f"no prepared data at {out} (missing manifest.json); run "
                                 f"notebooks/01_data_preprocessing.ipynb first")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    parts = {name: load_from_disk(str(out / name)) for name in ("train", "validation", "test")}
+    again = ("prepare them again: prepare_data(cfg, rebuild=True), or delete the folder and "
+             "run notebooks/01_data_preprocessing.ipynb")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{manifest_path}: not valid JSON ({exc}); {again}") from None
+    parts = {}
+    for name in ("train", "validation", "test"):
+        try:
+            parts[name] = load_from_disk(str(out / name))
+        except Exception as exc:  # a cut Arrow file: OSError, ArrowInvalid, a datasets error
+            raise DataError(f"{out / name}: the prepared {name} split cannot be read "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); it is "
+                            f"cut or damaged; {again}") from exc
     return Splits(manifest=manifest, **parts)
 
 

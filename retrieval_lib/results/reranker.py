@@ -37,10 +37,12 @@ never drops a document the first stage found.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -60,11 +62,13 @@ from ..models.base import (
     hf_config_from_shape,
 )
 from ..models.checkpoints import resolve_base_model
+from ..settings.checkpoint import CheckpointError
 from ..settings.config import ModelConfig, RerankerConfig
 from ..settings.runlock import writes_run_folder
 from ..settings.saved_folder import (
     atomic_folder,
     restore_interrupted,
+    unreadable_files,
     verify_checksums,
     write_checksums,
 )
@@ -85,6 +89,8 @@ __all__ = ["PUBLISHED_RERANKER", "pair_tokens", "CrossEncoderReranker", "RandomS
            "listwise_loss",
            "RerankCollator", "rerank_run", "rerank_split", "train_reranker",
            "reranker_is_trained", "load_trained"]
+
+logger = logging.getLogger(__name__)
 
 #: The published reranker the full preset compares with (FlagEmbedding, XLM-R, 568M).
 PUBLISHED_RERANKER = "BAAI/bge-reranker-v2-m3"
@@ -217,20 +223,41 @@ class CrossEncoderReranker(nn.Module):
              trust_remote_code: bool = False) -> CrossEncoderReranker:
         """A reranker saved by :meth:`save` (checked against its ``checksums.json``) or a
         published one (a hub id or a local folder, e.g. :data:`PUBLISHED_RERANKER`).
-        ``max_length``: the saved one, else 512 (FlagReranker's default)."""
+        ``max_length``: the saved one, else 512 (FlagReranker's default; said in a warning
+        for a local folder without ``reranker_config.json``). A cut weights or tokenizer file
+        is named (:class:`CheckpointError`), checksums or not."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         folder = Path(path)
         restore_interrupted(folder)
-        if (folder / "checksums.json").exists():
-            verify_checksums(folder)
+        if (folder / "checksums.json").exists() or (folder / "reranker_config.json").exists():
+            verify_checksums(folder)  # a folder :meth:`save` wrote (a missing manifest: warned)
         saved = folder / "reranker_config.json"
-        if max_length is None:
-            max_length = (json.loads(saved.read_text(encoding="utf-8"))["max_length"]
-                          if saved.exists() else 512)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), trust_remote_code=trust_remote_code, **dtype_kwarg(torch.float32))
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        if max_length is None and saved.exists():
+            try:
+                max_length = int(json.loads(saved.read_text(encoding="utf-8"))["max_length"])
+            except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+                raise CheckpointError(f"{saved}: unreadable ({type(exc).__name__}: {exc}); "
+                                      f"save the reranker again") from None
+        elif max_length is None:
+            max_length = 512
+            if folder.is_dir():  # a local folder: it may have been trained with another cut
+                message = (f"{folder} has no reranker_config.json: scoring with max_length "
+                           f"512 (FlagReranker's default), which may not be the length it was "
+                           f"trained with; pass max_length to choose")
+                logger.warning(message)
+                warnings.warn(message, stacklevel=2)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), trust_remote_code=trust_remote_code, **dtype_kwarg(torch.float32))
+            tokenizer = AutoTokenizer.from_pretrained(str(path),
+                                                      trust_remote_code=trust_remote_code)
+        except Exception as exc:  # transformers and tokenizers name no file for a cut one
+            faults = unreadable_files(folder)
+            if faults:
+                raise CheckpointError(f"cannot load the reranker {path}: "
+                                      f"{'; '.join(faults)}") from exc
+            raise
         return cls(model, tokenizer, max_length).to(device)
 
 
@@ -433,6 +460,10 @@ def train_reranker(reranker: CrossEncoderReranker, train, validation, cfg: Reran
 def load_trained(out_dir: str | Path, device=None) -> tuple[CrossEncoderReranker, dict]:
     """The best reranker of a finished :func:`train_reranker` and its history."""
     out = Path(out_dir)
-    history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+    try:
+        history = json.loads((out / "history.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{out / 'history.json'}: cannot be read ({type(exc).__name__}: "
+                              f"{exc}); train the reranker again") from None
     return CrossEncoderReranker.load(str(out / "best"), training_device(device)), history
 

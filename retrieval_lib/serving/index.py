@@ -200,7 +200,17 @@ class PassageIndex:
             meta = json.loads((folder / "ids.json").read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{folder / 'ids.json'}: not valid JSON ({exc})") from None
-        index = faiss.read_index(str(folder / "index.faiss"))
+        missing = [k for k in ("kind", "settings", "dim", "count", "ids")
+                   if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise ValueError(f"{folder / 'ids.json'}: no field {', '.join(missing)}: not written "
+                             f"by PassageIndex.save; build the index and save it again")
+        try:
+            index = faiss.read_index(str(folder / "index.faiss"))
+        except RuntimeError as exc:  # faiss names no file
+            raise ValueError(f"{folder / 'index.faiss'}: not a readable faiss index "
+                             f"({str(exc).splitlines()[0][:200]}); cut or damaged, build the "
+                             f"index and save it again") from None
         if index.ntotal != len(meta["ids"]) or index.ntotal != meta["count"]:
             raise ValueError(f"{folder / 'ids.json'}: {len(meta['ids'])} ids (count "
                              f"{meta['count']}) for an index of {index.ntotal} vectors")

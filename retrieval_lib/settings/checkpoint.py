@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,8 @@ from .runlock import leftover_pid, pid_alive
 
 __all__ = ["CheckpointError", "WEIGHT_LIMIT", "save_checkpoint", "load_checkpoint",
            "load_optimizer_state", "latest_checkpoint", "verify_checkpoint", "list_checkpoints",
-           "remove_partial", "rng_state", "set_rng_state", "file_sha256"]
+           "remove_partial", "rng_state", "set_rng_state", "file_sha256", "good_checkpoints",
+           "skip_warning", "UnsafeCheckpointError"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ WEIGHT_LIMIT = 1e4
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, corrupt or belongs to another training setup."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file that holds code: never loaded; a resume uses the previous one."""
 
 
 def file_sha256(path: Path) -> str:
@@ -188,19 +194,28 @@ def verify_checkpoint(folder: str | os.PathLike) -> None:
                               f"above {WEIGHT_LIMIT:g}); not a good checkpoint to continue from")
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest checkpoint under ``root`` that verifies; a broken newer one is skipped with a
-    warning saying why. ``None`` when there is none."""
+def good_checkpoints(root: str | os.PathLike) -> Iterator[Path]:
+    """The checkpoints under ``root`` that verify, newest first; a broken one is skipped with a
+    warning saying why."""
     for folder in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(folder)
         except CheckpointError as exc:
-            message = f"skipping checkpoint {folder.name}: {exc}; trying the previous one"
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-            logger.warning(message)
+            skip_warning(folder, exc)
             continue
-        return folder
-    return None
+        yield folder
+
+
+def skip_warning(folder: Path, fault: Exception) -> None:
+    message = f"skipping checkpoint {folder.name}: {fault}; trying the previous one"
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    logger.warning(message)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies (:func:`good_checkpoints`); ``None``
+    when there is none."""
+    return next(good_checkpoints(root), None)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, file: str | os.PathLike) -> None:
@@ -210,7 +225,20 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, file: str | os.PathLi
     device; AdamW's step counters stay on the CPU, as in a fresh optimizer. (Reading the file
     straight onto the GPU would leave the counters there: a device sync per parameter and
     step.)"""
-    optimizer.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(_tensors_only(file))
+
+
+def _tensors_only(file: str | os.PathLike):
+    """``torch.load(weights_only=True)``: a file that holds code (a pickle that would run it)
+    is refused as :class:`UnsafeCheckpointError`, naming the file."""
+    import pickle
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{file}: holds more than tensors and plain containers, so it was not loaded "
+            f"(weights_only refused: {str(exc).splitlines()[0][:160]})") from None
 
 
 def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, scaler) -> dict:
@@ -228,7 +256,7 @@ def load_checkpoint(folder: str | os.PathLike, model, optimizer, scheduler, scal
         raise CheckpointError(f"{folder}/model.safetensors does not fit this model: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     load_optimizer_state(optimizer, folder / "optimizer.pt")
-    state = torch.load(folder / "state.pt", weights_only=True)
+    state = _tensors_only(folder / "state.pt")
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])

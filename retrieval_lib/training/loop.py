@@ -220,12 +220,16 @@ def _train_step(run: _Run, batch: dict, epoch: int) -> float | None:
                  f"loss: {last}")
         if scaler is None:
             good = latest_checkpoint(run.out / CHECKPOINTS)
-            raise FloatingPointError(
-                f"{where}. The last good checkpoint (verified, finite weights of at most "
-                f"{WEIGHT_LIMIT:g}) is {good or 'none yet'}: lower the learning rate and "
-                f"continue from it with resume=True, resume_overrides=('learning_rate',) "
-                f"(shell: --resume --resume-override learning_rate); the change is recorded "
-                f"in the history")
+            advice = (f"The last good checkpoint (verified, finite weights of at most "
+                      f"{WEIGHT_LIMIT:g}) is {good}: lower the learning rate and continue "
+                      f"from it with resume=True, resume_overrides=('learning_rate',) (shell: "
+                      f"--resume --resume-override learning_rate); the change is recorded in "
+                      f"the history") if good else (
+                      "No checkpoint is good to continue from (none yet, or all diverged): "
+                      "lower the learning rate and train again from the start with "
+                      "resume=False (shell: without --resume), which deletes the diverged "
+                      "checkpoints")
+            raise FloatingPointError(f"{where}. {advice}")
         # the scaler sees the non-finite gradients, skips the optimizer step and backs its scale
         # off (on the first step too, before any scale exists, where a manual update() fails)
         logger.warning("%s; step skipped (fp16 loss scale %s)", where, scaler.get_scale())

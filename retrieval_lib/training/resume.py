@@ -10,9 +10,11 @@ from pathlib import Path
 
 from ..settings.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
+    UnsafeCheckpointError,
+    good_checkpoints,
     list_checkpoints,
     load_checkpoint,
+    skip_warning,
     verify_checkpoint,
 )
 from ..settings.config import TrainingConfig, with_defaults
@@ -50,7 +52,14 @@ def resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer,
     """Load the newest good checkpoint of ``out`` (None when there is none) and check that it
     was written by this training setup."""
 
-    folder = latest_checkpoint(out / CHECKPOINTS)
+    state = folder = None
+    for folder in good_checkpoints(out / CHECKPOINTS):
+        try:
+            state = load_checkpoint(folder, model, optimizer, schedule, scaler)
+            break
+        except UnsafeCheckpointError as exc:  # a file that holds code: the previous one
+            skip_warning(folder, exc)
+            folder = None
     if folder is None:
         unreadable = list_checkpoints(out / CHECKPOINTS)
         if unreadable:  # never start over on top of checkpoints that could not be read
@@ -58,6 +67,7 @@ def resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer,
             for broken in unreadable:
                 try:
                     verify_checkpoint(broken)
+                    faults.append(f"  {broken}: a file in it holds code (not loaded)")
                 except CheckpointError as exc:
                     faults.append(f"  {exc}")
             raise CheckpointError(
@@ -66,7 +76,6 @@ def resume_state(out: Path, cfg: TrainingConfig, n_train: int, model, optimizer,
                 + "\n".join(faults) + "\nRepair or move them away, or start again with "
                 "resume=False (which deletes them)")
         return None
-    state = load_checkpoint(folder, model, optimizer, schedule, scaler)
     saved, current = state["config"], json.loads(json.dumps(asdict(cfg)))  # tuples -> lists
     saved = with_defaults(saved, TrainingConfig)  # settings newer than the checkpoint
     unknown = sorted(set(overrides) - set(current))
