@@ -30,9 +30,9 @@ from .runlock import (
     writes_run_folder
 )
 from .checkpoint import (
-    WEIGHT_LIMIT, CheckpointError, file_sha256, latest_checkpoint, list_checkpoints,
-    load_checkpoint, load_optimizer_state, remove_partial, rng_state, save_checkpoint,
-    set_rng_state, verify_checkpoint
+    WEIGHT_LIMIT, CheckpointError, file_sha256, good_checkpoints, latest_checkpoint,
+    list_checkpoints, load_checkpoint, load_optimizer_state, remove_partial, rng_state,
+    save_checkpoint, set_rng_state, skip_warning, UnsafeCheckpointError, verify_checkpoint
 )
 from .saved_folder import (
     CHECKSUMS, atomic_folder, check_replaceable, restore_interrupted, reusable,
@@ -55,7 +55,8 @@ __all__ = [
     "ENV_VAR", "keep_freed_memory", "hub_has", "model_available", "CheckpointError",
     "WEIGHT_LIMIT", "save_checkpoint", "load_checkpoint", "load_optimizer_state",
     "latest_checkpoint", "verify_checkpoint", "list_checkpoints", "remove_partial", "rng_state",
-    "set_rng_state", "atomic_folder", "check_replaceable", "restore_interrupted",
+    "set_rng_state", "good_checkpoints", "skip_warning", "UnsafeCheckpointError",
+    "atomic_folder", "check_replaceable", "restore_interrupted",
     "reusable", "write_checksums", "verify_checksums", "CHECKSUMS", "file_sha256",
     "unreadable_files",
     "RunLockedError", "run_lock", "writes_run_folder", "pid_alive", "leftover_pid",
