@@ -246,7 +246,10 @@ def test_windows_cover_long_texts_and_count_short_tails(tok):
                         for i in range(0, len(ids), 9))
 
 
-def test_a_killed_retromae_run_resumes_bit_identically(tok, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_killed_retromae_run_resumes_bit_identically(tok, tmp_path, monkeypatch, precision):
+    """fp16 is the GPU's path without native bf16 (autocast and a loss scaler, whose state
+    the checkpoint carries); autocast runs it on the CPU too."""
     from transformers import AutoModel, LlamaConfig
 
     def encoder():
@@ -255,9 +258,15 @@ def test_a_killed_retromae_run_resumes_bit_identically(tok, tmp_path, monkeypatc
             vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, intermediate_size=48))
 
+    class EagerScaler(torch.amp.GradScaler):  # its scale changes every step: resume must
+        def __init__(self, device):             # restore it for the run to match
+            super().__init__(device, growth_interval=1)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", EagerScaler)
     texts, cfg = _texts(), _stage_cfg()
     whole = loop.train_retromae(encoder(), tok, texts[:16], texts[16:], cfg, tmp_path / "a",
-                                show_progress=False)
+                                show_progress=False, precision=precision)
+    assert (whole["precision"], whole["device"]) == (precision, "cpu")
     calls = {"n": 0}
     real = loop.save_checkpoint
 
@@ -269,10 +278,10 @@ def test_a_killed_retromae_run_resumes_bit_identically(tok, tmp_path, monkeypatc
     monkeypatch.setattr(loop, "save_checkpoint", killed_after_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         loop.train_retromae(encoder(), tok, texts[:16], texts[16:], cfg, tmp_path / "b",
-                            show_progress=False)
+                            show_progress=False, precision=precision)
     monkeypatch.setattr(loop, "save_checkpoint", real)
     resumed = loop.train_retromae(encoder(), tok, texts[:16], texts[16:], cfg, tmp_path / "b",
-                                  show_progress=False)
+                                  show_progress=False, precision=precision)
     assert resumed["resumed_from"] == [4]
     assert resumed["steps"] == whole["steps"] and resumed["heldout"] == whole["heldout"]
     assert (tmp_path / "a/encoder/model.safetensors").read_bytes() == (

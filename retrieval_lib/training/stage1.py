@@ -15,6 +15,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from ..settings.checkpoint import latest_checkpoint, load_checkpoint, save_check
 from ..settings.config import Stage1Config, TrainingConfig
 from ..settings.runlock import writes_run_folder
 from ..settings.saved_folder import atomic_folder, write_checksums
-from .optim import make_optimizer
+from .optim import make_optimizer, mixed_precision, optimizer_step, training_device
 
 __all__ = ["token_windows", "train_retromae"]
 
@@ -61,12 +62,20 @@ def _batch(model: RetroMAE, windows, rows, tokenizer, cfg: Stage1Config, generat
                       cfg.decoder_mask_ratio, generator)
 
 
+def _to(batch, device: torch.device):
+    """``batch`` (a :class:`RetroMAEBatch`) with every tensor on ``device``."""
+    if device.type == "cpu":
+        return batch
+    return replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in fields(batch)})
+
+
 @torch.no_grad()
-def _heldout_loss(model: RetroMAE, batches) -> dict[str, float]:
+def _heldout_loss(model: RetroMAE, batches, device: torch.device, autocast) -> dict[str, float]:
     model.eval()
     totals = {"loss": 0.0, "encoder_loss": 0.0, "decoder_loss": 0.0}
     for batch in batches:
-        out = model(batch)
+        with autocast:
+            out = model(_to(batch, device))
         for key in totals:
             totals[key] += out[key].item() / len(batches)
     model.train()
@@ -76,13 +85,17 @@ def _heldout_loss(model: RetroMAE, batches) -> dict[str, float]:
 @writes_run_folder("RetroMAE training")
 def train_retromae(encoder, tokenizer, texts: Sequence[str], heldout: Sequence[str],
                    cfg: Stage1Config, out_dir: str | Path, pooling: str = "mean",
-                   resume: bool = True, show_progress: bool = True) -> dict:
+                   resume: bool = True, show_progress: bool = True,
+                   device: str | torch.device | None = None, precision: str = "auto") -> dict:
     """Train ``encoder`` (an ``AutoModel`` decoder LM, changed in place) with RetroMAE on
     ``texts``; returns the history and writes ``out_dir/encoder`` (the encoder of the lowest
     held-out loss, with the tokenizer and ``checksums.json``) and ``out_dir/history.json``.
 
     Checkpoints (model, decoder, optimizer, schedule, history) go to ``out_dir/checkpoints``
     every ``cfg.checkpoint_steps`` steps; ``resume`` continues from the newest good one.
+    It trains on ``device`` (default: the GPU when there is one) in ``precision``
+    (:func:`~retrieval_lib.training.optim.mixed_precision`: ``auto`` is bf16 or fp16 with loss
+    scaling on a GPU, fp32 on the CPU); both go into the history.
     """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -96,7 +109,9 @@ def train_retromae(encoder, tokenizer, texts: Sequence[str], heldout: Sequence[s
                          f"{MIN_WINDOW_TOKENS} tokens: {len(windows)} and {len(held)} were cut "
                          f"from {len(texts)} and {len(heldout)} texts")
     model = RetroMAE(encoder, pooling, seed=cfg.seed)
-    model.train()
+    device = training_device(device)
+    model.to(device).train()
+    autocast, scaler, chosen, why = mixed_precision(device, precision)
     optimizer = make_optimizer(model, TrainingConfig(
         epochs=1, batch_size=cfg.retromae_batch_size,
         learning_rate=cfg.retromae_learning_rate))
@@ -110,32 +125,32 @@ def train_retromae(encoder, tokenizer, texts: Sequence[str], heldout: Sequence[s
                "windows": len(windows), "heldout_windows": len(held),
                "short_tails_left_out": short + held_short, "texts": len(texts),
                "heldout_texts": len(heldout), "mask_token_id": mask_token_id(tokenizer),
-               "resumed_from": [], "wall_time_s": 0.0}
+               "resumed_from": [], "wall_time_s": 0.0, "device": str(device),
+               "precision": chosen, "precision_reason": why}
     done = 0
     if not resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     folder = latest_checkpoint(out / "checkpoints") if resume else None
     if folder is not None:
-        state = load_checkpoint(folder, model, optimizer, schedule, None)
+        state = load_checkpoint(folder, model, optimizer, schedule, scaler)
         done, history = state["step"], state["history"]
         history["resumed_from"].append(done)
     if done == 0:
-        history["heldout"].append([0, _heldout_loss(model, heldout_batches)])
+        history["heldout"].append([0, _heldout_loss(model, heldout_batches, device, autocast)])
     started = time.perf_counter() - history["wall_time_s"]
     for step in tqdm(range(done + 1, cfg.retromae_steps + 1), desc="RetroMAE",
                      disable=not show_progress, initial=done, total=cfg.retromae_steps):
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         rows = torch.randint(len(windows), (cfg.retromae_batch_size,), generator=generator)
-        out_step = model(_batch(model, windows, rows.tolist(), tokenizer, cfg, generator))
-        out_step["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            out_step = model(_to(_batch(model, windows, rows.tolist(), tokenizer, cfg,
+                                        generator), device))
+        (scaler.scale(out_step["loss"]) if scaler is not None else out_step["loss"]).backward()
+        optimizer_step(model, optimizer, schedule, scaler, 1.0)
         history["steps"].append([step, out_step["encoder_loss"].item(),
                                  out_step["decoder_loss"].item()])
         if step % cfg.eval_every == 0 or step == cfg.retromae_steps:
-            loss = _heldout_loss(model, heldout_batches)
+            loss = _heldout_loss(model, heldout_batches, device, autocast)
             history["heldout"].append([step, loss])
             if history["best_loss"] is None or loss["loss"] < history["best_loss"]:
                 history["best_step"], history["best_loss"] = step, loss["loss"]
@@ -143,7 +158,7 @@ def train_retromae(encoder, tokenizer, texts: Sequence[str], heldout: Sequence[s
                     encoder.save_pretrained(str(tmp), safe_serialization=True)
         if step % cfg.checkpoint_steps == 0 and step < cfg.retromae_steps:
             history["wall_time_s"] = time.perf_counter() - started
-            save_checkpoint(out / "checkpoints", step, model, optimizer, schedule, None,
+            save_checkpoint(out / "checkpoints", step, model, optimizer, schedule, scaler,
                             {"step": step, "history": history})
     history["wall_time_s"] = time.perf_counter() - started
     with atomic_folder(out / "encoder", owns=ENCODER_FILES) as tmp:
