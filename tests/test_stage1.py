@@ -364,3 +364,68 @@ def test_the_full_preset_runs_both_stages_then_fine_tunes_from_their_encoder(ful
     assert stage1.stage_folder(exp, "retromae", exp.model.base_model, splits,
                                config.get_stage1_config("full"))[0].name != first[
         "folder"].split("/")[-1]
+
+
+def test_the_stage1_plan_counts_what_retromae_holds_by_hand(monkeypatch):
+    """A Llama of width 32 (4 heads, 2 key/value heads, MLP 48, vocabulary 40, one block):
+    a block holds q 32·32 + k 32·16 + v 32·16 + o 32·32 + MLP 3·32·48 + two norms 2·32 = 7,744
+    weights; the encoder 40·32 + 7,744 + 32 = 9,056; the decoder one block and its norm, 7,776;
+    the LM head is the tied embedding. So 16,832 parameters at 18 bytes (fp32 weights,
+    gradients, two AdamW moments, a bf16 copy)."""
+    from dataclasses import replace
+
+    from retrieval_lib.models.retromae import RetroMAE
+    from retrieval_lib.training import memory, stage1_plan
+    from retrieval_lib.training import stage1 as stage1_module
+
+    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                  vocab_size=40, max_query_length=8, max_passage_length=16)
+    per = {"per_layer": 100.0, "outside_layers": 10.0, "hidden_state": 64, "seq_len": 16,
+           "dtype": "bfloat16"}
+    monkeypatch.setattr(stage1_module, "activation_bytes_per_token", lambda *a, **k: per)
+    monkeypatch.setattr(memory, "activation_bytes_per_token", lambda *a, **k: per)
+    s1 = _stage_cfg(retromae_batch_size=8, retromae_max_length=16, retromae_steps=100,
+                    pairs_per_text=2)
+    gib = memory.GIB
+    # per row of 16 tokens: activations 16·(100·(1 + 2) + 10) = 4,960; logits of the
+    # 1.3·16 predicted tokens over 40 entries at 6 bytes = 4,992
+    row = 16 * (100 * 3 + 10) + 1.3 * 16 * 40 * 6
+    static = 18 * 16_832
+    gpus = {"small": {"memory_gib": memory.CUDA_CONTEXT_GIB + (static + 4.5 * row) / gib,
+                      "peak_tflops": 1.0}}
+    plan = stage1_plan(cfg, s1, texts=50, gpus=gpus, utilisation=0.5)
+    r = plan["retromae"]
+    assert r["parameters"] == 16_832
+    from retrieval_lib.models.base import build_encoder
+    assert r["parameters"] == sum(p.numel() for p in RetroMAE(build_encoder(cfg)).parameters())
+    assert r["memory_gib"] * gib == pytest.approx(static + 8 * row)
+    assert r["gpus"]["small"] == {"fits": False, "plan_gib": pytest.approx(r["memory_gib"]),
+                                  "largest_batch": 4, "hours": pytest.approx(
+                                      r["flops_per_step"] * 100 / (1e12 * 0.5) / 3600)}
+    # FLOPs: the encoder as in fine-tuning, the decoder block over two streams, the LM head
+    tokens = 8 * 16
+    assert r["flops_per_step"] == pytest.approx(
+        memory.training_flops(replace(cfg, m3_heads=False, separate_projections=False), tokens,
+                              16, False)
+        + 12 * 7_744 * tokens + 6 * 40 * 32 * tokens * 1.3)
+    assert (plan["pairs"], plan["pairs_estimated"]) == (50 * 2 * 2, True)  # crops and ICT
+    assert plan["contrastive"] == memory.training_plan(
+        replace(cfg, m3_heads=False, separate_projections=False), s1.contrastive_training(), 200,
+        gpus, 0.5)
+    assert stage1_plan(cfg, s1, 50, pairs=77, gpus=gpus)["pairs_estimated"] is False
+
+
+def test_the_plan_a_notebook_prints_names_the_stages_before_they_run(capsys):
+    from retrieval_lib.course import expansion
+
+    exp = config.with_overrides(config.get_experiment("minimind27_10k", "demo"),
+                                pretraining_stages="retromae+contrastive")
+    table = expansion.show_plan(exp, train_records=100)
+    printed = capsys.readouterr().out
+    assert "微调之前先做第一阶段（retromae → contrastive）：RetroMAE 1,000 步、每步 4,096 个" \
+        in printed
+    assert "无监督对比约 800 对（估计）" in printed  # 100 texts · 4 pairs · crops and ICT
+    assert all(name in printed for name in table.index)  # the stage-1 table, per GPU
+    expansion.show_plan(config.get_experiment("minimind27_10k", "demo"), train_records=100)
+    assert "第一阶段" not in capsys.readouterr().out  # an experiment without stages

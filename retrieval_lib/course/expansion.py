@@ -30,11 +30,13 @@ from ..results.runs import (
 from ..settings.config import (
     ExperimentConfig,
     get_experiment,
+    get_stage1_config,
     variant,
     with_overrides,
 )
 from ..training.collator import steps_per_epoch
 from ..training.memory import CUDA_CONTEXT_GIB, plan_table, training_plan
+from ..training.stage1 import stage1_plan, stage1_table
 from .experiment import result_summary, run_experiment
 from .inputs import check_full_inputs, realised
 from .plotting import save_figure
@@ -163,6 +165,16 @@ def show_plan(exp: ExperimentConfig, train_records: int | None = None):
           f"{CUDA_CONTEXT_GIB} GiB 的 CUDA 上下文）：不用梯度检查点 {gib['plain']:.1f} GiB，"
           f"用梯度检查点 {gib['checkpointing']:.1f} GiB。下表的小时数由 FLOPs 按峰值算力的 "
           f"{plan['utilisation']:.0%} 估计，只是估计。")
+    if exp.model.pretraining_stages:  # stage 1 runs first, on the base model
+        stage1 = get_stage1_config(exp.preset)
+        first = stage1_plan(exp.model, stage1, train_records or exp.train_size)
+        retromae = first["retromae"]
+        print(f"微调之前先做第一阶段（{' → '.join(exp.model.pretraining_stages)}）："
+              f"RetroMAE {retromae['steps']:,} 步、每步 {retromae['tokens_per_step']:,} 个 "
+              f"token、估计显存 {retromae['memory_gib']:.1f} GiB；无监督对比约 "
+              f"{first['pairs']:,} 对{'（估计）' if first['pairs_estimated'] else ''}、"
+              f"{first['contrastive']['total_steps']:,} 步。各 GPU 上的估计：")
+        print(stage1_table(first).to_string())
     return plan_table(plan)
 
 

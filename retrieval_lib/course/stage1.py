@@ -38,7 +38,6 @@ from ..settings.config import (
     PRETRAINING_STAGES,
     ExperimentConfig,
     Stage1Config,
-    TrainingConfig,
     get_stage1_config,
 )
 from ..settings.saved_folder import atomic_folder, verify_checksums, write_checksums
@@ -142,12 +141,7 @@ def _contrastive(exp: ExperimentConfig, source: str, train: list[dict], heldout:
     model = DualTowerRetriever.from_config(replace(
         exp.model, base_model=source, m3_heads=False, separate_projections=False,
         query_instruction="", pretraining_stages=()))
-    training = TrainingConfig(
-        epochs=cfg.contrastive_epochs, batch_size=cfg.contrastive_batch_size,
-        learning_rate=cfg.contrastive_learning_rate, temperature=cfg.temperature,
-        num_hard_negatives=0, early_stopping_patience=cfg.contrastive_epochs,
-        checkpoint_steps=cfg.checkpoint_steps, seed=cfg.seed)
-    history = train_retriever(model, records, validation, training, folder,
+    history = train_retriever(model, records, validation, cfg.contrastive_training(), folder,
                               show_progress=show_progress, resume=resume)
     best = folder / "best"
     verify_checksums(best)

@@ -298,6 +298,14 @@ class Stage1Config:
     temperature: float = 0.05
     seed: int = SEED
 
+    def contrastive_training(self) -> TrainingConfig:
+        """The fine-tuning settings stage 1b trains with: in-batch negatives only."""
+        return TrainingConfig(
+            epochs=self.contrastive_epochs, batch_size=self.contrastive_batch_size,
+            learning_rate=self.contrastive_learning_rate, temperature=self.temperature,
+            num_hard_negatives=0, early_stopping_patience=self.contrastive_epochs,
+            checkpoint_steps=self.checkpoint_steps, seed=self.seed)
+
 
 #: The demo's stage 1: the tiny twins, from scratch-pretrained LMs, on the CPU in minutes.
 DEMO_STAGE1 = Stage1Config(retromae_steps=1000, retromae_batch_size=32,

@@ -30,7 +30,7 @@ from .memory import (
     training_flops, training_memory_plan, training_plan
 )
 from .stage1 import (
-    token_windows, train_retromae
+    LOGIT_BYTES, stage1_plan, stage1_table, token_windows, train_retromae
 )
 
 __all__ = [
@@ -42,5 +42,5 @@ __all__ = [
     "saved_activation_bytes", "activation_bytes_per_token", "static_bytes",
     "step_activation_bytes", "training_memory_plan", "fit_step", "largest_batches", "GIB",
     "CUDA_CONTEXT_GIB", "GPUS", "UTILISATION", "training_flops", "training_plan", "plan_table",
-    "token_windows", "train_retromae"
+    "token_windows", "train_retromae", "LOGIT_BYTES", "stage1_plan", "stage1_table"
 ]

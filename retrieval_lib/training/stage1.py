@@ -20,14 +20,25 @@ from pathlib import Path
 
 import torch
 
+from ..models.base import parameter_count_from_config
 from ..models.retromae import RetroMAE, make_batch, mask_token_id
 from ..settings.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..settings.config import Stage1Config, TrainingConfig
+from ..settings.config import ModelConfig, Stage1Config, TrainingConfig
 from ..settings.runlock import writes_run_folder
 from ..settings.saved_folder import atomic_folder, write_checksums
+from .memory import (
+    CUDA_CONTEXT_GIB,
+    GIB,
+    GPUS,
+    UTILISATION,
+    activation_bytes_per_token,
+    static_bytes,
+    training_flops,
+    training_plan,
+)
 from .optim import make_optimizer, mixed_precision, optimizer_step, training_device
 
-__all__ = ["token_windows", "train_retromae"]
+__all__ = ["token_windows", "train_retromae", "LOGIT_BYTES", "stage1_plan", "stage1_table"]
 
 #: What every saved encoder folder holds (``save_pretrained`` of a model in safetensors).
 ENCODER_FILES = ("config.json", "model.safetensors")
@@ -168,3 +179,77 @@ def train_retromae(encoder, tokenizer, texts: Sequence[str], heldout: Sequence[s
         write_checksums(tmp)
     (out / "history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     return history
+
+
+#: Bytes a predicted token's logits keep per vocabulary entry: the bf16 output of the LM head
+#: and the fp32 log-softmax that cross-entropy saves for the backward pass.
+LOGIT_BYTES = 6
+
+
+def stage1_plan(cfg: ModelConfig, stage1: Stage1Config, texts: int, pairs: int | None = None,
+                gpus: dict | None = None, utilisation: float = UTILISATION) -> dict:
+    """What stage 1 (:mod:`retrieval_lib.course.stage1`) will cost on the base model of ``cfg``
+    before it runs; estimates, as :func:`training_plan`.
+
+    ``retromae`` (1a): steps, tokens per step, the memory of a step (weights, gradients and
+    AdamW of the encoder and the one-block decoder; the encoder's activations; the decoder's
+    two streams, counted as two blocks; the logits of every predicted token, the encoder's
+    masked ones and all of the decoder's, at :data:`LOGIT_BYTES` per vocabulary entry, which
+    dominates for Qwen2's 151,936-token vocabulary) and, per GPU, whether the batch fits, the
+    largest power-of-two batch that does, and hours. ``contrastive`` (1b): :func:`training_plan`
+    of :meth:`~retrieval_lib.settings.config.Stage1Config.contrastive_training` on ``pairs``
+    mined pairs (default, ``pairs_estimated``: ``texts`` × ``pairs_per_text`` for crops and
+    ICT; titles add pairs only where passages have titles).
+    """
+    base = replace(cfg, num_new_layers=0, m3_heads=False, separate_projections=False)
+    batch, length = stage1.retromae_batch_size, stage1.retromae_max_length
+    per = activation_bytes_per_token(base, seq_len=min(length, 512))
+    one, two = (parameter_count_from_config(replace(base, num_hidden_layers=n)) for n in (1, 2))
+    projection = base.hidden_size * base.projection_dim + base.projection_dim  # not in 1a
+    params = parameter_count_from_config(base) - projection + (two - one) + base.hidden_size
+    static = static_bytes(params)["total"]
+    predicted_share = 1 + stage1.encoder_mask_ratio
+
+    def need_gib(rows: int) -> float:
+        tokens = rows * length
+        act = tokens * (per["per_layer"] * (base.num_hidden_layers + 2) + per["outside_layers"])
+        return (static + act + tokens * predicted_share * base.vocab_size * LOGIT_BYTES) / GIB
+
+    tokens = batch * length
+    flops = (training_flops(base, tokens, length, False) + 2 * 6 * (two - one) * tokens
+             + 6 * base.vocab_size * base.hidden_size * tokens * predicted_share)
+    retromae = {"steps": stage1.retromae_steps, "batch_size": batch, "tokens_per_step": tokens,
+                "parameters": params, "static_gib": static / GIB, "flops_per_step": flops,
+                "memory_gib": need_gib(batch), "utilisation": utilisation, "gpus": {}}
+    for name, spec in (gpus or GPUS).items():
+        room = spec["memory_gib"] - CUDA_CONTEXT_GIB
+        fitting = [b for b in (batch, *(2**k for k in range(batch.bit_length(), -1, -1)))
+                   if b <= batch and need_gib(b) <= room]
+        retromae["gpus"][name] = {
+            "fits": need_gib(batch) <= room, "plan_gib": need_gib(batch),
+            "largest_batch": max(fitting, default=0),
+            "hours": flops * stage1.retromae_steps / (spec["peak_tflops"] * 1e12 * utilisation)
+            / 3600}
+    kinds = [k for k in stage1.pair_kinds if k != "title"]
+    estimated = pairs is None
+    pairs = texts * stage1.pairs_per_text * len(kinds) if estimated else pairs
+    return {"retromae": retromae, "pairs": pairs, "pairs_estimated": estimated,
+            "contrastive": training_plan(base, stage1.contrastive_training(), pairs, gpus,
+                                         utilisation)}
+
+
+def stage1_table(plan: dict):
+    """:func:`stage1_plan` per GPU as a pandas table with Chinese headers (estimates)."""
+    import pandas as pd
+
+    rows = {}
+    for name, g in plan["retromae"]["gpus"].items():
+        c = plan["contrastive"]["gpus"][name]
+        rows[name] = {
+            "1a 估计显存 GiB": round(g["plan_gib"], 1),
+            "1a 能放下的批量": g["largest_batch"] if g["largest_batch"] else "放不下",
+            "1a 估计小时数": round(g["hours"], 2),
+            "1b 估计显存 GiB（所选省显存方法下）": round(c["plan_gib"], 1) if c["fits"]
+            else "放不下",
+            "1b 估计小时数": round(c["hours"], 2) if c["fits"] else None}
+    return pd.DataFrame.from_dict(rows, orient="index")
