@@ -115,7 +115,24 @@ def run(smoke: bool, home: Path, models=MODELS) -> dict:
 
 
 def _p(test: dict | None) -> str:
-    return "" if test is None else f"{test['mean_difference']:+.3f} (p {test['p_value']:.3f})"
+    if test is None:
+        return ""
+    p = test["p_value"]
+    return f"{test['mean_difference']:+.3f} (p {'< 0.001' if p < 0.001 else f'{p:.3f}'})"
+
+
+def _verdict(saved: dict) -> str:
+    """Per twin, the recipe validation picks (highest validation NDCG@10) and its test share
+    of BM25: the sentence is built from the saved numbers."""
+    parts = []
+    for name, model in saved["models"].items():
+        key, best = max(model["recipes"].items(), key=lambda kv: kv[1]["validation_ndcg@10"])
+        lm = model["recipes"]["lm"]
+        parts.append(f"{name}: {best['what']} (validation NDCG@10 "
+                     f"{best['validation_ndcg@10']:.3f} against {lm['validation_ndcg@10']:.3f}; "
+                     f"test NDCG@5 {best['test_ndcg@5']:.3f}, {best['test_share_of_bm25']:.0%} of "
+                     f"BM25's {model['bm25_test_ndcg@5']:.3f})")
+    return "The recipe validation picks for each twin: " + "; ".join(parts) + "."
 
 
 def render_table(saved: dict) -> str:
@@ -140,7 +157,7 @@ def render_table(saved: dict) -> str:
                 f"{r['validation_ndcg@10']:.3f} | {_p(r.get('validation_vs_lm'))} | "
                 f"{r['test_ndcg@5']:.3f} | {_p(r.get('test_vs_lm'))} | "
                 f"{r['test_share_of_bm25']:.0%} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", _verdict(saved)])
 
 
 def main(argv=None) -> int:
