@@ -40,7 +40,12 @@ from ..settings.config import (
     Stage1Config,
     get_stage1_config,
 )
-from ..settings.saved_folder import atomic_folder, verify_checksums, write_checksums
+from ..settings.saved_folder import (
+    atomic_folder,
+    restore_interrupted,
+    verify_checksums,
+    write_checksums,
+)
 from ..training.collator import set_seed
 from ..training.loop import train_retriever
 from ..training.stage1 import ENCODER_FILES, train_retromae
@@ -161,6 +166,7 @@ def run_stage(exp: ExperimentConfig, stage: str, source: str, splits: Splits,
     ``config.json``."""
     cfg = cfg or get_stage1_config(exp.preset)
     folder, inputs = stage_folder(exp, stage, source, splits, cfg)
+    restore_interrupted(folder / "encoder")  # a save killed between its two renames
     if (folder / "config.json").exists() and (folder / "encoder").is_dir():
         verify_checksums(folder / "encoder")
         print(f"{stage}: reusing {folder}")
