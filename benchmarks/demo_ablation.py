@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,20 +63,13 @@ SMOKE_VARIANTS = ("baseline", "lr_1e-3", "pretrain_reviews")
 SECOND_CORPUS = {"pretrain_reviews", "pretrain_reviews_12000"}
 
 
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "retrieval_lib"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return out.stdout.strip() + ("+dirty" if dirty else "")
-
-
 def run(keys, smoke: bool, home: Path) -> dict:
     from retrieval_lib import data, evaluation
     from retrieval_lib.course import experiment
     from retrieval_lib.data import demo_corpus
     from retrieval_lib.models import DualTowerRetriever, PretrainConfig
     from retrieval_lib.results import baselines
+    from retrieval_lib.results.runs import git_commit
     from retrieval_lib.settings import config
 
     config.set_project_home(home)
@@ -89,7 +81,7 @@ def run(keys, smoke: bool, home: Path) -> dict:
     splits = data.prepare_data(base.data)
     bm25 = {"validation": baselines.evaluate_bm25(splits.validation),
             "test": baselines.evaluate_bm25(splits.test)}
-    out = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "smoke": smoke,
+    out = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "smoke": smoke,
            "experiment": base.name, "cores": os.cpu_count(),
            "bm25": {"validation_ndcg@10": bm25["validation"]["aggregate"]["ndcg@10"]["mean"],
                     "test_ndcg@5": bm25["test"]["aggregate"]["ndcg@5"]["mean"]},

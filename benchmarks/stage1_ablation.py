@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,26 +47,19 @@ RECIPES = {
 MODELS = ("minimind27_10k", "minimind108_10k")
 
 
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "retrieval_lib"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return out.stdout.strip() + ("+dirty" if dirty else "")
-
-
 def run(smoke: bool, home: Path, models=MODELS) -> dict:
     from retrieval_lib import data, evaluation
     from retrieval_lib.course import experiment
     from retrieval_lib.models import DualTowerRetriever, PretrainConfig
     from retrieval_lib.results import baselines
+    from retrieval_lib.results.runs import git_commit
     from retrieval_lib.settings import config
 
     config.set_project_home(home)
     if smoke:  # a sliver: 100 records, 30 LM steps, 20 RetroMAE steps, one epoch each
         config.DEMO_STAGE1 = replace(config.DEMO_STAGE1, retromae_steps=20, eval_every=10,
                                      pairs_per_text=1, contrastive_epochs=1)
-    out = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(), "smoke": smoke,
+    out = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "smoke": smoke,
            "cores": os.cpu_count(), "stage1": None, "models": {}}
     for name in models:
         base = config.get_experiment(name, "demo")
