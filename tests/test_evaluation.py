@@ -266,3 +266,25 @@ def test_min_max_score_fusion_by_hand():
     assert fused == pytest.approx({"a": 1.2, "b": 0.5, "c": 1.0, "d": 0.0})
     with pytest.raises(ValueError, match="unknown fusion"):
         evaluation.fuse_runs([dense], "max")
+
+
+def test_fusion_edge_cases_by_hand():
+    """A query only one run answers, a run whose scores are all equal, a query with no
+    documents, tied scores (ranked by descending id, as trec_eval ranks them), and mismatched
+    weights."""
+    dense = {"q1": {"a": 0.5, "b": 0.5, "c": 0.2}, "q2": {"x": 1.0}, "q3": {}}
+    lexical = {"q1": {"b": 2.0, "a": 2.0}, "q4": {"y": 3.0, "z": 3.0}}
+    rrf = evaluation.fuse_runs([dense, lexical], "rrf", k=10)
+    # ties: b before a in both runs (descending id), so b 1/11 + 1/11, a 1/12 + 1/12, c 1/13
+    assert rrf["q1"] == pytest.approx({"b": 2 / 11, "a": 2 / 12, "c": 1 / 13})
+    assert list(rrf["q1"]) == ["b", "a", "c"]
+    assert rrf["q2"] == pytest.approx({"x": 1 / 11}) and rrf["q3"] == {}
+    assert list(rrf["q4"]) == ["z", "y"] and rrf["q4"] == pytest.approx({"z": 1 / 11,
+                                                                          "y": 1 / 12})
+    minmax = evaluation.fuse_runs([dense, lexical], "minmax", weights=[2.0, 1.0])
+    # dense q1 scaled: a 1, b 1, c 0; lexical q1 all equal: each 1.0 (not a division by 0)
+    assert minmax["q1"] == pytest.approx({"a": 3.0, "b": 3.0, "c": 0.0})
+    assert list(minmax["q1"]) == ["b", "a", "c"]
+    assert minmax["q2"] == pytest.approx({"x": 2.0}) and minmax["q3"] == {}
+    with pytest.raises(ValueError, match="1 weights for 2 runs"):
+        evaluation.fuse_runs([dense, lexical], weights=[1.0])
