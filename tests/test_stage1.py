@@ -4,6 +4,7 @@ texts they may read, the stage runs (resume, reuse, composition) and the full pr
 import json
 import math
 import random
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -365,6 +366,57 @@ def test_the_full_preset_runs_both_stages_then_fine_tunes_from_their_encoder(ful
                                config.get_stage1_config("full"))[0].name != first[
         "folder"].split("/")[-1]
 
+
+
+def test_a_shipped_stage_run_is_copied_for_its_exact_inputs_only(tmp_path, monkeypatch):
+    """A stage trained in one project home, shipped, and asked for in another home (another
+    machine: every path differs) is copied, not trained; a flipped byte in it is refused by
+    name; other settings are another run that nothing shipped matches."""
+    from retrieval_lib import models
+    from retrieval_lib.settings import CheckpointError, saved_folder
+
+    def prepared(home):
+        write_bge_m3_data(home / "bge-m3-data")
+        write_minimind_v1(home / "minimind-v1-small")
+        monkeypatch.setenv("RETRIEVAL_HOME", str(home))
+        exp = config.with_overrides(config.get_experiment("minimind27_10k", "full"),
+                                    model_path=str(home / "minimind-v1-small"),
+                                    data_dir=str(home / "bge-m3-data"))
+        exp = replace(exp, data=replace(exp.data, val_size=8, test_size=10,
+                                        subset_sizes={"10k": 20, "96k": 40, "288k": 42}))
+        splits = data.prepare_data(exp.data)
+        return exp, splits, models.resolve_base_model(exp.model.base_model)[0]
+
+    cfg = _stage_cfg(heldout_fraction=0.3)
+    exp, splits, source = prepared(tmp_path / "a")
+    folder, trained = stage1.run_stage(exp, "retromae", source, splits, cfg, show_progress=False)
+    shipped = tmp_path / "demo_stage1" / folder.name
+    shipped.mkdir(parents=True)
+    for part in stage1.SHIPPED_PARTS:
+        copy = shutil.copytree if (folder / part).is_dir() else shutil.copy2
+        copy(folder / part, shipped / part)
+    saved_folder.write_checksums(shipped)
+    monkeypatch.setattr(stage1, "SHIPPED_STAGE1", tmp_path / "demo_stage1")
+    monkeypatch.setattr(stage1, "train_retromae", None)  # nothing may be trained from here on
+    exp_b, splits_b, source_b = prepared(tmp_path / "b")
+    assert source_b != source
+    folder_b, copied = stage1.run_stage(exp_b, "retromae", source_b, splits_b, cfg,
+                                        show_progress=False)
+    assert folder_b.name == folder.name and folder_b != folder
+    assert copied == {**json.loads(json.dumps(trained)), "source": source_b,
+                      "shipped_from": f"demo_stage1/{folder.name}"}
+    assert (folder_b / "encoder" / "model.safetensors").read_bytes() == (
+        folder / "encoder" / "model.safetensors").read_bytes()
+    weights = shipped / "encoder" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    shutil.rmtree(folder_b)
+    with pytest.raises(CheckpointError, match=r"encoder/model.safetensors: checksum differs"):
+        stage1.run_stage(exp_b, "retromae", source_b, splits_b, cfg, show_progress=False)
+    with pytest.raises(TypeError):  # other settings: not shipped, so it would train
+        stage1.run_stage(exp_b, "retromae", source_b, splits_b, _stage_cfg(retromae_steps=4),
+                         show_progress=False)
 
 def test_the_stage1_plan_counts_what_retromae_holds_by_hand(monkeypatch):
     """A Llama of width 32 (4 heads, 2 key/value heads, MLP 48, vocabulary 40, one block):

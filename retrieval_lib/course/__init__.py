@@ -22,7 +22,8 @@ from .inputs import (
     with_prepared_records
 )
 from .stage1 import (
-    check_stages, ensure_stages, run_stage, stage_folder, stage_texts
+    check_stages, ensure_stages, run_stage, SHIPPED_PARTS, SHIPPED_STAGE1, stage_folder,
+    stage_texts
 )
 from .experiment import (
     describe, ensure_run, fit_to_device, prepare_base_model, repeat_command, result_summary,
@@ -72,5 +73,6 @@ __all__ = [
     "OVERRIDES", "SUBSETS", "list_parameter", "start_experiments", "start_expansion",
     "distinct_subsets",
     "notebook_paths", "run_notebook", "chapters_dir", "render_chapter",
-    "check_stages", "stage_texts", "stage_folder", "run_stage", "ensure_stages"
+    "check_stages", "stage_texts", "stage_folder", "SHIPPED_STAGE1", "SHIPPED_PARTS",
+    "run_stage", "ensure_stages"
 ]

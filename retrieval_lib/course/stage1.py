@@ -31,10 +31,12 @@ from ..data.pairs import mine_pairs, unlabeled_texts
 from ..data.splits import Splits
 from ..data.tokenizer import load_pretrained_tokenizer
 from ..models.base import HEAD_FILE, load_encoder
+from ..models.minimind import TOKENIZER_FILES
 from ..models.retriever import DualTowerRetriever
 from ..results.runs import runs_root
 from ..settings.checkpoint import file_sha256
 from ..settings.config import (
+    CHECKOUT,
     PRETRAINING_STAGES,
     ExperimentConfig,
     Stage1Config,
@@ -50,7 +52,8 @@ from ..training.collator import set_seed
 from ..training.loop import train_retriever
 from ..training.stage1 import ENCODER_FILES, train_retromae
 
-__all__ = ["check_stages", "stage_texts", "stage_folder", "run_stage", "ensure_stages"]
+__all__ = ["check_stages", "stage_texts", "stage_folder", "SHIPPED_STAGE1", "SHIPPED_PARTS",
+           "run_stage", "ensure_stages"]
 
 
 def check_stages(stages) -> tuple[str, ...]:
@@ -82,15 +85,17 @@ def stage_texts(splits: Splits, cfg: Stage1Config) -> tuple[list[dict], list[dic
 
 
 def _weights_digest(folder: str) -> str:
-    """SHA-256 of a local model folder's config and weights (its ``checksums.json`` when it
-    has one), or the hub id itself."""
+    """SHA-256 of what a stage reads from a local model folder: its config, weights and
+    tokenizer files, by content (not the records of where it came from, such as a conversion's
+    source path, so the same weights on another machine have the same digest); a hub id is
+    its own digest."""
     path = Path(folder)
     if not path.is_dir():
         return folder
     h = hashlib.sha256()
-    files = [path / "checksums.json"] if (path / "checksums.json").exists() else sorted(
-        p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
-    for file in files:
+    for file in sorted(p for p in path.iterdir() if p.is_file() and (
+            p.name == "config.json" or p.suffix in (".safetensors", ".bin")
+            or p.name in TOKENIZER_FILES)):
         h.update(file.name.encode() + file_sha256(file).encode())
     return h.hexdigest()
 
@@ -117,7 +122,7 @@ def stage_folder(exp: ExperimentConfig, stage: str, source: str, splits: Splits,
     (:func:`stage_texts`), the model's retrieval settings and the stage's own settings."""
     m = exp.model
     train, heldout, _ = stage_texts(splits, cfg)
-    inputs = {"stage": stage, "source": source, "source_digest": _weights_digest(source),
+    inputs = {"stage": stage, "source_digest": _weights_digest(source),
               "data_fingerprint": splits.manifest["fingerprint"],
               "texts_digest": _texts_digest(train, heldout),
               "model": {"architecture": m.architecture, "pooling": m.pooling,
@@ -127,7 +132,33 @@ def stage_folder(exp: ExperimentConfig, stage: str, source: str, splits: Splits,
               "settings": _stage_settings(stage, cfg)}
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=list).encode())
     label = f"{m.architecture}-{m.hidden_size}x{m.num_hidden_layers}-{stage}"
-    return runs_root(exp.preset) / "stage1" / f"{label}-{digest.hexdigest()[:10]}", inputs
+    # where the upstream weights lie is recorded, not digested: the same run on another
+    # machine (or a shipped one) has the same name
+    return (runs_root(exp.preset) / "stage1" / f"{label}-{digest.hexdigest()[:10]}",
+            {**inputs, "source": source})
+
+
+#: The demo's stage-1 runs, trained once by ``demo_stage1/build.py`` and shipped with the
+#: repository, by run folder name (their ``config.json``, ``history.json`` and ``encoder/``).
+SHIPPED_STAGE1 = CHECKOUT / "demo_stage1"
+SHIPPED_PARTS = ("config.json", "history.json", "encoder")
+
+
+def _copy_shipped(folder: Path, source: str) -> dict | None:
+    """The shipped run of ``folder``'s name (the same digest: every input the same) copied into
+    ``folder`` after checking its checksums, and its config; None when none is shipped."""
+    shipped = SHIPPED_STAGE1 / folder.name
+    if not (shipped / "config.json").exists():
+        return None
+    verify_checksums(shipped)
+    config = {**json.loads((shipped / "config.json").read_text(encoding="utf-8")),
+              "source": source, "shipped_from": f"demo_stage1/{folder.name}"}
+    with atomic_folder(folder, owns=("config.json",), overwrite=True) as tmp:
+        shutil.copy2(shipped / "history.json", tmp / "history.json")
+        shutil.copytree(shipped / "encoder", tmp / "encoder")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False),
+                                         encoding="utf-8")
+    return config
 
 
 def _contrastive(exp: ExperimentConfig, source: str, train: list[dict], heldout: list[dict],
@@ -171,6 +202,11 @@ def run_stage(exp: ExperimentConfig, stage: str, source: str, splits: Splits,
         verify_checksums(folder / "encoder")
         print(f"{stage}: reusing {folder}")
         return folder, json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    shipped = _copy_shipped(folder, source)
+    if shipped is not None:
+        print(f"{stage}: copied the shipped run {shipped['shipped_from']} (trained once with "
+              f"these exact inputs)")
+        return folder, shipped
     folder.mkdir(parents=True, exist_ok=True)
     train, heldout, texts = stage_texts(splits, cfg)
     if stage == "retromae":

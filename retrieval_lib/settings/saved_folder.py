@@ -112,7 +112,7 @@ def write_checksums(folder: str | os.PathLike) -> Path:
     """Record the size and SHA-256 of every file under ``folder`` in ``CHECKSUMS``."""
     folder = Path(folder)
     files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / CHECKSUMS):
         _fsync(path)
         files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size,
                                                       "sha256": file_sha256(path)}
