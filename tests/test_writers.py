@@ -210,3 +210,14 @@ def test_a_file_the_checksums_do_not_list_is_refused_by_name(tok, tmp_path):
                              r"\(encoder/extra.safetensors\)"):
         DualTowerRetriever.load(tmp_path / "r")
 
+
+
+def test_on_windows_a_process_is_never_probed_with_os_kill(monkeypatch):
+    """os.kill(pid, 0) sends CTRL_C_EVENT on Windows: the liveness probe asks the kernel there
+    instead (OpenProcess), and never calls os.kill."""
+    calls = []
+    monkeypatch.setattr(os, "name", "nt")
+    monkeypatch.setattr(os, "kill", lambda *a: calls.append(a))
+    monkeypatch.setattr(runlock, "_windows_pid_alive", lambda pid: pid == 42)
+    assert runlock.pid_alive(42) and not runlock.pid_alive(43)
+    assert calls == []

@@ -70,6 +70,8 @@ def pid_alive(pid: int, start_ticks: str | None = None) -> bool:
     process that started then, not a later one that re-uses its id)."""
     if pid <= 0:
         return False
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there, not a probe
+        return _windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -80,6 +82,22 @@ def pid_alive(pid: int, start_ticks: str | None = None) -> bool:
         now = _start_ticks(pid)
         return now is None or now == start_ticks
     return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs, asked of the Windows kernel (OpenProcess and its exit
+    code, STILL_ACTIVE while it runs)."""
+    import ctypes
+
+    kernel = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = kernel.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # access denied: it exists
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259
+    finally:
+        kernel.CloseHandle(handle)
 
 
 def leftover_pid(name: str) -> int | None:
