@@ -48,9 +48,11 @@ def test_training_learns_and_keeps_the_best_epoch(tok, tmp_path):
     assert after == pytest.approx(best["val_ndcg@10"], abs=1e-6)
     on_disk = json.loads((tmp_path / "history.json").read_text())
     assert on_disk["best_epoch"] == history["best_epoch"] and (tmp_path / "train.log").exists()
-    lrs = [s["lr"] for s in history["steps"]]  # linear warm-up (10%) then linear decay to 0
-    peak = lrs.index(max(lrs))
-    assert peak <= 0.1 * len(lrs) + 1 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    # linear warm-up over ceil(10% of 48) = 5 steps, then linear decay to 0: after step s the
+    # rate is 3e-3 · s/5 for s < 5, else 3e-3 · (48 - s)/43
+    lrs = [s["lr"] for s in history["steps"]]
+    expected = [3e-3 * (s / 5 if s < 5 else (48 - s) / 43) for s in range(1, 49)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
 
 
 def test_early_stopping_and_seeded_reproducibility(tok, tmp_path):
