@@ -145,3 +145,19 @@ def test_gradients_through_the_retrievers_normalisation_equal_autograd(tok):
     torch.testing.assert_close(analytic_p, outputs["passage"].grad, atol=1e-10, rtol=0)
     # the normalisation removes the radial part: each gradient is orthogonal to its vector
     assert (analytic_q * outputs["query"].detach()).sum(-1).abs().max() < 1e-12
+
+
+def test_half_precision_scores_are_divided_and_softmaxed_in_float32():
+    """Under autocast the embeddings and their dot products are bf16 or fp16; the loss divides
+    by τ and takes the softmax in float32 (bf16 keeps 8 bits of mantissa: at τ = 0.05 a score
+    moves by up to 0.08 in logit units when rounded after the division)."""
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    p = F.normalize(torch.randn(12, 16, generator=g), dim=-1)
+    for half in (torch.bfloat16, torch.float16):
+        qh, ph = q.to(half), p.to(half)
+        loss = losses.info_nce(qh, ph, 0.05)
+        assert loss.dtype == torch.float32
+        scores = (qh @ ph.T).float() / 0.05  # the half product, upcast before the division
+        expected = F.cross_entropy(scores, losses.positive_columns(6, 12))
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
