@@ -221,3 +221,17 @@ def test_on_windows_a_process_is_never_probed_with_os_kill(monkeypatch):
     monkeypatch.setattr(runlock, "_windows_pid_alive", lambda pid: pid == 42)
     assert runlock.pid_alive(42) and not runlock.pid_alive(43)
     assert calls == []
+
+
+def test_a_save_cancelled_with_ctrl_c_leaves_the_previous_folder_and_nothing_else(tmp_path):
+    """Ctrl-C in a notebook raises KeyboardInterrupt, which is not an Exception: the unfinished
+    folder must still be removed and the previous save kept."""
+    target = tmp_path / "best"
+    with saved_folder.atomic_folder(target, owns=("weights",)) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(KeyboardInterrupt):
+        with saved_folder.atomic_folder(target, owns=("weights",)) as tmp:
+            (tmp / "weights").write_text("half of v2")
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert (target / "weights").read_text() == "v1"
