@@ -481,3 +481,37 @@ def test_the_plan_a_notebook_prints_names_the_stages_before_they_run(capsys):
     assert all(name in printed for name in table.index)  # the stage-1 table, per GPU
     expansion.show_plan(config.get_experiment("minimind27_10k", "demo"), train_records=100)
     assert "第一阶段" not in capsys.readouterr().out  # an experiment without stages
+
+
+def test_the_shipped_demo_stage_runs_are_todays(tmp_path, monkeypatch):
+    """Each demo shape's 1a → 1b chain, as an experiment would name it today (default demo
+    settings, the shipped demo LM, the demo data), is in demo_stage1/ with checksums that hold,
+    and every shipped run is one of them. When this fails, the data, the LMs or the stage
+    settings changed: rebuild with demo_stage1/build.py."""
+    import importlib.util
+
+    from retrieval_lib.settings import saved_folder
+
+    monkeypatch.setenv("RETRIEVAL_HOME", str(tmp_path))
+    spec = importlib.util.spec_from_file_location(
+        "build", stage1.SHIPPED_STAGE1 / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    cfg = config.get_stage1_config("demo")
+    expected = set()
+    for name in build.SHAPES:
+        exp = config.get_experiment(name, "demo")
+        splits = data.prepare_data(exp.data)
+        ready, _ = experiment.prepare_base_model(exp, splits, show_progress=False)
+        source = ready.model.base_model
+        for stage in build.STAGES:
+            folder, _ = stage1.stage_folder(exp, stage, source, splits, cfg)
+            shipped = stage1.SHIPPED_STAGE1 / folder.name
+            assert (shipped / "config.json").exists(), f"{name}: {folder.name} is not shipped"
+            assert saved_folder.verify_checksums(shipped)
+            expected.add(folder.name)
+            source = str(shipped / "encoder")
+    shipped = {p.name for p in stage1.SHIPPED_STAGE1.iterdir() if p.is_dir()} - {"__pycache__"}
+    assert shipped == expected
+    manifest = json.loads((stage1.SHIPPED_STAGE1 / "MANIFEST.json").read_text(encoding="utf-8"))
+    assert {r["folder"] for r in manifest["runs"]} == expected
