@@ -1,6 +1,7 @@
 """Train the demo's stage-1 runs once and ship them in this folder.
 
-    .venv/bin/python demo_stage1/build.py                   # about 45 minutes on 2 CPU cores
+    .venv/bin/python demo_stage1/build.py                   # half an hour on 2 CPU cores
+                                                            # (MANIFEST.json: each run's time)
     .venv/bin/python demo_stage1/build.py minimind27_10k    # one base-model shape
 
 For each demo base-model shape (the MiniMind-27M, MiniMind-108M and Qwen2-0.5B twins, from the

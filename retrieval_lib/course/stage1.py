@@ -33,7 +33,7 @@ from ..data.tokenizer import load_pretrained_tokenizer
 from ..models.base import HEAD_FILE, load_encoder
 from ..models.minimind import TOKENIZER_FILES
 from ..models.retriever import DualTowerRetriever
-from ..results.runs import runs_root
+from ..results.runs import runs_root, write_json_files
 from ..settings.checkpoint import file_sha256
 from ..settings.config import (
     CHECKOUT,
@@ -116,12 +116,13 @@ def _texts_digest(*parts: list[dict]) -> str:
 
 
 def stage_folder(exp: ExperimentConfig, stage: str, source: str, splits: Splits,
-                 cfg: Stage1Config) -> tuple[Path, dict]:
+                 cfg: Stage1Config, texts: tuple | None = None) -> tuple[Path, dict]:
     """The run folder of ``stage`` on top of ``source`` for ``exp``'s model, and the inputs its
     name digests: the upstream weights, the data and the very texts the stage reads
-    (:func:`stage_texts`), the model's retrieval settings and the stage's own settings."""
+    (:func:`stage_texts`, or ``texts`` when the caller has them), the model's retrieval
+    settings and the stage's own settings."""
     m = exp.model
-    train, heldout, _ = stage_texts(splits, cfg)
+    train, heldout, _ = texts or stage_texts(splits, cfg)
     inputs = {"stage": stage, "source_digest": _weights_digest(source),
               "data_fingerprint": splits.manifest["fingerprint"],
               "texts_digest": _texts_digest(train, heldout),
@@ -196,7 +197,8 @@ def run_stage(exp: ExperimentConfig, stage: str, source: str, splits: Splits,
     inputs is there, else trained, continuing its checkpoints with ``resume``) and its
     ``config.json``."""
     cfg = cfg or get_stage1_config(exp.preset)
-    folder, inputs = stage_folder(exp, stage, source, splits, cfg)
+    train, heldout, texts = read = stage_texts(splits, cfg)
+    folder, inputs = stage_folder(exp, stage, source, splits, cfg, read)
     restore_interrupted(folder / "encoder")  # a save killed between its two renames
     if (folder / "config.json").exists() and (folder / "encoder").is_dir():
         verify_checksums(folder / "encoder")
@@ -208,7 +210,6 @@ def run_stage(exp: ExperimentConfig, stage: str, source: str, splits: Splits,
               f"these exact inputs)")
         return folder, shipped
     folder.mkdir(parents=True, exist_ok=True)
-    train, heldout, texts = stage_texts(splits, cfg)
     if stage == "retromae":
         encoder = load_encoder(source)
         tokenizer = load_pretrained_tokenizer(source)
@@ -223,8 +224,7 @@ def run_stage(exp: ExperimentConfig, stage: str, source: str, splits: Splits,
     else:
         report = _contrastive(exp, source, train, heldout, cfg, folder, resume, show_progress)
     config = {**inputs, "texts": texts, **report}
-    (folder / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False),
-                                        encoding="utf-8")
+    write_json_files(folder, {"config.json": config})  # written last, whole: the run is done
     return folder, config
 
 
