@@ -111,15 +111,18 @@ def normalise_text(text: str) -> str:
     >>> normalise_text("ＧＤＰ增长了多少？") == normalise_text("GDP增长了多少?")
     True
     """
-    return re.sub(r"\s+", " ", _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))).strip()
+    return _collapsed(unicodedata.normalize("NFKC", text))
+
+
+def _collapsed(text: str) -> str:
+    """Invisible characters removed, whitespace runs collapsed to one space, ends stripped."""
+    return re.sub(r"\s+", " ", _INVISIBLE.sub("", text)).strip()
 
 
 def width_forms_differ(a: str, b: str) -> bool:
     """Whether two texts that :func:`normalise_text` makes equal differ by more than
     whitespace and invisible characters (a full-width / half-width merge, counted as such)."""
-    def loose(text: str) -> str:
-        return re.sub(r"\s+", " ", _INVISIBLE.sub("", text)).strip()
-    return loose(a) != loose(b)
+    return _collapsed(a) != _collapsed(b)
 
 
 #: Longest text kept, in characters; longer ones are cut and counted (``text_truncated``).

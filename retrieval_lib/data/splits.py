@@ -326,9 +326,9 @@ def _read_sources(cfg: DataConfig) -> tuple[list[dict], dict, dict]:
             reports, extra = {}, {"data_dir": str(cfg.data_dir or cfg.hub_repo)}
             records = list(load_bge_m3_zh(cfg, reports))
         after = source_files_state(cfg)
-        changed = sorted(name for name in set(before or {}) | set(after or {})
-                         if (before or {}).get(name) != (after or {}).get(name)) \
-            if before is not None else []  # None: downloaded by this very read
+        now = after or {}
+        changed = [] if before is None else sorted(  # None: downloaded by this very read
+            name for name in set(before) | set(now) if before.get(name) != now.get(name))
         if not changed:
             extra["source_files"] = after
             return records, reports, extra
