@@ -129,12 +129,12 @@ def llama_config(config: dict, fmt: str, source: str = "config.json"):
                               f"have no Llama equivalent; use a dense MiniMind checkpoint")
     common = dict(hidden_act="silu", tie_word_embeddings=True, attention_bias=False,
                   mlp_bias=False, bos_token_id=1, eos_token_id=2)
-    if fmt in SHAPE_FIELDS_BY_FORMAT:
-        defaults = _V1_DEFAULTS if fmt == MINIMIND_V1 else _V2_DEFAULTS
-        check_shape({**defaults, **{k: v for k, v in config.items() if v is not None}},
-                    SHAPE_FIELDS_BY_FORMAT[fmt], source)
+    if fmt not in SHAPE_FIELDS_BY_FORMAT:
+        raise ValueError(f"unknown MiniMind format {fmt!r}")
+    c = {**(_V1_DEFAULTS if fmt == MINIMIND_V1 else _V2_DEFAULTS),
+         **{k: v for k, v in config.items() if v is not None}}
+    check_shape(c, SHAPE_FIELDS_BY_FORMAT[fmt], source)  # before anything is built
     if fmt == MINIMIND_V1:
-        c = {**_V1_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
         return LlamaConfig(
             vocab_size=c["vocab_size"], hidden_size=c["dim"], num_hidden_layers=c["n_layers"],
             num_attention_heads=c["n_heads"],
@@ -143,20 +143,17 @@ def llama_config(config: dict, fmt: str, source: str = "config.json"):
                                                     c["multiple_of"]),
             rms_norm_eps=c["norm_eps"], rope_theta=c.get("rope_theta", V1_ROPE_THETA),
             max_position_embeddings=c["max_seq_len"], **common)
-    if fmt == MINIMIND2:
-        c = {**_V2_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
-        if c.get("rope_scaling") or c.get("inference_rope_scaling"):
-            raise ConversionError(f"{source}: YaRN rope scaling is set; convert a checkpoint "
-                                  f"without inference_rope_scaling")
-        size = c.get("intermediate_size") or 64 * ((int(c["hidden_size"] * 8 / 3) + 63) // 64)
-        return LlamaConfig(
-            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-            num_hidden_layers=c["num_hidden_layers"],
-            num_attention_heads=c["num_attention_heads"],
-            num_key_value_heads=c["num_key_value_heads"], intermediate_size=size,
-            rms_norm_eps=c["rms_norm_eps"], rope_theta=c["rope_theta"],
-            max_position_embeddings=c["max_position_embeddings"], **common)
-    raise ValueError(f"unknown MiniMind format {fmt!r}")
+    if c.get("rope_scaling") or c.get("inference_rope_scaling"):  # MiniMind2's YaRN
+        raise ConversionError(f"{source}: YaRN rope scaling is set; convert a checkpoint "
+                              f"without inference_rope_scaling")
+    size = c.get("intermediate_size") or 64 * ((int(c["hidden_size"] * 8 / 3) + 63) // 64)
+    return LlamaConfig(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+        num_hidden_layers=c["num_hidden_layers"],
+        num_attention_heads=c["num_attention_heads"],
+        num_key_value_heads=c["num_key_value_heads"], intermediate_size=size,
+        rms_norm_eps=c["rms_norm_eps"], rope_theta=c["rope_theta"],
+        max_position_embeddings=c["max_position_embeddings"], **common)
 
 
 def rope_theta_of(config) -> float:
