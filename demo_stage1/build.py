@@ -1,19 +1,22 @@
 """Train the demo's stage-1 runs once and ship them in this folder.
 
-    .venv/bin/python demo_stage1/build.py                   # half an hour on 2 CPU cores
+    .venv/bin/python demo_stage1/build.py                   # about 45 minutes on 2 CPU cores
                                                             # (MANIFEST.json: each run's time)
-    .venv/bin/python demo_stage1/build.py minimind27_10k    # one base-model shape
+    .venv/bin/python demo_stage1/build.py minimind27_10k    # some chains, by their CHAINS key
 
-For each demo base-model shape (the MiniMind-27M, MiniMind-108M and Qwen2-0.5B twins, from the
-LMs shipped in ``demo_models/``), both stages of ``retrieval_lib.course.stage1`` run in a fresh
-project home exactly as an experiment with ``pretraining_stages=("retromae", "contrastive")``
-runs them on a cache miss: RetroMAE on the LM, then the contrastive stage on its encoder. Each
-run's ``config.json``, ``history.json`` and ``encoder/`` are copied here under the run's folder
-name (the stage, the shape and a digest of every input: the upstream weights, the data, the
-texts, the model's retrieval settings and the stage's settings), with ``checksums.json``.
-``MANIFEST.json`` records the command and, per run, its inputs and seconds.
-``run_stage`` copies a shipped run instead of training when, and only when, its folder name,
-so every input, is the same. The stage recipes then cost ``make demo`` nothing.
+Every stage chain the demo notebooks run (:data:`CHAINS`): for each demo base-model shape (the
+MiniMind-27M, MiniMind-108M and Qwen2-0.5B twins, from the LMs shipped in ``demo_models/``)
+the demo's default, RetroMAE on the LM and then the contrastive stage on its encoder; the
+contrastive stage alone on the LM for the two MiniMind twins (the stage chapter's ablation);
+and the 27M chain again with last-token pooling (``03_beyond_the_report``'s pooling options:
+both stages depend on the pooling). Each runs in a fresh project home exactly as an experiment
+with those ``pretraining_stages`` runs it on a cache miss. Each run's ``config.json``,
+``history.json`` and ``encoder/`` are copied here under the run's folder name (the stage, the
+shape and a digest of every input: the upstream weights, the data, the texts, the model's
+retrieval settings and the stage's settings), with ``checksums.json``. ``MANIFEST.json``
+records the command and, per run, its inputs and seconds. ``run_stage`` copies a shipped run
+instead of training when, and only when, its folder name, so every input, is the same. The
+stage recipes then cost ``make demo`` nothing.
 """
 
 from __future__ import annotations
@@ -30,13 +33,28 @@ from retrieval_lib.course import experiment, stage1
 from retrieval_lib.settings import config, saved_folder
 
 HERE = Path(__file__).resolve().parent
-#: One experiment per demo base-model shape.
-SHAPES = ("minimind27_10k", "minimind108_10k", "qwen2_494_288k")
 STAGES = ("retromae", "contrastive")
+#: key -> (the experiment whose demo model the chain starts from, its stages, model settings
+#: that differ from the experiment's)
+CHAINS: dict[str, tuple[str, tuple[str, ...], dict]] = {
+    "minimind27_10k": ("minimind27_10k", STAGES, {}),
+    "minimind108_10k": ("minimind108_10k", STAGES, {}),
+    "qwen2_494_288k": ("qwen2_494_288k", STAGES, {}),
+    "minimind27_10k-contrastive": ("minimind27_10k", ("contrastive",), {}),
+    "minimind108_10k-contrastive": ("minimind108_10k", ("contrastive",), {}),
+    "minimind27_10k-last": ("minimind27_10k", STAGES, {"pooling": "last_token"}),
+}
+
+
+def chain_experiment(key: str) -> config.ExperimentConfig:
+    """The demo experiment whose stages chain ``key`` is."""
+    name, stages, model = CHAINS[key]
+    return config.variant(config.get_experiment(name, "demo"), "stage1",
+                          pretraining_stages=stages, **model)
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = tuple(argv) if argv else SHAPES
+    names = tuple(argv) if argv else tuple(CHAINS)
     manifest = HERE / "MANIFEST.json"
     entries = {e["folder"]: e for e in json.loads(manifest.read_text(encoding="utf-8"))["runs"]
                } if manifest.exists() and argv else {}
@@ -45,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         config.set_project_home(home)
         stage1.SHIPPED_STAGE1 = Path(home) / "none"  # train afresh, never copy
         for name in names:
-            exp = config.with_overrides(config.get_experiment(name, "demo"),
-                                        pretraining_stages="+".join(STAGES))
+            exp = chain_experiment(name)
             splits = data.prepare_data(exp.data)
             start = time.perf_counter()
             _, info = experiment.prepare_base_model(exp, splits)
