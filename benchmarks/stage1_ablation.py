@@ -36,20 +36,16 @@ RESULTS = Path(__file__).with_name("stage1_ablation.json")
 DOC = ROOT / "docs" / "stage1.md"  # the page whose table this rewrites
 TABLE_START, TABLE_END = ("<!-- stage 1 ablation table: start -->",
                           "<!-- stage 1 ablation table: end -->")
+README = ROOT / "README.md"  # and the short form of it, one row per twin
+SUMMARY_START, SUMMARY_END = ("<!-- stage 1 summary: start -->", "<!-- stage 1 summary: end -->")
 
-#: recipe -> (pretraining stages, in Chinese for the table)
-RECIPES = {
-    "lm": ((), "LM → 微调（现行做法）"),
-    "retromae": (("retromae",), "LM → 1a RetroMAE → 微调"),
-    "retromae_contrastive": (("retromae", "contrastive"), "LM → 1a → 1b 无监督对比 → 微调"),
-    "contrastive": (("contrastive",), "LM → 1b 无监督对比 → 微调"),
-}
 MODELS = ("minimind27_10k", "minimind108_10k")
 
 
 def run(smoke: bool, home: Path, models=MODELS) -> dict:
     from retrieval_lib import data, evaluation
     from retrieval_lib.course import experiment
+    from retrieval_lib.course.stage_study import STAGE_RECIPES
     from retrieval_lib.models import DualTowerRetriever, PretrainConfig
     from retrieval_lib.results import baselines
     from retrieval_lib.results.runs import git_commit
@@ -72,7 +68,7 @@ def run(smoke: bool, home: Path, models=MODELS) -> dict:
         bm25 = baselines.evaluate_bm25(splits.test)["aggregate"]["ndcg@5"]["mean"]
         out["stage1"] = json.loads(json.dumps(config.get_stage1_config("demo").__dict__))
         rows, per_query = {}, {}
-        for key, (stages, what) in RECIPES.items():
+        for key, (stages, what) in STAGE_RECIPES.items():
             exp = config.variant(base, key, pretraining_stages=stages)
             start = time.perf_counter()
             exp, info = experiment.prepare_base_model(
@@ -152,6 +148,20 @@ def render_table(saved: dict) -> str:
     return "\n".join(lines + ["", _verdict(saved)])
 
 
+def render_summary(saved: dict) -> str:
+    """The README's short form of the ablation: test NDCG@5 per twin and recipe, with the
+    paired difference to LM -> fine-tuning, from ``stage1_ablation.json``."""
+    first = next(iter(saved["models"].values()))["recipes"]
+    lines = ["| twin (test NDCG@5) | " + " | ".join(r["what"] for r in first.values())
+             + " | BM25 |", "| --- " * (len(first) + 2) + "|"]
+    for name, model in saved["models"].items():
+        cells = [f"{r['test_ndcg@5']:.3f}" + (f", Δ {_p(r['test_vs_lm'])}" if "test_vs_lm" in r
+                                              else "") for r in model["recipes"].values()]
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {model['bm25_test_ndcg@5']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a sliver of one twin, not saved")
@@ -162,6 +172,10 @@ def main(argv=None) -> int:
 
     print(render_table(out))
     save_benchmark(out, RESULTS, DOC, TABLE_START, TABLE_END, render_table(out))
+    if not out["smoke"]:
+        from retrieval_lib.results.tables import write_between_markers
+
+        write_between_markers(README, SUMMARY_START, SUMMARY_END, render_summary(out))
     return 0
 
 

@@ -55,7 +55,8 @@ MODULES = (
     "serving.export", "serving.onnx_runtime", "serving.index",
     "course.plotting", "course.result_plots", "course.inputs", "course.stage1",
     "course.experiment",
-    "course.expansion", "course.ablation", "course.beyond", "course.start", "course.notebooks",
+    "course.expansion", "course.ablation", "course.beyond", "course.stage_study", "course.start",
+    "course.notebooks",
 )
 
 __all__ = ["MOVED", "MODULES", "PACKAGES", "__version__"]

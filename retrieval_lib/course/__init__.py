@@ -3,7 +3,7 @@ notebooks show, and running the notebooks.
 
 Modules, each importing only those before it: ``plotting``, ``result_plots``, ``inputs``,
 ``stage1``, ``experiment``,
-``expansion``, ``ablation``, ``beyond``, ``start``, ``notebooks``.
+``expansion``, ``ablation``, ``beyond``, ``stage_study``, ``start``, ``notebooks``.
 """
 
 from .plotting import (
@@ -15,7 +15,7 @@ from .plotting import (
 from .result_plots import (
     plot_efficiency_frontier, plot_memory_plan, plot_metric_bars, plot_metric_panels,
     plot_metrics_vs_data_size, plot_per_query_distributions, plot_training_curves,
-    plot_unfreeze_schedule, run_styles, unfreeze_epochs
+    plot_stage_curves, plot_unfreeze_schedule, run_styles, unfreeze_epochs
 )
 from .inputs import (
     check_full_inputs, MissingInputsError, realised, with_checkpoint_shape,
@@ -42,6 +42,9 @@ from .beyond import (
     AGGREGATION_LABELS, OPTION_LABELS, OPTIONS_EXPERIMENT, QUERY_INSTRUCTION, RERANK_LABELS,
     SERVING_LABELS, WINDOWED_LABEL, aggregation_study, option_comparisons, option_systems,
     option_variants, rerank_study, reranker_folder, serving_study, windowed_variant
+)
+from .stage_study import (
+    STAGE_RECIPES, recipe_variants, run_stage_study, stage_study_rows, stage_study_sentences
 )
 from .start import (
     OVERRIDES, SUBSETS, distinct_subsets, list_parameter, start_expansion, start_experiments
@@ -74,5 +77,6 @@ __all__ = [
     "distinct_subsets",
     "notebook_paths", "run_notebook", "chapters_dir", "render_chapter",
     "check_stages", "stage_texts", "stage_folder", "SHIPPED_STAGE1", "SHIPPED_PARTS",
-    "run_stage", "ensure_stages"
+    "run_stage", "ensure_stages", "plot_stage_curves", "STAGE_RECIPES", "recipe_variants",
+    "run_stage_study", "stage_study_rows", "stage_study_sentences"
 ]

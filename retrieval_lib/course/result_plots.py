@@ -12,7 +12,7 @@ from .plotting import log_x_axis, moving_average, setup_cjk_font
 
 __all__ = ["run_styles", "plot_training_curves", "plot_metric_bars", "plot_metrics_vs_data_size",
            "unfreeze_epochs", "plot_unfreeze_schedule", "plot_memory_plan", "plot_metric_panels",
-           "plot_efficiency_frontier", "plot_per_query_distributions"]
+           "plot_efficiency_frontier", "plot_per_query_distributions", "plot_stage_curves"]
 
 
 def unfreeze_epochs(history: Mapping) -> list[int]:
@@ -92,6 +92,53 @@ def plot_training_curves(histories: Mapping[str, Mapping], title: str | None = N
     ax2.set_title("验证集 NDCG@10（实线）与 Recall@10（虚线），圆圈为最佳轮次")
     fig.legend(*ax1.get_legend_handles_labels(), loc="outside lower center", ncol=columns,
                fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_stage_curves(stages: Mapping[str, Mapping], title: str | None = None):
+    """Stage 1's curves from its runs' ``history.json`` (``stages``: stage name -> history):
+    RetroMAE's encoder and decoder reconstruction losses per step (moving average) with the
+    held-out losses, and the contrastive stage's InfoNCE loss per step with the held-out pairs'
+    NDCG@10 per epoch."""
+    import matplotlib.pyplot as plt
+
+    setup_cjk_font()
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False,
+                             layout="constrained")
+    for ax, (stage, history) in zip(axes[0], stages.items(), strict=True):
+        if stage == "retromae":
+            steps = np.array(history["steps"], dtype=float)  # [step, encoder, decoder]
+            window = max(1, len(steps) // 30)
+            for column, label, color in ((1, "编码器 MLM", "C0"), (2, "解码器重建", "C1")):
+                ax.plot(steps[window - 1:, 0], moving_average(steps[:, column], window),
+                        color=color, label=f"{label}（训练）")
+                held = [(s, h[f"{'encoder' if column == 1 else 'decoder'}_loss"])
+                        for s, h in history["heldout"]]
+                ax.plot(*zip(*held, strict=True), "o--", color=color, label=f"{label}（留出）")
+            ax.axvline(history["best_step"], color="grey", linestyle=":")
+            ax.set_title("1a RetroMAE：交叉熵（点线：保留的步）")
+            ax.set_ylabel("交叉熵")
+        else:
+            losses = [s["loss"] for s in history["steps"]]
+            window = max(1, len(losses) // 30)
+            ax.plot(np.arange(len(losses) - window + 1) + window,
+                    moving_average(losses, window), color="C2", label="InfoNCE（训练）")
+            ax.set_ylabel("InfoNCE 损失")
+            right = ax.twinx()
+            per_epoch = history["steps_per_epoch"]
+            right.plot([e["epoch"] * per_epoch for e in history["epochs"]],
+                       [e["val_ndcg@10"] for e in history["epochs"]], "s-", color="C3",
+                       label="留出对 NDCG@10")
+            right.set_ylabel("留出对 NDCG@10")
+            ax.legend(*(a + b for a, b in zip(ax.get_legend_handles_labels(),
+                                               right.get_legend_handles_labels(), strict=True)),
+                      fontsize=8)
+            ax.set_title("1b 无监督对比：训练损失与留出对上的检索")
+        ax.set_xlabel("训练步数")
+        if stage == "retromae":
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     return fig
