@@ -239,3 +239,14 @@ def test_the_stage1_table_is_rendered_from_the_saved_results():
     saved = json.loads((BENCHMARKS / "stage1_ablation.json").read_text(encoding="utf-8"))
     assert not saved["smoke"] and list(saved["models"]) == list(module.MODELS)
     assert _readme_block(module).strip() == module.render_table(saved).strip()
+    readme = module.README.read_text(encoding="utf-8")
+    summary = readme[readme.index(module.SUMMARY_START) + len(module.SUMMARY_START):
+                     readme.index(module.SUMMARY_END)]
+    assert summary.strip() == module.render_summary(saved).strip()
+    # one row per twin, its recipes' test NDCG@5 in the saved order, BM25's last
+    row = next(line for line in summary.splitlines() if line.startswith("| minimind108_10k"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    recipes = saved["models"]["minimind108_10k"]["recipes"]
+    assert [float(c.split(",")[0]) for c in cells[1:]] == [
+        round(r["test_ndcg@5"], 3) for r in recipes.values()] + [
+        round(saved["models"]["minimind108_10k"]["bm25_test_ndcg@5"], 3)]

@@ -17,10 +17,10 @@ ALL = notebooks.notebook_paths(NOTEBOOKS)
 
 def test_notebooks_come_in_course_order():
     assert [p.stem for p in ALL] == ["01_data_preprocessing", "02_loss_and_gradients",
-                                     "03_train_minimind27", "03_train_minimind38",
-                                     "03_train_minimind108", "03_train_minimind186",
-                                     "03_train_qwen2_613", "03_beyond_the_report",
-                                     "04_bge_m3_baseline",
+                                     "03_stage1_pretraining", "03_train_minimind27",
+                                     "03_train_minimind38", "03_train_minimind108",
+                                     "03_train_minimind186", "03_train_qwen2_613",
+                                     "03_beyond_the_report", "04_bge_m3_baseline",
                                      "05_results_and_plots"]
 
 
@@ -92,6 +92,37 @@ def _learned(run):
 def _run_folder_complete(run_dir):
     names = {p.name for p in Path(run_dir).iterdir()}
     assert {"config.json", "history.json", "metrics.json", "env.json", "best"} <= names
+
+
+def check_03_stage1_pretraining(summary, home):
+    # only training text: the validation and test articles and every query were left out,
+    # and what was left out is counted
+    texts = summary["texts"]
+    assert texts["kept"] == texts["train"] + texts["heldout"] and texts["held_out_articles"] >= 0
+    assert texts["passages"] == texts["kept"] + texts["held_out_articles"] + texts["queries"] \
+        + texts["repeats"], texts
+    # both stages copied from demo_stage1/ (their inputs are today's), 1b fed by 1a's encoder
+    first, second = summary["stage_runs"]
+    assert (first["stage"], second["stage"]) == ("retromae", "contrastive")
+    assert all(s["shipped_from"].startswith("demo_stage1/") for s in summary["stage_runs"])
+    assert second["source"] == str(Path(first["folder"]) / "encoder")
+    pairs = second["pairs"]
+    assert pairs["crop"]["pairs"] > 0 and pairs["ict"]["pairs"] > 0
+    assert pairs["title"] == {"pairs": 0, "no_title": texts["train"]}  # no titles in the demo
+    recipes = summary["recipes"]
+    assert list(recipes) == ["lm", "retromae", "retromae_contrastive", "contrastive"]
+    assert [r["stages"] for r in recipes.values()] == [
+        [], ["retromae"], ["retromae", "contrastive"], ["contrastive"]]
+    # the default recipe is the course's own run of the experiment, the others variants
+    assert Path(recipes["retromae_contrastive"]["run_dir"]).name == "minimind27_10k"
+    assert Path(recipes["lm"]["run_dir"]).name == "minimind27_10k-lm"
+    # what the saved ablation measured (benchmarks/stage1_ablation.py, same code and inputs):
+    # the course's runs reproduce its 27M numbers
+    saved = json.loads((Path(__file__).resolve().parents[1] / "benchmarks"
+                        / "stage1_ablation.json").read_text(encoding="utf-8"))
+    for key, row in saved["models"]["minimind27_10k"]["recipes"].items():
+        assert recipes[key]["test_ndcg@5"] == pytest.approx(row["test_ndcg@5"], abs=0.02), key
+    return ["recipe_metrics", "stage_curves"]
 
 
 def check_03_train_minimind27(summary, home):
@@ -319,6 +350,7 @@ def _png_title(path: Path) -> str:
 
 
 CHECKS = {"01_data_preprocessing": check_01, "02_loss_and_gradients": check_02,
+          "03_stage1_pretraining": check_03_stage1_pretraining,
           "03_train_minimind27": check_03_train_minimind27,
           "03_train_minimind38": check_03_train_minimind38,
           "03_train_minimind108": check_03_train_minimind108,

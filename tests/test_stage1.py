@@ -479,15 +479,16 @@ def test_the_plan_a_notebook_prints_names_the_stages_before_they_run(capsys):
         in printed
     assert "无监督对比约 800 对（估计）" in printed  # 100 texts · 4 pairs · crops and ICT
     assert all(name in printed for name in table.index)  # the stage-1 table, per GPU
-    expansion.show_plan(config.get_experiment("minimind27_10k", "demo"), train_records=100)
+    expansion.show_plan(config.with_overrides(config.get_experiment("minimind27_10k", "demo"),
+                                              pretraining_stages="none"), train_records=100)
     assert "第一阶段" not in capsys.readouterr().out  # an experiment without stages
 
 
 def test_the_shipped_demo_stage_runs_are_todays(tmp_path, monkeypatch):
-    """Each demo shape's 1a → 1b chain, as an experiment would name it today (default demo
-    settings, the shipped demo LM, the demo data), is in demo_stage1/ with checksums that hold,
-    and every shipped run is one of them. When this fails, the data, the LMs or the stage
-    settings changed: rebuild with demo_stage1/build.py."""
+    """Every stage chain the demo runs (demo_stage1/build.py's CHAINS), as an experiment would
+    name it today (default demo settings, the shipped demo LM, the demo data), is in
+    demo_stage1/ with checksums that hold, and every shipped run is one of them. When this
+    fails, the data, the LMs or the stage settings changed: rebuild with demo_stage1/build.py."""
     import importlib.util
 
     from retrieval_lib.settings import saved_folder
@@ -499,15 +500,16 @@ def test_the_shipped_demo_stage_runs_are_todays(tmp_path, monkeypatch):
     spec.loader.exec_module(build)
     cfg = config.get_stage1_config("demo")
     expected = set()
-    for name in build.SHAPES:
-        exp = config.get_experiment(name, "demo")
+    for key in build.CHAINS:
+        exp = build.chain_experiment(key)
         splits = data.prepare_data(exp.data)
-        ready, _ = experiment.prepare_base_model(exp, splits, show_progress=False)
+        lm = config.with_overrides(exp, pretraining_stages="none")
+        ready, _ = experiment.prepare_base_model(lm, splits, show_progress=False)
         source = ready.model.base_model
-        for stage in build.STAGES:
+        for stage in exp.model.pretraining_stages:
             folder, _ = stage1.stage_folder(exp, stage, source, splits, cfg)
             shipped = stage1.SHIPPED_STAGE1 / folder.name
-            assert (shipped / "config.json").exists(), f"{name}: {folder.name} is not shipped"
+            assert (shipped / "config.json").exists(), f"{key}: {folder.name} is not shipped"
             assert saved_folder.verify_checksums(shipped)
             expected.add(folder.name)
             source = str(shipped / "encoder")
@@ -515,3 +517,77 @@ def test_the_shipped_demo_stage_runs_are_todays(tmp_path, monkeypatch):
     assert shipped == expected
     manifest = json.loads((stage1.SHIPPED_STAGE1 / "MANIFEST.json").read_text(encoding="utf-8"))
     assert {r["folder"] for r in manifest["runs"]} == expected
+
+
+def test_every_demo_experiment_starts_from_the_stages_validation_picked():
+    """The demo default is the recipe the saved ablation picks on validation (highest
+    validation NDCG@10) for every twin it measured; the full preset keeps the report's."""
+    saved = json.loads((config.CHECKOUT / "benchmarks" / "stage1_ablation.json").read_text(
+        encoding="utf-8"))
+    picks = {tuple(max(m["recipes"].values(), key=lambda r: r["validation_ndcg@10"])["stages"])
+             for m in saved["models"].values()}
+    assert picks == {config.DEMO_PRETRAINING_STAGES}
+    for name in config.EXPERIMENTS:
+        assert config.get_experiment(name, "demo").model.pretraining_stages == \
+            config.DEMO_PRETRAINING_STAGES
+        assert config.get_experiment(name, "full").model.pretraining_stages == ()
+
+
+def test_the_recipes_of_an_experiment_are_itself_and_variants_that_change_only_the_stages():
+    from retrieval_lib.course import stage_study
+
+    demo = config.get_experiment("minimind27_10k", "demo")
+    recipes = stage_study.recipe_variants(demo)
+    assert recipes["retromae_contrastive"] is demo  # the course's own run of the experiment
+    assert {k: e.name for k, e in recipes.items() if e is not demo} == {
+        "lm": "minimind27_10k-lm", "retromae": "minimind27_10k-retromae",
+        "contrastive": "minimind27_10k-contrastive"}
+    for key, e in recipes.items():
+        assert e.model.pretraining_stages == stage_study.STAGE_RECIPES[key][0]
+        assert replace(e.model, pretraining_stages=()) == replace(demo.model, pretraining_stages=())
+        assert e.training == demo.training and e.data == demo.data
+    full = config.get_experiment("minimind27_10k", "full")
+    assert stage_study.recipe_variants(full)["lm"] is full
+
+
+def _study_run(validation, test, untrained=0.1, name="r"):
+    def agg(values):
+        return {"mean": sum(values) / len(values)}
+
+    def per_query(values):  # by query id, as metrics.json keeps them
+        return {f"q{i}": v for i, v in enumerate(values)}
+
+    return {"out_dir": f"/runs/{name}",
+            "validation": {"per_query": {"ndcg@10": per_query(validation)},
+                           "aggregate": {"ndcg@10": agg(validation)}},
+            "test": {"per_query": {"ndcg@5": per_query(test)},
+                     "aggregate": {"ndcg@5": agg(test)}},
+            "untrained": {"aggregate": {"ndcg@5": {"mean": untrained}}}}
+
+
+def test_the_study_picks_on_validation_and_reports_test_differences_worked_by_hand():
+    """Validation decides (the recipe best on validation is named even where another is best
+    on test); each row's Δ is the mean per-query difference to ``lm``, worked out by hand."""
+    from retrieval_lib.course import stage_study
+
+    n = 40
+    runs = {"lm": _study_run([0.2] * n, [0.3] * n, name="lm"),
+            "retromae": _study_run([0.2] * (n - 4) + [1.0] * 4, [0.3] * n, name="a"),
+            "retromae_contrastive": _study_run([0.2] * (n - 10) + [1.0] * 10,
+                                               [0.3] * (n - 2) + [0.0] * 2, name="ab"),
+            "contrastive": _study_run([0.2] * n, [0.3] * (n - 20) + [1.0] * 20, name="b")}
+    rows = {r["配方"]: r for r in stage_study.stage_study_rows(runs, reference=0.5)}
+    label = stage_study.STAGE_RECIPES["retromae_contrastive"][1]
+    # validation: 10 queries of 40 gain 0.8 -> +0.200; test: 2 lose 0.3 -> -0.015
+    assert rows[label]["Δ 验证（vs LM）"].startswith("+0.200")
+    assert rows[label]["Δ 测试（vs LM）"].startswith("-0.015")
+    assert rows[label]["测试 NDCG@5"] == pytest.approx(0.3 * 38 / 40)
+    assert rows[label]["占 BM25 比例"] == f"{0.3 * 38 / 40 / 0.5:.0%}"
+    assert rows[stage_study.STAGE_RECIPES["lm"][1]]["Δ 验证（vs LM）"] == ""
+    sentences = stage_study.stage_study_sentences(runs, reference=0.5)
+    # picked on validation (0.400 against 0.200), though "contrastive" is best on test
+    assert label in sentences[0] and "0.400" in sentences[0] and "0.285" in sentences[0]
+    only_b = next(s for s in sentences if stage_study.STAGE_RECIPES["contrastive"][1] in s)
+    # contrastive: no validation difference at all, test +0.350 on 20 of 40 queries
+    assert "验证 NDCG@10 +0.000" in only_b and "差异不显著" in only_b
+    assert "测试 NDCG@5 +0.350" in only_b and "显著更高" in only_b

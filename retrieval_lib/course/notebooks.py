@@ -27,14 +27,15 @@ __all__ = ["notebook_paths", "run_notebook", "main", "chapters_dir", "render_cha
 
 
 #: The narrative order of the experiments inside the ``03_*`` group (model size, then data).
-COURSE_ORDER = ("03_train_minimind27", "03_train_minimind38", "03_train_minimind108",
-                "03_train_minimind186", "03_train_qwen2_613", "03_beyond_the_report")
+COURSE_ORDER = ("03_stage1_pretraining", "03_train_minimind27", "03_train_minimind38",
+                "03_train_minimind108", "03_train_minimind186", "03_train_qwen2_613",
+                "03_beyond_the_report")
 
 
 def notebook_paths(folder: str | Path | None = None) -> list[Path]:
     """The numbered notebooks in course order: by number, and the ``03_*`` experiments in
-    :data:`COURSE_ORDER` (27M -> 38M -> 108M -> 186M -> 613M, then the options beyond the
-    report) rather than alphabetically."""
+    :data:`COURSE_ORDER` (the stage chapter, then 27M -> 38M -> 108M -> 186M -> 613M, then the
+    options beyond the report) rather than alphabetically."""
     # the checkout's notebooks, also when RETRIEVAL_HOME puts caches and runs elsewhere
     if folder is None:
         folder = CHECKOUT / "notebooks"

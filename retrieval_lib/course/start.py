@@ -28,7 +28,7 @@ __all__ = ["OVERRIDES", "SUBSETS", "list_parameter", "start_experiments", "start
 #: Notebook parameters that override an experiment's settings (``with_overrides`` keywords).
 OVERRIDES = ("data_dir", "model_path", "trust_remote_code", "expansion_init", "unfreeze_every",
              "epochs", "batch_size", "learning_rate", "temperature", "num_hard_negatives",
-             "gradient_checkpointing")
+             "gradient_checkpointing", "pretraining_stages")
 
 #: Notebook parameters that only the full preset reads: ``auto`` refuses to drop them.
 FULL_INPUTS = ("data_dir", "model_path")

@@ -11,7 +11,8 @@ from .provenance import (
     run_source, set_active_preset, sources, stale_figures
 )
 from .config import (
-    BGE_M3_ZH_SOURCES, CHECKOUT, DEMO_DATA, DEMO_LENGTHS, DEMO_NEW_LAYERS, DEMO_RERANKER,
+    BGE_M3_ZH_SOURCES, CHECKOUT, DEMO_DATA, DEMO_LENGTHS, DEMO_NEW_LAYERS,
+    DEMO_PRETRAINING_STAGES, DEMO_RERANKER,
     DEMO_SHAPES, EXPERIMENTS, MINIMIND_108M, MINIMIND_27M, PRESETS, PUBLISHED_BASE_MODELS,
     QWEN2_05B, SEED, cache_path, check_unfreezing, DataConfig, ExperimentConfig, ExperimentSpec,
     get_data_config, get_experiment, get_reranker_config, get_stage1_config, ModelConfig,
@@ -49,7 +50,8 @@ __all__ = [
     "BGE_M3_ZH_SOURCES", "DataConfig", "ModelConfig", "TrainingConfig", "RerankerConfig",
     "DEMO_RERANKER", "get_reranker_config", "PRETRAINING_STAGES", "Stage1Config", "DEMO_STAGE1",
     "get_stage1_config", "ExperimentConfig", "MINIMIND_27M", "MINIMIND_108M",
-    "QWEN2_05B", "PUBLISHED_BASE_MODELS", "DEMO_SHAPES", "DEMO_LENGTHS", "ExperimentSpec",
+    "QWEN2_05B", "PUBLISHED_BASE_MODELS", "DEMO_SHAPES", "DEMO_LENGTHS",
+    "DEMO_PRETRAINING_STAGES", "ExperimentSpec",
     "DEMO_NEW_LAYERS", "EXPERIMENTS", "DEMO_DATA", "resolve_preset", "get_data_config",
     "get_experiment", "with_overrides", "check_unfreezing", "variant", "with_defaults",
     "ENV_VAR", "keep_freed_memory", "hub_has", "model_available", "CheckpointError",

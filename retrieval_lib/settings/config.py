@@ -32,6 +32,7 @@ __all__ = ["SEED", "CHECKOUT", "project_root", "set_project_home", "cache_path",
            "DEMO_RERANKER", "get_reranker_config", "PRETRAINING_STAGES", "Stage1Config",
            "DEMO_STAGE1", "get_stage1_config", "ExperimentConfig", "MINIMIND_27M",
            "MINIMIND_108M", "QWEN2_05B", "PUBLISHED_BASE_MODELS", "DEMO_SHAPES", "DEMO_LENGTHS",
+           "DEMO_PRETRAINING_STAGES",
            "ExperimentSpec", "DEMO_NEW_LAYERS", "EXPERIMENTS", "DEMO_DATA", "resolve_preset",
            "get_data_config", "get_experiment", "with_overrides", "check_unfreezing", "variant",
            "with_defaults"]
@@ -412,6 +413,14 @@ DEMO_SHAPES: dict[str, dict] = {
 DEMO_LENGTHS = dict(max_query_length=32, max_passage_length=128)
 
 
+#: The demo twins' stages before fine-tuning: RetroMAE, then unsupervised contrastive
+#: pretraining, the recipe that ``benchmarks/stage1_ablation.py`` picks on validation for both
+#: MiniMind twins (``tests/test_stage1.py`` checks this against its saved JSON). The full preset
+#: keeps the seed report's recipe, LM -> fine-tuning; one setting changes either
+#: (``pretraining_stages``, e.g. ``-p pretraining_stages retromae+contrastive`` or ``none``).
+DEMO_PRETRAINING_STAGES = ("retromae", "contrastive")
+
+
 def _demo_model(full: ModelConfig, num_new_layers: int) -> ModelConfig:
     shape = DEMO_SHAPES[full.name]
     return replace(
@@ -419,6 +428,7 @@ def _demo_model(full: ModelConfig, num_new_layers: int) -> ModelConfig:
         name=full.name + " (demo)",
         base_model=f"demo-{full.architecture}",
         num_new_layers=num_new_layers,
+        pretraining_stages=DEMO_PRETRAINING_STAGES,
         **shape,
         **DEMO_LENGTHS,
     )
