@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint book clean
+.PHONY: install demo test test-fast lint book mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ lint: install
 book: install
 	$(BIN)/pip install -q -r requirements-book.txt
 	$(BIN)/python book/build.py
+
+# mutmut over the core modules (tests/mutation_tool.py; a night on 2 cores, never in CI); it
+# rewrites tests/mutation_tool_results.json and the table in docs/tests.md. MODULES=... for some.
+mutation: install
+	$(BIN)/pip install -q -r requirements-mutation.txt
+	$(BIN)/python tests/mutation_tool.py $(MODULES)
 
 # leaves the committed figures/demo/ and reports/ alone
 clean:

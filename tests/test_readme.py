@@ -5,6 +5,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from toy import toy_model, toy_records
 
 from retrieval_lib import data
@@ -100,6 +101,49 @@ def test_the_mutation_table_is_rendered_from_the_saved_results():
     assert block.strip() == mutation_check.render_table(saved).strip()
     assert [r["what"] for r in saved["results"]] == [m.what for m in mutation_check.MUTATIONS]
     assert sum(r["caught"] for r in saved["results"]) >= 0.9 * len(saved["results"])
+
+
+def test_the_mutation_tool_table_is_rendered_from_the_saved_results():
+    import json
+
+    import mutation_tool
+
+    saved = json.loads(mutation_tool.RESULTS.read_text(encoding="utf-8"))
+    text = mutation_tool.DOC.read_text(encoding="utf-8")
+    block = text[text.index(mutation_tool.TABLE_START) + len(mutation_tool.TABLE_START):
+                 text.index(mutation_tool.TABLE_END)]
+    assert block.strip() == mutation_tool.render_table(saved).strip()
+    # one row per core module; a measured row's counts add up and its score is killed over
+    # the non-equivalent mutants
+    rows = [line for line in block.splitlines() if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == list(mutation_tool.core_modules())
+    for name, r in saved["modules"].items():
+        assert r["killed"] + r["survived"] + r["timeout"] + r["no_tests"] <= r["mutants"], name
+        assert r["score"] == round(r["killed"] / (r["mutants"] - r["equivalent"]), 4), name
+        assert r["survived"] == r["equivalent"] + len(r["untriaged_survivors"]), name
+    # the issue's flat names all map to today's modules
+    assert {m.split(".")[1] for m in mutation_tool.core_modules()} >= {
+        "metrics", "losses", "gradcache", "minimind", "expansion", "batching", "loop",
+        "checkpoint", "records", "windows", "reranker", "memory", "m3", "mining"}
+
+
+def test_the_mutation_tool_counts_what_mutmut_recorded(tmp_path):
+    """The counts come from mutmut's own records: its exit-code table applied to a module's
+    .meta file (a fabricated one here: 3 killed, 2 survived of which one is triaged as
+    equivalent, 1 timeout, 1 without tests)."""
+    import json
+
+    import mutation_tool
+
+    pytest.importorskip("mutmut")
+    meta = tmp_path / "mutants" / "retrieval_lib" / "evaluation" / "metrics.py.meta"
+    meta.parent.mkdir(parents=True)
+    codes = {"a": 1, "b": 1, "c": 1, "d": 0, "e": 0, "f": 36, "g": 33}
+    meta.write_text(json.dumps({"exit_code_by_key": codes}), encoding="utf-8")
+    row = mutation_tool.count(tmp_path, ["evaluation.metrics"], {"e": "same result"})
+    assert row["evaluation.metrics"] == {
+        "mutants": 7, "killed": 3, "survived": 2, "timeout": 1, "no_tests": 1,
+        "equivalent": 1, "score": round(3 / 6, 4), "untriaged_survivors": ["d"]}
 
 
 def test_every_mutation_still_applies_to_the_library_as_it_is():
