@@ -170,6 +170,12 @@ KEY_FIGURES = (
     ("03_train_minimind38_unfreeze_schedule.png",
      "The expansion schedule: the pretrained layers always train, the new layers join one per "
      "stage."),
+    ("03_stage1_pretraining_stage_curves.png",
+     "Stage 1 before fine-tuning: RetroMAE's reconstruction losses and the unsupervised "
+     "contrastive stage's loss, with their held-out values."),
+    ("03_stage1_pretraining_recipe_metrics.png",
+     "The seed's stage ablation on experiment 4.1.1: the same fine-tuning from the LM, after "
+     "RetroMAE, after both stages and after the contrastive stage alone."),
     ("03_train_minimind27_test_metrics.png",
      "The first experiment before and after fine-tuning: what contrastive training adds to an "
      "LM that never learned to embed a text."),
