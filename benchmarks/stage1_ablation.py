@@ -103,10 +103,9 @@ def run(smoke: bool, home: Path, models=MODELS) -> dict:
 
 
 def _p(test: dict | None) -> str:
-    if test is None:
-        return ""
-    p = test["p_value"]
-    return f"{test['mean_difference']:+.3f} (p {'< 0.001' if p < 0.001 else f'{p:.3f}'})"
+    from retrieval_lib.course.stage_study import difference_text
+
+    return difference_text(test, (" (", ")"))
 
 
 def _verdict(saved: dict) -> str:

@@ -89,29 +89,29 @@ def test_every_test_the_reliability_table_names_exists():
     assert len(named) >= 20 and named <= defined, sorted(named - defined)
 
 
-def test_the_mutation_table_is_rendered_from_the_saved_results():
+def _rendered_block(script):
+    """A mutation script's saved results and the text between its table markers."""
     import json
 
+    text = script.DOC.read_text(encoding="utf-8")
+    return (json.loads(script.RESULTS.read_text(encoding="utf-8")),
+            text[text.index(script.TABLE_START) + len(script.TABLE_START):
+                 text.index(script.TABLE_END)])
+
+
+def test_the_mutation_table_is_rendered_from_the_saved_results():
     import mutation_check
 
-    saved = json.loads(mutation_check.RESULTS.read_text(encoding="utf-8"))
-    text = mutation_check.DOC.read_text(encoding="utf-8")
-    block = text[text.index(mutation_check.TABLE_START) + len(mutation_check.TABLE_START):
-                 text.index(mutation_check.TABLE_END)]
+    saved, block = _rendered_block(mutation_check)
     assert block.strip() == mutation_check.render_table(saved).strip()
     assert [r["what"] for r in saved["results"]] == [m.what for m in mutation_check.MUTATIONS]
     assert sum(r["caught"] for r in saved["results"]) >= 0.9 * len(saved["results"])
 
 
 def test_the_mutation_tool_table_is_rendered_from_the_saved_results():
-    import json
-
     import mutation_tool
 
-    saved = json.loads(mutation_tool.RESULTS.read_text(encoding="utf-8"))
-    text = mutation_tool.DOC.read_text(encoding="utf-8")
-    block = text[text.index(mutation_tool.TABLE_START) + len(mutation_tool.TABLE_START):
-                 text.index(mutation_tool.TABLE_END)]
+    saved, block = _rendered_block(mutation_tool)
     assert block.strip() == mutation_tool.render_table(saved).strip()
     # one row per core module; a measured row's counts add up and its score is killed over
     # the non-equivalent mutants

@@ -44,7 +44,8 @@ from .beyond import (
     option_variants, rerank_study, reranker_folder, serving_study, windowed_variant
 )
 from .stage_study import (
-    STAGE_RECIPES, recipe_variants, run_stage_study, stage_study_rows, stage_study_sentences
+    STAGE_RECIPES, difference_text, recipe_variants, run_stage_study, stage_study_rows,
+    stage_study_sentences
 )
 from .start import (
     OVERRIDES, SUBSETS, distinct_subsets, list_parameter, start_expansion, start_experiments
@@ -78,5 +79,5 @@ __all__ = [
     "notebook_paths", "run_notebook", "chapters_dir", "render_chapter",
     "check_stages", "stage_texts", "stage_folder", "SHIPPED_STAGE1", "SHIPPED_PARTS",
     "run_stage", "ensure_stages", "plot_stage_curves", "STAGE_RECIPES", "recipe_variants",
-    "run_stage_study", "stage_study_rows", "stage_study_sentences"
+    "run_stage_study", "difference_text", "stage_study_rows", "stage_study_sentences"
 ]

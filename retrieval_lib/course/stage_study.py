@@ -23,8 +23,8 @@ from ..settings.config import ExperimentConfig, variant
 from .experiment import ensure_run, prepare_base_model
 from .stage1 import check_stages
 
-__all__ = ["STAGE_RECIPES", "recipe_variants", "run_stage_study", "stage_study_rows",
-           "stage_study_sentences"]
+__all__ = ["STAGE_RECIPES", "recipe_variants", "run_stage_study", "difference_text",
+           "stage_study_rows", "stage_study_sentences"]
 
 #: recipe -> (its pretraining stages, its label in tables and figures)
 STAGE_RECIPES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -60,11 +60,14 @@ def run_stage_study(exp: ExperimentConfig, splits: Splits, resume: bool = False,
     return runs
 
 
-def _delta(test: Mapping | None) -> str:
+def difference_text(test: Mapping | None, brackets: tuple[str, str] = ("（", "）")) -> str:
+    """A paired test's mean difference with its p-value, ``+0.034（p 0.010）`` (empty for
+    none), as the study's tables show it."""
     if test is None:
         return ""
     p = test["p_value"]
-    return f"{test['mean_difference']:+.3f}（p {'< 0.001' if p < 0.001 else f'{p:.3f}'}）"
+    return (f"{test['mean_difference']:+.3f}{brackets[0]}p "
+            f"{'< 0.001' if p < 0.001 else f'{p:.3f}'}{brackets[1]}")
 
 
 def stage_study_rows(runs: Mapping[str, dict], reference: float | None = None) -> list[dict]:
@@ -79,11 +82,11 @@ def stage_study_rows(runs: Mapping[str, dict], reference: float | None = None) -
         row = {"配方": STAGE_RECIPES[key][1], "运行": Path(run["out_dir"]).name,
                "第一阶段后 测试 NDCG@5": run["untrained"]["aggregate"]["ndcg@5"]["mean"],
                "验证 NDCG@10": run["validation"]["aggregate"]["ndcg@10"]["mean"],
-               "Δ 验证（vs LM）": _delta(paired_test(
+               "Δ 验证（vs LM）": difference_text(paired_test(
                    run["validation"]["per_query"]["ndcg@10"],
                    base["validation"]["per_query"]["ndcg@10"]) if vs else None),
                "测试 NDCG@5": test,
-               "Δ 测试（vs LM）": _delta(paired_test(
+               "Δ 测试（vs LM）": difference_text(paired_test(
                    run["test"]["per_query"]["ndcg@5"],
                    base["test"]["per_query"]["ndcg@5"]) if vs else None)}
         if reference:
