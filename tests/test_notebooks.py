@@ -321,10 +321,12 @@ def check_05(summary, home):
     saved = {p.name for p in (home / "runs" / "demo").iterdir()
              if (p / "metrics.json").exists() or (p / "not_run.json").exists()}
     # every demo run of every notebook is in the table: the 8 experiments (7 of the report and
-    # the unexpanded Qwen2 base), 3 identity ablations, 4 options beyond the report, 3 baselines
-    # (BM25, BGE-M3 not run, the dense + BM25 hybrid), the run trained on random windows and
-    # the two reranked first stages (the reranker's own folder is not a row)
-    assert set(summary["runs"]) == saved and len(saved) == 21
+    # the unexpanded Qwen2 base), 3 identity ablations, 3 stage recipes of the stage chapter
+    # (-lm, -retromae, -contrastive), 4 options beyond the report, 3 baselines (BM25, BGE-M3 not
+    # run, the dense + BM25 hybrid), the run trained on random windows and the two reranked
+    # first stages (neither the reranker's own folder nor the stage-1 runs are rows)
+    assert set(summary["runs"]) == saved and len(saved) == 24
+    assert {"minimind27_10k-lm", "minimind27_10k-retromae", "minimind27_10k-contrastive"} <= saved
     assert summary["reference"] == "bm25" and set(summary["not_run"]) == {"bge_m3"}
     assert set(summary["ndcg@5"]) == saved - {"bge_m3"}
     # the options of 03_beyond_the_report: 5 runs, and the sparse/ColBERT/hybrid rows of one
