@@ -108,6 +108,14 @@ def _p(test: dict | None) -> str:
     return difference_text(test, (" (", ")"))
 
 
+def _label(key: str) -> str:
+    """A recipe's label as the library names it today (the saved ``what`` is the label of the
+    day it was measured: "LM -> fine-tuning" was then the demo's current recipe)."""
+    from retrieval_lib.course.stage_study import STAGE_RECIPES
+
+    return STAGE_RECIPES[key][1]
+
+
 def _verdict(saved: dict) -> str:
     """Per twin, the recipe validation picks (highest validation NDCG@10) and its test share
     of BM25: the sentence is built from the saved numbers."""
@@ -115,7 +123,7 @@ def _verdict(saved: dict) -> str:
     for name, model in saved["models"].items():
         key, best = max(model["recipes"].items(), key=lambda kv: kv[1]["validation_ndcg@10"])
         lm = model["recipes"]["lm"]
-        parts.append(f"{name}: {best['what']} (validation NDCG@10 "
+        parts.append(f"{name}: {_label(key)} (validation NDCG@10 "
                      f"{best['validation_ndcg@10']:.3f} against {lm['validation_ndcg@10']:.3f}; "
                      f"test NDCG@5 {best['test_ndcg@5']:.3f}, {best['test_share_of_bm25']:.0%} of "
                      f"BM25's {model['bm25_test_ndcg@5']:.3f})")
@@ -138,9 +146,9 @@ def render_table(saved: dict) -> str:
              "test NDCG@5 | Δ test | share of BM25 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, model in saved["models"].items():
-        for r in model["recipes"].values():
+        for key, r in model["recipes"].items():
             lines.append(
-                f"| {name} | {r['what']} | {r['untrained_test_ndcg@5']:.3f} | "
+                f"| {name} | {_label(key)} | {r['untrained_test_ndcg@5']:.3f} | "
                 f"{r['validation_ndcg@10']:.3f} | {_p(r.get('validation_vs_lm'))} | "
                 f"{r['test_ndcg@5']:.3f} | {_p(r.get('test_vs_lm'))} | "
                 f"{r['test_share_of_bm25']:.0%} |")
@@ -151,7 +159,7 @@ def render_summary(saved: dict) -> str:
     """The README's short form of the ablation: test NDCG@5 per twin and recipe, with the
     paired difference to LM -> fine-tuning, from ``stage1_ablation.json``."""
     first = next(iter(saved["models"].values()))["recipes"]
-    lines = ["| twin (test NDCG@5) | " + " | ".join(r["what"] for r in first.values())
+    lines = ["| twin (test NDCG@5) | " + " | ".join(map(_label, first))
              + " | BM25 |", "| --- " * (len(first) + 2) + "|"]
     for name, model in saved["models"].items():
         cells = [f"{r['test_ndcg@5']:.3f}" + (f", Δ {_p(r['test_vs_lm'])}" if "test_vs_lm" in r
