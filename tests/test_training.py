@@ -261,6 +261,22 @@ def test_full_preset_without_weights_or_data_names_both(tmp_path, monkeypatch):
         experiment.main(["--experiment", "minimind999", "--preset", "demo"])
 
 
+def test_the_command_line_sets_the_stages_before_fine_tuning():
+    """``--pretraining-stages`` as the notebooks' parameter: '+'-joined names or 'none'; a
+    misspelt or reordered list stops before any data is read."""
+    demo = ["--experiment", "minimind27_10k", "--preset", "demo"]
+    stages = lambda argv: experiment.parse_command_line(argv)[0].model.pretraining_stages  # noqa: E731
+    assert stages(demo) == ("retromae", "contrastive")  # the demo's default
+    assert stages(demo + ["--pretraining-stages", "none"]) == ()
+    assert stages(demo + ["--pretraining-stages", "contrastive"]) == ("contrastive",)
+    assert stages(["--experiment", "minimind108_10k", "--preset", "full"]) == ()
+    assert stages(["--experiment", "minimind108_10k", "--preset", "full",
+                   "--pretraining-stages", "retromae+contrastive"]) == ("retromae", "contrastive")
+    for bad in ("contrastive+retromae", "retromea", "retromae+retromae"):
+        with pytest.raises(ValueError, match="pretraining stage"):
+            stages(demo + ["--pretraining-stages", bad])
+
+
 def _toy_experiment(tok, tmp_path):
     from retrieval_lib.data import LoadReport, prepare_splits
 

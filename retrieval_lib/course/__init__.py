@@ -26,8 +26,8 @@ from .stage1 import (
     stage_texts
 )
 from .experiment import (
-    describe, ensure_run, fit_to_device, prepare_base_model, repeat_command, result_summary,
-    run_experiment, setup_differences
+    describe, ensure_run, fit_to_device, parse_command_line, prepare_base_model, repeat_command,
+    result_summary, run_experiment, setup_differences
 )
 from .expansion import (
     SHARED_INPUTS, differences_note, expansion_comparisons, expansion_experiments,
@@ -65,7 +65,7 @@ __all__ = [
     "plot_efficiency_frontier", "plot_per_query_distributions", "MissingInputsError",
     "check_full_inputs", "with_checkpoint_shape", "with_prepared_records", "realised",
     "prepare_base_model", "fit_to_device", "run_experiment", "setup_differences", "ensure_run",
-    "result_summary", "describe", "repeat_command", "run_differences", "differences_note",
+    "result_summary", "describe", "repeat_command", "parse_command_line", "run_differences", "differences_note",
     "unfreeze_plan", "show_plan", "SHARED_INPUTS", "expansion_experiments",
     "expansion_parameters", "parameter_table", "run_expansion_with_ablation", "untrained_gaps",
     "expansion_comparisons", "expansion_systems", "expansion_histories", "unfreeze_table",

@@ -11,6 +11,8 @@ that the results notebook reads:
 From a shell (one process, or several with ``torchrun``)::
 
     python -m retrieval_lib experiment --experiment minimind27_10k --preset demo
+    python -m retrieval_lib experiment --experiment minimind27_10k --preset demo \\
+        --pretraining-stages none      # fine-tune straight from the LM (the seed's recipe)
     torchrun --nproc_per_node 4 -m retrieval_lib.course.experiment --experiment minimind108_288k \\
         --preset full --data-dir /data/bge-m3-data
 """
@@ -57,10 +59,10 @@ from ..training.loop import train_retriever
 from ..training.memory import GIB, fit_step
 from ..training.optim import training_device
 from .inputs import check_full_inputs, realised
-from .stage1 import ensure_stages
+from .stage1 import check_stages, ensure_stages
 
 __all__ = ["prepare_base_model", "fit_to_device", "run_experiment", "setup_differences",
-           "ensure_run", "result_summary", "describe", "repeat_command", "main"]
+           "ensure_run", "result_summary", "describe", "repeat_command", "parse_command_line", "main"]
 
 
 def prepare_base_model(exp: ExperimentConfig, splits: Splits,
@@ -337,8 +339,9 @@ def describe(exp: ExperimentConfig) -> dict:
             **{f"training.{k}": v for k, v in asdict(exp.training).items()}}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one experiment of the report from the command line (see the module docstring)."""
+def parse_command_line(argv: Sequence[str] | None = None):
+    """``(experiment, options)`` of a command line (see the module docstring): the experiment
+    with the options applied and checked, before any data or model is touched."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Train and evaluate one experiment.")
@@ -350,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="queries per process and step")
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    parser.add_argument("--pretraining-stages", metavar="STAGES",
+                        help="stages before fine-tuning: 'retromae+contrastive', 'retromae', "
+                             "'contrastive' or 'none' (default: the preset's)")
     parser.add_argument("--grad-cache-chunk-size", type=int,
                         help="GradCache: embed this many texts at a time (large batches)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -368,7 +374,15 @@ def main(argv: list[str] | None = None) -> int:
                          batch_size=args.batch_size, learning_rate=args.learning_rate,
                          gradient_checkpointing=args.gradient_checkpointing,
                          grad_cache_chunk_size=args.grad_cache_chunk_size,
-                         trust_remote_code=args.trust_remote_code)
+                         trust_remote_code=args.trust_remote_code,
+                         pretraining_stages=args.pretraining_stages)
+    check_stages(exp.model.pretraining_stages)  # a misspelt stage stops here, not after the data
+    return exp, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one experiment of the report from the command line (see the module docstring)."""
+    exp, args = parse_command_line(argv)
     if exp.preset == "full":
         check_full_inputs(exp)
     # the main process prepares data and the demo base model first; the others read its caches
