@@ -175,6 +175,91 @@ def test_the_bootstrap_interval_covers_the_mean_at_its_stated_level():
     assert 0.91 <= hits[0.95] / 400 <= 0.98
     assert 0.74 <= hits[0.80] / 400 <= 0.86
 
+def test_a_query_with_no_relevant_passage_scores_zero_on_every_metric():
+    """Judged, but every grade 0 (or the query absent from the run): nothing to find, so
+    recall and NDCG are 0 by convention (trec_eval's), not 1 and not a division by zero."""
+    qrels = {"none": {"d1": 0, "d2": 0}, "one": {"d1": 1}}
+    run = {"none": {"d1": 0.9, "d2": 0.5}, "one": {"d2": 0.9, "d1": 0.5}}
+    per_query = evaluation.score_run(qrels, run, ks=(2,))["per_query"]
+    assert {m: v["none"] for m, v in per_query.items()} == {
+        "mrr": 0.0, "precision@2": 0.0, "recall@2": 0.0, "ndcg@2": 0.0, "mrr@2": 0.0}
+    # the other query: its relevant passage at rank 2 -> 1/log2(3) over an ideal of 1
+    assert per_query["ndcg@2"]["one"] == pytest.approx(1 / math.log2(3))
+    assert per_query["recall@2"]["one"] == 1.0 and per_query["mrr"]["one"] == 0.5
+
+
+def test_aggregating_one_value_or_none_is_quiet():
+    """One query: its value, a std of 0 (not numpy's NaN for ddof=1); none: NaN, n 0, and no
+    'mean of empty slice' warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluation.aggregate([0.4]) == {"mean": 0.4, "std": 0.0, "n": 1}
+        empty = evaluation.aggregate([])
+    assert math.isnan(empty["mean"]) and empty["std"] == 0.0 and empty["n"] == 0
+    # two values: the sample std (ddof = 1) by hand, |a - b| / sqrt(2)
+    assert evaluation.aggregate([0.1, 0.5])["std"] == pytest.approx(0.4 / math.sqrt(2))
+
+
+def test_the_bootstrap_interval_is_the_stated_quantiles_of_the_resampled_means():
+    """Values (0, 1): a resampled mean of two is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4.
+    A 40% interval cuts 30% off each side, inside the mass at 0.5: (0.5, 0.5); a 90% interval
+    cuts 5%, inside the masses at 0 and 1: (0, 1)."""
+    assert evaluation.bootstrap_ci([0.0, 1.0], n_resamples=20_000, confidence=0.4) == (0.5, 0.5)
+    assert evaluation.bootstrap_ci([0.0, 1.0], n_resamples=20_000, confidence=0.9) == (0.0, 1.0)
+
+
+def test_the_statistics_defaults_are_the_ones_saved_results_were_computed_with():
+    """Every saved report's intervals and p-values came from 2,000 bootstrap resamples, 10,000
+    sign flips and seed 0: a silent change of a default would change published numbers."""
+    rng = np.random.default_rng(3)
+    values = rng.random(25)
+    assert evaluation.bootstrap_ci(values) == evaluation.bootstrap_ci(
+        values, n_resamples=2000, confidence=0.95, seed=0)
+    a = {f"q{i}": float(v) for i, v in enumerate(values)}
+    b = {q: v - 0.05 + float(rng.normal(0, 0.2)) for q, v in a.items()}
+    assert evaluation.paired_test(a, b) == evaluation.paired_test(a, b, n_resamples=10_000,
+                                                                  seed=0)
+
+
+def test_the_paired_test_uses_the_shared_queries_and_its_seed():
+    """Only the queries both systems answered count (n and the mean difference by hand); a
+    system pair with none in common is refused; the seed drives the interval too."""
+    a = {"q1": 0.9, "q2": 0.5, "q3": 0.4}
+    b = {"q2": 0.1, "q3": 0.6, "q4": 0.0}
+    test = evaluation.paired_test(a, b)
+    assert test["n"] == 2 and test["mean_difference"] == pytest.approx((0.4 - 0.2) / 2)
+    with pytest.raises(ValueError, match="^the two systems share no query$"):
+        evaluation.paired_test({"q1": 1.0}, {"q2": 1.0})
+    rng = np.random.default_rng(4)
+    c = {f"q{i}": float(v) for i, v in enumerate(rng.random(30))}
+    d = {q: float(rng.random()) for q in c}
+    one, other = evaluation.paired_test(c, d, seed=1), evaluation.paired_test(c, d, seed=2)
+    assert one["mean_difference"] == other["mean_difference"]
+    assert (one["ci_low"], one["ci_high"]) != (other["ci_low"], other["ci_high"])
+    assert evaluation.paired_test(c, d, seed=1) == one
+
+
+def test_significance_needs_p_below_alpha_and_an_interval_that_excludes_zero():
+    """Boundaries by hand: p equal to alpha is not below it; an interval ending at 0 does not
+    exclude it; the default alpha is 0.05, and the sentence uses the alpha it is given."""
+    test = {"mean_difference": 0.02, "ci_low": 0.01, "ci_high": 0.03, "p_value": 0.03, "n": 9}
+    assert evaluation.significant(test)
+    assert not evaluation.significant({**test, "p_value": 0.06})  # default alpha 0.05
+    assert not evaluation.significant({**test, "p_value": 0.05})
+    assert not evaluation.significant({**test, "ci_low": 0.0})
+    assert not evaluation.significant({**test, "mean_difference": -0.02, "ci_low": -0.03,
+                                       "ci_high": 0.0})
+    assert evaluation.significant({**test, "mean_difference": -0.02, "ci_low": -0.03,
+                                   "ci_high": -0.01})
+    assert evaluation.comparison_sentence("A", "B", test, "mrr", alpha=0.01).endswith(
+        "在这个测试集上看不出两者有差异。")
+    # a test without its query count: the sentence starts with the system, not a count
+    no_n = {k: v for k, v in test.items() if k != "n"}
+    assert evaluation.comparison_sentence("A", "B", no_n, "mrr").startswith("A的 mrr 比B高")
+
+
 def test_exact_search_matches_numpy():
     rng = np.random.default_rng(2)
     q = rng.normal(size=(5, 8)).astype(np.float32)
@@ -222,6 +307,16 @@ def test_the_std_of_a_two_valued_metric_follows_from_its_mean():
     assert precision["std_from_mean"] == pytest.approx(precision["std"], abs=1e-12)
     assert precision["std"] == pytest.approx(math.sqrt(m / 5 * (0.2 - m / 5) * 7 / 6))
     assert math.isnan(table.loc[("sys", "ndcg@5")]["std_from_mean"])
+    # a bare {metric: {query: value}} mapping reads the same; a metric alone in its column
+    # still says NaN (a float), not None
+    bare = evaluation.std_from_mean_table({"sys": result["per_query"]}, ["ndcg@5"])
+    assert isinstance(bare["std_from_mean"].iloc[0], float)
+    assert math.isnan(bare["std_from_mean"].iloc[0])
+    # by hand: two values 0 and 1 (n = 2): √(0.5·0.5·2/1); all zeros: 0; values 0, 0.5, 1: None
+    assert evaluation.two_valued_std([0.0, 1.0]) == pytest.approx(math.sqrt(0.5))
+    assert evaluation.two_valued_std([0.0, 0.0, 0.0]) == 0.0
+    assert evaluation.two_valued_std([0.0, 0.5, 1.0]) is None
+    assert evaluation.two_valued_std([0.3]) is None
 
 
 def test_the_comparison_sentence_says_what_the_paired_test_found():
