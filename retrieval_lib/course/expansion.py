@@ -256,8 +256,8 @@ def expansion_systems(base_exp: ExperimentConfig, base_run: dict | None,
     labelled = _expansion_labels(base_exp, base_run, runs)
     systems = {}
     if not trained_only:
-        systems.update({f"{label}（未训练）": run["untrained"] for label, run in labelled})
-    systems.update({f"{label}（训练后）" if not trained_only else label: run["test"]
+        systems.update({f"{label}（微调前）": run["untrained"] for label, run in labelled})
+    systems.update({f"{label}（微调后）" if not trained_only else label: run["test"]
                     for label, run in labelled})
     return systems
 
