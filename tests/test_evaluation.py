@@ -260,6 +260,19 @@ def test_significance_needs_p_below_alpha_and_an_interval_that_excludes_zero():
     assert evaluation.comparison_sentence("A", "B", no_n, "mrr").startswith("A的 mrr 比B高")
 
 
+def test_embeddings_are_judged_on_their_top_100():
+    """The default run holds each query's top 100 passages: a relevant passage at rank 101
+    is not retrieved (MRR 0, Recall@100 0), one at rank 100 is (MRR 1/100). By hand: one query
+    at angle 0, 150 unit passages at growing angles, so passage j ranks j + 1."""
+    angles = np.linspace(0, 1.5, 150)
+    p = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    at_101 = evaluation.evaluate_embeddings(q, p, ["q"], {"q": {"d100": 1}})["per_query"]
+    at_100 = evaluation.evaluate_embeddings(q, p, ["q"], {"q": {"d99": 1}})["per_query"]
+    assert at_101["mrr"]["q"] == 0.0 and at_101["recall@100"]["q"] == 0.0
+    assert at_100["mrr"]["q"] == pytest.approx(1 / 100) and at_100["recall@100"]["q"] == 1.0
+
+
 def test_exact_search_matches_numpy():
     rng = np.random.default_rng(2)
     q = rng.normal(size=(5, 8)).astype(np.float32)
@@ -383,3 +396,14 @@ def test_fusion_edge_cases_by_hand():
     assert minmax["q2"] == pytest.approx({"x": 2.0}) and minmax["q3"] == {}
     with pytest.raises(ValueError, match="1 weights for 2 runs"):
         evaluation.fuse_runs([dense, lexical], weights=[1.0])
+    with pytest.raises(ValueError, match="'sum'; choose one of rrf, minmax$"):
+        evaluation.fuse_runs([dense, lexical], "sum")
+
+
+def test_fusion_defaults_are_the_papers_k_and_a_top_100():
+    """Called with no settings: reciprocal-rank fusion with Cormack et al.'s k = 60, each
+    query's list cut to its top 100 (by hand: 150 documents in one run, ranks 1..150)."""
+    run = {"q": {f"d{i:03d}": 150.0 - i for i in range(150)}}
+    fused = evaluation.fuse_runs([run])["q"]
+    assert len(fused) == 100 and list(fused)[:2] == ["d000", "d001"]
+    assert fused["d000"] == pytest.approx(1 / 61) and fused["d099"] == pytest.approx(1 / 160)
