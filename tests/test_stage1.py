@@ -468,16 +468,30 @@ def test_the_stage1_plan_counts_what_retromae_holds_by_hand(monkeypatch):
     assert stage1_plan(cfg, s1, 50, pairs=77, gpus=gpus)["pairs_estimated"] is False
 
 
-def test_the_plan_a_notebook_prints_names_the_stages_before_they_run(capsys):
+def test_the_plan_a_notebook_prints_names_the_stages_before_they_run(capsys, tmp_path):
+    """Stage 1 reads the whole training pool's passages, not the subset fine-tuning trains on:
+    the plan counts the pool the prepared data holds, or before preparation the largest
+    subset's nominal size as a lower bound, and says which."""
     from retrieval_lib.course import expansion
+    from retrieval_lib.data.splits import prepared_dir
 
     exp = config.with_overrides(config.get_experiment("minimind27_10k", "demo"),
                                 pretraining_stages="retromae+contrastive")
-    table = expansion.show_plan(exp, train_records=100)
+    exp = replace(exp, data=replace(exp.data, cache_dir=str(tmp_path)))
+    expansion.show_plan(exp, train_records=100)
     printed = capsys.readouterr().out
     assert "微调之前先做第一阶段（retromae → contrastive）：RetroMAE 1,000 步、每步 4,096 个" \
         in printed
-    assert "无监督对比约 800 对（估计）" in printed  # 100 texts · 4 pairs · crops and ICT
+    # 1,800 (the demo's largest subset) texts · 4 pairs · crops and ICT
+    assert ("训练池（数据尚未准备，至少是最大子集的） 1,800 条记录的段落，约 14,400 对（估计）"
+            in printed)
+    folder = prepared_dir(exp.data)
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps(
+        {"splits": {"train": 1869, "validation": 200, "test": 300}}), encoding="utf-8")
+    table = expansion.show_plan(exp, train_records=100)
+    printed = capsys.readouterr().out
+    assert "训练池的 1,869 条记录的段落，约 14,952 对（估计）" in printed  # 1,869 · 4 · 2
     assert all(name in printed for name in table.index)  # the stage-1 table, per GPU
     expansion.show_plan(config.with_overrides(config.get_experiment("minimind27_10k", "demo"),
                                               pretraining_stages="none"), train_records=100)

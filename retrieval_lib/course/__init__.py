@@ -18,7 +18,7 @@ from .result_plots import (
     plot_stage_curves, plot_unfreeze_schedule, run_styles, unfreeze_epochs
 )
 from .inputs import (
-    check_full_inputs, MissingInputsError, realised, with_checkpoint_shape,
+    check_full_inputs, MissingInputsError, realised, training_pool, with_checkpoint_shape,
     with_prepared_records
 )
 from .stage1 import (
@@ -63,9 +63,11 @@ __all__ = [
     "plot_metrics_vs_data_size",
     "unfreeze_epochs", "plot_unfreeze_schedule", "plot_memory_plan", "plot_metric_panels",
     "plot_efficiency_frontier", "plot_per_query_distributions", "MissingInputsError",
-    "check_full_inputs", "with_checkpoint_shape", "with_prepared_records", "realised",
+    "check_full_inputs", "with_checkpoint_shape", "with_prepared_records", "training_pool",
+    "realised",
     "prepare_base_model", "fit_to_device", "run_experiment", "setup_differences", "ensure_run",
-    "result_summary", "describe", "repeat_command", "parse_command_line", "run_differences", "differences_note",
+    "result_summary", "describe", "repeat_command", "parse_command_line", "run_differences",
+    "differences_note",
     "unfreeze_plan", "show_plan", "SHARED_INPUTS", "expansion_experiments",
     "expansion_parameters", "parameter_table", "run_expansion_with_ablation", "untrained_gaps",
     "expansion_comparisons", "expansion_systems", "expansion_histories", "unfreeze_table",

@@ -38,7 +38,7 @@ from ..training.collator import steps_per_epoch
 from ..training.memory import CUDA_CONTEXT_GIB, plan_table, training_plan
 from ..training.stage1 import stage1_plan, stage1_table
 from .experiment import result_summary, run_experiment
-from .inputs import check_full_inputs, realised
+from .inputs import check_full_inputs, realised, training_pool
 from .plotting import save_figure
 from .result_plots import plot_metric_bars, plot_training_curves, plot_unfreeze_schedule
 
@@ -167,11 +167,15 @@ def show_plan(exp: ExperimentConfig, train_records: int | None = None):
           f"{plan['utilisation']:.0%} 估计，只是估计。")
     if exp.model.pretraining_stages:  # stage 1 runs first, on the base model
         stage1 = get_stage1_config(exp.preset)
-        first = stage1_plan(exp.model, stage1, train_records or exp.train_size)
+        # it reads the whole training pool's passages, not the subset fine-tuning uses
+        texts, known = training_pool(exp)
+        pool = "的" if known else "（数据尚未准备，至少是最大子集的）"
+        first = stage1_plan(exp.model, stage1, texts)
         retromae = first["retromae"]
         print(f"微调之前先做第一阶段（{' → '.join(exp.model.pretraining_stages)}）："
               f"RetroMAE {retromae['steps']:,} 步、每步 {retromae['tokens_per_step']:,} 个 "
-              f"token、估计显存 {retromae['memory_gib']:.1f} GiB；无监督对比约 "
+              f"token、估计显存 {retromae['memory_gib']:.1f} GiB；无监督对比读训练池"
+              f"{pool} {texts:,} 条记录的段落，约 "
               f"{first['pairs']:,} 对{'（估计）' if first['pairs_estimated'] else ''}、"
               f"{first['contrastive']['total_steps']:,} 步。各 GPU 上的估计：")
         print(stage1_table(first).to_string())

@@ -62,7 +62,8 @@ from .inputs import check_full_inputs, realised
 from .stage1 import check_stages, ensure_stages
 
 __all__ = ["prepare_base_model", "fit_to_device", "run_experiment", "setup_differences",
-           "ensure_run", "result_summary", "describe", "repeat_command", "parse_command_line", "main"]
+           "ensure_run", "result_summary", "describe", "repeat_command", "parse_command_line",
+           "main"]
 
 
 def prepare_base_model(exp: ExperimentConfig, splits: Splits,

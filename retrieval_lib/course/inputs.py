@@ -24,7 +24,7 @@ from ..settings.config import PUBLISHED_BASE_MODELS, ExperimentConfig, get_exper
 from ..settings.hub import hub_has
 
 __all__ = ["MissingInputsError", "check_full_inputs", "with_checkpoint_shape",
-           "with_prepared_records", "realised"]
+           "with_prepared_records", "training_pool", "realised"]
 
 #: Shape fields that change what a model is (its size), not only how it computes.
 _SIZE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -138,6 +138,17 @@ def with_prepared_records(exp: ExperimentConfig, manifest: dict | None = None
               f"{exp.subset}, not the {asked:,} it asks for (the data has no more); plans, "
               f"labels and comparisons use {records:,}")
     return replace(exp, prepared_records=records)
+
+
+def training_pool(exp: ExperimentConfig) -> tuple[int, bool]:
+    """``(records, known)``: the training pool stage 1 reads its passages from (every training
+    record outside validation and test, not only ``exp``'s subset) as the prepared data holds it
+    (``known``), or, before the data is prepared, the largest subset's nominal size, a lower
+    bound."""
+    path = prepared_dir(exp.data) / "manifest.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))["splits"]["train"], True
+    return max(exp.data.subset_sizes.values()), False
 
 
 def realised(exp: ExperimentConfig, manifest: dict | None = None) -> ExperimentConfig:
