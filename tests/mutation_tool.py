@@ -2,6 +2,9 @@
 
     make mutation                                               # every core module: a night
     .venv/bin/python tests/mutation_tool.py evaluation.metrics  # some modules, by name
+    .venv/bin/python tests/mutation_tool.py evaluation.metrics --tests tests/test_evaluation.py
+                                        # judged by these test files only: minutes, a lower
+                                        # bound of what the whole suite kills (the row says so)
     .venv/bin/python tests/mutation_tool.py --readme            # re-render the table only
 
 Why mutmut (3.x) rather than cosmic-ray: it records, in one instrumented run of the test
@@ -65,12 +68,16 @@ def module_file(name: str) -> str:
     return f"retrieval_lib/{name.replace('.', '/')}.py"
 
 
-def _config(modules: list[str]) -> str:
+#: What a row's ``suite`` says when the whole suite above judged it.
+WHOLE_SUITE = "tests (no notebook runs, benchmark smokes or source-reading tests)"
+
+
+def _config(modules: list[str], tests: list[str]) -> str:
     only = ", ".join(json.dumps(module_file(m)) for m in modules)
     return ("\n[tool.mutmut]\n"
             'source_paths = ["retrieval_lib"]\n'
             f"only_mutate = [{only}]\n"
-            'pytest_add_cli_args_test_selection = ["tests"]\n'
+            f"pytest_add_cli_args_test_selection = {json.dumps(tests or ['tests'])}\n"
             f"pytest_add_cli_args = {json.dumps(PYTEST_ARGS)}\n"
             'also_copy = ["demo_models", "demo_stage1", "benchmarks", "notebooks", "README.md",'
             ' "docs", "reports", "figures", "book", "Makefile"]\n'
@@ -101,15 +108,16 @@ def count(scratch: Path, modules: list[str], triage: dict[str, str]) -> dict[str
     return rows
 
 
-def run(modules: list[str]) -> dict[str, dict]:
-    """mutmut over ``modules`` in a scratch copy of the checkout; the counts per module."""
+def run(modules: list[str], tests: list[str] | None = None) -> dict[str, dict]:
+    """mutmut over ``modules`` in a scratch copy of the checkout, judged by ``tests`` (test
+    files; default: the whole suite of :data:`PYTEST_ARGS`); the counts per module."""
     triage = json.loads(TRIAGE.read_text(encoding="utf-8")) if TRIAGE.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / "checkout"
         shutil.copytree(ROOT, scratch, ignore=shutil.ignore_patterns(
             ".git", ".venv", "mutants", "runs", "outputs", "data_cache", "build", "__pycache__"))
         with (scratch / "pyproject.toml").open("a", encoding="utf-8") as f:
-            f.write(_config(modules))
+            f.write(_config(modules, tests or []))
         mutmut = Path(sys.executable).with_name("mutmut")
         subprocess.run([str(mutmut), "run"], cwd=scratch, check=True)
         return count(scratch, modules, triage)
@@ -121,16 +129,16 @@ def render_table(saved: dict) -> str:
              f"are listed in `tests/mutation_tool_results.json`, equivalents with their reason "
              f"in `tests/mutation_triage.json`.", "",
              "| module | mutants | killed | survived | timeout | no tests | equivalent | score "
-             "| measured |", "| --- " * 9 + "|"]
+             "| judged by | measured |", "| --- " * 10 + "|"]
     for name in core_modules():
         r = saved["modules"].get(name)
         if r is None:
-            lines.append(f"| `{name}` | not run yet |  |  |  |  |  |  |  |")
+            lines.append(f"| `{name}` | not run yet |  |  |  |  |  |  |  |  |")
             continue
         score = f"{r['score']:.0%}" if r["score"] is not None else "—"
         lines.append(f"| `{name}` | {r['mutants']} | {r['killed']} | {r['survived']} | "
                      f"{r['timeout']} | {r['no_tests']} | {r['equivalent']} | {score} | "
-                     f"{r['date']}, `{r['commit'][:10]}` |")
+                     f"{r['suite']} | {r['date']}, `{r['commit'][:10]}` |")
     return "\n".join(lines)
 
 
@@ -138,6 +146,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help="core modules (default: all), e.g. "
                         "evaluation.metrics")
+    parser.add_argument("--tests", nargs="+", metavar="FILE",
+                        help="judge the mutants by these test files only (recorded per row)")
     parser.add_argument("--readme", action="store_true", help="only re-render the table")
     args = parser.parse_args(argv)
     from retrieval_lib.results.runs import git_commit
@@ -154,9 +164,13 @@ def main(argv=None) -> int:
 
         modules = args.modules or list(core)
         start = time.perf_counter()
-        rows = run(modules)
+        missing = [t for t in args.tests or [] if not (ROOT / t).is_file()]
+        if missing:
+            parser.error(f"no such test file: {', '.join(missing)}")
+        rows = run(modules, args.tests)
         stamp = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
-                 "seconds": round(time.perf_counter() - start)}
+                 "seconds": round(time.perf_counter() - start),
+                 "suite": " ".join(args.tests) if args.tests else WHOLE_SUITE}
         saved["mutmut"] = version("mutmut")
         saved["modules"].update({name: {**row, **stamp} for name, row in rows.items()})
         RESULTS.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n",

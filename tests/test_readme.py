@@ -121,6 +121,7 @@ def test_the_mutation_tool_table_is_rendered_from_the_saved_results():
         assert r["killed"] + r["survived"] + r["timeout"] + r["no_tests"] <= r["mutants"], name
         assert r["score"] == round(r["killed"] / (r["mutants"] - r["equivalent"]), 4), name
         assert r["survived"] == r["equivalent"] + len(r["untriaged_survivors"]), name
+        assert f"| {r['suite']} | {r['date']}" in block, name  # which tests judged it
     # the issue's flat names all map to today's modules
     assert {m.split(".")[1] for m in mutation_tool.core_modules()} >= {
         "metrics", "losses", "gradcache", "minimind", "expansion", "batching", "loop",
@@ -144,6 +145,23 @@ def test_the_mutation_tool_counts_what_mutmut_recorded(tmp_path):
     assert row["evaluation.metrics"] == {
         "mutants": 7, "killed": 3, "survived": 2, "timeout": 1, "no_tests": 1,
         "equivalent": 1, "score": round(3 / 6, 4), "untriaged_survivors": ["d"]}
+
+
+def test_the_mutation_tool_config_is_toml_that_selects_the_suite():
+    """The [tool.mutmut] block appended to the scratch pyproject: valid TOML, the modules as
+    files, and the tests that judge them (the whole suite unless --tests names files)."""
+    import mutation_tool
+    import tomllib
+
+    whole = tomllib.loads(mutation_tool._config(["evaluation.metrics"], []))["tool"]["mutmut"]
+    assert whole["only_mutate"] == ["retrieval_lib/evaluation/metrics.py"]
+    assert whole["pytest_add_cli_args_test_selection"] == ["tests"]
+    assert whole["pytest_add_cli_args"] == mutation_tool.PYTEST_ARGS
+    some = tomllib.loads(mutation_tool._config(["evaluation.search", "models.losses"],
+                                               ["tests/test_losses.py"]))["tool"]["mutmut"]
+    assert some["only_mutate"] == ["retrieval_lib/evaluation/search.py",
+                                   "retrieval_lib/models/losses.py"]
+    assert some["pytest_add_cli_args_test_selection"] == ["tests/test_losses.py"]
 
 
 def test_every_mutation_still_applies_to_the_library_as_it_is():
