@@ -48,11 +48,56 @@ def test_training_learns_and_keeps_the_best_epoch(tok, tmp_path):
     assert after == pytest.approx(best["val_ndcg@10"], abs=1e-6)
     on_disk = json.loads((tmp_path / "history.json").read_text())
     assert on_disk["best_epoch"] == history["best_epoch"] and (tmp_path / "train.log").exists()
+    # TensorBoard's copy of the history, written by the loop: every step and epoch once
+    events = _read_events(tmp_path / "tensorboard")
+    assert [v for _, v in events["train/loss"]] == pytest.approx(
+        [s["loss"] for s in history["steps"]], rel=1e-6)
+    assert events["epoch/val_ndcg@10"] == [(e["epoch"] * 12, pytest.approx(e["val_ndcg@10"],
+                                                                          rel=1e-6))
+                                           for e in history["epochs"]]
     # linear warm-up over ceil(10% of 48) = 5 steps, then linear decay to 0: after step s the
     # rate is 3e-3 · s/5 for s < 5, else 3e-3 · (48 - s)/43
     lrs = [s["lr"] for s in history["steps"]]
     expected = [3e-3 * (s / 5 if s < 5 else (48 - s) / 43) for s in range(1, 49)]
     assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def _read_events(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a TensorBoard log folder, read back with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_events_hold_the_history_once(tmp_path):
+    """A hand-made history: steps (loss, learning rate, M3 loss parts), epochs at their last
+    step (3 steps per epoch) and an expansion's unfreeze points; written again after a longer
+    history, each step is there once; off, nothing is written."""
+    from retrieval_lib.training import events
+
+    history = {"steps_per_epoch": 3,
+               "steps": [{"step": i, "epoch": 1 + (i - 1) // 3, "loss": 2.0 / i, "lr": 1e-4 * i,
+                          "loss_parts": {"dense": 1.0 / i}} for i in range(1, 4)],
+               "epochs": [{"epoch": 1, "train_loss": 1.2, "val_ndcg@10": 0.25, "best": True,
+                           "trainable_new_layers": [0]}],
+               "unfreeze": [{"stage": 0, "trainable_new_layers": [], "start_step": 0},
+                            {"stage": 1, "trainable_new_layers": [4], "start_step": 2}]}
+    folder = events.write_events(tmp_path, history, enabled=True)
+    got = _read_events(folder)
+    assert set(got) == {"train/loss", "train/lr", "train/loss_dense", "epoch/train_loss",
+                        "epoch/val_ndcg@10", "unfreeze/trainable_new_layers"}
+    assert got["train/loss"] == [(1, 2.0), (2, 1.0), (3, pytest.approx(2 / 3))]
+    assert got["train/lr"] == [(i, pytest.approx(1e-4 * i)) for i in (1, 2, 3)]
+    assert got["epoch/val_ndcg@10"] == [(3, 0.25)]
+    assert got["unfreeze/trainable_new_layers"] == [(0, 0.0), (2, 1.0)]
+    history["steps"].append({"step": 4, "epoch": 2, "loss": 0.4, "lr": 4e-4})
+    events.write_events(tmp_path, history, enabled=True)
+    assert [s for s, _ in _read_events(folder)["train/loss"]] == [1, 2, 3, 4]
+    assert not (tmp_path / "tensorboard.tmp").exists()
+    assert events.write_events(tmp_path / "off", history, enabled=False) is None
+    assert not (tmp_path / "off").exists()
 
 
 def test_early_stopping_and_seeded_reproducibility(tok, tmp_path):

@@ -1,8 +1,8 @@
 """Training: batching, the collator, hard-negative mining, the optimizer step, resuming, the
 loop, and memory and time plans.
 
-Modules, each importing only those before it: ``batching``, ``collator``, ``mining``, ``optim``,
-``resume``, ``loop``, ``memory``, ``stage1``.
+Modules, each importing only those before it: ``batching``, ``collator``, ``events``,
+``mining``, ``optim``, ``resume``, ``loop``, ``memory``, ``stage1``.
 """
 
 from .batching import (
@@ -10,6 +10,9 @@ from .batching import (
 )
 from .collator import (
     draw_negatives, RetrievalCollator, set_seed, steps_per_epoch
+)
+from .events import (
+    EVENTS_DIR, TENSORBOARD, write_events
 )
 from .mining import (
     RANK_RANGE, DenseSearcher, mine_hard_negatives, remine_epoch
@@ -35,7 +38,8 @@ from .stage1 import (
 
 __all__ = [
     "BucketBatchSampler", "batch_plan", "equal_count_edges", "passage_token_lengths",
-    "set_seed", "draw_negatives", "RetrievalCollator", "steps_per_epoch", "DenseSearcher",
+    "set_seed", "draw_negatives", "RetrievalCollator", "steps_per_epoch", "TENSORBOARD",
+    "EVENTS_DIR", "write_events", "DenseSearcher",
     "mine_hard_negatives", "RANK_RANGE", "remine_epoch", "make_optimizer", "make_loss",
     "training_device", "mixed_precision", "enable_checkpointing", "optimizer_step",
     "CHECKPOINTS", "data_fingerprint", "resume_state", "train_retriever",

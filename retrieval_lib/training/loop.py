@@ -39,6 +39,7 @@ from ..settings.distributed import barrier, init_from_env, is_main
 from ..settings.runlock import run_lock
 from .batching import BucketBatchSampler, batch_plan
 from .collator import RetrievalCollator, set_seed
+from .events import write_events
 from .mining import remine_epoch
 from .optim import (
     enable_checkpointing,
@@ -274,6 +275,8 @@ def _end_epoch(run: _Run, validation, epoch: int, losses: list[float], trainable
               "train_samples": len(losses) * run.cfg.batch_size * world,
               "mixed_batches": run.sampler.mixed_batches(epoch)}
     run.history["epochs"].append(record)
+    if run.main:  # TensorBoard's view of the history so far (where tensorboard is installed)
+        write_events(run.out, run.history)
     logger.info("epoch %d: %s", epoch, record)
     if show_progress:
         print(f"epoch {epoch}: train loss {record['train_loss']:.4f}, "
