@@ -6,6 +6,10 @@
     .venv/bin/python benchmarks/demo_ablation.py --only KEY [KEY ...]
                                      # re-measure these rows (and the baseline, which must
                                      # reproduce the saved one) and merge them into the JSON
+    .venv/bin/python benchmarks/demo_ablation.py --stages retromae+contrastive
+                                     # ~20 minutes: the fine-tuning rows again, starting from
+                                     # the shipped stage-1 encoder (the demo's default); writes
+                                     # demo_ablation_stage1.json and its table in docs/stage1.md
 
 Each variant is experiment 4.1.1's demo twin (``minimind27_10k``, demo preset) with one thing
 changed: the demo LM's pretraining (none, shorter, longer, or on a second corpus), the
@@ -31,6 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("demo_ablation.json")
+#: the same rows after stage 1 (``--stages``), and the docs page whose table renders them
+RESULTS_AFTER_STAGES = Path(__file__).with_name("demo_ablation_stage1.json")
+DOC = ROOT / "docs" / "stage1.md"
+TABLE_START, TABLE_END = ("<!-- fine-tuning after stage 1: start -->",
+                          "<!-- fine-tuning after stage 1: end -->")
 
 #: key -> (what changes, in Chinese for the table; pretraining steps or None for the default;
 #: training changes; model changes; training subset or None)
@@ -61,9 +70,13 @@ VARIANTS = {
 SMOKE_VARIANTS = ("baseline", "lr_1e-3", "pretrain_reviews")
 #: Variants whose LM is pretrained on a second corpus too, after the training pool's texts.
 SECOND_CORPUS = {"pretrain_reviews", "pretrain_reviews_12000"}
+#: The rows that keep the LM (so stage 1 starts from the same weights; a row that changes the
+#: model, such as its pooling, gets the stage-1 chain of that model): what ``--stages`` measures.
+FINE_TUNING_VARIANTS = tuple(k for k, v in VARIANTS.items()
+                             if v[1] is None and k not in SECOND_CORPUS)
 
 
-def run(keys, smoke: bool, home: Path) -> dict:
+def run(keys, smoke: bool, home: Path, stages: str = "none") -> dict:
     from retrieval_lib import data, evaluation
     from retrieval_lib.course import experiment
     from retrieval_lib.data import demo_corpus
@@ -73,10 +86,10 @@ def run(keys, smoke: bool, home: Path) -> dict:
     from retrieval_lib.settings import config
 
     config.set_project_home(home)
-    # the fine-tuning recipe on the LM itself, as measured before stage 1 became the demo's
-    # default (benchmarks/stage1_ablation.py measures the stages)
+    # by default the fine-tuning recipe on the LM itself, as measured before stage 1 became the
+    # demo's default (benchmarks/stage1_ablation.py measures the stages); --stages: after them
     base = config.with_overrides(config.get_experiment("minimind27_10k", "demo"),
-                                 pretraining_stages="none")
+                                 pretraining_stages=stages)
     if smoke:  # a sliver of the demo: two epochs of 100 records, 30 pretraining steps
         base = replace(base, data=replace(base.data, val_size=40, test_size=40,
                                           subset_sizes={"10k": 100, "96k": 150, "288k": 200}),
@@ -86,6 +99,7 @@ def run(keys, smoke: bool, home: Path) -> dict:
             "test": baselines.evaluate_bm25(splits.test)}
     out = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "smoke": smoke,
            "experiment": base.name, "cores": os.cpu_count(),
+           "pretraining_stages": list(base.model.pretraining_stages),
            "bm25": {"validation_ndcg@10": bm25["validation"]["aggregate"]["ndcg@10"]["mean"],
                     "test_ndcg@5": bm25["test"]["aggregate"]["ndcg@5"]["mean"]},
            "variants": {}}
@@ -119,6 +133,7 @@ def run(keys, smoke: bool, home: Path) -> dict:
             "extra_pretraining_texts": len(extra),
             "extra_pretraining_chars": sum(map(len, extra)),
             "extra_corpus_report": extra_report and extra_report.to_dict(),
+            "untrained_test_ndcg@5": result["untrained"]["aggregate"]["ndcg@5"]["mean"],
             "epochs_run": len(result["history"]["epochs"]),
             "best_epoch": result["history"]["best_epoch"],
             "validation_ndcg@10": validation["aggregate"]["ndcg@10"]["mean"],
@@ -153,26 +168,77 @@ def merge_results(saved: dict, new: dict) -> dict:
     return {**saved, "variants": {k: rows[k] for k in VARIANTS if k in rows}}
 
 
+def render_table(saved: dict) -> str:
+    """The docs table of the fine-tuning rows after stage 1 (``demo_ablation_stage1.json``)."""
+    bm25 = saved["bm25"]["test_ndcg@5"]
+    model_rows = ", ".join(f"`{k}`" for k, v in saved["variants"].items() if v["model"])
+    lines = [f"Measured {saved['date']} on {saved['cores']} CPU cores, commit "
+             f"`{saved['commit']}`: `python benchmarks/demo_ablation.py --stages "
+             f"{'+'.join(saved['pretraining_stages'])}` wrote "
+             f"`benchmarks/{RESULTS_AFTER_STAGES.name}`, and this table is rendered from it. "
+             f"Experiment 4.1.1's demo twin fine-tuned from the shipped stage-1 encoder (test "
+             f"NDCG@5 before fine-tuning "
+             f"{saved['variants']['baseline']['untrained_test_ndcg@5']:.3f}), one setting "
+             f"changed per row; a row that changes the model ({model_rows}) starts from a "
+             f"stage-1 chain trained with that change, the others from the same one. Δ: the "
+             f"paired difference to the unchanged row on validation, with its p-value. BM25: "
+             f"test NDCG@5 {bm25:.3f}.", "",
+             "| change | validation NDCG@10 | Δ validation | test NDCG@5 | share of BM25 | "
+             "epochs (best) |", "| --- | --- | --- | --- | --- | --- |"]
+    for key, v in saved["variants"].items():
+        what = "不变（demo 的默认配方：1a → 1b → 微调）" if key == "baseline" else v["what"]
+        test = v.get("validation_vs_baseline")
+        delta = "" if test is None else (
+            f"{test['mean_difference']:+.3f} (p {test['p_value']:.2g})"
+            if test["p_value"] >= 0.001 else f"{test['mean_difference']:+.3f} (p < 0.001)")
+        lines.append(f"| {what} | {v['validation_ndcg@10']:.3f} | {delta} | "
+                     f"{v['test_ndcg@5']:.3f} | {v['test_share_of_bm25']:.0%} | "
+                     f"{v['epochs_run']} ({v['best_epoch']}) |")
+    best_key, best = max(saved["variants"].items(), key=lambda kv: kv[1]["validation_ndcg@10"])
+    better = [v["what"] for v in saved["variants"].values()
+              if (t := v.get("validation_vs_baseline")) and t["p_value"] < 0.05
+              and t["mean_difference"] > 0]
+    lines += ["", f"Validation's best row: {best['what']} (test NDCG@5 {best['test_ndcg@5']:.3f}, "
+              f"{best['test_share_of_bm25']:.0%} of BM25's). Rows significantly above the "
+              f"unchanged one on validation (p < 0.05): "
+              f"{', '.join(better) if better else 'none'}."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="three tiny variants, not saved")
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS),
                         help="measure these variants (and the baseline) and merge them into the "
                              "saved table; refused when the baseline no longer reproduces")
+    parser.add_argument("--stages", default="none",
+                        help="start every row from these stages ('retromae+contrastive'): the "
+                             "fine-tuning rows only, saved in " + RESULTS_AFTER_STAGES.name)
     args = parser.parse_args(argv)
-    keys = args.only or (SMOKE_VARIANTS if args.smoke else list(VARIANTS))
+    after = args.stages != "none"
+    keys = args.only or (SMOKE_VARIANTS if args.smoke else
+                         list(FINE_TUNING_VARIANTS if after else VARIANTS))
+    if after and set(keys) - set(FINE_TUNING_VARIANTS):
+        if not args.smoke:
+            parser.error(f"--stages measures the fine-tuning rows only, not "
+                         f"{sorted(set(keys) - set(FINE_TUNING_VARIANTS))}")
+        keys = [k for k in keys if k in FINE_TUNING_VARIANTS]
     if "baseline" not in keys:
         keys = ["baseline", *keys]
     with tempfile.TemporaryDirectory() as home:
-        saved = run(keys, args.smoke, Path(home))
+        saved = run(keys, args.smoke, Path(home), args.stages)
     from retrieval_lib import course
+    from retrieval_lib.results.tables import write_between_markers
 
-    if args.only and not args.smoke and RESULTS.exists():
-        saved = merge_results(json.loads(RESULTS.read_text(encoding="utf-8")), saved)
+    results = RESULTS_AFTER_STAGES if after else RESULTS
+    if args.only and not args.smoke and results.exists():
+        saved = merge_results(json.loads(results.read_text(encoding="utf-8")), saved)
     print(course.ablation_table(saved).to_string())
     if not args.smoke:
-        RESULTS.write_text(json.dumps(saved, ensure_ascii=False, indent=2) + "\n",
+        results.write_text(json.dumps(saved, ensure_ascii=False, indent=2) + "\n",
                            encoding="utf-8")
+        if after:
+            write_between_markers(DOC, TABLE_START, TABLE_END, render_table(saved))
     print(json.dumps(saved, ensure_ascii=False))
     return 0
 

@@ -99,6 +99,23 @@ def test_the_stated_time_of_the_whole_demo_ablation_is_what_its_rows_took():
     assert f"# ~{minutes} minutes on 2 CPU cores" in module.__doc__
 
 
+def test_the_fine_tuning_rows_after_stage_1_are_rendered_from_their_saved_results():
+    """``demo_ablation.py --stages``: the fine-tuning rows only, from the demo's stage-1 start;
+    its unchanged row is the stage ablation's 1a + 1b recipe, so it must equal that saved row to
+    the digit (the same shipped stage-1 runs, the same fine-tuning)."""
+    module = _script("demo_ablation")
+    saved = json.loads(module.RESULTS_AFTER_STAGES.read_text(encoding="utf-8"))
+    assert not saved["smoke"] and saved["pretraining_stages"] == ["retromae", "contrastive"]
+    assert list(saved["variants"]) == list(module.FINE_TUNING_VARIANTS)
+    assert "pretrain_0" not in module.FINE_TUNING_VARIANTS
+    assert _readme_block(module).strip() == module.render_table(saved).strip()
+    stage = json.loads((BENCHMARKS / "stage1_ablation.json").read_text(encoding="utf-8"))
+    same = stage["models"]["minimind27_10k"]["recipes"]["retromae_contrastive"]
+    base = saved["variants"]["baseline"]
+    assert (base["validation_ndcg@10"], base["test_ndcg@5"]) == (same["validation_ndcg@10"],
+                                                                 same["test_ndcg@5"])
+
+
 def _readme_block(module) -> str:
     """The text between a benchmark's table markers on its docs page."""
     readme = module.DOC.read_text(encoding="utf-8")
