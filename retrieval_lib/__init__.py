@@ -52,7 +52,7 @@ MODULES = (
     "training.batching", "training.collator", "training.events", "training.mining",
     "training.optim", "training.resume", "training.loop", "training.memory", "training.stage1",
     "results.runs", "results.tables", "results.baselines", "results.reranker",
-    "serving.export", "serving.onnx_runtime", "serving.index",
+    "serving.export", "serving.card", "serving.onnx_runtime", "serving.index",
     "course.plotting", "course.result_plots", "course.inputs", "course.stage1",
     "course.experiment",
     "course.expansion", "course.ablation", "course.beyond", "course.stage_study", "course.start",

@@ -88,11 +88,12 @@ def to_sentence_transformer(model: DualTowerRetriever, workdir: str | Path):
 
 
 def export_sentence_transformer(model: DualTowerRetriever, path: str | Path,
-                                overwrite: bool = False) -> Path:
+                                overwrite: bool = False, card: str | None = None) -> Path:
     """Write ``model`` as a sentence-transformers folder at ``path``; returns ``path``. The
     folder is written whole or not at all (a failed re-export leaves the previous one), with
     ``checksums.json`` recording each file; a ``path`` holding anything but an earlier export
-    of a retriever is refused unless ``overwrite``."""
+    of a retriever is refused unless ``overwrite``. ``card`` replaces the ``README.md``
+    sentence-transformers writes (:func:`~retrieval_lib.serving.card.model_card`)."""
     import tempfile
 
     path = Path(path)
@@ -105,6 +106,8 @@ def export_sentence_transformer(model: DualTowerRetriever, path: str | Path,
         to_sentence_transformer(model, workdir).save(str(tmp))
         (tmp / "passage_windows.json").write_text(json.dumps(windows, indent=2) + "\n",
                                                   encoding="utf-8")
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         write_checksums(tmp)
     return path
 

