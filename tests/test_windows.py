@@ -237,3 +237,82 @@ def test_aggregation_study_scores_one_saved_retriever_three_ways(tok, tmp_path):
     assert test == evaluation.paired_test(direct["max"]["per_query"]["ndcg@5"],
                                           direct["first"]["per_query"]["ndcg@5"])
     assert len(study["comparisons"]) == 6
+
+
+class _Recording(CharCountRetriever):
+    """CharCountRetriever that records the batch size each tower is called with."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches = []
+
+    def encode_queries(self, texts, batch_size=32):
+        self.batches.append(batch_size)
+        return super().encode_queries(texts)
+
+    def encode_passages(self, texts, batch_size=32):
+        self.batches.append(batch_size)
+        return super().encode_passages(texts)
+
+
+def test_evaluate_retriever_passes_its_settings_to_the_search():
+    """The batch size reaches both towers (32 unless given), a given stride overrides the
+    model's, the metric cut-offs are the ones asked for, the corpus size is reported; a model
+    with no passage_aggregation is read FirstP, a windowed one with no passage_stride gets half
+    a window."""
+    target = "甲乙丙丁戊己庚辛壬癸" + "子丑寅卯辰巳午未申酉" + "量子计算机天地人和亥"
+    split = _split(target)
+    model = _Recording(10, "max", stride=10)
+    out = evaluation.evaluate_retriever(model, split, ks=(1,), batch_size=7, stride=5)
+    assert model.batches == [7, 7] and out["windows"]["stride"] == 5 and out["corpus_size"] == 4
+    assert set(out["per_query"]) == {"mrr", "precision@1", "recall@1", "ndcg@1", "mrr@1"}
+    model.batches.clear()
+    evaluation.evaluate_retriever(model, split)
+    evaluation.retrieve(model, split)
+    assert model.batches == [32] * 4
+    bare = CharCountRetriever(10)
+    del bare.passage_aggregation, bare.passage_stride
+    first = evaluation.evaluate_retriever(bare, split)
+    assert "windows" not in first and first["per_query"]["mrr"]["q0"] == pytest.approx(0.25)
+    unstrided = CharCountRetriever(10, "max")
+    del unstrided.passage_stride
+    assert evaluation.evaluate_retriever(unstrided, split)["windows"]["stride"] == 5
+
+
+class _AngleRetriever:
+    """Passage ``p<j>`` is the unit vector at angle j/100, every query the one at angle 0:
+    passage j ranks j + 1."""
+
+    pooling, passage_aggregation = "mean", "first"
+
+    def encode_queries(self, texts, batch_size=32):
+        return np.tile(np.array([[1.0, 0.0]], dtype=np.float32), (len(texts), 1))
+
+    def encode_passages(self, texts, batch_size=32):
+        angles = np.array([int(t[1:]) / 100 for t in texts])
+        return np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+
+
+def test_a_retriever_is_judged_on_its_top_100_unless_asked_otherwise():
+    """The relevant passage at rank 101 of 150: outside the default top 100 (MRR 0), inside a
+    top 101 (MRR 1/101)."""
+    split = [{"query": "q", "source": "t", "positive_passages": [{"text": "p100"}],
+              "negative_passages": [{"text": f"p{j}"} for j in range(150) if j != 100]}]
+    model = _AngleRetriever()
+    assert evaluation.evaluate_retriever(model, split)["per_query"]["mrr"]["q0"] == 0.0
+    wider = evaluation.evaluate_retriever(model, split, top_k=101)["per_query"]["mrr"]["q0"]
+    assert wider == pytest.approx(1 / 101)
+    _, run, _ = evaluation.retrieve(model, split)
+    assert len(run["q0"]) == 100
+
+
+def test_a_run_from_search_refuses_ids_out_of_step_with_the_scores():
+    """One id per row of scores and one index per score: a caller's mismatch is an error, not a
+    silently shorter run."""
+    scores, indices = np.array([[0.9, 0.5], [0.8, 0.1]]), np.array([[0, 1], [1, 0]])
+    run = evaluation.run_from_search(["a", "b"], ["d0", "d1"], scores, indices)
+    assert run == {"a": {"d0": 0.9, "d1": 0.5}, "b": {"d1": 0.8, "d0": 0.1}}
+    with pytest.raises(ValueError):
+        evaluation.run_from_search(["a"], ["d0", "d1"], scores, indices)
+    with pytest.raises(ValueError):
+        evaluation.run_from_search(["a", "b"], ["d0", "d1"], scores, indices[:, :1])
