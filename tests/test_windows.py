@@ -266,14 +266,17 @@ def test_evaluate_retriever_passes_its_settings_to_the_search():
     out = evaluation.evaluate_retriever(model, split, ks=(1,), batch_size=7, stride=5)
     assert model.batches == [7, 7] and out["windows"]["stride"] == 5 and out["corpus_size"] == 4
     assert set(out["per_query"]) == {"mrr", "precision@1", "recall@1", "ndcg@1", "mrr@1"}
+    first = _Recording(10)  # FirstP: the passages are encoded whole, in batches of 7 too
+    evaluation.evaluate_retriever(first, split, batch_size=7)
+    assert first.batches == [7, 7]
     model.batches.clear()
     evaluation.evaluate_retriever(model, split)
     evaluation.retrieve(model, split)
     assert model.batches == [32] * 4
     bare = CharCountRetriever(10)
     del bare.passage_aggregation, bare.passage_stride
-    first = evaluation.evaluate_retriever(bare, split)
-    assert "windows" not in first and first["per_query"]["mrr"]["q0"] == pytest.approx(0.25)
+    read = evaluation.evaluate_retriever(bare, split)
+    assert "windows" not in read and read["per_query"]["mrr"]["q0"] == pytest.approx(0.25)
     unstrided = CharCountRetriever(10, "max")
     del unstrided.passage_stride
     assert evaluation.evaluate_retriever(unstrided, split)["windows"]["stride"] == 5
