@@ -260,6 +260,29 @@ def test_significance_needs_p_below_alpha_and_an_interval_that_excludes_zero():
     assert evaluation.comparison_sentence("A", "B", no_n, "mrr").startswith("A的 mrr 比B高")
 
 
+def test_system_summaries_are_the_mean_sample_std_and_interval_of_each_metric():
+    """summarize_systems / summarize_metrics, what the figures read: by hand, ndcg@5 of
+    1, 0, .5, .5 has mean .5 and sample std √(.5/3); the interval is the bootstrap's of the
+    same values and seed; without a metric list, every metric of the result."""
+    result = {"per_query": {"ndcg@5": {"a": 1.0, "b": 0.0, "c": 0.5, "d": 0.5},
+                            "mrr": {"a": 1.0, "b": 0.5, "c": 0.5, "d": 0.0}}}
+    summary = evaluation.summarize_systems({"A": result}, ["ndcg@5"], seed=3)
+    low, high = evaluation.bootstrap_ci([1.0, 0.0, 0.5, 0.5], seed=3)
+    assert summary == {"A": {"ndcg@5": {"mean": 0.5, "std": pytest.approx(math.sqrt(0.5 / 3)),
+                                        "ci_low": low, "ci_high": high, "n": 4}}}
+    # the seed reaches the interval (25 distinct values: another seed, another interval)
+    values = {f"q{i}": float(v) for i, v in enumerate(np.random.default_rng(5).random(25))}
+    seeded = evaluation.summarize_systems({"B": {"per_query": {"mrr": values}}}, seed=3)
+    assert (seeded["B"]["mrr"]["ci_low"], seeded["B"]["mrr"]["ci_high"]) == \
+        evaluation.bootstrap_ci(list(values.values()), seed=3) != \
+        evaluation.bootstrap_ci(list(values.values()), seed=0)
+    table = evaluation.summarize_metrics(result)
+    assert list(table.index) == ["ndcg@5", "mrr"]
+    assert table.loc["mrr", "mean"] == 0.5 and table.loc["mrr", "n"] == 4
+    assert (table.loc["mrr", "ci_low"], table.loc["mrr", "ci_high"]) == \
+        evaluation.bootstrap_ci([1.0, 0.5, 0.5, 0.0], seed=0)
+
+
 def test_embeddings_are_judged_on_their_top_100():
     """The default run holds each query's top 100 passages: a relevant passage at rank 101
     is not retrieved (MRR 0, Recall@100 0), one at rank 100 is (MRR 1/100). By hand: one query
