@@ -221,6 +221,12 @@ def test_the_statistics_defaults_are_the_ones_saved_results_were_computed_with()
     b = {q: v - 0.05 + float(rng.normal(0, 0.2)) for q, v in a.items()}
     assert evaluation.paired_test(a, b) == evaluation.paired_test(a, b, n_resamples=10_000,
                                                                   seed=0)
+    # the summaries the figures and tables read use the same seed
+    result = {"per_query": {"mrr": a}}
+    assert evaluation.summarize_systems({"A": result}) == evaluation.summarize_systems(
+        {"A": result}, seed=0)
+    assert evaluation.summarize_metrics(result).equals(evaluation.summarize_metrics(result,
+                                                                                    seed=0))
 
 
 def test_the_paired_test_uses_the_shared_queries_and_its_seed():
