@@ -170,6 +170,8 @@ def merge_results(saved: dict, new: dict) -> dict:
 
 def render_table(saved: dict) -> str:
     """The docs table of the fine-tuning rows after stage 1 (``demo_ablation_stage1.json``)."""
+    from retrieval_lib.course.stage_study import difference_text
+
     bm25 = saved["bm25"]["test_ndcg@5"]
     model_rows = ", ".join(f"`{k}`" for k, v in saved["variants"].items() if v["model"])
     lines = [f"Measured {saved['date']} on {saved['cores']} CPU cores, commit "
@@ -187,10 +189,7 @@ def render_table(saved: dict) -> str:
              "epochs (best) |", "| --- | --- | --- | --- | --- | --- |"]
     for key, v in saved["variants"].items():
         what = "不变（demo 的默认配方：1a → 1b → 微调）" if key == "baseline" else v["what"]
-        test = v.get("validation_vs_baseline")
-        delta = "" if test is None else (
-            f"{test['mean_difference']:+.3f} (p {test['p_value']:.2g})"
-            if test["p_value"] >= 0.001 else f"{test['mean_difference']:+.3f} (p < 0.001)")
+        delta = difference_text(v.get("validation_vs_baseline"), (" (", ")"))
         lines.append(f"| {what} | {v['validation_ndcg@10']:.3f} | {delta} | "
                      f"{v['test_ndcg@5']:.3f} | {v['test_share_of_bm25']:.0%} | "
                      f"{v['epochs_run']} ({v['best_epoch']}) |")

@@ -117,6 +117,12 @@ def with_checkpoint_shape(exp: ExperimentConfig) -> ExperimentConfig:
     return replace(exp, model=model)
 
 
+def _prepared_manifest(exp: ExperimentConfig) -> dict | None:
+    """The manifest of ``exp.data``'s prepared folder, or None before the data is prepared."""
+    path = prepared_dir(exp.data) / "manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def with_prepared_records(exp: ExperimentConfig, manifest: dict | None = None
                           ) -> ExperimentConfig:
     """``exp`` with the training records its subset holds in the prepared data (``manifest``,
@@ -124,11 +130,9 @@ def with_prepared_records(exp: ExperimentConfig, manifest: dict | None = None
     data is not prepared yet). When the data held fewer records than the subset asks for, it
     says so.
     """
+    manifest = manifest or _prepared_manifest(exp)
     if manifest is None:
-        path = prepared_dir(exp.data) / "manifest.json"
-        if not path.exists():
-            return exp
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        return exp
     records = manifest["subset_sizes"][exp.subset]
     if records == exp.prepared_records:
         return exp
@@ -145,9 +149,9 @@ def training_pool(exp: ExperimentConfig) -> tuple[int, bool]:
     record outside validation and test, not only ``exp``'s subset) as the prepared data holds it
     (``known``), or, before the data is prepared, the largest subset's nominal size, a lower
     bound."""
-    path = prepared_dir(exp.data) / "manifest.json"
-    if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))["splits"]["train"], True
+    manifest = _prepared_manifest(exp)
+    if manifest is not None:
+        return manifest["splits"]["train"], True
     return max(exp.data.subset_sizes.values()), False
 
 

