@@ -1,6 +1,7 @@
 """Worker for tests/test_distributed.py, launched by torchrun: one DDP step of a small embedding
 model with cross-device negatives; rank 0 saves the mean loss and the gradients. The helpers
-also give the test its single-process reference on the global batch."""
+also give the test its single-process reference on the global batch. With ``flagembedding``
+the loss is FlagEmbedding's cross-device in-batch-negatives loss instead of the library's."""
 
 import sys
 
@@ -25,7 +26,19 @@ def global_batch(world: int = 2):
             torch.randn(world * N * (1 + K), DIM, generator=g))
 
 
-def main(out_file: str) -> None:
+def flagembedding_loss(q, p):
+    """FlagEmbedding 1.4's loss with ``negatives_cross_device`` (its model's encoder is not
+    used here: the embeddings are given)."""
+    from FlagEmbedding.finetune.embedder.decoder_only.base.modeling import (
+        BiDecoderOnlyEmbedderModel,
+    )
+
+    flag = BiDecoderOnlyEmbedderModel(torch.nn.Identity(), negatives_cross_device=True,
+                                      temperature=TAU)
+    return flag._compute_cross_device_neg_loss(q, p)[1]
+
+
+def main(out_file: str, loss_of: str = "library") -> None:
     from retrieval_lib.models import cross_device_info_nce
     from retrieval_lib.settings import distributed
 
@@ -35,7 +48,9 @@ def main(out_file: str) -> None:
         queries, passages = global_batch(world)
         q = queries[rank * N:(rank + 1) * N]  # the local share of the global batch
         p = passages[rank * N * (1 + K):(rank + 1) * N * (1 + K)]
-        loss = cross_device_info_nce(embed(net, q), embed(net, p), TAU)
+        compute = flagembedding_loss if loss_of == "flagembedding" else (
+            lambda q, p: cross_device_info_nce(q, p, TAU))
+        loss = compute(embed(net, q), embed(net, p))
         loss.backward()  # DDP averages the parameter gradients over the processes
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
@@ -48,4 +63,4 @@ def main(out_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

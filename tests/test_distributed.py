@@ -42,6 +42,25 @@ def test_two_process_step_equals_the_single_process_global_step(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_flagembeddings_cross_device_gradient_is_one_over_world_of_the_global_step(tmp_path):
+    """The difference from FlagEmbedding 1.4 under torchrun, measured with its own code: it
+    gathers the queries as well, so each process's loss is the global batch's mean (the same
+    value as the library's), but gradients flow through the local share only, and DDP's
+    averaging leaves 1/world of the global step's gradient. The library's gradient is the global
+    step's (the test above); AdamW's update is unchanged by the constant factor, up to its ε."""
+    done = _torchrun("ddp_step_worker.py", str(tmp_path / "out.pt"), "flagembedding")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    net = model()
+    queries, passages = global_batch()
+    loss = info_nce(embed(net, queries), embed(net, passages), TAU)
+    loss.backward()
+    assert torch.allclose(result["loss"], loss.detach(), atol=1e-6)
+    for got, want in zip(result["grads"], [p.grad for p in net.parameters()], strict=True):
+        torch.testing.assert_close(got * 2, want, atol=1e-5, rtol=1e-5)
+        assert (got - want).abs().max() > 1e-4  # and the factor is not 1
+
+
 def test_without_a_process_group_it_is_plain_info_nce():
     q, p = torch.randn(2, 4), torch.randn(6, 4)
     assert not distributed.is_distributed()
