@@ -162,6 +162,15 @@ def test_an_exported_run_carries_its_card_and_the_cards_langchain_settings_give_
     q, p = st.encode(QUERIES, **query), st.encode(PASSAGES, **doc)
     assert np.min(np.sum(q * model.encode_queries(QUERIES), axis=1)) >= 0.9999
     assert np.min(np.sum(p * model.encode_passages(PASSAGES), axis=1)) >= 0.9999
+    # the card's FlagEmbedding code, run as written on the folder, gives the same vectors
+    assert verify_checksums(folder / "flagembedding")
+    card = model_card(run, model)
+    code = card.split("FlagEmbedding (the folder")[1].split("```python\n")[1].split("```")[0]
+    scope = {}
+    exec(code.replace("LOCAL_PATH", str(folder)).replace('["查询"]', "QUERIES")
+         .replace('["段落"]', "PASSAGES"), {"QUERIES": QUERIES, "PASSAGES": PASSAGES}, scope)
+    assert np.min(np.sum(scope["q"] * model.encode_queries(QUERIES), axis=1)) >= 0.9999
+    assert np.min(np.sum(scope["p"] * model.encode_passages(PASSAGES), axis=1)) >= 0.9999
 
 
 def test_push_to_hub_checks_the_folder_then_uploads_it(tok, tmp_path, monkeypatch):

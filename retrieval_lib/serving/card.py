@@ -7,8 +7,9 @@ library, pipeline, base model and dataset where they are hub ids, and the test m
 ``model-index`` results) and a page built from the run folder itself (``config.json``,
 ``metrics.json``, ``env.json``): what the model is, the data and sizes it was trained on, its
 settings, the test metrics with their 95% bootstrap intervals, and how to use it from
-sentence-transformers and LangChain. :func:`push_to_hub` uploads such a folder with
-``huggingface_hub`` after checking it against its checksums.
+sentence-transformers, LangChain and FlagEmbedding (the folder ``flagembedding/`` inside,
+:mod:`.flag`, where one FlagEmbedding model can hold the retriever). :func:`push_to_hub` uploads
+such a folder with ``huggingface_hub`` after checking it against its checksums.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from pathlib import Path
 
 from ..evaluation.metrics import HEADLINE_METRICS, summarize_metrics
 from ..models.retriever import DualTowerRetriever
-from ..settings.saved_folder import verify_checksums
+from ..settings.saved_folder import verify_checksums, write_checksums
 from .export import export_sentence_transformer
+from .flag import flagembedding_settings, write_flagembedding
 
-__all__ = ["encode_kwargs", "model_card", "export_run", "push_to_hub"]
+__all__ = ["FLAG_DIR", "encode_kwargs", "model_card", "export_run", "push_to_hub"]
+
+#: The sub-folder of an exported run that FlagEmbedding's embedder classes load.
+FLAG_DIR = "flagembedding"
 
 
 def encode_kwargs(model: DualTowerRetriever) -> tuple[dict, dict]:
@@ -109,19 +114,41 @@ def model_card(run_dir: str | Path, model: DualTowerRetriever | None = None) -> 
         'embeddings = HuggingFaceEmbeddings(model_name="PATH_OR_REPO",',
         f"                                   encode_kwargs={doc!r},",
         f"                                   query_encode_kwargs={query!r})", "```", "",
-        "FlagEmbedding: not supported yet (its embedder classes have no place for the "
-        "projection layer this model ends in).", "",
+        *_flag_usage(model),
         "Passages longer than the passage length are cut (FirstP); `passage_windows.json` says "
         "how the run scored long documents.", ""]
     return "\n".join(lines)
 
 
+def _flag_usage(model: DualTowerRetriever) -> list[str]:
+    """The card's FlagEmbedding section: the class and arguments of :mod:`.flag`."""
+    if model.separate_projections:
+        return ["FlagEmbedding: its embedder classes run one model for queries and passages; "
+                "this one has a projection per tower, so use sentence-transformers.", ""]
+    settings = flagembedding_settings(model)
+    args = ",\n".join(f"{' ' * 4}{k}={v!r}" for k, v in settings["kwargs"].items())
+    return [f"FlagEmbedding (the folder `{FLAG_DIR}/` of a local copy, e.g. "
+            f"`huggingface_hub.snapshot_download`; its code applies the projection, hence "
+            f"`trust_remote_code`):", "", "```python",
+            f"from FlagEmbedding import {settings['class']}", "",
+            f'model = {settings["class"]}("LOCAL_PATH/{FLAG_DIR}",\n{args})',
+            'q = model.encode_queries(["查询"])', 'p = model.encode_corpus(["段落"])',
+            "scores = q @ p.T", "```", ""]
+
+
 def export_run(run_dir: str | Path, path: str | Path, overwrite: bool = False) -> Path:
     """Export the best epoch of ``run_dir`` to ``path`` as a sentence-transformers folder
-    with :func:`model_card` as its ``README.md`` (covered by its ``checksums.json``)."""
+    with :func:`model_card` as its ``README.md`` and, unless the retriever has a projection per
+    tower, the FlagEmbedding folder ``flagembedding/`` (with its own ``checksums.json``), all
+    covered by the folder's ``checksums.json``."""
     model = DualTowerRetriever.load(Path(run_dir) / "best")
-    return export_sentence_transformer(model, path, overwrite,
-                                       card=model_card(run_dir, model))
+
+    def flag_folder(folder: Path) -> None:
+        write_checksums(write_flagembedding(model, folder / FLAG_DIR))
+
+    return export_sentence_transformer(
+        model, path, overwrite, card=model_card(run_dir, model),
+        also=None if model.separate_projections else flag_folder)
 
 
 def push_to_hub(path: str | Path, repo_id: str, private: bool = True, token: str | None = None,

@@ -88,12 +88,15 @@ def to_sentence_transformer(model: DualTowerRetriever, workdir: str | Path):
 
 
 def export_sentence_transformer(model: DualTowerRetriever, path: str | Path,
-                                overwrite: bool = False, card: str | None = None) -> Path:
+                                overwrite: bool = False, card: str | None = None,
+                                also=None) -> Path:
     """Write ``model`` as a sentence-transformers folder at ``path``; returns ``path``. The
     folder is written whole or not at all (a failed re-export leaves the previous one), with
     ``checksums.json`` recording each file; a ``path`` holding anything but an earlier export
     of a retriever is refused unless ``overwrite``. ``card`` replaces the ``README.md``
-    sentence-transformers writes (:func:`~retrieval_lib.serving.card.model_card`)."""
+    sentence-transformers writes (:func:`~retrieval_lib.serving.card.model_card`); ``also``,
+    when given, is called with the folder being written, before the checksums (what
+    :func:`~retrieval_lib.serving.card.export_run` adds: the FlagEmbedding folder)."""
     import tempfile
 
     path = Path(path)
@@ -108,6 +111,8 @@ def export_sentence_transformer(model: DualTowerRetriever, path: str | Path,
                                                   encoding="utf-8")
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
+        if also is not None:
+            also(tmp)
         write_checksums(tmp)
     return path
 
