@@ -220,6 +220,32 @@ def test_step_share_smoke():
     assert r["encoder_share"] == pytest.approx(encoder / step)
     assert r["bound_outside_encoder"] == pytest.approx(step / encoder)
     assert r["passage_tokens"] == 128 and r["compiled_speedup"] is None
+    # how close to the machine: rates are the counted operations over the median times, and
+    # a step (both towers forward, then backward at twice the forward's products) counts at
+    # least three times the passage tower's forward and less than four times
+    use = r["machine_use"]
+    assert 3 <= use["flops"]["step"] / use["flops"]["encode"] < 4
+    assert "fp32" in use["precisions"]
+    for row in use["precisions"].values():
+        for kind in ("step", "encode"):
+            times = sorted(row["seconds"][kind][1:])
+            achieved = use["flops"][kind] / ((times[0] + times[1]) / 2)
+            assert row["achieved_flops"][kind] == pytest.approx(achieved)
+            assert row["share_of_peak"][kind] == pytest.approx(achieved / row["peak_flops"])
+
+
+def test_the_operation_count_covers_the_forward_and_the_backward():
+    """By hand: a bias-free linear layer 8 -> 4 on 3 inputs that need no gradient costs
+    2·3·8·4 = 192 operations forward and as many for the weight's gradient; a product of
+    (5 × 6) and (6 × 7) matrices costs 2·5·6·7 = 420."""
+    import torch
+
+    module = _script("step_share")
+    layer = torch.nn.Linear(8, 4, bias=False)
+    x = torch.randn(3, 8)
+    assert module.counted_flops(lambda: layer(x).sum().backward()) == 384
+    assert module.counted_flops(lambda: layer(x)) == 192
+    assert module.counted_flops(torch.matmul, torch.randn(5, 6), torch.randn(6, 7)) == 420
 
 
 def test_the_step_share_table_is_rendered_from_the_saved_results():
@@ -230,6 +256,52 @@ def test_the_step_share_table_is_rendered_from_the_saved_results():
     block = _readme_block(module)
     assert block.strip() == module.render_table(saved).strip()
     assert f"{r['bound_outside_encoder']:.2f}×" in block
+    # the machine-use table in the same page, and the README's sentence, from the same run
+    page = module.DOC.read_text(encoding="utf-8")
+    table = page.split(module.USE_START)[1].split(module.USE_END)[0]
+    assert table.strip() == module.render_machine_use(saved).strip()
+    readme = module.README.read_text(encoding="utf-8")
+    summary = readme.split(module.SUMMARY_START)[1].split(module.SUMMARY_END)[0]
+    assert summary.strip() == module.render_summary(saved).strip()
+    fp32 = r["machine_use"]["precisions"]["fp32"]["share_of_peak"]["step"]
+    assert f"fp32 {fp32:.0%}" in summary
+
+
+def test_flagembedding_benchmark_smoke(tmp_path):
+    """FlagEmbedding's own fine-tuning and the library's, two steps each at the demo shape:
+    the peer trains on the JSON-lines file the benchmark writes in its format (query, pos, neg
+    with K negatives), and both report what they ran."""
+    module = _script("flagembedding")
+    records = [{"query": "q1", "positive_passages": [{"text": "p1"}],
+                "negative_passages": [{"text": "n1"}, {"text": "n2"}, {"text": "n3"}]}]
+    written = module.write_flag_records(records, 2, tmp_path / "train.jsonl")
+    assert [json.loads(x) for x in written.read_text(encoding="utf-8").splitlines()] == [
+        {"query": "q1", "pos": ["p1"], "neg": ["n1", "n2"]}]
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "flagembedding.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads(out.stdout.strip().splitlines()[-1])
+    (run,) = saved["runs"]
+    assert set(run["results"]) == {"ours", "flag"}
+    assert run["results"]["flag"]["steps"] == 2 and run["results"]["flag"]["items"] == 8
+    assert run["results"]["ours"]["items"] == 8
+
+
+def test_the_flagembedding_table_is_rendered_from_the_saved_results():
+    module = _script("flagembedding")
+    saved = json.loads((BENCHMARKS / "flagembedding.json").read_text(encoding="utf-8"))
+    assert not saved["smoke"] and {(r["shape"], r["precision"]) for r in saved["runs"]} == {
+        (s, p) for s in ("demo", "real") for p in ("fp32", "bf16")}
+    assert _readme_block(module).strip() == module.render_table(saved).strip()
+    for run in saved["runs"]:  # the ratio is to the faster of the peer's two runs
+        r = run["results"]
+        best = max(r["flag"]["per_second"], r["flag+kept"]["per_second"])
+        ratio = module.ratios(saved)[f"{run['shape']} {run['precision']}"]
+        assert ratio == pytest.approx(r["ours"]["per_second"] / best)
+        assert r["flag"]["steps"] == run["steps"]
+    readme = module.README.read_text(encoding="utf-8")
+    assert readme.split(module.SUMMARY_START)[1].split(module.SUMMARY_END)[0].strip() == \
+        module.readme_summary(saved)
 
 
 def test_stage1_ablation_smoke():
