@@ -51,7 +51,7 @@ MODULES = (
     "models.retriever", "models.expansion", "models.pretraining", "models.retromae",
     "training.batching", "training.collator", "training.events", "training.mining",
     "training.optim", "training.resume", "training.loop", "training.memory", "training.stage1",
-    "results.runs", "results.tables", "results.baselines", "results.reranker",
+    "results.runs", "results.cmteb", "results.tables", "results.baselines", "results.reranker",
     "serving.export", "serving.projected_encoder", "serving.flag", "serving.card",
     "serving.onnx_runtime", "serving.index",
     "course.plotting", "course.result_plots", "course.inputs", "course.stage1",

@@ -1,13 +1,18 @@
-"""Results: run folders (their one owner), report tables, baselines (BM25, BGE-M3, hybrid) and
-the cross-encoder reranker.
+"""Results: run folders (their one owner), C-MTEB through mteb, report tables, baselines (BM25,
+BGE-M3, hybrid) and the cross-encoder reranker.
 
-Modules, each importing only those before it: ``runs``, ``tables``, ``baselines``, ``reranker``.
+Modules, each importing only those before it: ``runs``, ``cmteb``, ``tables``, ``baselines``,
+``reranker``.
 """
 
 from .runs import (
     collect_runs, default_output_dir, environment_info, git_commit, load_run, load_summary,
     metrics_block, record_not_run, run_dir, RunError, runs_root, save_baseline_run, save_summary,
     scores_from_block, write_json_files, write_run
+)
+from .cmteb import (
+    CMTEB_FILE, CMTEB_RETRIEVAL, cmteb_table, evaluate_mteb, IN_DOMAIN, local_retrieval_task,
+    MtebRetriever, write_retrieval_folder
 )
 from .tables import (
     KEY_FIGURES, PUBLISHED_RESULTS, data_scaling_groups, efficiency_points, markdown_table,
@@ -28,7 +33,8 @@ __all__ = [
     "environment_info", "default_output_dir", "save_summary", "load_summary", "metrics_block",
     "scores_from_block", "run_dir", "write_run", "load_run", "RunError", "runs_root",
     "save_baseline_run", "record_not_run", "collect_runs", "write_json_files",
-    "git_commit",
+    "git_commit", "CMTEB_RETRIEVAL", "IN_DOMAIN", "CMTEB_FILE", "MtebRetriever",
+    "evaluate_mteb", "write_retrieval_folder", "local_retrieval_task", "cmteb_table",
     "reference_system", "report_table", "markdown_table", "write_markdown_report",
     "report_sources", "KEY_FIGURES",
     "write_between_markers", "save_benchmark", "system_summaries", "efficiency_points",

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..evaluation.metrics import HEADLINE_METRICS, bootstrap_ci, paired_test, summarize_systems
 from ..settings.config import project_root
 from ..settings.provenance import png_text, run_source
+from .cmteb import cmteb_table
 from .runs import environment_info
 
 __all__ = ["reference_system", "report_table", "markdown_table", "write_markdown_report",
@@ -238,6 +239,11 @@ def write_markdown_report(table, preset: str, root: str | os.PathLike | None = N
                + (f" To run it: {row['how_to_run']}." if row.get("how_to_run") else "")
                for name, row in table.iterrows() if row["status"] != "done"]
     notes = (["", "Not in the table's numbers:", ""] + missing) if missing else []
+    cmteb = cmteb_table(runs) if runs is not None else None
+    if cmteb:
+        notes += ["", "## C-MTEB retrieval (mteb)", "", "NDCG@10 of the runs evaluated with "
+                  "`retrieval_lib.results.evaluate_mteb` (mteb's own evaluator; each run's "
+                  "`cmteb.json`).", "", cmteb]
     figures = _key_figures(root / "figures" / preset)
     if figures:
         notes += ["", "## Figures", "", f"Drawn from the same runs by the notebooks (all of them "
