@@ -1,5 +1,6 @@
 """A retriever exported for sentence-transformers encodes exactly as the retriever does."""
 
+import json
 import math
 from dataclasses import replace
 
@@ -118,12 +119,22 @@ def test_the_model_card_is_built_from_the_run_and_the_hub_reads_its_metadata(tok
     from retrieval_lib.serving import model_card
 
     run, model = _run_folder(tmp_path, tok)
+    assert "C-MTEB" not in model_card(run, model)  # not evaluated on it
+    (run / "cmteb.json").write_text(json.dumps({"tasks": {
+        "T2Retrieval": {"split": "dev", "ndcg_at_10": 0.123456},
+        "CovidRetrieval": {"split": "dev", "ndcg_at_10": 0.5}}}), encoding="utf-8")
     card = ModelCard(model_card(run, model))
+    assert "| T2Retrieval | 0.1235 | yes (T2Ranking) |" in card.text
+    assert "| CovidRetrieval | 0.5000 | no |" in card.text
+    assert {(r.dataset_type, r.metric_value) for r in card.data.eval_results
+            if r.dataset_type.startswith("mteb/")} == {("mteb/T2Retrieval", 0.1235),
+                                                       ("mteb/CovidRetrieval", 0.5)}
     data = card.data.to_dict()
     assert (data["language"], data["library_name"], data["pipeline_tag"]) == (
         "zh", "sentence-transformers", "sentence-similarity")
     assert "base_model" not in data and "datasets" not in data  # the demo's are not on the hub
-    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results
+               if not r.dataset_type.startswith("mteb/")}
     assert results == {"recall_at_5": 0.75, "precision_at_5": 0.15, "ndcg_at_5": 0.5,
                        "mrr": 0.5}
     assert f"| ndcg@5 | 0.5000 ± {math.sqrt(0.5 / 3):.4f} |" in card.text

