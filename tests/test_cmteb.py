@@ -20,6 +20,7 @@ from retrieval_lib.results import (
     cmteb_table,
     evaluate_mteb,
     local_retrieval_task,
+    mteb_agreement,
     write_retrieval_folder,
 )
 from retrieval_lib.settings import config
@@ -50,6 +51,11 @@ def test_mtebs_evaluator_gives_the_librarys_metrics_on_the_same_split(tmp_path):
     query_ids, queries, qrels, corpus = qrels_for_split(records)
     folder = write_retrieval_folder(tmp_path / "data", dict(zip(query_ids, queries, strict=True)),
                                     {f"d{j}": t for j, t in enumerate(corpus)}, qrels)
+    agreement = mteb_agreement(model, records, tmp_path / "again")  # what notebook 04 shows
+    assert set(agreement) == {"ndcg@10", "ndcg@5", "recall@5", "precision@5", "mrr@10"}
+    for pair in agreement.values():
+        assert pair["mteb"] == pytest.approx(pair["library"], abs=1e-5)
+    assert agreement["ndcg@5"]["library"] > 0.1
     run = tmp_path / "run"
     run.mkdir()
     saved = evaluate_mteb(model, [local_retrieval_task(folder, "ToyRetrieval")], out_dir=run)

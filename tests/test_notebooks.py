@@ -245,6 +245,15 @@ def check_04(summary, home):
         hybrid["means"]["ndcg@5"] - summary["bm25"]["ndcg@5"], abs=1e-9)
     saved = json.loads((home / "runs" / "demo" / "hybrid" / "config.json").read_text())
     assert saved["dense_run"] == hybrid["dense_run"] and saved["kind"] == "baseline"
+    # mteb's evaluator and the library's on the same test split and dense model agree; the
+    # real C-MTEB tasks are not run offline (nothing saved beside the run)
+    cmteb = summary["cmteb"]
+    assert cmteb["status"] == "not run" and cmteb["tasks"] is None
+    assert set(cmteb["agreement"]) == {"ndcg@10", "ndcg@5", "recall@5", "precision@5", "mrr@10"}
+    for pair in cmteb["agreement"].values():
+        assert pair["mteb"] == pytest.approx(pair["library"], abs=1e-5)
+    assert cmteb["agreement"]["ndcg@5"]["library"] > 0.1  # a trained model, not an empty run
+    assert not (home / "runs" / "demo" / hybrid["dense_run"] / "cmteb.json").exists()
     return ["baselines"]
 
 

@@ -11,8 +11,8 @@ from .runs import (
     scores_from_block, write_json_files, write_run
 )
 from .cmteb import (
-    CMTEB_FILE, CMTEB_RETRIEVAL, cmteb_table, evaluate_mteb, IN_DOMAIN, local_retrieval_task,
-    MtebRetriever, write_retrieval_folder
+    AGREEMENT_METRICS, CMTEB_FILE, CMTEB_RETRIEVAL, cmteb_table, evaluate_mteb, IN_DOMAIN,
+    local_retrieval_task, mteb_agreement, MtebRetriever, write_retrieval_folder
 )
 from .tables import (
     KEY_FIGURES, PUBLISHED_RESULTS, data_scaling_groups, efficiency_points, markdown_table,
@@ -34,7 +34,8 @@ __all__ = [
     "scores_from_block", "run_dir", "write_run", "load_run", "RunError", "runs_root",
     "save_baseline_run", "record_not_run", "collect_runs", "write_json_files",
     "git_commit", "CMTEB_RETRIEVAL", "IN_DOMAIN", "CMTEB_FILE", "MtebRetriever",
-    "evaluate_mteb", "write_retrieval_folder", "local_retrieval_task", "cmteb_table",
+    "evaluate_mteb", "write_retrieval_folder", "local_retrieval_task", "AGREEMENT_METRICS",
+    "mteb_agreement", "cmteb_table",
     "reference_system", "report_table", "markdown_table", "write_markdown_report",
     "report_sources", "KEY_FIGURES",
     "write_between_markers", "save_benchmark", "system_summaries", "efficiency_points",

@@ -28,10 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..evaluation.search import evaluate_retriever, qrels_for_split
 from ..models.retriever import DualTowerRetriever
 
 __all__ = ["CMTEB_RETRIEVAL", "IN_DOMAIN", "CMTEB_FILE", "MtebRetriever", "evaluate_mteb",
-           "write_retrieval_folder", "local_retrieval_task", "cmteb_table"]
+           "write_retrieval_folder", "local_retrieval_task", "AGREEMENT_METRICS",
+           "mteb_agreement", "cmteb_table"]
 
 #: C-MTEB's retrieval tasks, as mteb names them.
 CMTEB_RETRIEVAL = ("T2Retrieval", "MMarcoRetrieval", "DuRetrieval", "CovidRetrieval",
@@ -161,6 +163,25 @@ def local_retrieval_task(folder: str | os.PathLike, name: str, split: str = "tes
             sample_creation=None, bibtex_citation="")
 
     return LocalRetrieval()
+
+
+#: mteb's metric names -> the library's, compared by :func:`mteb_agreement`.
+AGREEMENT_METRICS = {"ndcg_at_10": "ndcg@10", "ndcg_at_5": "ndcg@5", "recall_at_5": "recall@5",
+                     "precision_at_5": "precision@5", "mrr_at_10": "mrr@10"}
+
+
+def mteb_agreement(model: DualTowerRetriever, split, folder: str | os.PathLike,
+                   name: str = "TestSplitRetrieval") -> dict[str, dict[str, float]]:
+    """One split scored twice: by mteb's evaluator (the split written to ``folder`` in mteb's
+    layout, a local task) and by the library (``evaluate_retriever``), same model and corpus.
+    Returns ``{library metric: {"mteb": …, "library": …}}`` for :data:`AGREEMENT_METRICS`."""
+    query_ids, queries, qrels, corpus = qrels_for_split(split)
+    write_retrieval_folder(folder, dict(zip(query_ids, queries, strict=True)),
+                           {f"d{j}": text for j, text in enumerate(corpus)}, qrels)
+    theirs = evaluate_mteb(model, [local_retrieval_task(folder, name)])["tasks"][name]
+    ours = evaluate_retriever(model, split, ks=(5, 10))["aggregate"]
+    return {mine: {"mteb": theirs[key], "library": ours[mine]["mean"]}
+            for key, mine in AGREEMENT_METRICS.items()}
 
 
 def cmteb_table(runs: dict[str, dict], score: str = "ndcg_at_10") -> str | None:
