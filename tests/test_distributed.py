@@ -30,16 +30,23 @@ def _torchrun(worker: str, *args: str, timeout: int = 300) -> subprocess.Complet
 def test_two_process_step_equals_the_single_process_global_step(tmp_path):
     """Launched as users launch it (torchrun; an mp.spawn version aborted now and then inside
     gloo): loss and DDP-averaged gradients of 2 processes equal one process on both shares."""
-    done = _torchrun("ddp_step_worker.py", str(tmp_path / "out.pt"))
+    result, loss, grads = _two_processes_and_the_global_step(tmp_path)
+    assert torch.allclose(result["loss"], loss, atol=1e-6)
+    for got, want in zip(result["grads"], grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _two_processes_and_the_global_step(tmp_path, *worker_args):
+    """What rank 0 of ddp_step_worker.py saved (``worker_args`` choose its loss), and the loss
+    and gradients of one process on the whole global batch with the library's loss."""
+    done = _torchrun("ddp_step_worker.py", str(tmp_path / "out.pt"), *worker_args)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt", weights_only=True)
     net = model()
     queries, passages = global_batch()
     loss = info_nce(embed(net, queries), embed(net, passages), TAU)
     loss.backward()
-    assert torch.allclose(result["loss"], loss.detach(), atol=1e-6)
-    for got, want in zip(result["grads"], [p.grad for p in net.parameters()], strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    return (torch.load(tmp_path / "out.pt", weights_only=True), loss.detach(),
+            [p.grad for p in net.parameters()])
 
 
 def test_flagembeddings_cross_device_gradient_is_one_over_world_of_the_global_step(tmp_path):
@@ -48,15 +55,9 @@ def test_flagembeddings_cross_device_gradient_is_one_over_world_of_the_global_st
     value as the library's), but gradients flow through the local share only, and DDP's
     averaging leaves 1/world of the global step's gradient. The library's gradient is the global
     step's (the test above); AdamW's update is unchanged by the constant factor, up to its ε."""
-    done = _torchrun("ddp_step_worker.py", str(tmp_path / "out.pt"), "flagembedding")
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = torch.load(tmp_path / "out.pt", weights_only=True)
-    net = model()
-    queries, passages = global_batch()
-    loss = info_nce(embed(net, queries), embed(net, passages), TAU)
-    loss.backward()
-    assert torch.allclose(result["loss"], loss.detach(), atol=1e-6)
-    for got, want in zip(result["grads"], [p.grad for p in net.parameters()], strict=True):
+    result, loss, grads = _two_processes_and_the_global_step(tmp_path, "flagembedding")
+    assert torch.allclose(result["loss"], loss, atol=1e-6)
+    for got, want in zip(result["grads"], grads, strict=True):
         torch.testing.assert_close(got * 2, want, atol=1e-5, rtol=1e-5)
         assert (got - want).abs().max() > 1e-4  # and the factor is not 1
 
