@@ -161,3 +161,13 @@ def test_half_precision_scores_are_divided_and_softmaxed_in_float32():
         scores = (qh @ ph.T).float() / 0.05  # the half product, upcast before the division
         expected = F.cross_entropy(scores, losses.positive_columns(6, 12))
         assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_an_empty_batch_and_a_zero_temperature_are_refused_with_their_reason():
+    """Zero queries is refused by name (not a ZeroDivisionError from ``% 0``), and τ = 0 (the
+    boundary: s/τ would be infinite) as well as a negative τ, with the value in the message."""
+    with pytest.raises(ValueError, match="do not divide into 0 groups"):
+        losses.positive_columns(0, 4)
+    for tau in (0.0, -0.05):
+        with pytest.raises(ValueError, match=f"temperature must be positive, got {tau}"):
+            losses.InfoNCELoss(tau)
