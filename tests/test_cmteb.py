@@ -2,17 +2,14 @@
 published layout, checked against the library's own metrics on the same texts."""
 
 import json
-from dataclasses import replace
 
 import mteb
 import numpy as np
 import pytest
-import torch
-from toy import toy_records
+from toy import toy_model, toy_records
 
 from retrieval_lib.data import tokenizer
 from retrieval_lib.evaluation import evaluate_retriever, qrels_for_split
-from retrieval_lib.models import DualTowerRetriever
 from retrieval_lib.results import (
     CMTEB_FILE,
     IN_DOMAIN,
@@ -23,7 +20,6 @@ from retrieval_lib.results import (
     mteb_agreement,
     write_retrieval_folder,
 )
-from retrieval_lib.settings import config
 
 
 def split_and_model(separate_projections):
@@ -34,13 +30,9 @@ def split_and_model(separate_projections):
     texts = [r["query"] for r in records] + [p["text"] for r in records
                                              for p in r["positive_passages"]]
     tok = tokenizer.train_bpe_tokenizer(texts * 3, vocab_size=300)
-    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-                  vocab_size=len(tok), max_query_length=16, max_passage_length=32,
-                  projection_dim=16, separate_projections=separate_projections,
-                  query_instruction="查询：")
-    torch.manual_seed(0)
-    return records, DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False).eval()
+    model = toy_model(tok, max_passage_length=32, separate_projections=separate_projections,
+                      query_instruction="查询：")
+    return records, model.eval()
 
 
 def test_mtebs_evaluator_gives_the_librarys_metrics_on_the_same_split(tmp_path):

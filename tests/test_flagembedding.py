@@ -15,15 +15,14 @@ query's group laid out as ``[positive, negative_1 … negative_K]`` and its labe
   the library's equals it (AdamW's update is unchanged by a constant factor, up to its ε).
 """
 
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from FlagEmbedding.finetune.embedder.decoder_only.base import modeling
-from toy import toy_records, toy_tokenizer
+from toy import toy_model, toy_records, toy_tokenizer
 
-from retrieval_lib.models import DualTowerRetriever, InfoNCELoss, info_nce
+from retrieval_lib.models import InfoNCELoss, info_nce
 from retrieval_lib.settings import config
 
 TAU = 0.05
@@ -41,12 +40,7 @@ def flag_model(encoder, temperature=TAU, pooling="last_token"):
 def retriever(tok):
     """The tests' one-layer MiniMind-shaped retriever, pooling the last token (as FlagEmbedding
     does for decoder LLMs) into a head as wide as the model."""
-    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-                  vocab_size=len(tok), max_query_length=16, max_passage_length=48,
-                  projection_dim=32, pooling="last_token")
-    torch.manual_seed(1)
-    return DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False)
+    return toy_model(tok, seed=1, projection_dim=32, pooling="last_token")
 
 
 def identity_head(retriever):
@@ -129,12 +123,9 @@ def exported_pair(tmp_path, base, pooling, instruction, padding_side="right"):
 
     tok = tokenizer.train_bpe_tokenizer((QUERIES + PASSAGES) * 5, vocab_size=300)
     tok.padding_side = padding_side
-    cfg = replace(base, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, intermediate_size=64, vocab_size=len(tok),
-                  max_query_length=8, max_passage_length=24, projection_dim=16,
-                  pooling=pooling, query_instruction=instruction)
-    torch.manual_seed(0)
-    model = DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False).eval()
+    model = toy_model(tok, base=base, num_hidden_layers=2, max_query_length=8,
+                      max_passage_length=24, pooling=pooling,
+                      query_instruction=instruction).eval()
     with torch.no_grad():  # a bias that matters: the projection's must reach FlagEmbedding
         model.query_projection.bias.normal_(0, 0.5)
     return model, load_flagembedding(export_flagembedding(model, tmp_path / "flag"))
@@ -179,10 +170,7 @@ def test_what_one_flagembedding_model_cannot_hold_is_refused(tmp_path):
     from retrieval_lib.serving import export_flagembedding
 
     tok = tokenizer.train_bpe_tokenizer(QUERIES * 5, vocab_size=200)
-    cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-                  vocab_size=len(tok), projection_dim=16, separate_projections=True)
-    model = DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False)
+    model = toy_model(tok, separate_projections=True)
     with pytest.raises(ValueError, match="separate query and passage projections"):
         export_flagembedding(model, tmp_path / "flag")
     assert not (tmp_path / "flag").exists()

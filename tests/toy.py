@@ -32,11 +32,13 @@ def toy_tokenizer():
     return tokenizer.train_bpe_tokenizer(texts, vocab_size=500)
 
 
-def toy_model(tok, seed=0, hidden_size=32):
-    cfg = replace(config.MINIMIND_27M, hidden_size=hidden_size, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-                  vocab_size=len(tok), max_query_length=16, max_passage_length=48,
-                  projection_dim=16)
+def toy_model(tok, seed=0, hidden_size=32, base=config.MINIMIND_27M, **settings):
+    """A one-layer retriever of ``base``'s architecture; ``settings`` replace any other field
+    of its ``ModelConfig`` (layers, lengths, pooling, projection, instruction)."""
+    cfg = replace(base, **{**dict(hidden_size=hidden_size, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1,
+                                  intermediate_size=64, vocab_size=len(tok), max_query_length=16,
+                                  max_passage_length=48, projection_dim=16), **settings})
     torch.manual_seed(seed)
     return DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False)
 
