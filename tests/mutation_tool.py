@@ -5,6 +5,8 @@
     .venv/bin/python tests/mutation_tool.py evaluation.metrics --tests tests/test_evaluation.py
                                         # judged by these test files only: minutes, a lower
                                         # bound of what the whole suite kills (the row says so)
+    .venv/bin/python tests/mutation_tool.py MODULE --keep /tmp/mm # leave the scratch copy
+                                        # there: `cd /tmp/mm && mutmut show NAME` per survivor
     .venv/bin/python tests/mutation_tool.py --readme            # re-render the table only
 
 Why mutmut (3.x) rather than cosmic-ray: it records, in one instrumented run of the test
@@ -108,12 +110,17 @@ def count(scratch: Path, modules: list[str], triage: dict[str, str]) -> dict[str
     return rows
 
 
-def run(modules: list[str], tests: list[str] | None = None) -> dict[str, dict]:
+def run(modules: list[str], tests: list[str] | None = None,
+        keep: Path | None = None) -> dict[str, dict]:
     """mutmut over ``modules`` in a scratch copy of the checkout, judged by ``tests`` (test
-    files; default: the whole suite of :data:`PYTEST_ARGS`); the counts per module."""
+    files; default: the whole suite of :data:`PYTEST_ARGS`); the counts per module. ``keep``:
+    make the scratch copy there and leave it, to read a survivor with ``mutmut show NAME``
+    (run inside it) while triaging."""
     triage = json.loads(TRIAGE.read_text(encoding="utf-8")) if TRIAGE.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp) / "checkout"
+        scratch = Path(keep) if keep else Path(tmp) / "checkout"
+        if scratch.exists():
+            raise SystemExit(f"{scratch}: already exists; --keep wants a new folder")
         shutil.copytree(ROOT, scratch, ignore=shutil.ignore_patterns(
             ".git", ".venv", "mutants", "runs", "outputs", "data_cache", "build", "__pycache__"))
         with (scratch / "pyproject.toml").open("a", encoding="utf-8") as f:
@@ -148,6 +155,9 @@ def main(argv=None) -> int:
                         "evaluation.metrics")
     parser.add_argument("--tests", nargs="+", metavar="FILE",
                         help="judge the mutants by these test files only (recorded per row)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="leave the scratch copy in DIR (new) to read survivors there with "
+                        "`mutmut show NAME`")
     parser.add_argument("--readme", action="store_true", help="only re-render the table")
     args = parser.parse_args(argv)
     from retrieval_lib.results.runs import git_commit
@@ -167,7 +177,7 @@ def main(argv=None) -> int:
         missing = [t for t in args.tests or [] if not (ROOT / t).is_file()]
         if missing:
             parser.error(f"no such test file: {', '.join(missing)}")
-        rows = run(modules, args.tests)
+        rows = run(modules, args.tests, args.keep)
         stamp = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
                  "seconds": round(time.perf_counter() - start),
                  "suite": " ".join(args.tests) if args.tests else WHOLE_SUITE}

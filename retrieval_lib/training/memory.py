@@ -322,11 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     :data:`GPUS`: ``python -m retrieval_lib memory``."""
     import argparse
 
-    import pandas as pd
-
     argparse.ArgumentParser(description="Memory and time plans of the full preset's "
                             "experiments on each GPU.").parse_args(argv)
-    pd.set_option("display.width", 200)
     for name in EXPERIMENTS:
         exp = get_experiment(name, "full")
         plan = training_plan(exp.model, exp.training, exp.train_size)
