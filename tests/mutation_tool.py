@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,9 +88,60 @@ def _config(modules: list[str], tests: list[str]) -> str:
             'process_isolation = "forkserver"\n')
 
 
-def count(scratch: Path, modules: list[str], triage: dict[str, str]) -> dict[str, dict]:
+#: Functions whose real tests run the library in other processes (torchrun workers): mutmut
+#: maps a test to a function only when the test process itself calls it, so these survive
+#: every in-process suite. :func:`rejudge_in_subprocesses` runs the tests named here against
+#: each such survivor with the mutant active in every process. Keys are mutmut's names of the
+#: functions (``module.x_function``, ``module.xǁClassǁmethod``).
+SUBPROCESS_TESTS = {
+    "retrieval_lib.models.losses.x_cross_device_info_nce": [
+        "tests/test_distributed.py::test_two_process_step_equals_the_single_process_global_step",
+    ],
+    "retrieval_lib.models.gradcache.xǁGradCacheLossǁ__call__": [
+        "tests/test_distributed.py::test_train_retriever_under_torchrun_keeps_the_processes_in_"
+        "step",
+    ],
+}
+
+
+def function_of(mutant: str) -> str:
+    """mutmut's name of the function a mutant belongs to."""
+    return mutant.rsplit("__mutmut_", 1)[0]
+
+
+def rejudge_in_subprocesses(scratch: Path, survivors: list[str],
+                            tests: dict[str, list[str]] | None = None) -> list[str]:
+    """The ``survivors`` (mutmut's names) that fail their function's tests of
+    :data:`SUBPROCESS_TESTS` when run with the mutant active: the tests run in the scratch copy's
+    ``mutants/`` folder with ``MUTANT_UNDER_TEST`` set, which every process they start inherits,
+    and ``PYTHONPATH`` pointing those processes at the mutated copy of the library. The same
+    tests must pass first with no mutant active, or nothing is judged."""
+    tests = SUBPROCESS_TESTS if tests is None else tests
+    chosen = [m for m in survivors if function_of(m) in tests]
+    if not chosen:
+        return []
+    folder = scratch / "mutants"
+
+    def fails(mutant: str, ids: list[str]) -> bool:
+        env = {**os.environ, "MUTANT_UNDER_TEST": mutant, "PYTHONPATH": str(folder),
+               "PY_IGNORE_IMPORTMISMATCH": "1"}
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p",
+                               "no:cacheprovider", *ids], cwd=folder, env=env,
+                              capture_output=True, text=True)
+        return done.returncode != 0
+
+    for ids in {tuple(tests[function_of(m)]) for m in chosen}:
+        if fails("", list(ids)):
+            raise RuntimeError(f"{' '.join(ids)} fail(s) with no mutant active in {folder}; "
+                               f"nothing re-judged")
+    return [m for m in chosen if fails(m, tests[function_of(m)])]
+
+
+def count(scratch: Path, modules: list[str], triage: dict[str, str],
+          killed_in_subprocesses: Sequence[str] = ()) -> dict[str, dict]:
     """Per module, the outcome of every mutant from mutmut's own records (its ``.meta`` files
-    and its exit-code table), with the survivors named."""
+    and its exit-code table), with the survivors named; ``killed_in_subprocesses``
+    (:func:`rejudge_in_subprocesses`) count as killed, and the row says how many."""
     from mutmut.stats import status_by_exit_code
 
     rows = {}
@@ -97,6 +150,8 @@ def count(scratch: Path, modules: list[str], triage: dict[str, str]) -> dict[str
         codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"] \
             if meta.exists() else {}
         status = {key: status_by_exit_code[code] for key, code in codes.items()}
+        outside = [k for k in killed_in_subprocesses if status.get(k) == "survived"]
+        status.update({k: "killed" for k in outside})
         survived = sorted(k for k, s in status.items() if s == "survived")
         equivalent = sorted(k for k in survived if k in triage)
         killed = sum(s == "killed" for s in status.values())
@@ -107,6 +162,8 @@ def count(scratch: Path, modules: list[str], triage: dict[str, str]) -> dict[str
                       "equivalent": len(equivalent),
                       "score": round(killed / judged, 4) if judged else None,
                       "untriaged_survivors": [k for k in survived if k not in triage]}
+        if outside:
+            rows[name]["killed_in_subprocesses"] = len(outside)
     return rows
 
 
@@ -127,7 +184,9 @@ def run(modules: list[str], tests: list[str] | None = None,
             f.write(_config(modules, tests or []))
         mutmut = Path(sys.executable).with_name("mutmut")
         subprocess.run([str(mutmut), "run"], cwd=scratch, check=True)
-        return count(scratch, modules, triage)
+        survivors = [m for row in count(scratch, modules, {}).values()
+                     for m in row["untriaged_survivors"]]
+        return count(scratch, modules, triage, rejudge_in_subprocesses(scratch, survivors))
 
 
 def render_table(saved: dict) -> str:
@@ -143,9 +202,11 @@ def render_table(saved: dict) -> str:
             lines.append(f"| `{name}` | not run yet |  |  |  |  |  |  |  |  |")
             continue
         score = f"{r['score']:.0%}" if r["score"] is not None else "—"
+        outside = (f" (+ torchrun tests: {r['killed_in_subprocesses']} killed)"
+                   if r.get("killed_in_subprocesses") else "")
         lines.append(f"| `{name}` | {r['mutants']} | {r['killed']} | {r['survived']} | "
                      f"{r['timeout']} | {r['no_tests']} | {r['equivalent']} | {score} | "
-                     f"{r['suite']} | {r['date']}, `{r['commit'][:10]}` |")
+                     f"{r['suite']}{outside} | {r['date']}, `{r['commit'][:10]}` |")
     return "\n".join(lines)
 
 
@@ -177,8 +238,9 @@ def main(argv=None) -> int:
         missing = [t for t in args.tests or [] if not (ROOT / t).is_file()]
         if missing:
             parser.error(f"no such test file: {', '.join(missing)}")
+        commit = git_commit()  # of the tree the scratch copy is made from, before any edit
         rows = run(modules, args.tests, args.keep)
-        stamp = {"date": time.strftime("%Y-%m-%d"), "commit": git_commit(),
+        stamp = {"date": time.strftime("%Y-%m-%d"), "commit": commit,
                  "seconds": round(time.perf_counter() - start),
                  "suite": " ".join(args.tests) if args.tests else WHOLE_SUITE}
         saved["mutmut"] = version("mutmut")

@@ -108,3 +108,102 @@ def test_a_token_budget_chunks_only_the_batches_that_exceed_it():
     assert GradCacheLoss(InfoNCELoss(0.05), token_budget=1).chunk_rows(pi) == 1
     with pytest.raises(ValueError, match="must be positive"):
         GradCacheLoss(InfoNCELoss(0.05))
+
+
+def _plain_step(model, qi, pi):
+    """Loss and gradients of the inner loss on the whole batch (its own backward)."""
+    from retrieval_lib.models import InfoNCELoss
+
+    model.zero_grad(set_to_none=True)
+    out = InfoNCELoss(0.05)(model, qi, pi)
+    out.loss.backward()
+    grads = {n: t.grad.clone() for n, t in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out.loss.item(), grads
+
+
+class _Entered:
+    """A context manager that counts how often it is entered (autocast's and no_sync's place)."""
+
+    def __init__(self):
+        self.times = 0
+
+    def __enter__(self):
+        self.times += 1
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_chunk_size_chunks_every_batch_and_is_not_sub_batching():
+    """``chunk_size`` fixes the chunks (GradCache as configured), whatever the batch; only the
+    token budget's chunking is BGE-M3's sub-batching, counted in ``sub_batched_steps``."""
+    from retrieval_lib.models import GradCacheLoss, InfoNCELoss
+
+    model = _model(0.0)
+    qi, pi = model.tokenize(TEXTS[:4], "query"), model.tokenize(TEXTS, "passage")
+    loss, expected = _plain_step(model, qi, pi)
+    fixed = GradCacheLoss(InfoNCELoss(0.05), chunk_size=3, token_budget=10**6)
+    assert fixed.chunk_rows(pi) == 3
+    out = fixed(model, qi, pi)
+    assert out.backward_done and fixed.sub_batched_steps == 0
+    assert out.loss.item() == pytest.approx(loss, abs=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_token_budget_boundary_and_bad_settings():
+    from retrieval_lib.models import GradCacheLoss, InfoNCELoss
+
+    model = _model(0.0)
+    pi = model.tokenize(TEXTS, "passage")
+    rows, width = pi["input_ids"].shape
+    assert GradCacheLoss(InfoNCELoss(0.05), token_budget=rows * width).chunk_rows(pi) is None
+    # one position short: as many whole texts as the budget holds
+    assert GradCacheLoss(InfoNCELoss(0.05),
+                         token_budget=rows * width - 1).chunk_rows(pi) == rows - 1
+    for chunk_size, budget in ((-1, 5), (5, -1), (0, 0)):
+        with pytest.raises(ValueError, match=f"got {chunk_size} and {budget}"):
+            GradCacheLoss(InfoNCELoss(0.05), chunk_size=chunk_size, token_budget=budget)
+
+
+def test_the_cached_step_runs_every_pass_under_autocast_and_carries_the_scale():
+    """Queries 4 in chunks of 3 (2 chunks), passages 8 (3 chunks): 5 embeddings without a graph
+    and the same 5 again with one, each inside the autocast context; the scale multiplies every
+    gradient."""
+    from retrieval_lib.models import GradCacheLoss, InfoNCELoss
+
+    model = _model(0.0)
+    qi, pi = model.tokenize(TEXTS[:4], "query"), model.tokenize(TEXTS, "passage")
+    _, expected = _plain_step(model, qi, pi)
+    autocast = _Entered()
+    GradCacheLoss(InfoNCELoss(0.05), chunk_size=3)(model, qi, pi, autocast=autocast,
+                                                   scale=lambda loss: 4 * loss)
+    assert autocast.times == 10
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, 4 * expected[name], atol=1e-5, rtol=1e-4,
+                                   msg=name)
+
+
+def test_under_a_ddp_wrapper_the_chunks_run_without_its_hooks_on_the_wrapped_model():
+    """A DDP-wrapped model (here a stand-in with ``module`` and ``no_sync``, no process group):
+    the chunked passes run on the wrapped module inside one ``no_sync`` (DDP's hooks would
+    all-reduce after every chunk's backward); without a process group nothing is averaged."""
+    from retrieval_lib.models import GradCacheLoss, InfoNCELoss
+
+    model = _model(0.0)
+    qi, pi = model.tokenize(TEXTS[:4], "query"), model.tokenize(TEXTS, "passage")
+    loss, expected = _plain_step(model, qi, pi)
+    sync = _Entered()
+
+    class Wrapper:
+        module = model
+
+        def no_sync(self):
+            return sync
+
+    out = GradCacheLoss(InfoNCELoss(0.05), chunk_size=3)(Wrapper(), qi, pi)
+    assert sync.times == 1 and out.backward_done
+    assert out.loss.item() == pytest.approx(loss, abs=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -171,3 +171,68 @@ def test_an_empty_batch_and_a_zero_temperature_are_refused_with_their_reason():
     for tau in (0.0, -0.05):
         with pytest.raises(ValueError, match=f"temperature must be positive, got {tau}"):
             losses.InfoNCELoss(tau)
+
+
+def test_random_batch_draws_the_query_first_then_the_passages_and_mixes_by_the_noise():
+    """The seeded draws notebook 02 rests on: ``q`` is the first (N, d) normal draw of the
+    seed's generator, normalised, in float64; the passages the second, (N, 1+K, d). Without
+    noise they are that draw normalised; with noise the positive (column 0) / hard negatives
+    (columns 1..K) of query i are normalize(q_i + noise·normalize(draw))."""
+    n, k, d, seed = 3, 2, 16, 5
+    g = torch.Generator().manual_seed(seed)
+    q_draw = torch.randn(n, d, generator=g, dtype=torch.float64)
+    p_draw = torch.randn(n, 1 + k, d, generator=g, dtype=torch.float64)
+
+    def unit(x):
+        return x / x.norm(dim=-1, keepdim=True)
+
+    q, p = losses.random_batch(n, k, d, seed)
+    assert q.dtype == p.dtype == torch.float64 and p.shape == (n * (1 + k), d)
+    torch.testing.assert_close(q, unit(q_draw), rtol=0, atol=1e-12)
+    torch.testing.assert_close(p, unit(p_draw).reshape(-1, d), rtol=0, atol=1e-12)
+    q, p = losses.random_batch(n, k, d, seed, positive_noise=0.3, hard_negative_noise=2.0)
+    mixed = torch.cat([unit(q_draw)[:, None] + 0.3 * unit(p_draw[:, :1]),
+                       unit(q_draw)[:, None] + 2.0 * unit(p_draw[:, 1:])], dim=1)
+    torch.testing.assert_close(p, unit(mixed).reshape(-1, d), rtol=0, atol=1e-12)
+    # one of the two noises alone leaves the other columns as drawn
+    _, p = losses.random_batch(n, k, d, seed, hard_negative_noise=2.0)
+    rows = p.reshape(n, 1 + k, d)
+    torch.testing.assert_close(rows[:, 0], unit(p_draw[:, 0]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rows[:, 1:], unit(mixed[:, 1:]), rtol=0, atol=1e-12)
+    q32, _ = losses.random_batch(n, k, d, seed, dtype=torch.float32)
+    assert q32.dtype == torch.float32
+
+
+def _descent_by_hand(q, p, tau, steps, lr):
+    """Plain gradient descent on raw q, p (normalised inside the loss), written from the
+    definition: cross-entropy of the similarities / τ against each query's positive column."""
+    q, p = q.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    n, group = q.shape[0], p.shape[0] // q.shape[0]
+    target = torch.arange(n) * group
+    rows = []
+    for step in range(steps + 1):
+        s = F.normalize(q, dim=1) @ F.normalize(p, dim=1).T
+        loss = F.cross_entropy(s / tau, target)
+        positive = torch.zeros_like(s, dtype=torch.bool)
+        positive[torch.arange(n), target] = True
+        rows.append((step, loss.item(), s[positive].mean().item(), s[~positive].mean().item()))
+        gq, gp = torch.autograd.grad(loss, (q, p))
+        q = (q - lr * gq).detach().requires_grad_(True)
+        p = (p - lr * gp).detach().requires_grad_(True)
+    return rows
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"steps": 3, "lr": 0.05}])
+def test_optimise_embeddings_equals_gradient_descent_by_hand(kwargs):
+    """Every step's loss and mean positive / negative similarity, float64, with the defaults
+    (20 steps, lr 0.5) and other settings; the inputs are left as they were."""
+    q, p = losses.random_batch(3, 1, 8, seed=2)
+    before = (q.clone(), p.clone())
+    history = losses.optimise_embeddings(q, p, 0.1, **kwargs)
+    expected = _descent_by_hand(q, p, 0.1, kwargs.get("steps", 20), kwargs.get("lr", 0.5))
+    got = [(h["step"], h["loss"], h["mean_positive_similarity"], h["mean_negative_similarity"])
+           for h in history]
+    assert len(got) == len(expected)
+    for row, want in zip(got, expected, strict=True):
+        assert row == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert torch.equal(q, before[0]) and torch.equal(p, before[1])

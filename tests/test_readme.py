@@ -121,7 +121,10 @@ def test_the_mutation_tool_table_is_rendered_from_the_saved_results():
         assert r["killed"] + r["survived"] + r["timeout"] + r["no_tests"] <= r["mutants"], name
         assert r["score"] == round(r["killed"] / (r["mutants"] - r["equivalent"]), 4), name
         assert r["survived"] == r["equivalent"] + len(r["untriaged_survivors"]), name
-        assert f"| {r['suite']} | {r['date']}" in block, name  # which tests judged it
+        # which tests judged it, and how many survivors its torchrun tests killed
+        outside = (f" (+ torchrun tests: {r['killed_in_subprocesses']} killed)"
+                   if r.get("killed_in_subprocesses") else "")
+        assert f"| {r['suite']}{outside} | {r['date']}" in block, name
     # the issue's flat names all map to today's modules
     assert {m.split(".")[1] for m in mutation_tool.core_modules()} >= {
         "metrics", "losses", "gradcache", "minimind", "expansion", "batching", "loop",
@@ -145,6 +148,53 @@ def test_the_mutation_tool_counts_what_mutmut_recorded(tmp_path):
     assert row["evaluation.metrics"] == {
         "mutants": 7, "killed": 3, "survived": 2, "timeout": 1, "no_tests": 1,
         "equivalent": 1, "score": round(3 / 6, 4), "untriaged_survivors": ["d"]}
+
+
+def test_survivors_killed_by_subprocess_tests_count_as_killed(tmp_path):
+    import json
+
+    import mutation_tool
+
+    pytest.importorskip("mutmut")
+    meta = tmp_path / "mutants" / "retrieval_lib" / "evaluation" / "metrics.py.meta"
+    meta.parent.mkdir(parents=True)
+    codes = {"a": 1, "b": 1, "c": 1, "d": 0, "e": 0, "f": 36, "g": 33}
+    meta.write_text(json.dumps({"exit_code_by_key": codes}), encoding="utf-8")
+    # "d" killed under torchrun; "a" (already killed) and "x" (not this module's) change nothing
+    row = mutation_tool.count(tmp_path, ["evaluation.metrics"], {"e": "same result"},
+                              killed_in_subprocesses=["d", "a", "x"])
+    assert row["evaluation.metrics"] == {
+        "mutants": 7, "killed": 4, "survived": 1, "timeout": 1, "no_tests": 1,
+        "equivalent": 1, "score": round(4 / 6, 4), "untriaged_survivors": [],
+        "killed_in_subprocesses": 1}
+
+
+def test_subprocess_tests_judge_survivors_with_the_mutant_active_in_every_process(tmp_path):
+    """A fabricated scratch copy: the function returns 2 under its mutant 1 (as mutmut's
+    trampoline does, from MUTANT_UNDER_TEST), and the test checks it in a child process started
+    from another folder, which finds the mutated copy only through PYTHONPATH."""
+    import mutation_tool
+
+    folder = tmp_path / "mutants"
+    (folder / "tests").mkdir(parents=True)
+    (folder / "under_test.py").write_text(
+        "import os\n\ndef value():\n"
+        "    return 2 if os.environ.get('MUTANT_UNDER_TEST') == 'under_test.x_value__mutmut_1'"
+        " else 1\n", encoding="utf-8")
+    (folder / "tests" / "test_child.py").write_text(
+        "import subprocess, sys\n\ndef test_child():\n"
+        "    code = 'import under_test; assert under_test.value() == 1'\n"
+        "    assert subprocess.run([sys.executable, '-c', code], cwd='/').returncode == 0\n"
+        "\ndef test_broken():\n    assert False\n", encoding="utf-8")
+    tests = {"under_test.x_value": ["tests/test_child.py::test_child"]}
+    survivors = ["under_test.x_value__mutmut_1", "under_test.x_value__mutmut_2",
+                 "other.x_f__mutmut_1"]
+    assert mutation_tool.rejudge_in_subprocesses(tmp_path, survivors, tests) == [
+        "under_test.x_value__mutmut_1"]
+    with pytest.raises(RuntimeError, match="no mutant active"):
+        mutation_tool.rejudge_in_subprocesses(
+            tmp_path, survivors, {"under_test.x_value": ["tests/test_child.py::test_broken"]})
+    assert mutation_tool.function_of("m.xǁCǁ__call____mutmut_12") == "m.xǁCǁ__call__"
 
 
 def test_the_mutation_tool_config_is_toml_that_selects_the_suite():
