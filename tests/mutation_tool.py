@@ -98,8 +98,8 @@ SUBPROCESS_TESTS = {
         "tests/test_distributed.py::test_two_process_step_equals_the_single_process_global_step",
     ],
     "retrieval_lib.models.gradcache.xǁGradCacheLossǁ__call__": [
-        "tests/test_distributed.py::test_train_retriever_under_torchrun_keeps_the_processes_in_"
-        "step",
+        f"tests/test_distributed.py::test_train_retriever_under_torchrun_keeps_the_processes_in_"
+        f"step[{chunking}]" for chunking in ("grad-cache", "sub-batches")
     ],
 }
 
@@ -189,6 +189,17 @@ def run(modules: list[str], tests: list[str] | None = None,
         return count(scratch, modules, triage, rejudge_in_subprocesses(scratch, survivors))
 
 
+def retriage(row: dict, triage: dict[str, str]) -> dict:
+    """``row`` (a saved module row) with its untriaged survivors that ``triage`` now names
+    counted as equivalent, and its score recomputed; what mutmut measured is unchanged."""
+    judged = [m for m in row["untriaged_survivors"] if m in triage]
+    row["untriaged_survivors"] = [m for m in row["untriaged_survivors"] if m not in triage]
+    row["equivalent"] += len(judged)
+    rest = row["mutants"] - row["equivalent"]
+    row["score"] = round(row["killed"] / rest, 4) if rest else None
+    return row
+
+
 def render_table(saved: dict) -> str:
     lines = [f"mutmut {saved['mutmut']}, measured per module (date and commit in each row) "
              f"by `tests/mutation_tool.py`; score = killed / (mutants − equivalent). Survivors "
@@ -220,6 +231,9 @@ def main(argv=None) -> int:
                         help="leave the scratch copy in DIR (new) to read survivors there with "
                         "`mutmut show NAME`")
     parser.add_argument("--readme", action="store_true", help="only re-render the table")
+    parser.add_argument("--retriage", action="store_true",
+                        help="count the saved rows' survivors that the triage file now judges "
+                        "equivalent as such (no run), then re-render the table")
     args = parser.parse_args(argv)
     from retrieval_lib.results.runs import git_commit
     from retrieval_lib.results.tables import write_between_markers
@@ -230,7 +244,13 @@ def main(argv=None) -> int:
         parser.error(f"not a core module: {', '.join(unknown)}")
     saved = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {
         "mutmut": None, "modules": {}}
-    if not args.readme:
+    if args.retriage:
+        triage = json.loads(TRIAGE.read_text(encoding="utf-8"))
+        for row in saved["modules"].values():
+            retriage(row, triage)
+        RESULTS.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n",
+                           encoding="utf-8")
+    elif not args.readme:
         from importlib.metadata import version
 
         modules = args.modules or list(core)

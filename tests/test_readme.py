@@ -169,6 +169,16 @@ def test_survivors_killed_by_subprocess_tests_count_as_killed(tmp_path):
         "killed_in_subprocesses": 1}
 
 
+def test_retriage_moves_newly_judged_survivors_to_the_equivalents():
+    import mutation_tool
+
+    row = {"mutants": 10, "killed": 6, "survived": 3, "timeout": 0, "no_tests": 1,
+           "equivalent": 1, "score": round(6 / 9, 4), "untriaged_survivors": ["b", "c"]}
+    assert mutation_tool.retriage(dict(row), {"b": "same", "z": "other module"}) == {
+        **row, "equivalent": 2, "score": 0.75, "untriaged_survivors": ["c"]}
+    assert mutation_tool.retriage(dict(row), {}) == row
+
+
 def test_subprocess_tests_judge_survivors_with_the_mutant_active_in_every_process(tmp_path):
     """A fabricated scratch copy: the function returns 2 under its mutant 1 (as mutmut's
     trampoline does, from MUTANT_UNDER_TEST), and the test checks it in a child process started
