@@ -62,6 +62,36 @@ def test_flagembeddings_cross_device_gradient_is_one_over_world_of_the_global_st
         assert (got - want).abs().max() > 1e-4  # and the factor is not 1
 
 
+def test_grad_cache_under_torchrun_chunks_on_every_process_when_one_must(tmp_path):
+    """A token budget that rank 0's passages exceed and rank 1's fit: both processes chunk (one
+    all-reduce decides), so their collectives match, and the averaged gradients are those of one
+    process on the global batch; when both fit, neither chunks."""
+    import ddp_gradcache_worker as worker
+
+    model = worker.worker_model(worker.records())
+    cells = {rank: {long: model.tokenize(worker.batch(rank, long)[1], "passage")["input_ids"]
+                    .numel() for long in (True, False)} for rank in (0, 1)}
+    budget = max(cells[0][False], cells[1][False])
+    assert cells[0][True] > budget  # rank 0's long passages exceed it, every short batch fits
+    done = _torchrun("ddp_gradcache_worker.py", str(tmp_path / "out.pt"), str(budget),
+                     timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    # after step 1 both ranks have chunked once; step 2 adds nothing
+    assert result["sub_batched_steps"] == [[1, 1], [1, 1]]
+    for step, longs in enumerate(worker.steps()):
+        shares = [worker.batch(rank, longs[rank]) for rank in (0, 1)]
+        queries = [t for q, _ in shares for t in q]
+        passages = [t for _, p in shares for t in p]
+        model.zero_grad(set_to_none=True)
+        q, p = model(model.tokenize(queries, "query"), model.tokenize(passages, "passage"))
+        loss = info_nce(q, p, worker.TAU)
+        loss.backward()
+        assert result["losses"][step].item() == pytest.approx(loss.item(), abs=1e-5)
+        for got, param in zip(result["grads"][step], model.parameters(), strict=True):
+            torch.testing.assert_close(got, param.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_without_a_process_group_it_is_plain_info_nce():
     q, p = torch.randn(2, 4), torch.randn(6, 4)
     assert not distributed.is_distributed()

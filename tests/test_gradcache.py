@@ -13,11 +13,12 @@ TEXTS = ["长江流域今年防汛形势严峻", "黄河下游引水灌溉", "�
          "铁路春运客流创新高", "港口吞吐量稳步增长", "农业生产喜获丰收", "气象部门发布寒潮预警"]
 
 
-def _model(dropout: float):
+def _model(dropout: float, separate_projections: bool = False):
     tok = tokenizer.train_bpe_tokenizer(TEXTS * 4, vocab_size=300)
     cfg = replace(config.MINIMIND_27M, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, intermediate_size=64, vocab_size=len(tok),
-                  max_query_length=12, max_passage_length=24, projection_dim=16)
+                  max_query_length=12, max_passage_length=24, projection_dim=16,
+                  separate_projections=separate_projections)
     torch.manual_seed(0)
     model = DualTowerRetriever.from_config(cfg, tokenizer=tok, pretrained=False)
     model.encoder.config.attention_dropout = dropout
@@ -207,3 +208,63 @@ def test_under_a_ddp_wrapper_the_chunks_run_without_its_hooks_on_the_wrapped_mod
     assert out.loss.item() == pytest.approx(loss, abs=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_each_tower_keeps_its_projection_in_both_passes():
+    """With one projection per tower, queries and passages must be embedded by their own tower
+    in the graph-free pass and in the replay, or the loss and gradients change."""
+    from retrieval_lib.models import GradCacheLoss, InfoNCELoss
+
+    model = _model(0.0, separate_projections=True)
+    qi, pi = model.tokenize(TEXTS[:4], "query"), model.tokenize(TEXTS, "passage")
+    loss, expected = _plain_step(model, qi, pi)
+    out = GradCacheLoss(InfoNCELoss(0.05), chunk_size=3)(model, qi, pi)
+    assert out.loss.item() == pytest.approx(loss, abs=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert model.passage_projection.weight.grad.abs().sum() > 0
+
+
+def test_a_batch_within_the_budget_runs_whole_under_autocast_and_chunked_steps_add_up():
+    from retrieval_lib.models import GradCacheLoss, InfoNCELoss
+
+    model = _model(0.0)
+    qi, pi = model.tokenize(TEXTS[:4], "query"), model.tokenize(TEXTS, "passage")
+    rows, width = pi["input_ids"].shape
+    autocast = _Entered()
+    whole = GradCacheLoss(InfoNCELoss(0.05), token_budget=rows * width)
+    assert not whole(model, qi, pi, autocast=autocast).backward_done
+    assert autocast.times == 1  # the inner loss's one forward pass
+    tight = GradCacheLoss(InfoNCELoss(0.05), token_budget=width)
+    for _ in range(2):
+        tight(model, qi, pi)
+    assert tight.sub_batched_steps == 2
+
+
+def test_one_token_passages_are_chunked_by_the_budget_itself():
+    from retrieval_lib.models import GradCacheLoss, InfoNCELoss
+
+    one_token = {"input_ids": torch.zeros(8, 1, dtype=torch.long)}
+    assert GradCacheLoss(InfoNCELoss(0.05), token_budget=3).chunk_rows(one_token) == 3
+
+
+def test_the_random_state_helpers_carry_the_cuda_generator_of_a_cuda_device(monkeypatch):
+    """GPU-only: on a CUDA device the CUDA generator's state is saved and restored with the
+    CPU's, for that device (CUDA stand-ins record the calls; no GPU is needed)."""
+    from retrieval_lib.models import gradcache
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: ("cuda state", device))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: calls.append((state, device)))
+    gpu = torch.device("cuda", 1)
+    cpu_state, cuda_state = gradcache._rng_state(gpu)
+    assert torch.equal(cpu_state, torch.get_rng_state()) and cuda_state == ("cuda state", gpu)
+    assert gradcache._rng_state(torch.device("cpu"))[1] is None
+    torch.manual_seed(3)
+    saved = torch.get_rng_state()
+    torch.rand(5)
+    gradcache._set_rng_state((saved, "saved cuda state"), gpu)
+    assert torch.equal(torch.get_rng_state(), saved) and calls == [("saved cuda state", gpu)]
+    gradcache._set_rng_state((saved, None), torch.device("cpu"))
+    assert len(calls) == 1
