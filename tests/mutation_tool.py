@@ -23,6 +23,8 @@ tests" (no selected test calls the function) and the survivors judged equivalent
 ``tests/mutation_triage.json`` (``{"mutant name": "one-line reason"}``), in
 ``tests/mutation_tool_results.json`` with the commit and date; modules not re-run keep their
 saved rows. The score is killed / (mutants - equivalent); docs/tests.md renders the table.
+Survivors of the functions in :data:`SUBPROCESS_TESTS` (tested under torchrun, where mutmut
+cannot see the calls) are judged again by those tests with the mutant active in every process.
 """
 
 from __future__ import annotations
