@@ -27,6 +27,13 @@ def _model(dropout: float, separate_projections: bool = False):
     return model.train()
 
 
+def _assert_gradients(model, expected, factor=1):
+    """Every parameter's gradient equals ``factor`` times the reference's, by name."""
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, factor * expected[name], atol=1e-5, rtol=1e-4,
+                                   msg=name)
+
+
 def test_split_inputs_covers_every_row_once():
     inputs = {"input_ids": torch.arange(10).view(5, 2), "attention_mask": torch.ones(5, 2)}
     chunks = list(split_inputs(inputs, 2))
@@ -61,9 +68,7 @@ def test_cached_step_equals_the_full_batch_step(dropout, chunk):
     torch.manual_seed(7)
     cached = cached_contrastive_step(model, qi, pi, loss_fn, chunk_size=chunk)
     assert cached.item() == pytest.approx(plain.item(), abs=1e-6)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4,
-                                   msg=name)
+    _assert_gradients(model, expected)
 
 
 def test_scale_is_carried_through_and_bad_chunks_refused():
@@ -104,8 +109,7 @@ def test_a_token_budget_chunks_only_the_batches_that_exceed_it():
     chunked = tight(model, qi, pi)
     assert chunked.backward_done and tight.sub_batched_steps == 1
     assert chunked.loss.item() == pytest.approx(out.loss.item(), abs=1e-6)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_gradients(model, expected)
     assert GradCacheLoss(InfoNCELoss(0.05), token_budget=1).chunk_rows(pi) == 1
     with pytest.raises(ValueError, match="must be positive"):
         GradCacheLoss(InfoNCELoss(0.05))
@@ -149,8 +153,7 @@ def test_a_chunk_size_chunks_every_batch_and_is_not_sub_batching():
     out = fixed(model, qi, pi)
     assert out.backward_done and fixed.sub_batched_steps == 0
     assert out.loss.item() == pytest.approx(loss, abs=1e-6)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_gradients(model, expected)
 
 
 def test_the_token_budget_boundary_and_bad_settings():
@@ -181,9 +184,7 @@ def test_the_cached_step_runs_every_pass_under_autocast_and_carries_the_scale():
     GradCacheLoss(InfoNCELoss(0.05), chunk_size=3)(model, qi, pi, autocast=autocast,
                                                    scale=lambda loss: 4 * loss)
     assert autocast.times == 10
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, 4 * expected[name], atol=1e-5, rtol=1e-4,
-                                   msg=name)
+    _assert_gradients(model, expected, factor=4)
 
 
 def test_under_a_ddp_wrapper_the_chunks_run_without_its_hooks_on_the_wrapped_model():
@@ -206,8 +207,7 @@ def test_under_a_ddp_wrapper_the_chunks_run_without_its_hooks_on_the_wrapped_mod
     out = GradCacheLoss(InfoNCELoss(0.05), chunk_size=3)(Wrapper(), qi, pi)
     assert sync.times == 1 and out.backward_done
     assert out.loss.item() == pytest.approx(loss, abs=1e-6)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_gradients(model, expected)
 
 
 def test_each_tower_keeps_its_projection_in_both_passes():
@@ -220,8 +220,7 @@ def test_each_tower_keeps_its_projection_in_both_passes():
     loss, expected = _plain_step(model, qi, pi)
     out = GradCacheLoss(InfoNCELoss(0.05), chunk_size=3)(model, qi, pi)
     assert out.loss.item() == pytest.approx(loss, abs=1e-6)
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_gradients(model, expected)
     assert model.passage_projection.weight.grad.abs().sum() > 0
 
 
