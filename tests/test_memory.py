@@ -26,6 +26,11 @@ def test_static_bytes_by_hand():
     assert frozen["total"] == 4000 + 400 + 800
 
 
+def _static(cfg):
+    """Bytes of weights, gradients, AdamW state and the bf16 copy of ``cfg``'s parameters."""
+    return memory.static_bytes(models.parameter_count_from_config(cfg))["total"]
+
+
 def _tiny():
     return config.ModelConfig(name="tiny", base_model="-", architecture="qwen2", hidden_size=32,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -43,7 +48,7 @@ def test_activation_per_token_is_linear_in_tokens_and_checkpointing_saves_memory
     plan = memory.training_memory_plan(cfg, config.TrainingConfig(1, 1, 1e-4,
                                                                    num_hard_negatives=3),
                                        batch_sizes=(1, 2))
-    static = memory.static_bytes(models.parameter_count_from_config(cfg))["total"]
+    static = _static(cfg)
     for row in plan:
         assert row["tokens_per_step"] == row["batch_size"] * (8 + 4 * 32)
         assert row["static_gib"] * memory.GIB == pytest.approx(static)
@@ -67,7 +72,7 @@ PER = {"per_layer": 100, "outside_layers": 10, "hidden_state": 8}
 
 def _budget(cfg, activation_bytes):
     """Free memory (GiB) that holds the static part and exactly ``activation_bytes`` more."""
-    static = memory.static_bytes(models.parameter_count_from_config(cfg))["total"]
+    static = _static(cfg)
     return (static + activation_bytes) / memory.GIB
 
 
@@ -170,7 +175,7 @@ def test_the_memory_plan_rows_by_hand():
     512·100 = 69,152."""
     cfg = _tiny()
     training = config.TrainingConfig(1, 2, 1e-4, num_hard_negatives=3)
-    static = memory.static_bytes(models.parameter_count_from_config(cfg))["total"]
+    static = _static(cfg)
     rows = memory.training_memory_plan(cfg, training, batch_sizes=(2,), seq_len=64, per=PER)
     expected = [(False, 163_680), (True, 69_152)]
     assert len(rows) == 2
@@ -224,7 +229,7 @@ def test_fit_step_says_what_it_chose_and_why():
     ~0.0005 GiB."""
     cfg = _tiny()
     training = config.TrainingConfig(1, 2, 1e-4, num_hard_negatives=3)
-    static = memory.static_bytes(models.parameter_count_from_config(cfg))["total"]
+    static = _static(cfg)
 
     def gib(activation_bytes):
         return (static + activation_bytes * 2**24) / memory.GIB
@@ -251,7 +256,7 @@ def test_fit_step_says_what_it_chose_and_why():
 def test_fit_step_names_the_smallest_step_when_nothing_fits():
     cfg = _tiny()
     training = config.TrainingConfig(1, 2, 1e-4, num_hard_negatives=3)
-    static = memory.static_bytes(models.parameter_count_from_config(cfg))["total"]
+    static = _static(cfg)
     alone = f"(weights, gradients and AdamW alone: {static / memory.GIB:.1f} GiB)"
     with pytest.raises(MemoryError) as error:
         memory.fit_step(cfg, training, 50, reserve_gib=0.5, per=BIG)
@@ -293,7 +298,7 @@ def test_training_plan_composes_the_steps_the_memory_fit_and_the_hours():
     assert chunk1 < ckpt < plain
 
     def gib(cfg, activation_bytes):
-        return (memory.static_bytes(models.parameter_count_from_config(cfg))["total"]
+        return (_static(cfg)
                 + activation_bytes) / memory.GIB
 
     gpus = {"roomy": {"memory_gib": gib(cfg, plain) + 0.5, "peak_tflops": 2.0},
